@@ -1,0 +1,232 @@
+"""Sparse drop-in layers: `SparseLinear` (an `nn.Linear`) and `SparseConv1D` (a GPT-2 `Conv1D`).
+
+They own the very same `weight`/`bias` Parameters as the layer they replace (no wrapper, no
+`base_layer`), so state-dict keys and layouts are unchanged and tied weights stay tied. The dense
+weight is what the optimizer updates; the forward pass uses `weight * mask`.
+
+Backward (one autograd function for every method, written in nn.Linear layout):
+- input gradient through the masked weight;
+- weight gradient dense (straight-through) plus `decay * (1 - mask) * W` for SR-STE in "gradient"
+  decay mode; multiplied by the mask for "fixed" (pruned weights get no gradient).
+The function saves the input, the dense weight (a Parameter, no copy) and the boolean mask, not the
+masked weight, so activation memory matches a dense layer plus one byte per weight.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from .config import SparsityConfig
+from .masks import nm_mask
+
+__all__ = ["SparseLinear", "SparseConv1D", "SparseLayerMixin", "nm_linear"]
+
+
+class _NMLinearFunction(torch.autograd.Function):
+    """y = x @ (W * mask)^T + b with an SR-STE/STE/fixed weight gradient. W is [out, in]."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, mask, decay, freeze_pruned):  # noqa: D401
+        out = F.linear(x, weight * mask, bias)
+        ctx.save_for_backward(x, weight, mask)
+        ctx.decay = decay
+        ctx.freeze_pruned = freeze_pruned
+        ctx.has_bias = bias is not None
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, mask = ctx.saved_tensors
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad_out.matmul(weight * mask)
+        flat_grad = grad_out.reshape(-1, grad_out.shape[-1])
+        if ctx.needs_input_grad[1]:
+            grad_w = flat_grad.t().matmul(x.reshape(-1, x.shape[-1]))
+            if ctx.freeze_pruned:
+                grad_w.mul_(mask)
+            elif ctx.decay:
+                grad_w.add_(weight.masked_fill(mask, 0), alpha=ctx.decay)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = flat_grad.sum(0)
+        return grad_x, grad_w, grad_b, None, None, None
+
+
+def nm_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    mask: torch.Tensor,
+    decay: float = 0.0,
+    freeze_pruned: bool = False,
+) -> torch.Tensor:
+    """Functional N:M linear in nn.Linear layout (weight [out, in]); handles autocast like F.linear."""
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        x, weight = x.to(dtype), weight.to(dtype)
+        bias = bias.to(dtype) if bias is not None else None
+        with torch.autocast(device_type=device_type, enabled=False):
+            return _NMLinearFunction.apply(x, weight, bias, mask, decay, freeze_pruned)
+    return _NMLinearFunction.apply(x, weight, bias, mask, decay, freeze_pruned)
+
+
+class SparseLayerMixin:
+    """N:M state and mask bookkeeping shared by the sparse layer classes.
+
+    The mask is cached against the weight's version counter: an optimizer step or `load_state_dict`
+    invalidates it, repeated forwards with unchanged weights (eval, gradient accumulation, the
+    tracker computing the mask right after a step) reuse it.
+    """
+
+    #: dimension of `weight` that holds the layer's input features (groups of m run along it)
+    group_dim: int = 1
+    nm_n: int
+    nm_m: int
+    nm_method: str
+    nm_decay: float
+    nm_decay_mode: str
+    #: multiplies the gradient-mode decay; SparseTrainer sets 1/gradient_accumulation_steps
+    nm_decay_scale: float
+
+    def _nm_setup(self, config: SparsityConfig) -> None:
+        self.nm_n, self.nm_m = config.n, config.m
+        self.nm_method = config.method
+        self.nm_decay = config.effective_decay
+        self.nm_decay_mode = config.decay_mode
+        self.nm_decay_scale = 1.0
+        self._nm_mask_cache: torch.Tensor | None = None
+        self._nm_mask_key: tuple | None = None
+        self._nm_eval_weight: torch.Tensor | None = None
+        self._nm_eval_key: tuple | None = None
+
+    def _nm_teardown(self) -> None:
+        for name in ("nm_n", "nm_m", "nm_method", "nm_decay", "nm_decay_mode", "nm_decay_scale",
+                     "_nm_mask_cache", "_nm_mask_key", "_nm_eval_weight", "_nm_eval_key", "_nm_dense_class"):
+            self.__dict__.pop(name, None)
+
+    def _weight_key(self) -> tuple:
+        w = self.weight
+        return (w._version, w.data_ptr(), w.device, w.dtype, tuple(w.shape))
+
+    @property
+    def pattern(self) -> str:
+        return f"{self.nm_n}:{self.nm_m}"
+
+    @property
+    def is_masked(self) -> bool:
+        """False for method "dense": patched for bookkeeping, but the forward is dense."""
+        return self.nm_method != "dense"
+
+    def current_mask(self) -> torch.Tensor:
+        """N:M mask of the current weights (for "dense": the mask it would have)."""
+        key = self._weight_key()
+        if self._nm_mask_key != key or self._nm_mask_cache is None:
+            self._nm_mask_cache = nm_mask(self.weight.detach(), self.nm_n, self.nm_m, dim=self.group_dim)
+            self._nm_mask_key = key
+        return self._nm_mask_cache
+
+    def restamp_mask(self) -> None:
+        """Declare the cached mask still valid after an in-place change that cannot alter it."""
+        if self._nm_mask_cache is not None:
+            self._nm_mask_key = self._weight_key()
+
+    @torch.no_grad()
+    def effective_weight(self) -> torch.Tensor:
+        """The weight the forward pass uses (`weight * mask`), detached."""
+        if not self.is_masked:
+            return self.weight.detach()
+        return self.weight.detach() * self.current_mask()
+
+    def _cached_eval_weight(self) -> torch.Tensor:
+        key = self._weight_key()
+        if self._nm_eval_key != key or self._nm_eval_weight is None:
+            self._nm_eval_weight = self.effective_weight()
+            self._nm_eval_key = key
+        return self._nm_eval_weight
+
+    def train(self, mode: bool = True):
+        if mode:  # the eval cache would only go stale and hold memory
+            self._nm_eval_weight, self._nm_eval_key = None, None
+        return super().train(mode)
+
+    def _linear_layout(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor if self.group_dim == 1 else tensor.t()
+
+    def _nm_forward_2d_layout(self, x: torch.Tensor) -> torch.Tensor:
+        weight, bias = self.weight, self.bias
+        if not self.is_masked:
+            return F.linear(x, self._linear_layout(weight), bias)
+        if not self.training and not torch.is_grad_enabled():
+            return F.linear(x, self._linear_layout(self._cached_eval_weight()), bias)
+        mask = self.current_mask()
+        gradient_decay = self.nm_decay * self.nm_decay_scale if self.nm_decay_mode == "gradient" else 0.0
+        return nm_linear(
+            x,
+            self._linear_layout(weight),
+            bias,
+            self._linear_layout(mask),
+            decay=gradient_decay,
+            freeze_pruned=self.nm_method == "fixed",
+        )
+
+    def nm_extra_repr(self) -> str:
+        extra = f", n:m={self.pattern}, method={self.nm_method}"
+        if self.nm_method == "sr-ste":
+            extra += f", decay={self.nm_decay:g} ({self.nm_decay_mode})"
+        return extra
+
+
+class SparseLinear(SparseLayerMixin, nn.Linear):
+    """`nn.Linear` whose forward uses an N:M mask along the input dimension (dim 1 of `weight`)."""
+
+    group_dim = 1
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        device=None,
+        dtype=None,
+        *,
+        config: SparsityConfig | None = None,
+    ) -> None:
+        config = config or SparsityConfig()
+        if in_features % config.m:
+            raise ValueError(f"in_features={in_features} is not divisible by m={config.m}")
+        super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
+        self._nm_setup(config)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._nm_forward_2d_layout(x)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + self.nm_extra_repr()
+
+
+class SparseConv1D(SparseLayerMixin, Conv1D):
+    """GPT-2 `Conv1D` (weight stored [in, out]) with an N:M mask along dim 0, its input dimension."""
+
+    group_dim = 0
+
+    def __init__(self, nf: int, nx: int, *, config: SparsityConfig | None = None) -> None:
+        config = config or SparsityConfig()
+        if nx % config.m:
+            raise ValueError(f"nx={nx} (input features) is not divisible by m={config.m}")
+        super().__init__(nf, nx)
+        self._nm_setup(config)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._nm_forward_2d_layout(x)
+
+    def __repr__(self) -> str:
+        return f"SparseConv1D(nf={self.nf}, nx={self.nx}{self.nm_extra_repr()})"
+
+
+#: the dense class each sparse class replaces, and back
+SPARSE_CLASS_FOR = {nn.Linear: SparseLinear, Conv1D: SparseConv1D}
+DENSE_CLASS_FOR = {SparseLinear: nn.Linear, SparseConv1D: Conv1D}

@@ -1,0 +1,124 @@
+"""Per-layer sparsity tables, from a live model or straight from saved tensors."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from .config import CONFIG_KEY
+from .injection import iter_sparse_layers
+from .masks import nm_group_counts
+
+__all__ = ["LayerSparsity", "SparsityReport", "sparsity_report", "layer_sparsity"]
+
+
+@dataclass
+class LayerSparsity:
+    name: str
+    shape: tuple[int, ...]
+    pattern: str
+    sparsity: float  # fraction of exact zeros in the weight the forward pass uses
+    nm_ok: bool  # every group of m along the input dimension has at most n non-zeros
+    numel: int
+    zeros: int
+
+
+@dataclass
+class SparsityReport:
+    layers: list[LayerSparsity] = field(default_factory=list)
+
+    @property
+    def total_zeros(self) -> int:
+        return sum(row.zeros for row in self.layers)
+
+    @property
+    def total_numel(self) -> int:
+        return sum(row.numel for row in self.layers)
+
+    @property
+    def sparsity(self) -> float:
+        return self.total_zeros / self.total_numel if self.total_numel else 0.0
+
+    @property
+    def nm_ok(self) -> bool:
+        return bool(self.layers) and all(row.nm_ok for row in self.layers)
+
+    def to_dict(self) -> dict:
+        return {
+            "layers": [asdict(row) for row in self.layers],
+            "total": {"numel": self.total_numel, "zeros": self.total_zeros,
+                      "sparsity": self.sparsity, "nm_ok": self.nm_ok},
+        }
+
+    def to_markdown(self) -> str:
+        lines = ["| layer | shape | n:m | sparsity | N:M holds |", "|---|---|---|---|---|"]
+        for row in self.layers:
+            shape = "x".join(map(str, row.shape))
+            lines.append(f"| {row.name} | {shape} | {row.pattern} | {row.sparsity:.2%} | "
+                         f"{'yes' if row.nm_ok else 'NO'} |")
+        lines.append(f"| **total** ({len(self.layers)} layers) | {self.total_numel:,} weights | | "
+                     f"{self.sparsity:.2%} | {'yes' if self.nm_ok else 'NO'} |")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        width = max([len(r.name) for r in self.layers] + [5])
+        head = f"{'layer':<{width}}  {'shape':>12}  {'n:m':>5}  {'sparsity':>8}  N:M holds"
+        rows = [head, "-" * len(head)]
+        for r in self.layers:
+            shape = "x".join(map(str, r.shape))
+            rows.append(f"{r.name:<{width}}  {shape:>12}  {r.pattern:>5}  {r.sparsity:>8.2%}  "
+                        f"{'yes' if r.nm_ok else 'NO'}")
+        rows.append("-" * len(head))
+        rows.append(f"{'total':<{width}}  {self.total_numel:>12,}  {'':>5}  {self.sparsity:>8.2%}  "
+                    f"{'yes' if self.nm_ok else 'NO'}")
+        return "\n".join(rows)
+
+
+@torch.no_grad()
+def layer_sparsity(name: str, weight: torch.Tensor, n: int, m: int, group_dim: int) -> LayerSparsity:
+    """One row of the table for a weight whose groups of m run along `group_dim`."""
+    zeros = int((weight == 0).sum())
+    if weight.shape[group_dim] % m:
+        ok = False
+    else:
+        ok = bool((nm_group_counts(weight, m, dim=group_dim) <= n).all())
+    return LayerSparsity(name=name, shape=tuple(weight.shape), pattern=f"{n}:{m}",
+                         sparsity=zeros / weight.numel() if weight.numel() else 0.0,
+                         nm_ok=ok, numel=weight.numel(), zeros=zeros)
+
+
+def _group_dim(module: nn.Module) -> int:
+    return 1 if isinstance(module, nn.Linear) else 0
+
+
+def sparsity_report(model: nn.Module, names: Iterable[str] | None = None) -> SparsityReport:
+    """Per-layer sparsity of a sparsified model, or of a finalized/reloaded one.
+
+    For a model with sparse layers the rows describe the weights the forward pass uses
+    (`weight * mask`). For a finalized or plainly reloaded model the targeted layers are read from
+    the record `sparsify` left in `model.config` (or given as `names`).
+    """
+    report = SparsityReport()
+    sparse_layers = list(iter_sparse_layers(model))
+    if sparse_layers and names is None:
+        for name, layer in sparse_layers:
+            report.layers.append(layer_sparsity(name, layer.effective_weight(), layer.nm_n, layer.nm_m,
+                                                layer.group_dim))
+        return report
+    record = getattr(getattr(model, "config", None), CONFIG_KEY, None)
+    if names is None:
+        if not isinstance(record, dict):
+            raise ValueError(f"{type(model).__name__} has no sparse layers and no '{CONFIG_KEY}' record in "
+                             "its config; pass names=[...] to choose the layers")
+        names = record.get("targeted_modules", [])
+    n, m = (record["n"], record["m"]) if isinstance(record, dict) else (2, 4)
+    modules = dict(model.named_modules())
+    for name in names:
+        if name not in modules:
+            raise ValueError(f"layer {name!r} from the sparsity record is not in {type(model).__name__}")
+        module = modules[name]
+        report.layers.append(layer_sparsity(name, module.weight, n, m, _group_dim(module)))
+    return report
