@@ -108,6 +108,11 @@ def _rank_chunk(raw: torch.Tensor, out: torch.Tensor, sign_clear: int, n: int, m
             torch.lt(lhs - rhs_const, wins[i], out=out[:, i])
 
 
+def _rank_chunk_in_mode(inference: bool, *args) -> None:
+    with torch.inference_mode(inference), torch.no_grad():
+        _rank_chunk(*args)
+
+
 def _topk_mask(weight: torch.Tensor, n: int, m: int, dim: int) -> torch.Tensor:
     """Reference/fallback path for large m: same ordering rules, through a stable sort of the keys."""
     raw, sign_clear = magnitude_key(weight.movedim(dim, -1))
@@ -158,10 +163,12 @@ def nm_mask(weight: torch.Tensor, n: int, m: int, dim: int = -1) -> torch.Tensor
     if weight.device.type != "cpu" or rows <= chunk_rows:
         _rank_chunk(raw, out, sign_clear, n, m)
     else:
+        # grad/inference mode is thread-local: run the workers in the caller's mode
+        inference = torch.is_inference_mode_enabled()
         starts = range(0, rows, chunk_rows)
         futures = [
             _thread_pool().submit(
-                _rank_chunk, raw[s:s + chunk_rows], out[s:s + chunk_rows], sign_clear, n, m
+                _rank_chunk_in_mode, inference, raw[s:s + chunk_rows], out[s:s + chunk_rows], sign_clear, n, m
             )
             for s in starts
         ]

@@ -94,12 +94,14 @@ def _group_dim(module: nn.Module) -> int:
     return 1 if isinstance(module, nn.Linear) else 0
 
 
-def sparsity_report(model: nn.Module, names: Iterable[str] | None = None) -> SparsityReport:
+def sparsity_report(
+    model: nn.Module, names: Iterable[str] | None = None, n: int | None = None, m: int | None = None
+) -> SparsityReport:
     """Per-layer sparsity of a sparsified model, or of a finalized/reloaded one.
 
     For a model with sparse layers the rows describe the weights the forward pass uses
     (`weight * mask`). For a finalized or plainly reloaded model the targeted layers are read from
-    the record `sparsify` left in `model.config` (or given as `names`).
+    the record `sparsify` left in `model.config` (or given as `names`, with `n` and `m`).
     """
     report = SparsityReport()
     sparse_layers = list(iter_sparse_layers(model))
@@ -114,7 +116,10 @@ def sparsity_report(model: nn.Module, names: Iterable[str] | None = None) -> Spa
             raise ValueError(f"{type(model).__name__} has no sparse layers and no '{CONFIG_KEY}' record in "
                              "its config; pass names=[...] to choose the layers")
         names = record.get("targeted_modules", [])
-    n, m = (record["n"], record["m"]) if isinstance(record, dict) else (2, 4)
+    if isinstance(record, dict):
+        n, m = n or record["n"], m or record["m"]
+    elif n is None or m is None:
+        raise ValueError("without a sparsity record in the model config, pass n= and m= with names=")
     modules = dict(model.named_modules())
     for name in names:
         if name not in modules:

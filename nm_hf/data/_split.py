@@ -33,7 +33,9 @@ def resolve_size(size: SplitSize | None, n: int, name: str) -> int:
         raise ValueError(f"{name} must be >= 0, got {size!r}")
     if isinstance(size, float):
         if size >= 1.0:
-            raise ValueError(f"{name} as a fraction must be in [0, 1), got {size!r}; pass an int for a row count")
+            raise ValueError(
+                f"{name} as a fraction must be in [0, 1), got {size!r}; pass an int for a row count"
+            )
         if size == 0.0 or n == 0:
             return 0
         return max(1, int(round(size * n)))

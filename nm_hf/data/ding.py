@@ -8,7 +8,7 @@ Each side holds sub-entries separated by `` | ``, aligned by position between th
 word, its plural, then idioms and example sentences); within a sub-entry, alternatives are separated by
 ``;``. Lines starting with ``#`` are comments. Many sub-entries are full example sentences
 ("Er lehnte die Leiter gegen die Wand." :: "He set the ladder against the wall."), which makes the file
-a small, offline, freely licensed translation corpus (about 30,000 pairs with the defaults).
+a small, offline, freely licensed translation corpus (about 27,000 pairs with the defaults).
 
 Cleaning, per sub-entry (see :func:`clean_ding_text`):
 
@@ -31,7 +31,7 @@ dropped entirely (the alignment is unknown); a pair is kept only if
   placeholder abbreviations ``sb.``/``sth.``/``jdn.``/``jdm.``/``jds.``/``etw.`` (dictionary templates,
   not natural text), or leftover brackets (unbalanced annotations);
 * with ``sentences_only=True``: both sides also end in ``.``, ``!`` or ``?`` and the English side
-  starts with a capital letter (about 18,000 pairs).
+  starts with a capital letter (about 16,000 pairs).
 
 :func:`load_ding_pairs` removes exact duplicates (after cleaning, first occurrence kept) and
 :func:`load_ding` splits by a stable MD5 hash of the English sentence (so one English sentence with two
@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import os
 import re
+
 import datasets
 
 from nm_hf.data._split import SplitSize, hash_split, resolve_size, stable_hash
@@ -128,7 +129,10 @@ def parse_ding_line(
     for german_raw, english_raw in zip(german_subs, english_subs, strict=True):
         # Cleaning cannot add words (removing an annotation splits at most one token in two), so skip
         # sub-entries that are too short even before cleaning: most head words never reach the regexes.
-        if _max_words_after_cleaning(german_raw) < min_words or _max_words_after_cleaning(english_raw) < min_words:
+        if (
+            _max_words_after_cleaning(german_raw) < min_words
+            or _max_words_after_cleaning(english_raw) < min_words
+        ):
             continue
         german = clean_ding_text(german_raw)
         english = clean_ding_text(english_raw)
@@ -210,7 +214,9 @@ def load_ding(
     """
     pairs = load_ding_pairs(path, min_words=min_words, max_words=max_words, sentences_only=sentences_only)
     if not pairs:
-        raise ValueError(f"No sentence pairs found in {os.fspath(path)} (min_words={min_words}, max_words={max_words})")
+        raise ValueError(
+            f"No sentence pairs found in {os.fspath(path)} (min_words={min_words}, max_words={max_words})"
+        )
     splits = split_ding_pairs(pairs, validation_size=validation_size, test_size=test_size)
     features = datasets.Features({"translation": datasets.Translation(languages=["de", "en"])})
     return datasets.DatasetDict(

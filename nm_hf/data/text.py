@@ -1,0 +1,305 @@
+"""Plain-text data for causal language modelling, and the tokenize-then-group-into-blocks step.
+
+:func:`load_text_data` returns a ``datasets.DatasetDict`` with the splits ``train``, ``validation`` and
+``test`` and a single ``text`` column. Sources, first match wins:
+
+1. ``dataset_name`` (``--dataset_name wikitext --dataset_config_name wikitext-103-raw-v1``): the real
+   ``datasets.load_dataset(dataset_name, dataset_config_name)`` call; ``text_column`` is renamed ``text``.
+2. ``train_file`` (plus optional ``validation_file``/``test_file``):
+
+   * ``.txt``/``.text`` (optionally ``.gz``): ``datasets.load_dataset("text", sample_by=sample_by,
+     keep_linebreaks=True)``. The default ``sample_by="line"`` makes one row per line, like wikitext-raw
+     and ``run_clm.py``; since rows are concatenated by :func:`group_texts` anyway the granularity only
+     matters for the validation/test carving. ``"paragraph"`` (blank-line separated) and ``"document"``
+     (one row per file) are accepted too;
+   * ``.json``/``.jsonl`` (optionally ``.gz``): JSON lines with a ``text_column`` string field.
+
+   Missing validation/test splits are carved out of train deterministically by a stable MD5 hash of the
+   row text (identical rows stay together; blank rows are keyed by position so they spread evenly),
+   ``validation_size``/``test_size`` rows each (int, or float fraction; default 5% capped at 2,000).
+3. ``dataset="pydoc"`` (the default): the English help texts that ship with CPython in
+   ``pydoc_data.topics.topics`` (79 topics, about 465,000 characters / 65,000 words on Python 3.11),
+   split into paragraphs at blank lines (about 2,600 rows, each ending with a blank line so that the
+   concatenated stream reads like the original), and into train/validation/test by the MD5 of
+   ``"<topic>/<paragraph index>"`` (5% each by default). Paragraph-level splitting gives even split
+   sizes; with 79 topics a topic-level split would be very lumpy. It is small -- a smoke-test corpus that
+   needs no download, not a benchmark.
+
+``max_train_samples``/``max_eval_samples`` keep the first N rows of train / validation and test.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable
+from itertools import chain
+from typing import Any
+
+import datasets
+
+from nm_hf.data._split import SplitSize, hash_split, resolve_size
+
+SPLITS = ("train", "validation", "test")
+TEXT_EXTENSIONS = (".txt", ".text")
+JSON_EXTENSIONS = (".json", ".jsonl")
+_SPLIT_ALIASES = {"valid": "validation", "val": "validation", "dev": "validation", "eval": "validation"}
+_DEFAULT_CARVE_FRACTION = 0.05
+_DEFAULT_CARVE_MAX = 2000
+_PARAGRAPH_BREAK = re.compile(r"\n[ \t]*\n")
+
+
+def load_pydoc_paragraphs() -> list[dict[str, str]]:
+    """The paragraphs of CPython's bundled pydoc help topics as ``{"id": "<topic>/<i>", "text": ...}``."""
+    try:
+        from pydoc_data.topics import topics
+    except ImportError as err:  # stripped-down Python builds may omit pydoc_data
+        raise ImportError(
+            "--dataset pydoc needs the standard-library module pydoc_data (missing in this Python build); "
+            "pass --train_file or --dataset_name instead"
+        ) from err
+    rows: list[dict[str, str]] = []
+    for topic in sorted(topics):
+        for i, paragraph in enumerate(p for p in _PARAGRAPH_BREAK.split(topics[topic]) if p.strip()):
+            rows.append({"id": f"{topic}/{i}", "text": paragraph.strip("\n").rstrip() + "\n\n"})
+    return rows
+
+
+def load_pydoc(validation_size: SplitSize = 0.05, test_size: SplitSize = 0.05) -> datasets.DatasetDict:
+    """The pydoc help-topic paragraphs split deterministically into train/validation/test (``text`` column)."""
+    rows = load_pydoc_paragraphs()
+    n = len(rows)
+    sizes = {
+        "test": resolve_size(test_size, n, "test_size"),
+        "validation": resolve_size(validation_size, n, "validation_size"),
+    }
+    rest, carved = hash_split([row["id"] for row in rows], sizes)
+    index = {"train": rest, **carved}
+    return datasets.DatasetDict(
+        {
+            name: datasets.Dataset.from_dict({"text": [rows[i]["text"] for i in index[name]]})
+            for name in SPLITS
+        }
+    )
+
+
+def _detect_text_format(path: str, flag: str) -> str:
+    base = path[: -len(".gz")] if path.endswith(".gz") else path
+    if base.endswith(TEXT_EXTENSIONS):
+        fmt = "text"
+    elif base.endswith(JSON_EXTENSIONS):
+        fmt = "json"
+    else:
+        raise ValueError(
+            f"{flag} {path}: unknown file extension {os.path.splitext(base)[1] or '(none)'!r}; "
+            f"supported: .txt/.text (one row per line) or .json/.jsonl (JSON lines), optionally .gz"
+        )
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{flag}: file not found: {path}")
+    return fmt
+
+
+def _select_text_column(ds: datasets.Dataset, text_column: str, where: str) -> datasets.Dataset:
+    if text_column not in ds.column_names:
+        raise ValueError(
+            f"{where}: no column {text_column!r} (columns found: {ds.column_names}); set --text_column"
+        )
+    ds = ds.select_columns([text_column])
+    if text_column != "text":
+        ds = ds.rename_column(text_column, "text")
+    return ds
+
+
+def _load_text_file(
+    path: str, flag: str, text_column: str, sample_by: str, cache_dir: str | None
+) -> datasets.Dataset:
+    fmt = _detect_text_format(path, flag)
+    if fmt == "text":
+        return datasets.load_dataset(
+            "text",
+            data_files=path,
+            split="train",
+            sample_by=sample_by,
+            keep_linebreaks=True,
+            cache_dir=cache_dir,
+        )
+    try:
+        ds = datasets.load_dataset("json", data_files=path, split="train", cache_dir=cache_dir)
+    except Exception as err:  # pyarrow/datasets errors do not name the flag
+        raise ValueError(f"{flag} {path}: could not read it as JSON lines ({err})") from err
+    return _select_text_column(ds, text_column, f"{flag} {path}")
+
+
+def _complete_splits(
+    splits: dict[str, datasets.Dataset], validation_size: SplitSize | None, test_size: SplitSize | None
+) -> datasets.DatasetDict:
+    missing = [name for name in ("validation", "test") if name not in splits]
+    if missing:
+        train = splits["train"]
+        n = len(train)
+
+        def size(value: SplitSize | None, name: str) -> int:
+            if value is None:
+                return min(_DEFAULT_CARVE_MAX, resolve_size(_DEFAULT_CARVE_FRACTION, n, name))
+            return resolve_size(value, n, name)
+
+        wanted = {
+            "test": size(test_size, "test_size") if "test" in missing else 0,
+            "validation": size(validation_size, "validation_size") if "validation" in missing else 0,
+        }
+        keys = [text if text.strip() else f"\0blank/{i}" for i, text in enumerate(train["text"])]
+        rest, carved = hash_split(keys, wanted)
+        for name in missing:
+            splits[name] = train.select(carved[name])
+        splits["train"] = train.select(rest)
+    return datasets.DatasetDict({name: splits[name] for name in SPLITS})
+
+
+def _truncate(ds: datasets.Dataset, limit: int | None) -> datasets.Dataset:
+    if limit is None or limit >= len(ds):
+        return ds
+    if limit < 0:
+        raise ValueError(f"max samples must be >= 0, got {limit}")
+    return ds.select(range(limit))
+
+
+def load_text_data(
+    dataset_name: str | None = None,
+    dataset_config_name: str | None = None,
+    train_file: str | os.PathLike[str] | None = None,
+    validation_file: str | os.PathLike[str] | None = None,
+    test_file: str | os.PathLike[str] | None = None,
+    dataset: str = "pydoc",
+    text_column: str = "text",
+    max_train_samples: int | None = None,
+    max_eval_samples: int | None = None,
+    validation_size: SplitSize | None = None,
+    test_size: SplitSize | None = None,
+    sample_by: str = "line",
+    cache_dir: str | None = None,
+) -> datasets.DatasetDict:
+    """Load causal-LM text from the Hub, local files or the bundled pydoc topics (see the module docstring).
+
+    Returns train/validation/test with a single ``text`` column.
+    """
+    if sample_by not in ("line", "paragraph", "document"):
+        raise ValueError(f"sample_by must be 'line', 'paragraph' or 'document', got {sample_by!r}")
+    files = {"train": train_file, "validation": validation_file, "test": test_file}
+    given_files = {name: os.fspath(path) for name, path in files.items() if path is not None}
+
+    if dataset_name is not None:
+        if given_files:
+            flags = ", ".join(f"--{name}_file" for name in given_files)
+            raise ValueError(f"Pass either --dataset_name ({dataset_name}) or {flags}, not both")
+        raw = datasets.load_dataset(dataset_name, dataset_config_name, cache_dir=cache_dir)
+        splits: dict[str, datasets.Dataset] = {}
+        for name, ds in raw.items():
+            name = _SPLIT_ALIASES.get(name, name)
+            if name in SPLITS:
+                splits[name] = _select_text_column(
+                    ds, text_column, f"--dataset_name {dataset_name} split {name!r}"
+                )
+        if "train" not in splits:
+            raise ValueError(f"--dataset_name {dataset_name}: no 'train' split (splits found: {list(raw)})")
+        result = _complete_splits(splits, validation_size, test_size)
+    elif given_files:
+        if "train" not in given_files:
+            raise ValueError("--train_file is required when --validation_file/--test_file are given")
+        for name, path in given_files.items():  # check every file before loading any (fail fast)
+            _detect_text_format(path, f"--{name}_file")
+        splits = {
+            name: _load_text_file(path, f"--{name}_file", text_column, sample_by, cache_dir)
+            for name, path in given_files.items()
+        }
+        result = _complete_splits(splits, validation_size, test_size)
+    elif dataset == "pydoc":
+        result = load_pydoc(
+            validation_size=0.05 if validation_size is None else validation_size,
+            test_size=0.05 if test_size is None else test_size,
+        )
+    else:
+        raise ValueError(
+            f"Unknown --dataset {dataset!r}: the only built-in text dataset is 'pydoc'; "
+            f"use --dataset_name for a Hub dataset or --train_file for local files"
+        )
+    limits = {"train": max_train_samples, "validation": max_eval_samples, "test": max_eval_samples}
+    return datasets.DatasetDict({name: _truncate(result[name], limits[name]) for name in SPLITS})
+
+
+def group_texts(examples: dict[str, list[list[Any]]], block_size: int) -> dict[str, list[list[Any]]]:
+    """Concatenate a batch of tokenised texts and cut it into ``block_size`` chunks (``run_clm.py`` style).
+
+    The remainder shorter than ``block_size`` is dropped (per ``datasets.map`` batch), so every block is
+    full and no padding is needed; ``labels`` is a copy of ``input_ids`` (the model shifts it).
+    """
+    if block_size <= 0:
+        raise ValueError(f"block_size must be positive, got {block_size}")
+    concatenated = {key: list(chain.from_iterable(values)) for key, values in examples.items()}
+    total = (
+        len(concatenated["input_ids"])
+        if "input_ids" in concatenated
+        else len(next(iter(concatenated.values()), []))
+    )
+    total = (total // block_size) * block_size
+    result = {
+        key: [seq[i : i + block_size] for i in range(0, total, block_size)]
+        for key, seq in concatenated.items()
+    }
+    result["labels"] = [block.copy() for block in result["input_ids"]]
+    return result
+
+
+def tokenize_and_group(
+    dataset_dict: datasets.DatasetDict,
+    tokenizer: Any,
+    block_size: int,
+    num_proc: int | None = None,
+    text_column: str = "text",
+    add_eos: bool = False,
+    batch_size: int = 1000,
+) -> datasets.DatasetDict:
+    """Tokenise ``text_column`` and regroup every split into ``input_ids``/``attention_mask``/``labels`` blocks.
+
+    ``add_eos`` appends ``tokenizer.eos_token_id`` after every row (document separator) -- useful for
+    corpora of independent documents; ``run_clm.py`` does not do it, so it is off by default.
+    """
+    if add_eos and tokenizer.eos_token_id is None:
+        raise ValueError("add_eos=True needs a tokenizer with an eos_token")
+    eos_id = tokenizer.eos_token_id
+
+    def tokenize(batch: dict[str, list[str]]) -> dict[str, list[list[int]]]:
+        # verbose=False: rows longer than model_max_length are expected here, they are cut by group_texts.
+        encoded = tokenizer(
+            batch[text_column], return_attention_mask=True, return_token_type_ids=False, verbose=False
+        )
+        ids = [list(x) for x in encoded["input_ids"]]
+        mask = [list(x) for x in encoded["attention_mask"]]
+        if add_eos:
+            for seq, m in zip(ids, mask, strict=True):
+                seq.append(eos_id)
+                m.append(1)
+        return {"input_ids": ids, "attention_mask": mask}
+
+    tokenized = dataset_dict.map(
+        tokenize,
+        batched=True,
+        batch_size=batch_size,
+        num_proc=num_proc,
+        remove_columns=list(next(iter(dataset_dict.values())).column_names),
+        desc="Tokenizing",
+    )
+    return tokenized.map(
+        group_texts,
+        batched=True,
+        batch_size=batch_size,
+        num_proc=num_proc,
+        fn_kwargs={"block_size": block_size},
+        desc=f"Grouping texts in blocks of {block_size}",
+    )
+
+
+def iter_texts(data: datasets.Dataset | datasets.DatasetDict, text_column: str = "text") -> Iterable[str]:
+    """Yield the texts of a dataset (only ``train`` of a ``DatasetDict``) -- input for a tokenizer trainer."""
+    ds = data["train"] if isinstance(data, datasets.DatasetDict) else data
+    for batch in ds.iter(batch_size=1000):
+        yield from batch[text_column]

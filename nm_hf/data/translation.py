@@ -1,0 +1,395 @@
+"""Translation data from the Hub, from local files, or from the bundled-with-Debian Ding dictionary.
+
+:func:`load_translation_data` always returns a ``datasets.DatasetDict`` with the splits ``train``,
+``validation`` and ``test`` and the single column ``translation`` holding
+``{source_lang: ..., target_lang: ...}``, the layout of the Hub's wmt14/wmt16/opus datasets, so recipes
+need one preprocessing function for every source. Sources, first match wins:
+
+1. ``dataset_name`` (``--dataset_name wmt14 --dataset_config_name de-en``): the real
+   ``datasets.load_dataset(dataset_name, dataset_config_name)`` call (a Hub id or a local dataset
+   directory holding data files). Split names ``valid``/``dev`` are renamed ``validation``. Datasets with
+   plain ``source_lang``/``target_lang`` columns instead of ``translation`` are accepted too.
+2. ``train_file`` (plus optional ``validation_file``/``test_file``), in one of two formats:
+
+   * **JSON lines** -- ``*.json``, ``*.jsonl`` (optionally ``.gz``), one
+     ``{"translation": {"en": "...", "de": "..."}}`` object per line, loaded with
+     ``datasets.load_dataset("json", data_files=...)`` after a validation pass that reports the file and
+     line of a bad record;
+   * **parallel plain text** -- two line-aligned UTF-8 files, one sentence per line, named
+     ``<prefix>.<lang>`` or ``<prefix>.<lang>.gz`` (Moses/fairseq convention, as in Multi30k's
+     ``train.en.gz``/``train.de.gz``). Pass either the prefix (``--train_file data/train``) or one side
+     (``--train_file data/train.en`` or ``data/train.de.gz``): the other side is found by replacing the
+     language suffix (compressed or not). Lines are split on ``"\\n"`` only (a trailing newline does
+     not make an extra line; ``\\r`` is stripped) and kept as they are, empty ones included, so line
+     ``i`` of both files stays aligned with line ``i`` of any reference file.
+
+   ``validation``/``test`` splits whose file is not given are carved out of the training file
+   deterministically: by a stable MD5 hash of the source sentence (so identical source sentences stay in
+   one split), ``validation_size``/``test_size`` rows each (an int, or a float fraction; default 5% of
+   the training rows capped at 2,000). The same applies to Hub datasets lacking those splits.
+3. ``dataset="ding"`` (the default): English-German example sentences of the Ding dictionary, see
+   :mod:`nm_hf.data.ding` (``validation_size``/``test_size`` default to 1,500 pairs each).
+
+``max_train_samples`` keeps the first N training rows, ``max_eval_samples`` the first N validation (and
+test) rows, ``max_test_samples`` overrides it for test. Ding splits are stored in hash order, so "first N"
+is an unbiased sample; for files it is the first N lines, as in the transformers examples.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+from collections.abc import Iterator
+
+import datasets
+
+from nm_hf.data._split import SplitSize, hash_split, resolve_size
+from nm_hf.data.ding import DING_PATH, load_ding
+
+SPLITS = ("train", "validation", "test")
+JSON_EXTENSIONS = (".json", ".jsonl")
+_SPLIT_ALIASES = {"valid": "validation", "val": "validation", "dev": "validation", "eval": "validation"}
+_DEFAULT_CARVE_FRACTION = 0.05
+_DEFAULT_CARVE_MAX = 2000
+
+
+def _open_text(path: str):
+    """Open a UTF-8 text file, transparently decompressing ``.gz``."""
+    if path.endswith(".gz"):
+        return gzip.open(path, "rt", encoding="utf-8", newline="")
+    return open(path, encoding="utf-8", newline="")
+
+
+def _strip_gz(path: str) -> str:
+    return path[: -len(".gz")] if path.endswith(".gz") else path
+
+
+def _first_existing(*candidates: str) -> str | None:
+    for candidate in candidates:
+        if os.path.isfile(candidate):
+            return candidate
+    return None
+
+
+def resolve_parallel_files(
+    path: str, source_lang: str, target_lang: str, flag: str = "--train_file"
+) -> tuple[str, str]:
+    """Find the ``(source, target)`` files of a parallel pair from a prefix or from either side's path.
+
+    ``data/train``, ``data/train.en`` and ``data/train.de.gz`` all resolve to ``data/train.en[.gz]`` and
+    ``data/train.de[.gz]`` (each side may independently be gzipped).
+    """
+    base = _strip_gz(path)
+    prefix = base
+    for lang in (source_lang, target_lang):
+        if base.endswith("." + lang):
+            prefix = base[: -len(lang) - 1]
+            break
+    found: dict[str, str] = {}
+    missing: list[str] = []
+    for lang in (source_lang, target_lang):
+        candidate = _first_existing(f"{prefix}.{lang}", f"{prefix}.{lang}.gz")
+        if candidate is None:
+            missing.append(f"{prefix}.{lang}[.gz]")
+        else:
+            found[lang] = candidate
+    if missing:
+        raise FileNotFoundError(
+            f"{flag} {path}: parallel text file(s) not found: {', '.join(missing)}. Expected line-aligned files "
+            f"<prefix>.{source_lang} and <prefix>.{target_lang} (optionally .gz), or a JSON lines file "
+            f"(.json/.jsonl) with a 'translation' column."
+        )
+    return found[source_lang], found[target_lang]
+
+
+def detect_translation_format(
+    path: str, source_lang: str, target_lang: str, flag: str = "--train_file"
+) -> str:
+    """Return ``"json"`` or ``"parallel"`` for a ``--*_file`` argument, or raise a clear error."""
+    base = _strip_gz(path)
+    if base.endswith(JSON_EXTENSIONS):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{flag}: file not found: {path}")
+        return "json"
+    if base.endswith(("." + source_lang, "." + target_lang)):
+        return "parallel"
+    if _first_existing(
+        f"{base}.{source_lang}",
+        f"{base}.{source_lang}.gz",
+        f"{base}.{target_lang}",
+        f"{base}.{target_lang}.gz",
+    ):
+        return "parallel"
+    if os.path.isfile(path):
+        raise ValueError(
+            f"{flag} {path}: unknown file extension {os.path.splitext(base)[1] or '(none)'!r}. Supported: JSON lines "
+            f"(.json, .jsonl, optionally .gz) or parallel text <prefix>.{source_lang} + <prefix>.{target_lang} "
+            f"(optionally .gz; pass the prefix or either file)."
+        )
+    raise FileNotFoundError(
+        f"{flag}: file not found: {path} (also looked for the parallel text files {base}.{source_lang}[.gz] and "
+        f"{base}.{target_lang}[.gz])"
+    )
+
+
+def read_lines(path: str) -> list[str]:
+    """Lines of a UTF-8 (optionally gzipped) text file, split on ``\\n`` only, without a trailing empty line."""
+    with _open_text(path) as f:
+        text = f.read()
+    if not text:
+        return []
+    lines = text.split("\n")
+    if lines[-1] == "":
+        lines.pop()
+    return [line[:-1] if line.endswith("\r") else line for line in lines]
+
+
+def read_parallel_text(
+    path: str, source_lang: str, target_lang: str, flag: str = "--train_file"
+) -> list[dict[str, str]]:
+    """Read a line-aligned parallel pair into ``[{source_lang: ..., target_lang: ...}, ...]``."""
+    source_path, target_path = resolve_parallel_files(path, source_lang, target_lang, flag)
+    source_lines = read_lines(source_path)
+    target_lines = read_lines(target_path)
+    if len(source_lines) != len(target_lines):
+        raise ValueError(
+            f"{flag}: parallel files are not line-aligned: {source_path} has {len(source_lines)} lines but "
+            f"{target_path} has {len(target_lines)} lines."
+        )
+    return [{source_lang: s, target_lang: t} for s, t in zip(source_lines, target_lines, strict=True)]
+
+
+def validate_translation_jsonl(
+    path: str, source_lang: str, target_lang: str, flag: str = "--train_file"
+) -> int:
+    """Check every record of a JSON lines file has ``translation.<source_lang>`` and ``<target_lang>``.
+
+    ``datasets`` would either fail deep inside pyarrow or silently fill missing keys with ``None``; this
+    pass names the file, the (1-based) line and the keys found instead. Returns the number of records.
+    """
+    count = 0
+    with _open_text(path) as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{flag} {path}, line {lineno}: invalid JSON ({err.msg})") from err
+            if not isinstance(record, dict) or not isinstance(record.get("translation"), dict):
+                found = sorted(record) if isinstance(record, dict) else type(record).__name__
+                raise ValueError(
+                    f"{flag} {path}, line {lineno}: expected an object with a 'translation' object, "
+                    f'e.g. {{"translation": {{"{source_lang}": "...", "{target_lang}": "..."}}}}; found keys {found}'
+                )
+            translation = record["translation"]
+            missing = [
+                lang for lang in (source_lang, target_lang) if not isinstance(translation.get(lang), str)
+            ]
+            if missing:
+                raise ValueError(
+                    f"{flag} {path}, line {lineno}: language key(s) {missing} missing (or not a string) in "
+                    f"'translation'; keys found: {sorted(translation)} (check --source_lang/--target_lang)"
+                )
+            count += 1
+    return count
+
+
+def _only_translation(ds: datasets.Dataset, source_lang: str, target_lang: str) -> datasets.Dataset:
+    """Keep only the ``translation`` column, restricted to the two languages."""
+    ds = ds.select_columns(["translation"])
+    feature = ds.features["translation"]
+    languages = list(
+        getattr(feature, "languages", None) or (feature.keys() if isinstance(feature, dict) else [])
+    )
+    if sorted(languages) != sorted([source_lang, target_lang]):
+        features = datasets.Features(
+            {"translation": {source_lang: datasets.Value("string"), target_lang: datasets.Value("string")}}
+        )
+        ds = ds.map(
+            lambda ex: {
+                "translation": {
+                    source_lang: ex["translation"][source_lang],
+                    target_lang: ex["translation"][target_lang],
+                }
+            },
+            features=features,
+        )
+    return ds
+
+
+def _load_file(
+    path: str, source_lang: str, target_lang: str, flag: str, cache_dir: str | None
+) -> datasets.Dataset:
+    fmt = detect_translation_format(path, source_lang, target_lang, flag)
+    if fmt == "json":
+        validate_translation_jsonl(path, source_lang, target_lang, flag)
+        ds = datasets.load_dataset("json", data_files=path, split="train", cache_dir=cache_dir)
+        return _only_translation(ds, source_lang, target_lang)
+    rows = read_parallel_text(path, source_lang, target_lang, flag)
+    features = datasets.Features(
+        {"translation": datasets.Translation(languages=sorted([source_lang, target_lang]))}
+    )
+    return datasets.Dataset.from_dict({"translation": rows}, features=features)
+
+
+def _carve_sizes(n: int, validation_size: SplitSize | None, test_size: SplitSize | None) -> tuple[int, int]:
+    def one(size: SplitSize | None, name: str) -> int:
+        if size is None:
+            return min(_DEFAULT_CARVE_MAX, resolve_size(_DEFAULT_CARVE_FRACTION, n, name))
+        return resolve_size(size, n, name)
+
+    return one(validation_size, "validation_size"), one(test_size, "test_size")
+
+
+def _complete_splits(
+    splits: dict[str, datasets.Dataset],
+    source_lang: str,
+    validation_size: SplitSize | None,
+    test_size: SplitSize | None,
+) -> datasets.DatasetDict:
+    """Carve missing validation/test splits out of train by the hash of the source sentence."""
+    missing = [name for name in ("validation", "test") if name not in splits]
+    if missing:
+        train = splits["train"]
+        n_val, n_test = _carve_sizes(len(train), validation_size, test_size)
+        wanted = {
+            "test": n_test if "test" in missing else 0,
+            "validation": n_val if "validation" in missing else 0,
+        }
+        keys = [row[source_lang] for row in train["translation"]]
+        rest, carved = hash_split(keys, wanted)
+        for name in missing:
+            splits[name] = train.select(carved[name])
+        splits["train"] = train.select(rest)
+    return datasets.DatasetDict({name: splits[name] for name in SPLITS})
+
+
+def _normalise_hub_dataset(
+    raw: datasets.DatasetDict, source_lang: str, target_lang: str, dataset_name: str
+) -> dict[str, datasets.Dataset]:
+    splits: dict[str, datasets.Dataset] = {}
+    for name, ds in raw.items():
+        name = _SPLIT_ALIASES.get(name, name)
+        if name not in SPLITS:
+            continue
+        if "translation" in ds.column_names:
+            feature = ds.features["translation"]
+            languages = getattr(feature, "languages", None) or (
+                list(feature) if isinstance(feature, dict) else []
+            )
+            missing = [lang for lang in (source_lang, target_lang) if lang not in languages]
+            if missing:
+                raise ValueError(
+                    f"--dataset_name {dataset_name}: split {name!r} has no language(s) {missing} in its 'translation' "
+                    f"column (languages found: {sorted(languages)}); check --source_lang/--target_lang/--dataset_config_name"
+                )
+        elif source_lang in ds.column_names and target_lang in ds.column_names:
+            ds = ds.map(
+                lambda ex: {"translation": {source_lang: ex[source_lang], target_lang: ex[target_lang]}},
+                remove_columns=ds.column_names,
+            )
+        else:
+            raise ValueError(
+                f"--dataset_name {dataset_name}: split {name!r} has neither a 'translation' column nor "
+                f"'{source_lang}'/'{target_lang}' columns (columns found: {ds.column_names})"
+            )
+        splits[name] = _only_translation(ds, source_lang, target_lang)
+    if "train" not in splits:
+        raise ValueError(f"--dataset_name {dataset_name}: no 'train' split (splits found: {list(raw)})")
+    return splits
+
+
+def _truncate(ds: datasets.Dataset, limit: int | None) -> datasets.Dataset:
+    if limit is None or limit >= len(ds):
+        return ds
+    if limit < 0:
+        raise ValueError(f"max samples must be >= 0, got {limit}")
+    return ds.select(range(limit))
+
+
+def load_translation_data(
+    source_lang: str = "en",
+    target_lang: str = "de",
+    dataset_name: str | None = None,
+    dataset_config_name: str | None = None,
+    train_file: str | os.PathLike[str] | None = None,
+    validation_file: str | os.PathLike[str] | None = None,
+    test_file: str | os.PathLike[str] | None = None,
+    dataset: str = "ding",
+    max_train_samples: int | None = None,
+    max_eval_samples: int | None = None,
+    max_test_samples: int | None = None,
+    validation_size: SplitSize | None = None,
+    test_size: SplitSize | None = None,
+    ding_path: str | os.PathLike[str] = DING_PATH,
+    cache_dir: str | None = None,
+) -> datasets.DatasetDict:
+    """Load translation data from the Hub, local files or the Ding dictionary (see the module docstring).
+
+    Returns train/validation/test with one ``translation`` column of ``{source_lang, target_lang}`` dicts.
+    """
+    if source_lang == target_lang:
+        raise ValueError(f"--source_lang and --target_lang must differ (both are {source_lang!r})")
+    files = {"train": train_file, "validation": validation_file, "test": test_file}
+    given_files = {name: os.fspath(path) for name, path in files.items() if path is not None}
+
+    if dataset_name is not None:
+        if given_files:
+            flags = ", ".join(f"--{name}_file" for name in given_files)
+            raise ValueError(f"Pass either --dataset_name ({dataset_name}) or {flags}, not both")
+        raw = datasets.load_dataset(dataset_name, dataset_config_name, cache_dir=cache_dir)
+        splits = _normalise_hub_dataset(raw, source_lang, target_lang, dataset_name)
+        result = _complete_splits(splits, source_lang, validation_size, test_size)
+    elif given_files:
+        if "train" not in given_files:
+            raise ValueError(
+                "--train_file is required when --validation_file/--test_file are given "
+                "(or use --dataset_name / --dataset ding)"
+            )
+        for name, path in given_files.items():  # check every file before loading any (fail fast)
+            if detect_translation_format(path, source_lang, target_lang, f"--{name}_file") == "parallel":
+                resolve_parallel_files(path, source_lang, target_lang, f"--{name}_file")
+        splits = {
+            name: _load_file(path, source_lang, target_lang, f"--{name}_file", cache_dir)
+            for name, path in given_files.items()
+        }
+        result = _complete_splits(splits, source_lang, validation_size, test_size)
+    elif dataset == "ding":
+        if {source_lang, target_lang} != {"en", "de"}:
+            raise ValueError(
+                f"--dataset ding only has English-German pairs; got --source_lang {source_lang} --target_lang "
+                f"{target_lang}. Use --train_file or --dataset_name for other languages."
+            )
+        result = load_ding(
+            ding_path,
+            validation_size=1500 if validation_size is None else validation_size,
+            test_size=1500 if test_size is None else test_size,
+        )
+    else:
+        raise ValueError(
+            f"Unknown --dataset {dataset!r}: the only built-in translation dataset is 'ding'; "
+            f"use --dataset_name for a Hub dataset or --train_file for local files"
+        )
+
+    limits = {
+        "train": max_train_samples,
+        "validation": max_eval_samples,
+        "test": max_test_samples if max_test_samples is not None else max_eval_samples,
+    }
+    return datasets.DatasetDict({name: _truncate(result[name], limits[name]) for name in SPLITS})
+
+
+def iter_translation_texts(
+    data: datasets.Dataset | datasets.DatasetDict, languages: tuple[str, ...] = ("en", "de")
+) -> Iterator[str]:
+    """Yield every sentence of every language -- the input for a joint BPE tokenizer.
+
+    For a ``DatasetDict`` only the ``train`` split is used, so the vocabulary never sees test sentences.
+    """
+    ds = data["train"] if isinstance(data, datasets.DatasetDict) else data
+    for batch in ds.iter(batch_size=1000):
+        for row in batch["translation"]:
+            for lang in languages:
+                yield row[lang]

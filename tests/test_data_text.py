@@ -1,0 +1,113 @@
+"""load_text_data (pydoc, .txt, .jsonl, Hub-style directory), group_texts and tokenize_and_group."""
+
+from __future__ import annotations
+
+import gzip
+import json
+
+import pytest
+
+from nm_hf.data.text import group_texts, iter_texts, load_pydoc_paragraphs, load_text_data, tokenize_and_group
+from nm_hf.tokenization import train_causal_lm_tokenizer
+
+LINES = [f"Line {i} of a small document about sparse networks." for i in range(50)]
+
+
+@pytest.fixture
+def cache_dir(tmp_path):
+    return str(tmp_path / "hf_cache")
+
+
+def test_pydoc_default_is_deterministic_and_disjoint():
+    paragraphs = load_pydoc_paragraphs()
+    assert len(paragraphs) > 1000 and sum(len(p["text"]) for p in paragraphs) > 300_000
+    first = load_text_data()
+    second = load_text_data()
+    assert list(first) == ["train", "validation", "test"]
+    assert first["validation"]["text"] == second["validation"]["text"]
+    assert first["train"].column_names == ["text"]
+    sizes = [len(first[s]) for s in ("train", "validation", "test")]
+    assert sum(sizes) == len(paragraphs) and min(sizes) > 50
+    small = load_text_data(max_train_samples=10, max_eval_samples=3)
+    assert [len(small[s]) for s in ("train", "validation", "test")] == [10, 3, 3]
+    assert small["train"]["text"] == first["train"]["text"][:10]
+
+
+def test_txt_files_plain_and_gz(tmp_path, cache_dir):
+    (tmp_path / "train.txt").write_text("\n".join(LINES) + "\n", encoding="utf-8")
+    (tmp_path / "valid.txt.gz").write_bytes(gzip.compress(b"first line\nsecond line\n"))
+    dsd = load_text_data(
+        train_file=tmp_path / "train.txt",
+        validation_file=str(tmp_path / "valid.txt.gz"),
+        test_size=5,
+        cache_dir=cache_dir,
+    )
+    assert [len(dsd[s]) for s in ("train", "validation", "test")] == [45, 2, 5]
+    assert dsd["validation"]["text"] == ["first line\n", "second line\n"]  # keep_linebreaks, like run_clm
+    assert sorted(t.strip() for s in ("train", "test") for t in dsd[s]["text"]) == sorted(LINES)
+
+
+def test_jsonl_with_custom_text_column(tmp_path, cache_dir):
+    path = tmp_path / "docs.jsonl"
+    path.write_text(
+        "".join(json.dumps({"body": t, "n": i}) + "\n" for i, t in enumerate(LINES)), encoding="utf-8"
+    )
+    dsd = load_text_data(train_file=str(path), text_column="body", cache_dir=cache_dir)
+    assert dsd["train"].column_names == ["text"]
+    assert sum(len(dsd[s]) for s in dsd) == 50 and len(dsd["validation"]) >= 1 and len(dsd["test"]) >= 1
+    with pytest.raises(
+        ValueError, match=r"--train_file .*docs\.jsonl: no column 'text'.*\['body', 'n'\].*--text_column"
+    ):
+        load_text_data(train_file=str(path), cache_dir=cache_dir)
+
+
+def test_hub_code_path_with_a_local_dataset_directory(tmp_path, cache_dir):
+    hub = tmp_path / "my_wikitext"
+    hub.mkdir()
+    for split, lines in (("train", LINES[:40]), ("validation", LINES[40:45]), ("test", LINES[45:])):
+        (hub / f"{split}.jsonl").write_text(
+            "".join(json.dumps({"text": t}) + "\n" for t in lines), encoding="utf-8"
+        )
+    dsd = load_text_data(dataset_name=str(hub), cache_dir=cache_dir)
+    assert [len(dsd[s]) for s in ("train", "validation", "test")] == [40, 5, 5]
+
+
+def test_errors_name_file_or_flag(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"--train_file: file not found: .*nothere\.txt"):
+        load_text_data(train_file=str(tmp_path / "nothere.txt"))
+    (tmp_path / "data.csv").write_text("a\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"--validation_file .*data\.csv: unknown file extension '\.csv'"):
+        (tmp_path / "t.txt").write_text("a\n", encoding="utf-8")
+        load_text_data(train_file=str(tmp_path / "t.txt"), validation_file=str(tmp_path / "data.csv"))
+    with pytest.raises(ValueError, match="Unknown --dataset 'wiki'"):
+        load_text_data(dataset="wiki")
+    with pytest.raises(ValueError, match="--train_file is required"):
+        load_text_data(test_file=str(tmp_path / "t.txt"))
+
+
+def test_group_texts_drops_the_remainder():
+    examples = {
+        "input_ids": [[1, 2, 3], [4, 5], [6, 7, 8, 9]],
+        "attention_mask": [[1, 1, 1], [1, 1], [1, 1, 1, 1]],
+    }
+    out = group_texts(examples, block_size=4)
+    assert out["input_ids"] == [[1, 2, 3, 4], [5, 6, 7, 8]]
+    assert out["labels"] == out["input_ids"] and out["labels"][0] is not out["input_ids"][0]
+    assert out["attention_mask"] == [[1, 1, 1, 1], [1, 1, 1, 1]]
+    assert group_texts({"input_ids": [[1, 2]], "attention_mask": [[1, 1]]}, 4)["input_ids"] == []
+
+
+def test_tokenize_and_group_blocks():
+    dsd = load_text_data(max_train_samples=200, max_eval_samples=40)
+    tokenizer = train_causal_lm_tokenizer(iter_texts(dsd), vocab_size=600)
+    blocks = tokenize_and_group(dsd, tokenizer, block_size=32, add_eos=True)
+    for split in ("train", "validation", "test"):
+        assert blocks[split].column_names == ["input_ids", "attention_mask", "labels"]
+        assert len(blocks[split]) > 0
+        assert all(len(ids) == 32 for ids in blocks[split]["input_ids"])
+    row = blocks["train"][0]
+    assert row["labels"] == row["input_ids"] and set(row["attention_mask"]) == {1}
+    n_eos = sum(ids.count(tokenizer.eos_token_id) for ids in blocks["train"]["input_ids"])
+    assert n_eos > 0
+    text = "".join(dsd["train"]["text"])
+    assert tokenizer.decode(blocks["train"][0]["input_ids"], skip_special_tokens=True) in text
