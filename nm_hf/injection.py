@@ -217,10 +217,14 @@ def sparsify(model: nn.Module, config: SparsityConfig | dict[str, Any] | None = 
         with torch.no_grad():
             for name in targets:
                 layer = named[name]
-                layer.weight.mul_(layer.current_mask())
+                layer.weight.masked_fill_(~layer.current_mask(), 0)
                 layer.restamp_mask()
     _record_config(model, config, targets, state="training")
     return model
+
+
+#: keys `_record_config` writes itself (dropped from a stored config before re-recording)
+_RECORD_KEYS = ("targeted_modules", "ignored_modules", "conv1d_modules", "state", "sparsity")
 
 
 def _record_config(model: nn.Module, config: SparsityConfig, targets: list[str], state: str,
@@ -228,9 +232,18 @@ def _record_config(model: nn.Module, config: SparsityConfig, targets: list[str],
     model_config = getattr(model, "config", None)
     if model_config is None:
         return
-    record = {k: v for k, v in config.to_dict().items()
-              if k not in ("targeted_modules", "state", "sparsity")}
-    record.update({"targeted_modules": list(targets), "state": state, **extra})
+    record = {k: v for k, v in config.to_dict().items() if k not in _RECORD_KEYS}
+    named = dict(model.named_modules())
+    target_set = set(targets)
+    record.update({
+        "targeted_modules": list(targets),
+        # linear layers left dense (heads, exclusions): what a reader of config.json needs to know
+        "ignored_modules": [n for n, mod in named.items() if n and _is_linear_like(mod) and n not in target_set],
+        # targeted layers stored [in, out] (GPT-2 Conv1D): their N:M groups run along dim 0
+        "conv1d_modules": [n for n in targets if isinstance(named.get(n), Conv1D)],
+        "state": state,
+        **extra,
+    })
     setattr(model_config, CONFIG_KEY, record)
 
 
@@ -257,7 +270,7 @@ def finalize(model: nn.Module) -> nn.Module:
     zeros = total = 0
     for _, layer in layers:
         if layer.is_masked:
-            layer.weight.mul_(layer.current_mask())
+            layer.weight.masked_fill_(~layer.current_mask(), 0)
         zeros += int((layer.weight == 0).sum())
         total += layer.weight.numel()
     for _, layer in layers:

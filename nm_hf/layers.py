@@ -25,12 +25,17 @@ from .masks import nm_mask
 __all__ = ["SparseLinear", "SparseConv1D", "SparseLayerMixin", "nm_linear"]
 
 
+def _apply_mask(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """`weight * mask` with exact zeros (+0.0) where pruned, also for pruned inf (inf * 0 is NaN)."""
+    return torch.where(mask, weight, 0)
+
+
 class _NMLinearFunction(torch.autograd.Function):
     """y = x @ (W * mask)^T + b with an SR-STE/STE/fixed weight gradient. W is [out, in]."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, mask, decay, freeze_pruned):  # noqa: D401
-        out = F.linear(x, weight * mask, bias)
+        out = F.linear(x, _apply_mask(weight, mask), bias)
         ctx.save_for_backward(x, weight, mask)
         ctx.decay = decay
         ctx.freeze_pruned = freeze_pruned
@@ -42,12 +47,12 @@ class _NMLinearFunction(torch.autograd.Function):
         x, weight, mask = ctx.saved_tensors
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = grad_out.matmul(weight * mask)
+            grad_x = grad_out.matmul(_apply_mask(weight, mask))
         flat_grad = grad_out.reshape(-1, grad_out.shape[-1])
         if ctx.needs_input_grad[1]:
             grad_w = flat_grad.t().matmul(x.reshape(-1, x.shape[-1]))
             if ctx.freeze_pruned:
-                grad_w.mul_(mask)
+                grad_w.masked_fill_(~mask, 0)
             elif ctx.decay:
                 grad_w.add_(weight.masked_fill(mask, 0), alpha=ctx.decay)
         if ctx.has_bias and ctx.needs_input_grad[2]:
@@ -139,7 +144,7 @@ class SparseLayerMixin:
         """The weight the forward pass uses (`weight * mask`), detached."""
         if not self.is_masked:
             return self.weight.detach()
-        return self.weight.detach() * self.current_mask()
+        return _apply_mask(self.weight.detach(), self.current_mask())
 
     def _cached_eval_weight(self) -> torch.Tensor:
         key = self._weight_key()
