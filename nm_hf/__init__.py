@@ -13,13 +13,34 @@ from .injection import (
     iter_sparse_layers,
     sparsify,
 )
-from .layers import SparseConv1D, SparseLinear
+from .layers import SparseConv1D, SparseLinear, mark_weights_updated
 from .masks import check_nm, nm_mask
+from .plot import PLOT_FILE, plot_runs
 from .report import SparsityReport, sparsity_report
+from .tracker import HISTORY_FILE, SparsityTracker
+
+_LAZY = {"SparseTrainer": "trainer", "SparseSeq2SeqTrainer": "trainer", "SparsityArguments": "arguments"}
+
+
+def __getattr__(name: str):
+    """Trainer classes import `transformers.Trainer` (slow): load them on first use."""
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "HISTORY_FILE",
+    "PLOT_FILE",
+    "SparseSeq2SeqTrainer",
+    "SparseTrainer",
+    "SparsityArguments",
+    "SparsityTracker",
+    "mark_weights_updated",
+    "plot_runs",
     "CheckpointError",
     "load_compressed",
     "load_compressed_state_dict",

@@ -14,15 +14,45 @@ masked weight, so activation memory matches a dense layer plus one byte per weig
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.graph import increment_version
+from torch.optim.optimizer import register_optimizer_step_post_hook
 from transformers.pytorch_utils import Conv1D
 
 from .config import SparsityConfig
 from .masks import nm_mask
 
-__all__ = ["SparseLinear", "SparseConv1D", "SparseLayerMixin", "nm_linear"]
+__all__ = ["SparseLinear", "SparseConv1D", "SparseLayerMixin", "nm_linear", "mark_weights_updated"]
+
+#: attribute set on the weight Parameter of every sparse layer
+_SPARSE_WEIGHT_FLAG = "_nm_sparse"
+
+
+def mark_weights_updated(layers: Iterable[SparseLayerMixin]) -> None:
+    """Invalidate the cached masks of `layers` by bumping their weights' autograd version counter.
+
+    The layers cache `current_mask()` on `weight._version`. Fused optimizer kernels (torch's
+    `AdamW(fused=True)`, the Trainer's default "adamw_torch_fused") write the weights without bumping
+    it; every torch optimizer is covered by the step hook below, so call this only after writing the
+    weights some other way (e.g. through `.data`).
+    """
+    for layer in layers:
+        increment_version(layer.weight)
+
+
+def _bump_sparse_weights_after_step(optimizer, args, kwargs) -> None:
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            if getattr(param, _SPARSE_WEIGHT_FLAG, False):
+                increment_version(param)
+
+
+# Global: runs after `step()` of every torch.optim.Optimizer (wrapped ones included, e.g. accelerate's).
+register_optimizer_step_post_hook(_bump_sparse_weights_after_step)
 
 
 def _apply_mask(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -107,8 +137,10 @@ class SparseLayerMixin:
         self._nm_mask_key: tuple | None = None
         self._nm_eval_weight: torch.Tensor | None = None
         self._nm_eval_key: tuple | None = None
+        setattr(self.weight, _SPARSE_WEIGHT_FLAG, True)
 
     def _nm_teardown(self) -> None:
+        self.weight.__dict__.pop(_SPARSE_WEIGHT_FLAG, None)
         for name in ("nm_n", "nm_m", "nm_method", "nm_decay", "nm_decay_mode", "nm_decay_scale",
                      "_nm_mask_cache", "_nm_mask_key", "_nm_eval_weight", "_nm_eval_key", "_nm_dense_class"):
             self.__dict__.pop(name, None)

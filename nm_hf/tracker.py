@@ -1,0 +1,362 @@
+"""`SparsityTracker`: how the N:M masks move during training (SAD, flip rate, pruned-weight norm).
+
+SR-STE's argument (Zhou et al., 2021) is that plain STE keeps flipping the masks ("Sparse
+Architecture Divergence", SAD) while SR-STE settles them. The tracker measures that, from a plain
+PyTorch loop or through `SparseTrainer` (which uses this class; the logic lives only here):
+
+    tracker = SparsityTracker(model)          # snapshot of the masks at the start of training
+    for batch in loader:
+        loss.backward(); optimizer.step(); optimizer.zero_grad()
+        tracker.step()                        # counts mask flips caused by this optimizer step
+        if step % 10 == 0:
+            print(tracker.log_metrics(step))  # totals since the last log; appends a history record
+    tracker.save("run/sparsity_history.json")
+
+Definitions (sums over all tracked layers; per-layer values go into the history records):
+- SAD (`sad`): number of mask entries that differ between now and the last `log_metrics` call,
+  i.e. the L1 distance of the two binary masks; `sad_rate` divides by the number of masked weights.
+- `sad_from_init`: the same against the masks at tracker creation (start of training).
+- `flip_rate`: fraction of mask entries that changed in one optimizer step, averaged over the
+  `step()` calls since the last log. One weight swapped into a group and one out count as 2 flips.
+- `pruned_weight_norm`: L2 norm of the weights the mask currently removes (SR-STE drives it down).
+- `sparsity`: fraction of exact zeros in the weights the forward pass uses (`weight * mask`; the
+  dense weight for method "dense", whose would-be mask is still tracked so SAD compares across methods).
+
+Cost: `step()` asks every layer for `current_mask()`, which is cached on the weight version, so the
+next forward reuses it (for method "dense" it is an extra `nm_mask` per layer per step). Memory: three
+masks per layer are kept as packed bits (init, last log, previous step: 3 bits per weight) on the
+weights' device; the flip counters stay on the device too, so `step()` does not synchronise a GPU.
+All computations are local: under DDP the weights (hence masks) are identical on every rank, so no
+collective is needed. Sharded parameters (FSDP, DeepSpeed ZeRO-3) are not supported.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import CONFIG_KEY
+from .injection import iter_sparse_layers
+from .layers import mark_weights_updated
+
+__all__ = ["SparsityTracker", "HISTORY_FILE", "TRACKER_STATE_FILE", "METRIC_PREFIX", "pack_bits",
+           "unpack_bits", "popcount", "mark_weights_updated"]
+
+#: file name of the history JSON in an output or checkpoint directory
+HISTORY_FILE = "sparsity_history.json"
+#: file name of the tracker state (`state_dict`) in a checkpoint directory
+TRACKER_STATE_FILE = "sparsity_tracker.pt"
+#: prefix of the metric names `log_metrics` returns (tensorboard/wandb group them under it)
+METRIC_PREFIX = "sparsity/"
+#: totals in every history record and (prefixed) in `log_metrics`' result
+TOTAL_KEYS = ("sad", "sad_rate", "sad_from_init", "sad_from_init_rate", "flip_rate", "pruned_weight_norm",
+              "sparsity")
+_FORMAT = 1
+
+_BIT_WEIGHTS: dict[torch.device, torch.Tensor] = {}
+
+
+def _bit_weights(device: torch.device) -> torch.Tensor:
+    if device not in _BIT_WEIGHTS:
+        _BIT_WEIGHTS[device] = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8, device=device)
+    return _BIT_WEIGHTS[device]
+
+
+def pack_bits(mask: torch.Tensor) -> torch.Tensor:
+    """Flattened boolean mask packed 8 per byte, most significant bit first (same as `numpy.packbits`)."""
+    flat = mask.reshape(-1)
+    pad = (-flat.numel()) % 8
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    return (flat.view(-1, 8).to(torch.uint8) * _bit_weights(flat.device)).sum(1, dtype=torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, shape: tuple[int, ...] | torch.Size) -> torch.Tensor:
+    """Inverse of `pack_bits`: a boolean tensor of `shape`."""
+    numel = math.prod(shape)
+    bits = (packed.reshape(-1, 1) & _bit_weights(packed.device)) != 0
+    return bits.reshape(-1)[:numel].reshape(shape)
+
+
+def popcount(packed: torch.Tensor) -> torch.Tensor:
+    """Number of set bits in a uint8 tensor, as a 0-dim int64 tensor on the same device (no sync)."""
+    x = packed - ((packed >> 1) & 0x55)
+    x = (x & 0x33) + ((x >> 2) & 0x33)
+    x = (x + (x >> 4)) & 0x0F
+    return x.sum(dtype=torch.int64)
+
+
+class SparsityTracker:
+    """Mask statistics of every sparse layer of `model`, from the moment it is created.
+
+    Call `step()` after every optimizer step and `log_metrics(step)` whenever you log. See the module
+    docstring for the metric definitions and the memory/cost notes.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self._layers = list(iter_sparse_layers(model))
+        if not self._layers:
+            raise ValueError(f"{type(model).__name__} has no sparse layers to track (call nm_hf.sparsify first)")
+        self.names = [name for name, _ in self._layers]
+        self.shapes = [tuple(layer.weight.shape) for _, layer in self._layers]
+        self.numels = [layer.weight.numel() for _, layer in self._layers]
+        self.num_masked_weights = sum(self.numels)
+        methods = sorted({layer.nm_method for _, layer in self._layers})
+        patterns = sorted({layer.pattern for _, layer in self._layers})
+        self.method = methods[0] if len(methods) == 1 else "mixed"
+        self.pattern = patterns[0] if len(patterns) == 1 else "mixed"
+        record = getattr(getattr(model, "config", None), CONFIG_KEY, None)
+        self.config: dict[str, Any] | None = dict(record) if isinstance(record, dict) else None
+
+        with torch.no_grad():
+            current = [pack_bits(layer.current_mask()) for _, layer in self._layers]
+        self._init = current
+        self._last_log = [p.clone() for p in current]
+        self._prev = [p.clone() for p in current]
+        zeros = [torch.zeros((), dtype=torch.int64, device=p.device) for p in current]
+        self._window_flips = [z.clone() for z in zeros]
+        self._total_flips = [z.clone() for z in zeros]
+        self.window_steps = 0
+        self.total_steps = 0
+        self.history: list[dict[str, Any]] = []
+
+    # ------------------------------------------------------------------ per step
+
+    @torch.no_grad()
+    def step(self, mark_updated: bool = True) -> None:
+        """Record the mask flips of one optimizer step (call it right after `optimizer.step()`).
+
+        With `mark_updated` (the default) the weights are first marked as modified in place (see
+        `mark_weights_updated`), so the masks are recomputed even when the optimizer did not bump the
+        weights' version counter (fused AdamW does not); the next forward reuses these masks.
+        """
+        if mark_updated:
+            mark_weights_updated(layer for _, layer in self._layers)
+        for i, (_, layer) in enumerate(self._layers):
+            packed = pack_bits(layer.current_mask())
+            flips = popcount(packed ^ self._prev[i])
+            self._window_flips[i] += flips
+            self._total_flips[i] += flips
+            self._prev[i] = packed
+        self.window_steps += 1
+        self.total_steps += 1
+
+    # ------------------------------------------------------------------ per log
+
+    @torch.no_grad()
+    def _measure(self) -> tuple[dict[str, Any], list[torch.Tensor]]:
+        """Current metrics (totals and per layer) and the packed current masks; changes nothing."""
+        layers: dict[str, dict[str, Any]] = {}
+        packed_now: list[torch.Tensor] = []
+        sad = sad_init = zeros = 0
+        pruned_sq = 0.0
+        window = max(self.window_steps, 1)
+        for i, (name, layer) in enumerate(self._layers):
+            mask = layer.current_mask()
+            packed = pack_bits(mask)
+            packed_now.append(packed)
+            weight = layer.weight.detach()
+            layer_sad = int(popcount(packed ^ self._last_log[i]))
+            layer_sad_init = int(popcount(packed ^ self._init[i]))
+            flips = int(self._window_flips[i])
+            pruned_norm = float(weight.masked_fill(mask, 0).float().norm())
+            used = weight.masked_fill(~mask, 0) if layer.is_masked else weight
+            layer_zeros = self.numels[i] - int(torch.count_nonzero(used))
+            numel = self.numels[i]
+            layers[name] = {
+                "sad": layer_sad,
+                "sad_from_init": layer_sad_init,
+                "flips": flips,
+                "flip_rate": flips / (window * numel) if self.window_steps else 0.0,
+                "pruned_weight_norm": pruned_norm,
+                "sparsity": layer_zeros / numel,
+            }
+            sad += layer_sad
+            sad_init += layer_sad_init
+            zeros += layer_zeros
+            pruned_sq += pruned_norm ** 2
+        total = self.num_masked_weights
+        window_flips = sum(row["flips"] for row in layers.values())
+        record = {
+            "sad": sad,
+            "sad_rate": sad / total,
+            "sad_from_init": sad_init,
+            "sad_from_init_rate": sad_init / total,
+            "flip_rate": window_flips / (window * total) if self.window_steps else 0.0,
+            "pruned_weight_norm": math.sqrt(pruned_sq),
+            "sparsity": zeros / total,
+            "flips": window_flips,
+            "steps_in_window": self.window_steps,
+            "layers": layers,
+        }
+        return record, packed_now
+
+    def log_metrics(self, step: int) -> dict[str, float]:
+        """Totals since the last call, as `{"sparsity/sad": ..., ...}`; appends a history record.
+
+        The record (in `history`) also holds the per-layer values and the number of optimizer steps
+        in the window. The "last log" masks move to the current ones and the flip window restarts.
+        """
+        record, packed_now = self._measure()
+        record = {"step": int(step), **record}
+        self.history.append(record)
+        self._last_log = packed_now
+        for counter in self._window_flips:
+            counter.zero_()
+        self.window_steps = 0
+        return {METRIC_PREFIX + key: record[key] for key in TOTAL_KEYS}
+
+    @property
+    def steps_since_log(self) -> int:
+        return self.window_steps
+
+    def summary(self) -> dict[str, Any]:
+        """Final numbers for a results table: the current state, the last window's SAD and flip rate.
+
+        If steps were taken since the last `log_metrics`, that unlogged window is measured (without
+        changing the tracker). `mean_flip_rate` averages over every `step()` since the start.
+        """
+        if self.history and not self.window_steps:
+            record = self.history[-1]
+        else:
+            record, _ = self._measure()
+            record["step"] = None  # not logged: the tracker does not know the global step
+        out: dict[str, Any] = {key: record[key] for key in TOTAL_KEYS}
+        total_flips = sum(int(c) for c in self._total_flips)
+        out["mean_flip_rate"] = (total_flips / (self.total_steps * self.num_masked_weights)
+                                 if self.total_steps else 0.0)
+        out["step"] = record.get("step")
+        out["steps"] = self.total_steps
+        out["method"] = self.method
+        out["pattern"] = self.pattern
+        out["num_masked_weights"] = self.num_masked_weights
+        return out
+
+    # ------------------------------------------------------------------ history file
+
+    def history_document(self) -> dict[str, Any]:
+        """What `save` writes: run metadata plus the list of records."""
+        return {
+            "format": _FORMAT,
+            "method": self.method,
+            "pattern": self.pattern,
+            "config": self.config,
+            "num_masked_weights": self.num_masked_weights,
+            "layers": {name: {"shape": list(shape), "numel": numel}
+                       for name, shape, numel in zip(self.names, self.shapes, self.numels, strict=True)},
+            "records": self.history,
+        }
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the history JSON atomically (temp file + rename); returns the path."""
+        path = Path(path)
+        _atomic_write_text(path, json.dumps(self.history_document(), indent=1))
+        return path
+
+    @staticmethod
+    def load_history(path: str | os.PathLike) -> dict[str, Any]:
+        """Read a history JSON written by `save` (a dict: metadata plus `records`, a list of dicts)."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / HISTORY_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"no sparsity history at {path}")
+        try:
+            doc = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path} is not valid JSON: {err}") from err
+        if not isinstance(doc, dict) or not isinstance(doc.get("records"), list):
+            raise ValueError(f"{path} is not a sparsity history (expected an object with a 'records' list)")
+        return doc
+
+    # ------------------------------------------------------------------ checkpointing
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue exactly (masks as packed bits on CPU, counters, history)."""
+        return {
+            "format": _FORMAT,
+            "names": list(self.names),
+            "numels": list(self.numels),
+            "init": [p.cpu() for p in self._init],
+            "last_log": [p.cpu() for p in self._last_log],
+            "prev": [p.cpu() for p in self._prev],
+            "window_flips": [int(c) for c in self._window_flips],
+            "total_flips": [int(c) for c in self._total_flips],
+            "window_steps": self.window_steps,
+            "total_steps": self.total_steps,
+            "history": self.history,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue a tracker saved with `state_dict` (checked against this model's layers first)."""
+        if not isinstance(state, dict) or state.get("format") != _FORMAT:
+            raise ValueError("not a SparsityTracker state (missing or unknown 'format')")
+        if list(state["names"]) != self.names:
+            missing = sorted(set(state["names"]) ^ set(self.names))
+            raise ValueError("the saved sparsity tracker tracks other layers than this model has; "
+                             f"differing layers: {missing[:5] or 'same names, different order'}")
+        for name, numel, saved in zip(self.names, self.numels, state["numels"], strict=True):
+            if numel != saved:
+                raise ValueError(f"layer {name!r} has {numel} weights but the saved tracker state has {saved}")
+        devices = [p.device for p in self._init]
+        self._init = [p.to(d) for p, d in zip(state["init"], devices, strict=True)]
+        self._last_log = [p.to(d) for p, d in zip(state["last_log"], devices, strict=True)]
+        self._prev = [p.to(d) for p, d in zip(state["prev"], devices, strict=True)]
+        self._window_flips = [torch.tensor(int(v), dtype=torch.int64, device=d)
+                              for v, d in zip(state["window_flips"], devices, strict=True)]
+        self._total_flips = [torch.tensor(int(v), dtype=torch.int64, device=d)
+                             for v, d in zip(state["total_flips"], devices, strict=True)]
+        self.window_steps = int(state["window_steps"])
+        self.total_steps = int(state["total_steps"])
+        self.history = list(state["history"])
+
+    def save_state(self, path: str | os.PathLike) -> Path:
+        """`torch.save(state_dict())` atomically."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        os.close(fd)
+        try:
+            torch.save(self.state_dict(), tmp)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return path
+
+    def load_state(self, path: str | os.PathLike) -> None:
+        """Inverse of `save_state`."""
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            self.load_state_dict(state)
+        except ValueError as err:
+            raise ValueError(f"{path}: {err}") from err
+
+    # ------------------------------------------------------------------ helpers
+
+    def masks(self) -> dict[str, torch.Tensor]:
+        """Current boolean mask of every tracked layer (the layers' cached masks, not copies)."""
+        return {name: layer.current_mask() for name, layer in self._layers}
+
+    def initial_masks(self) -> dict[str, torch.Tensor]:
+        """Masks at tracker creation, unpacked to boolean tensors."""
+        return {name: unpack_bits(p, shape) for name, p, shape in zip(self.names, self._init, self.shapes, strict=True)}
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

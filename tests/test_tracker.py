@@ -1,0 +1,367 @@
+"""SparsityTracker (SAD, flip rate, pruned-weight norm), its history/state files and nm_hf.plot."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from nm_hf.config import SparsityConfig
+from nm_hf.injection import iter_sparse_layers, sparsify
+from nm_hf.plot import PLOT_FILE, MatplotlibMissing, plot_histories, plot_runs
+from nm_hf.plot import main as plot_main
+from nm_hf.tracker import (
+    HISTORY_FILE,
+    SparsityTracker,
+    mark_weights_updated,
+    pack_bits,
+    popcount,
+    unpack_bits,
+)
+from tiny_models import tiny_model
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models on a shared 2-core machine: one intra-op thread is several times faster than two."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# --------------------------------------------------------------------------- bit helpers
+
+
+@pytest.mark.parametrize("numel", [1, 7, 8, 13, 64, 1001])
+def test_pack_bits_matches_numpy_and_round_trips(numel):
+    g = torch.Generator().manual_seed(numel)
+    mask = torch.rand(numel, generator=g) > 0.5
+    packed = pack_bits(mask)
+    assert packed.dtype == torch.uint8 and packed.numel() == math.ceil(numel / 8)
+    assert np.array_equal(packed.numpy(), np.packbits(mask.numpy()))
+    assert torch.equal(unpack_bits(packed, (numel,)), mask)
+    assert int(popcount(packed)) == int(mask.sum())
+
+
+def test_popcount_every_byte():
+    values = torch.arange(256, dtype=torch.uint8)
+    expected = sum(bin(v).count("1") for v in range(256))
+    assert int(popcount(values)) == expected
+    for v in (0, 1, 3, 128, 255, 0b10110110):
+        assert int(popcount(torch.tensor([v], dtype=torch.uint8))) == bin(v).count("1")
+
+
+# --------------------------------------------------------------------------- hand-made masks
+
+
+def _one_layer(method: str = "ste") -> nn.Module:
+    model = nn.Sequential(nn.Linear(8, 2, bias=False))
+    return sparsify(model, SparsityConfig(n=2, m=4, method=method, target_modules=["0"]))
+
+
+def _set(model: nn.Module, rows: list[list[float]]) -> None:
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor(rows))
+
+
+W0 = [[4, 3, 2, 1, 4, 3, 2, 1], [1, 2, 3, 4, 1, 2, 3, 4]]  # masks 1100 1100 / 0011 0011
+W1 = [[1, 2, 3, 4, 4, 3, 2, 1], [1, 2, 3, 4, 1, 2, 3, 4]]  # first group of row 0 flips: 4 entries
+
+
+def test_hand_made_masks_sad_flip_rate_norm_and_sparsity():
+    model = _one_layer()
+    _set(model, W0)
+    tracker = SparsityTracker(model)
+    assert tracker.num_masked_weights == 16
+    assert torch.equal(tracker.initial_masks()["0"], torch.tensor(
+        [[1, 1, 0, 0, 1, 1, 0, 0], [0, 0, 1, 1, 0, 0, 1, 1]], dtype=torch.bool))
+
+    _set(model, W1)
+    tracker.step()  # 4 flips
+    tracker.step()  # weights unchanged: 0 flips
+    logs = tracker.log_metrics(step=2)
+    assert logs == {
+        "sparsity/sad": 4,
+        "sparsity/sad_rate": 4 / 16,
+        "sparsity/sad_from_init": 4,
+        "sparsity/sad_from_init_rate": 4 / 16,
+        "sparsity/flip_rate": (4 + 0) / (2 * 16),
+        "sparsity/pruned_weight_norm": pytest.approx(math.sqrt(1 + 4 + 4 + 1 + 1 + 4 + 1 + 4)),
+        "sparsity/sparsity": 0.5,
+    }
+    record = tracker.history[-1]
+    assert record["step"] == 2 and record["steps_in_window"] == 2 and record["flips"] == 4
+    assert record["layers"]["0"]["sad"] == 4 and record["layers"]["0"]["flips"] == 4
+
+    _set(model, W0)  # back to the initial masks
+    tracker.step()
+    logs = tracker.log_metrics(step=3)
+    assert logs["sparsity/sad"] == 4 and logs["sparsity/sad_from_init"] == 0
+    assert logs["sparsity/flip_rate"] == 4 / 16
+
+    logs = tracker.log_metrics(step=3)  # nothing happened since: zero window
+    assert logs["sparsity/sad"] == 0 and logs["sparsity/flip_rate"] == 0.0
+    assert [r["step"] for r in tracker.history] == [2, 3, 3]
+
+
+def test_sparsity_counts_exact_zeros_among_kept_weights():
+    model = _one_layer()
+    # group [5, 0, 0, 0]: the mask keeps 5 and the first 0 (ties go to the lower index) -> 3 zeros of 4
+    _set(model, [[5, 0, 0, 0, 4, 3, 2, 1], [1, 2, 3, 4, 1, 2, 3, 4]])
+    tracker = SparsityTracker(model)
+    assert tracker.log_metrics(0)["sparsity/sparsity"] == (3 + 2 + 2 + 2) / 16
+
+
+def test_dense_method_tracks_the_mask_it_would_have():
+    model = _one_layer("dense")
+    _set(model, W0)
+    tracker = SparsityTracker(model)
+    _set(model, W1)
+    tracker.step()
+    logs = tracker.log_metrics(1)
+    assert logs["sparsity/sad"] == 4 and logs["sparsity/flip_rate"] == 4 / 16
+    assert logs["sparsity/sparsity"] == 0.0  # the forward uses the dense weight
+    assert tracker.method == "dense"
+
+
+def test_step_sees_weights_written_without_a_version_bump():
+    """Fused optimizers write weights without bumping `_version`; `step()` must not use a stale mask."""
+    model = _one_layer()
+    _set(model, W0)
+    tracker = SparsityTracker(model)
+    model[0].weight.data.copy_(torch.tensor(W1))  # no version bump, like torch's fused AdamW
+    tracker.step()
+    assert tracker.log_metrics(1)["sparsity/sad"] == 4
+
+    model[0].weight.data.copy_(torch.tensor(W0))
+    stale = model[0].current_mask().clone()
+    mark_weights_updated([model[0]])
+    assert not torch.equal(model[0].current_mask(), stale)
+
+
+def test_fused_adamw_step_is_seen_without_manual_marking():
+    model = _one_layer()
+    _set(model, W0)
+    tracker = SparsityTracker(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=10.0, fused=True)
+    model[0].weight.grad = torch.tensor([[1.0, 1, -1, -1, 0, 0, 0, 0], [0.0] * 8])  # |4-10|,|3-10| < 2+10,1+10
+    version = model[0].weight._version
+    opt.step()
+    # the fused kernel itself does not bump the version; nm_hf's optimizer step hook does
+    assert model[0].weight._version > version
+    tracker.step(mark_updated=False)
+    expected = torch.tensor([[0, 0, 1, 1, 1, 1, 0, 0], [0, 0, 1, 1, 0, 0, 1, 1]], dtype=torch.bool)
+    assert torch.equal(model[0].current_mask(), expected)
+    assert tracker.log_metrics(1)["sparsity/sad"] == 4
+
+
+# --------------------------------------------------------------------------- brute force on a real model
+
+
+def _topk_mask(weight: torch.Tensor, n: int, m: int, dim: int) -> torch.Tensor:
+    """Independent reference: the n largest |w| of every m along `dim` (no ties in random data)."""
+    w = weight.movedim(dim, -1)
+    groups = w.abs().reshape(-1, m)
+    keep = torch.zeros_like(groups, dtype=torch.bool).scatter_(1, groups.topk(n, dim=1).indices, True)
+    return keep.reshape(w.shape).movedim(-1, dim)
+
+
+def _perturb(model: nn.Module, g: torch.Generator, scale: float) -> None:
+    with torch.no_grad():
+        for _, layer in iter_sparse_layers(model):
+            layer.weight.add_(torch.randn(layer.weight.shape, generator=g) * scale)
+
+
+@pytest.mark.parametrize("n,m", [(2, 4), (1, 4), (2, 8)])
+def test_tracker_matches_brute_force_counts(n, m):
+    model = sparsify(tiny_model("gpt2"), SparsityConfig(n=n, m=m, method="ste"))
+    layers = dict(iter_sparse_layers(model))
+    ref = lambda: {k: _topk_mask(v.weight.detach(), n, m, v.group_dim) for k, v in layers.items()}  # noqa: E731
+    g = torch.Generator().manual_seed(n * 10 + m)
+    tracker = SparsityTracker(model)
+    init = ref()
+    last_log, prev = init, init
+    window_flips = {k: 0 for k in layers}
+    steps = 0
+    total = sum(v.weight.numel() for v in layers.values())
+    for step in range(1, 9):
+        _perturb(model, g, scale=0.01)
+        tracker.step()
+        now = ref()
+        for k in layers:
+            window_flips[k] += int((now[k] != prev[k]).sum())
+        prev, steps = now, steps + 1
+        if step in (2, 3, 7, 8):
+            logs = tracker.log_metrics(step)
+            record = tracker.history[-1]
+            sad = {k: int((now[k] != last_log[k]).sum()) for k in layers}
+            sad_init = {k: int((now[k] != init[k]).sum()) for k in layers}
+            pruned = {k: float(layers[k].weight.detach()[~now[k]].norm()) for k in layers}
+            assert logs["sparsity/sad"] == sum(sad.values()) > 0
+            assert logs["sparsity/sad_from_init"] == sum(sad_init.values())
+            assert logs["sparsity/flip_rate"] == pytest.approx(sum(window_flips.values()) / (steps * total))
+            assert logs["sparsity/pruned_weight_norm"] == pytest.approx(
+                math.sqrt(sum(v ** 2 for v in pruned.values())), rel=1e-5)
+            assert logs["sparsity/sparsity"] == pytest.approx(1 - n / m)
+            for k in layers:
+                row = record["layers"][k]
+                assert (row["sad"], row["sad_from_init"], row["flips"]) == (sad[k], sad_init[k], window_flips[k])
+                assert row["pruned_weight_norm"] == pytest.approx(pruned[k], rel=1e-5)
+            last_log, steps = now, 0
+            window_flips = {k: 0 for k in layers}
+    summary = tracker.summary()
+    assert summary["sad_from_init"] == tracker.history[-1]["sad_from_init"] and summary["step"] == 8
+    assert summary["steps"] == 8 and summary["mean_flip_rate"] > 0
+
+
+def test_summary_measures_an_unlogged_window():
+    model = _one_layer()
+    _set(model, W0)
+    tracker = SparsityTracker(model)
+    assert tracker.summary()["sad_from_init"] == 0 and tracker.summary()["step"] is None
+    _set(model, W1)
+    tracker.step()
+    summary = tracker.summary()
+    assert summary["sad"] == 4 and summary["flip_rate"] == 4 / 16 and summary["step"] is None
+    assert tracker.history == [] and tracker.steps_since_log == 1  # summary changes nothing
+
+
+# --------------------------------------------------------------------------- state and history files
+
+
+def test_state_dict_resume_continues_identically(tmp_path):
+    base = sparsify(tiny_model("gpt2"), SparsityConfig(method="ste"))
+    g = torch.Generator().manual_seed(0)
+    noise = [[torch.randn(layer.weight.shape, generator=g) * 0.01 for _, layer in iter_sparse_layers(base)]
+             for _ in range(6)]
+
+    def run(model, tracker, steps):
+        for step in steps:
+            with torch.no_grad():
+                for (_, layer), delta in zip(iter_sparse_layers(model), noise[step - 1], strict=True):
+                    layer.weight.add_(delta)
+            tracker.step()
+            if step % 2 == 0:
+                tracker.log_metrics(step)
+
+    model_a = copy.deepcopy(base)
+    tracker_a = SparsityTracker(model_a)
+    run(model_a, tracker_a, [1, 2, 3])
+    tracker_a.save_state(tmp_path / "tracker.pt")
+    model_b = copy.deepcopy(model_a)  # the "checkpoint" weights at step 3
+    run(model_a, tracker_a, [4, 5, 6])
+
+    tracker_b = SparsityTracker(model_b)  # its own init would be the step-3 masks ...
+    tracker_b.load_state(tmp_path / "tracker.pt")  # ... the saved state restores the real ones
+    run(model_b, tracker_b, [4, 5, 6])
+    assert tracker_b.history == tracker_a.history
+    assert [r["step"] for r in tracker_b.history] == [2, 4, 6]
+    assert tracker_b.summary() == tracker_a.summary()
+
+    state = torch.load(tmp_path / "tracker.pt", weights_only=True)
+    for packed, numel in zip(state["init"], state["numels"], strict=True):
+        assert packed.dtype == torch.uint8 and packed.numel() == math.ceil(numel / 8)  # 1 bit per weight
+
+
+def test_load_state_rejects_another_model(tmp_path):
+    tracker = SparsityTracker(sparsify(tiny_model("gpt2"), SparsityConfig()))
+    tracker.save_state(tmp_path / "t.pt")
+    other = SparsityTracker(sparsify(tiny_model("gpt2"), SparsityConfig(target_modules=["c_fc"])))
+    with pytest.raises(ValueError, match=r"t\.pt: the saved sparsity tracker tracks other layers"):
+        other.load_state(tmp_path / "t.pt")
+    with pytest.raises(ValueError, match="not a SparsityTracker state"):
+        other.load_state_dict({"names": []})
+
+
+def test_history_file_round_trip_and_errors(tmp_path):
+    model = _one_layer("sr-ste")
+    _set(model, W0)
+    tracker = SparsityTracker(model)
+    _set(model, W1)
+    tracker.step()
+    tracker.log_metrics(1)
+    path = tracker.save(tmp_path / "run" / HISTORY_FILE)
+    assert [p.name for p in path.parent.iterdir()] == [HISTORY_FILE]  # no temp file left behind
+    doc = SparsityTracker.load_history(tmp_path / "run")
+    assert doc == json.loads(path.read_text())
+    assert doc["method"] == "sr-ste" and doc["pattern"] == "2:4" and doc["num_masked_weights"] == 16
+    assert doc["layers"] == {"0": {"shape": [2, 8], "numel": 16}}
+    assert doc["config"] is None  # a bare nn.Module has no config to carry the sparsity record
+    assert doc["records"][0]["sad"] == 4 and doc["records"][0]["layers"]["0"]["sad"] == 4
+
+    with pytest.raises(FileNotFoundError, match="no sparsity history"):
+        SparsityTracker.load_history(tmp_path / "nowhere")
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"bad\.json is not valid JSON"):
+        SparsityTracker.load_history(tmp_path / "bad.json")
+    (tmp_path / "other.json").write_text('{"a": 1}')
+    with pytest.raises(ValueError, match="not a sparsity history"):
+        SparsityTracker.load_history(tmp_path / "other.json")
+
+
+def test_tracker_needs_sparse_layers():
+    with pytest.raises(ValueError, match="no sparse layers to track"):
+        SparsityTracker(nn.Linear(4, 4))
+
+
+# --------------------------------------------------------------------------- plots
+
+
+def _write_run(directory: Path, method: str, scale: float) -> Path:
+    model = sparsify(tiny_model("gpt2"), SparsityConfig(method=method))
+    tracker = SparsityTracker(model)
+    g = torch.Generator().manual_seed(1)
+    for step in range(1, 5):
+        _perturb(model, g, scale)
+        tracker.step()
+        tracker.log_metrics(step)
+    return tracker.save(directory / HISTORY_FILE)
+
+
+def test_plot_runs_side_by_side_and_cli(tmp_path):
+    for name, method, scale in (("dense", "dense", 0.02), ("ste", "ste", 0.02), ("sr-ste", "sr-ste", 0.005)):
+        _write_run(tmp_path / name, method, scale)
+    out = plot_runs([tmp_path / "dense", tmp_path / "ste", tmp_path / "sr-ste" / HISTORY_FILE], tmp_path / "sad.png")
+    assert out.read_bytes()[:8] == PNG
+
+    result = subprocess.run([sys.executable, "-m", "nm_hf.plot", str(tmp_path / "ste"), str(tmp_path / "sr-ste"),
+                             "-o", str(tmp_path / "cli.png")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "wrote" in result.stdout and (tmp_path / "cli.png").read_bytes()[:8] == PNG
+
+
+
+def test_plot_cli_errors(tmp_path, capsys):
+    assert plot_main([str(tmp_path / "missing"), "-o", str(tmp_path / "x.png")]) == 2
+    assert "no sparsity_history.json found" in capsys.readouterr().err
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_plot_labels_fall_back_to_directory_names(tmp_path, monkeypatch):
+    _write_run(tmp_path / "a", "ste", 0.01)
+    _write_run(tmp_path / "b", "ste", 0.01)
+    seen = {}
+    monkeypatch.setattr("nm_hf.plot.plot_histories", lambda runs, output, title=None: seen.update(
+        labels=[label for label, _ in runs]))
+    plot_runs([tmp_path / "a", tmp_path / "b"], tmp_path / "p.png")
+    assert seen["labels"] == ["ste (a)", "ste (b)"]
+    with pytest.raises(ValueError, match="got 1 labels for 2 runs"):
+        plot_runs([tmp_path / "a", tmp_path / "b"], tmp_path / "p.png", labels=["x"])
+
+
+def test_missing_matplotlib_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` raise ImportError
+    with pytest.raises(MatplotlibMissing, match="plotting needs matplotlib"):
+        plot_histories([("x", {"records": []})], tmp_path / PLOT_FILE)
+    assert not (tmp_path / PLOT_FILE).exists()

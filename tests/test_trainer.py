@@ -1,0 +1,390 @@
+"""SparseTrainer / SparseSeq2SeqTrainer: short real CPU training runs on tiny models (synthetic data)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
+    Seq2SeqTrainingArguments,
+    TrainingArguments,
+)
+from transformers.pytorch_utils import Conv1D
+
+from nm_hf.config import CONFIG_KEY, SparsityConfig
+from nm_hf.injection import SparsifyError, finalize, iter_sparse_layers, sparsify
+from nm_hf.layers import SparseLayerMixin
+from nm_hf.masks import nm_group_counts, nm_mask
+from nm_hf.plot import PLOT_FILE
+from nm_hf.tracker import HISTORY_FILE, TRACKER_STATE_FILE, SparsityTracker
+from nm_hf.trainer import SparseSeq2SeqTrainer, SparseTrainer
+from tiny_models import VOCAB, tiny_model
+
+NO_DROPOUT = {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
+PNG = b"\x89PNG\r\n\x1a\n"
+METRICS = ("sparsity/sad", "sparsity/sad_rate", "sparsity/sad_from_init", "sparsity/flip_rate",
+           "sparsity/pruned_weight_norm", "sparsity/sparsity")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models on a shared 2-core machine: one intra-op thread is several times faster than two."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def lm_data(n: int = 32, length: int = 16, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(n):
+        ids = torch.randint(3, VOCAB, (length,), generator=g)
+        rows.append({"input_ids": ids, "labels": ids.clone()})
+    return rows
+
+
+def gpt2(seed: int = 0):
+    return tiny_model("gpt2", seed=seed, **NO_DROPOUT)
+
+
+def lm_args(out: Path, **overrides) -> TrainingArguments:
+    kwargs = dict(output_dir=str(out), max_steps=12, per_device_train_batch_size=8, logging_steps=4,
+                  save_strategy="no", learning_rate=1e-3, report_to="none", use_cpu=True, disable_tqdm=True,
+                  seed=0, data_seed=0, optim="adamw_torch")  # the fused default is ~2x slower on tiny CPU models
+    kwargs.update(overrides)
+    return TrainingArguments(**kwargs)
+
+
+def weights(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def group_dim(module) -> int:
+    return 0 if isinstance(module, Conv1D) else 1
+
+
+# --------------------------------------------------------------------------- full runs per method
+
+
+@pytest.mark.parametrize("method", ["dense", "ste", "sr-ste", "fixed"])
+def test_training_run_logs_metrics_writes_files_and_saves_exact_nm(tmp_path, method):
+    model = gpt2()
+    cfg = SparsityConfig(n=2, m=4, method=method, decay=0.1)
+    # checkpoints (and their history/plot files) for one method only: plotting dominates these tiny runs
+    checkpoints = method == "sr-ste"
+    args = lm_args(tmp_path / "run", save_strategy="steps" if checkpoints else "no", save_steps=6)
+    trainer = SparseTrainer(model=model, args=args, train_dataset=lm_data(), sparsity_config=cfg)
+    initial_masks = {name: layer.current_mask().clone() for name, layer in iter_sparse_layers(model)}
+    trainer.train()
+
+    train_logs = [log for log in trainer.state.log_history if "loss" in log]
+    assert [log["step"] for log in train_logs] == [4, 8, 12]
+    for log in train_logs:
+        for key in METRICS:
+            assert key in log, key
+        assert 0 <= log["sparsity/sad_rate"] <= 1 and 0 <= log["sparsity/flip_rate"] <= 1
+    summary_log = trainer.state.log_history[-1]
+    assert "train_loss" in summary_log and not any(k.startswith("sparsity/") for k in summary_log)
+
+    tracker = trainer.sparsity_tracker
+    numel = tracker.num_masked_weights
+    assert [r["step"] for r in tracker.history] == [4, 8, 12]
+    for log, record in zip(train_logs, tracker.history, strict=True):
+        assert log["sparsity/sad"] == record["sad"] == sum(row["sad"] for row in record["layers"].values())
+        assert log["sparsity/sad_rate"] == pytest.approx(record["sad"] / numel)
+    final_masks = {name: layer.current_mask() for name, layer in iter_sparse_layers(model)}
+    # sad_from_init is the L1 distance to the masks at the start, summed over layers
+    assert tracker.history[-1]["sad_from_init"] == sum(int((final_masks[k] != initial_masks[k]).sum())
+                                                       for k in final_masks)
+    if method == "fixed":
+        assert all(r["sad"] == 0 and r["flip_rate"] == 0 for r in tracker.history)
+    else:
+        assert tracker.history[0]["sad"] > 0
+    expected_sparsity = 0.0 if method == "dense" else 0.5
+    assert tracker.history[-1]["sparsity"] == pytest.approx(expected_sparsity, abs=1e-3)
+
+    run = tmp_path / "run"
+    doc = SparsityTracker.load_history(run / HISTORY_FILE)
+    assert doc["method"] == method and doc["pattern"] == "2:4"
+    assert [r["step"] for r in doc["records"]] == [4, 8, 12]
+    assert set(doc["records"][0]["layers"]) == set(doc["layers"]) == {n for n, _ in iter_sparse_layers(model)}
+    assert (run / PLOT_FILE).read_bytes()[:8] == PNG
+    if checkpoints:
+        for ckpt in ("checkpoint-6", "checkpoint-12"):
+            assert (run / ckpt / TRACKER_STATE_FILE).is_file()
+            assert (run / ckpt / HISTORY_FILE).is_file() and (run / ckpt / PLOT_FILE).read_bytes()[:8] == PNG
+        assert [r["step"] for r in SparsityTracker.load_history(run / "checkpoint-6")["records"]] == [4]
+        assert torch.load(run / "checkpoint-6" / TRACKER_STATE_FILE, weights_only=True)["total_steps"] == 6
+
+    live_before = weights(model)
+    out = tmp_path / "final"
+    trainer.save_model(str(out))
+    # the live model is untouched: still sparse layers, same dense weights, record still "training"
+    assert all(torch.equal(v, live_before[k]) for k, v in model.state_dict().items())
+    assert getattr(model.config, CONFIG_KEY)["state"] == "training"
+    assert all(isinstance(layer, SparseLayerMixin) for _, layer in iter_sparse_layers(model))
+
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    record = json.loads((out / "config.json").read_text())[CONFIG_KEY]
+    assert record["state"] == "finalized" and record["method"] == method
+    targeted = record["targeted_modules"]
+    assert targeted == [n for n, _ in iter_sparse_layers(model)] and len(targeted) == 8
+    assert record["sparsity"] == pytest.approx(expected_sparsity, abs=1e-3)
+    modules = dict(reloaded.named_modules())
+    live = dict(iter_sparse_layers(model))
+    for name in targeted:
+        weight = modules[name].weight
+        assert type(modules[name]) is Conv1D
+        assert torch.equal(weight, live[name].effective_weight())
+        if method != "dense":
+            counts = nm_group_counts(weight, 4, dim=group_dim(modules[name]))
+            assert torch.equal(counts, torch.full_like(counts, 2)), name  # exactly 2 of every 4
+    # everything else is the trained dense weight
+    for key, value in reloaded.state_dict().items():
+        if key.rsplit(".", 1)[0] not in targeted:
+            assert torch.equal(value, live_before[key]), key
+    assert SparsityTracker.load_history(out)["records"] == tracker.history
+    assert (out / PLOT_FILE).is_file()
+    summary = trainer.sparsity_summary()
+    assert summary["sad_from_init"] == tracker.history[-1]["sad_from_init"]
+    assert summary["steps"] == 12 and summary["method"] == method
+    assert summary["sparsity"] == pytest.approx(expected_sparsity, abs=1e-3)
+    for key in ("sad", "flip_rate", "mean_flip_rate", "pruned_weight_norm"):
+        assert key in summary
+
+
+def test_checkpoint_keeps_dense_weights(tmp_path):
+    model = gpt2()
+    trainer = SparseTrainer(model=model, args=lm_args(tmp_path, max_steps=4, save_strategy="steps", save_steps=4),
+                            train_dataset=lm_data(), sparsity_config=SparsityConfig(method="sr-ste"))
+    trainer.train()
+    ckpt = AutoModelForCausalLM.from_pretrained(tmp_path / "checkpoint-4")
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in ckpt.state_dict().items())
+    record = getattr(ckpt.config, CONFIG_KEY)
+    assert record["state"] == "training"
+    pruned = [ckpt.get_submodule(n).weight[~layer.current_mask()] for n, layer in iter_sparse_layers(model)]
+    assert all(bool((p != 0).all()) for p in pruned)  # SR-STE needs the pruned values to resume
+
+
+def test_srste_ends_with_lower_sad_than_ste(tmp_path):
+    """The paper's claim: SR-STE's decay stabilises the masks. Same seed, data and lr for both."""
+    results = {}
+    for method in ("ste", "sr-ste"):
+        trainer = SparseTrainer(model=gpt2(), args=lm_args(tmp_path / method, max_steps=16, logging_steps=4),
+                                train_dataset=lm_data(), sparsity_config=SparsityConfig(method=method, decay=1.0))
+        trainer.train()
+        results[method] = trainer.sparsity_tracker.history
+    late = {m: sum(r["sad"] for r in h[len(h) // 2:]) for m, h in results.items()}
+    assert late["sr-ste"] < 0.6 * late["ste"], late
+    assert results["sr-ste"][-1]["sad_from_init"] < 0.6 * results["ste"][-1]["sad_from_init"]
+    assert results["sr-ste"][-1]["pruned_weight_norm"] < 0.5 * results["ste"][-1]["pruned_weight_norm"]
+
+
+def test_masks_follow_fused_optimizer_updates(tmp_path):
+    """The Trainer's default optimizer (fused AdamW) does not bump weight versions: masks must still move."""
+    model = gpt2()
+    args = lm_args(tmp_path, max_steps=3, logging_steps=1, learning_rate=1e-2, optim="adamw_torch_fused")
+    trainer = SparseTrainer(model=model, args=args, train_dataset=lm_data(), sparsity_config=SparsityConfig())
+    trainer.train()
+    for _, layer in iter_sparse_layers(model):
+        assert torch.equal(layer.current_mask(), nm_mask(layer.weight.detach(), 2, 4, dim=layer.group_dim))
+    assert sum(r["sad"] for r in trainer.sparsity_tracker.history) > 0
+
+
+# --------------------------------------------------------------------------- config handling
+
+
+def test_sparsity_config_against_already_sparse_model(tmp_path):
+    model = sparsify(gpt2(), SparsityConfig(method="ste"))
+    SparseTrainer(model=model, args=lm_args(tmp_path), train_dataset=lm_data())  # kept as is
+    SparseTrainer(model=model, args=lm_args(tmp_path), train_dataset=lm_data(),
+                  sparsity_config=SparsityConfig(method="ste"))  # same config: fine
+    with pytest.raises(SparsifyError, match=r"method: model has 'ste', sparsity_config has 'sr-ste'"):
+        SparseTrainer(model=model, args=lm_args(tmp_path), train_dataset=lm_data(),
+                      sparsity_config=SparsityConfig(method="sr-ste"))
+    before_training = SparseTrainer(model=model, args=lm_args(tmp_path), train_dataset=lm_data()).sparsity_summary()
+    assert before_training["sad_from_init"] == 0 and before_training["sparsity"] == 0.5
+    with pytest.raises(SparsifyError, match="no sparsity_config was given"):
+        SparseTrainer(model=gpt2(), args=lm_args(tmp_path), train_dataset=lm_data())
+    with pytest.raises(TypeError, match="sparsity_config must be"):
+        SparseTrainer(model=gpt2(), args=lm_args(tmp_path), train_dataset=lm_data(), sparsity_config="2:4")
+
+
+def test_dict_config_and_model_init(tmp_path):
+    trainer = SparseTrainer(model_init=lambda: gpt2(), args=lm_args(tmp_path, max_steps=2, logging_steps=1),
+                            train_dataset=lm_data(), sparsity_config={"n": 1, "m": 4, "method": "ste"})
+    trainer.train()
+    layers = list(iter_sparse_layers(trainer.model))
+    assert layers and all(layer.pattern == "1:4" for _, layer in layers)
+    assert trainer.sparsity_tracker.history[-1]["sparsity"] == pytest.approx(0.75)
+
+
+def test_finalized_model_reloaded_plainly_is_sparsified_from_its_record(tmp_path):
+    model = sparsify(gpt2(), SparsityConfig(method="fixed"))
+    finalize(model).save_pretrained(tmp_path / "finalized")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "finalized")
+    trainer = SparseTrainer(model=reloaded, args=lm_args(tmp_path / "run", max_steps=3, logging_steps=1),
+                            train_dataset=lm_data())
+    assert trainer.sparsity_config.method == "fixed"
+    trainer.train()
+    assert trainer.sparsity_tracker.history[-1]["sad_from_init"] == 0
+
+
+# --------------------------------------------------------------------------- decay placement
+
+
+def _one_step(tmp_path, name, cfg, batch, accumulation, patch_scale=None, optim="sgd", lr=0.1):
+    model = gpt2()
+    args = lm_args(tmp_path / name, max_steps=1, per_device_train_batch_size=batch,
+                   gradient_accumulation_steps=accumulation, optim=optim, learning_rate=lr,
+                   lr_scheduler_type="constant", max_grad_norm=0.0, logging_steps=1)
+    trainer = SparseTrainer(model=model, args=args, train_dataset=lm_data(4), sparsity_config=cfg)
+    if patch_scale is not None:
+        trainer._set_decay_scale = patch_scale
+    trainer.train()
+    return model
+
+
+def test_gradient_accumulation_applies_gradient_decay_once_per_update(tmp_path):
+    cfg = SparsityConfig(method="sr-ste", decay=2.0, decay_mode="gradient")
+    start = gpt2()
+    full = _one_step(tmp_path, "full", cfg, batch=4, accumulation=1)
+    accumulated = _one_step(tmp_path, "acc", cfg, batch=2, accumulation=2)
+    unscaled = _one_step(tmp_path, "unscaled", cfg, batch=2, accumulation=2, patch_scale=lambda scale: None)
+    names = [n for n, _ in iter_sparse_layers(full)]
+    assert all(layer.nm_decay_scale == 0.5 for _, layer in iter_sparse_layers(accumulated))
+    for name in names:
+        w_full = full.get_submodule(name).weight.detach()
+        w_acc = accumulated.get_submodule(name).weight.detach()
+        w_unscaled = unscaled.get_submodule(name).weight.detach()
+        torch.testing.assert_close(w_acc, w_full, rtol=0, atol=2e-6)
+        # without the 1/k scale the pruned weights get the decay twice: lr * decay * w extra
+        w0 = start.get_submodule(name).weight.detach()
+        pruned = ~nm_mask(w0, 2, 4, dim=0)
+        extra = (w_full - w_unscaled)[pruned]
+        torch.testing.assert_close(extra, 0.1 * 2.0 * w0[pruned], rtol=1e-4, atol=1e-6)
+
+
+def test_decoupled_decay_shrinks_pruned_weights_after_the_step(tmp_path):
+    lr, decay = 0.1, 0.5
+    ste = _one_step(tmp_path, "ste", SparsityConfig(method="ste"), batch=4, accumulation=1, lr=lr)
+    dec = _one_step(tmp_path, "dec", SparsityConfig(method="sr-ste", decay=decay, decay_mode="decoupled"),
+                    batch=4, accumulation=1, lr=lr)
+    for name, layer in iter_sparse_layers(ste):
+        w_ste = layer.weight.detach()
+        mask = nm_mask(w_ste, 2, 4, dim=0)  # mask after the optimizer step, which the decay uses
+        expected = torch.where(mask, w_ste, w_ste * (1 - lr * decay))
+        torch.testing.assert_close(dec.get_submodule(name).weight.detach(), expected, rtol=1e-6, atol=1e-7)
+        assert bool((expected != w_ste).any())
+
+
+# --------------------------------------------------------------------------- resume
+
+
+@pytest.mark.parametrize("method", ["sr-ste", "fixed"])
+def test_resume_from_checkpoint_is_exact(tmp_path, method):
+    cfg = SparsityConfig(method=method, decay=0.05)
+    overrides = dict(max_steps=10, logging_steps=2, save_strategy="steps", save_steps=5)
+    full = SparseTrainer(model=gpt2(), args=lm_args(tmp_path / "full", **overrides), train_dataset=lm_data(48),
+                         sparsity_config=cfg)
+    full.train()
+
+    resumed_model = gpt2()
+    resumed = SparseTrainer(model=resumed_model, args=lm_args(tmp_path / "resumed", **overrides),
+                            train_dataset=lm_data(48), sparsity_config=cfg)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-5"))
+
+    for key, value in full.model.state_dict().items():
+        assert torch.equal(resumed_model.state_dict()[key], value), key
+    for (name, a), (_, b) in zip(iter_sparse_layers(full.model), iter_sparse_layers(resumed_model), strict=True):
+        assert torch.equal(a.current_mask(), b.current_mask()), name
+    assert resumed.sparsity_tracker.history == full.sparsity_tracker.history
+    assert [r["step"] for r in resumed.sparsity_tracker.history] == [2, 4, 6, 8, 10]
+    # the tracker state restores the window since the last log (step 4), so even the first log after
+    # the resume (step 6) matches; Trainer's own loss average restarts its window at the resume step
+    for key in ("sparsity/sad", "sparsity/sad_from_init", "sparsity/flip_rate", "sparsity/pruned_weight_norm"):
+        a = [log[key] for log in full.state.log_history if "loss" in log]
+        b = [log[key] for log in resumed.state.log_history if "loss" in log]
+        assert a == b, key
+    a = [log["loss"] for log in full.state.log_history if "loss" in log and log["step"] > 6]
+    b = [log["loss"] for log in resumed.state.log_history if "loss" in log and log["step"] > 6]
+    assert a == b and len(a) == 2
+    doc = SparsityTracker.load_history(tmp_path / "resumed" / HISTORY_FILE)
+    assert [r["step"] for r in doc["records"]] == [2, 4, 6, 8, 10]
+
+
+def test_resume_true_uses_last_checkpoint_and_tolerates_a_missing_tracker_state(tmp_path, caplog):
+    cfg = SparsityConfig()
+    args = lm_args(tmp_path, max_steps=4, logging_steps=2, save_strategy="steps", save_steps=2)
+    SparseTrainer(model=gpt2(), args=args, train_dataset=lm_data(), sparsity_config=cfg).train()
+    more = lm_args(tmp_path, max_steps=6, logging_steps=2, save_strategy="no")
+    trainer = SparseTrainer(model=gpt2(), args=more, train_dataset=lm_data(), sparsity_config=cfg)
+    trainer.train(resume_from_checkpoint=True)  # checkpoint-4
+    assert [r["step"] for r in trainer.sparsity_tracker.history] == [2, 4, 6]
+
+    (tmp_path / "checkpoint-4" / TRACKER_STATE_FILE).unlink()  # e.g. written by a plain Trainer
+    trainer = SparseTrainer(model=gpt2(), args=more, train_dataset=lm_data(), sparsity_config=cfg)
+    with caplog.at_level("WARNING", logger="nm_hf.trainer"):
+        trainer.train(resume_from_checkpoint=True)
+    assert f"has no {TRACKER_STATE_FILE}" in caplog.text
+    assert [r["step"] for r in trainer.sparsity_tracker.history] == [6]
+
+
+# --------------------------------------------------------------------------- integrations
+
+
+def test_tensorboard_receives_sparsity_scalars(tmp_path, monkeypatch):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logdir = tmp_path / "tb"
+    monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(logdir))
+    trainer = SparseTrainer(model=gpt2(), args=lm_args(tmp_path / "run", max_steps=4, logging_steps=2,
+                                                       report_to=["tensorboard"]),
+                            train_dataset=lm_data(), sparsity_config=SparsityConfig())
+    trainer.train()
+    events = EventAccumulator(str(logdir))
+    events.Reload()
+    tags = events.Tags()["scalars"]
+    assert "train/sparsity/sad" in tags and "train/sparsity/flip_rate" in tags, tags
+    steps = [e.step for e in events.Scalars("train/sparsity/sad")]
+    values = [e.value for e in events.Scalars("train/sparsity/sad")]
+    assert steps == [2, 4]
+    assert values == [float(r["sad"]) for r in trainer.sparsity_tracker.history]
+
+
+def test_seq2seq_trainer_predict_with_generate(tmp_path):
+    model = tiny_model("bart", dropout=0.0)
+    model.generation_config.max_length = 8
+    g = torch.Generator().manual_seed(0)
+    data = [{"input_ids": torch.randint(3, VOCAB, (8,), generator=g),
+             "attention_mask": torch.ones(8, dtype=torch.long),
+             "labels": torch.randint(3, VOCAB, (6,), generator=g)} for _ in range(16)]
+    seen = {}
+
+    def compute_metrics(pred):
+        seen["shape"] = pred.predictions.shape
+        return {"n": float(len(pred.predictions))}
+
+    args = Seq2SeqTrainingArguments(output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=4,
+                                    per_device_eval_batch_size=4, logging_steps=2, eval_strategy="steps",
+                                    eval_steps=4, predict_with_generate=True, generation_max_length=8,
+                                    learning_rate=1e-3, report_to="none", use_cpu=True, disable_tqdm=True,
+                                    save_strategy="no")
+    trainer = SparseSeq2SeqTrainer(model=model, args=args, train_dataset=data, eval_dataset=data[:8],
+                                   compute_metrics=compute_metrics, sparsity_config=SparsityConfig(method="sr-ste"))
+    trainer.train()
+    eval_logs = [log for log in trainer.state.log_history if "eval_loss" in log]
+    assert eval_logs and eval_logs[-1]["eval_n"] == 8.0
+    assert seen["shape"][0] == 8 and seen["shape"][1] <= 8  # generated token ids
+    assert not any(k.startswith("sparsity/") for k in eval_logs[-1])
+    assert [r["step"] for r in trainer.sparsity_tracker.history] == [2, 4]
+    trainer.save_model(str(tmp_path / "final"))
+    reloaded = AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "final")
+    for name in getattr(reloaded.config, CONFIG_KEY)["targeted_modules"]:
+        counts = nm_group_counts(reloaded.get_submodule(name).weight, 4, dim=1)
+        assert bool((counts == 2).all()), name
