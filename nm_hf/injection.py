@@ -26,7 +26,8 @@ __all__ = ["sparsify", "finalize", "iter_sparse_layers", "find_target_modules", 
 PLAIN_LINEAR_SUBCLASSES = frozenset({"FalconLinear"})
 
 #: name components of task heads that "all-linear" leaves dense (their outputs are logits/labels)
-HEAD_NAMES = frozenset({"lm_head", "classifier", "score", "qa_outputs", "pre_classifier", "cls"})
+HEAD_NAMES = frozenset({"lm_head", "classifier", "classification_head", "score", "qa_outputs",
+                        "pre_classifier", "cls", "head"})
 
 
 class SparsifyError(ValueError):
@@ -140,6 +141,8 @@ def _resolve_targets(model: nn.Module, config: SparsityConfig) -> tuple[list[str
         excluded, exclude_problems = _select(model, config.exclude_modules, "exclude_modules")
         problems += exclude_problems
         targets = [n for n in targets if n not in set(excluded)]
+    order = {n: i for i, n in enumerate(named)}
+    targets = sorted(targets, key=order.__getitem__)
     if not targets and not problems:
         problems.append("no layer left to sparsify (target_modules/exclude_modules selected nothing)")
 
@@ -204,23 +207,44 @@ def sparsify(model: nn.Module, config: SparsityConfig | dict[str, Any] | None = 
     if problems:
         raise SparsifyError(_format_problems(model, problems))
 
+    # the record first: a config that refuses attributes must fail before any layer is converted
+    previous_record = getattr(getattr(model, "config", None), CONFIG_KEY, None)
+    try:
+        _record_config(model, config, targets, state="training")
+    except (AttributeError, TypeError) as err:
+        raise SparsifyError(f"cannot sparsify {type(model).__name__}: model.config does not accept the "
+                            f"'{CONFIG_KEY}' record ({err}); the model was not modified") from err
     named = dict(model.named_modules())
+    try:
+        for name in targets:
+            module = named[name]
+            dense_class = type(module)
+            module.__class__ = _sparse_class(module)
+            module._nm_setup(config)
+            module._nm_dense_class = dense_class
+    except BaseException:
+        _undo_conversion(model, named, targets, previous_record)
+        raise
+    # method "fixed": one-shot magnitude pruning; pruned weights are zeroed now and get no gradient
+    # afterwards, so the mask recomputed from the weights stays the one chosen here
+    for name in targets:
+        named[name]._nm_prune_now()
+    return model
+
+
+def _undo_conversion(model: nn.Module, named: dict, targets: list[str], previous_record: Any) -> None:
     for name in targets:
         module = named[name]
-        dense_class = type(module)
-        module.__class__ = _sparse_class(module)
-        module._nm_setup(config)
-        module._nm_dense_class = dense_class
-    if config.method == "fixed":
-        # one-shot magnitude pruning: pruned weights are zeroed now and get no gradient afterwards,
-        # so the mask recomputed from the weights stays the one chosen here
-        with torch.no_grad():
-            for name in targets:
-                layer = named[name]
-                layer.weight.masked_fill_(~layer.current_mask(), 0)
-                layer.restamp_mask()
-    _record_config(model, config, targets, state="training")
-    return model
+        if isinstance(module, SparseLayerMixin):
+            dense_class = module.__dict__.get("_nm_dense_class", DENSE_CLASS_FOR[type(module)])
+            module._nm_teardown()
+            module.__class__ = dense_class
+    model_config = getattr(model, "config", None)
+    if model_config is not None:
+        if previous_record is None:
+            model_config.__dict__.pop(CONFIG_KEY, None)
+        else:
+            setattr(model_config, CONFIG_KEY, previous_record)
 
 
 #: keys `_record_config` writes itself (dropped from a stored config before re-recording)

@@ -55,9 +55,22 @@ def _bump_sparse_weights_after_step(optimizer, args, kwargs) -> None:
 register_optimizer_step_post_hook(_bump_sparse_weights_after_step)
 
 
-def _apply_mask(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """`weight * mask` with exact zeros (+0.0) where pruned, also for pruned inf (inf * 0 is NaN)."""
-    return torch.where(mask, weight, 0)
+_INT_VIEW = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16,
+             torch.float64: torch.int64}
+
+
+def _apply_mask(weight: torch.Tensor, mask: torch.Tensor, keep: bool = True) -> torch.Tensor:
+    """`weight` where `mask` (keep=True) or where not `mask` (keep=False), exact +0.0 elsewhere.
+
+    Done on the bits (AND with all-ones/all-zeros words): on CPU this runs at a few elementwise passes,
+    where `torch.where`/`masked_fill` with a bool mask cost 10-16. A pruned inf becomes 0, not NaN.
+    """
+    int_dtype = _INT_VIEW.get(weight.dtype)
+    if int_dtype is None or not weight.is_contiguous():
+        return torch.where(mask, weight, 0) if keep else torch.where(mask, 0, weight)
+    bits = mask.to(int_dtype)
+    bits = bits.neg_() if keep else bits.sub_(1)  # -1 (all ones) where the value stays
+    return weight.view(int_dtype).bitwise_and(bits).view(weight.dtype)
 
 
 class _NMLinearFunction(torch.autograd.Function):
@@ -82,9 +95,9 @@ class _NMLinearFunction(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             grad_w = flat_grad.t().matmul(x.reshape(-1, x.shape[-1]))
             if ctx.freeze_pruned:
-                grad_w.masked_fill_(~mask, 0)
+                grad_w = _apply_mask(grad_w, mask)
             elif ctx.decay:
-                grad_w.add_(weight.masked_fill(mask, 0), alpha=ctx.decay)
+                grad_w.add_(_apply_mask(weight, mask, keep=False), alpha=ctx.decay)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = flat_grad.sum(0)
         return grad_x, grad_w, grad_b, None, None, None
@@ -139,14 +152,23 @@ class SparseLayerMixin:
         self._nm_eval_key: tuple | None = None
         setattr(self.weight, _SPARSE_WEIGHT_FLAG, True)
 
+    @torch.no_grad()
+    def _nm_prune_now(self) -> None:
+        """Method "fixed": zero the pruned weights once, so the mask recomputed later stays this one."""
+        if self.nm_method == "fixed":
+            self.weight.masked_fill_(~self.current_mask(), 0)
+            self.restamp_mask()
+
     def _nm_teardown(self) -> None:
         self.weight.__dict__.pop(_SPARSE_WEIGHT_FLAG, None)
         for name in ("nm_n", "nm_m", "nm_method", "nm_decay", "nm_decay_mode", "nm_decay_scale",
                      "_nm_mask_cache", "_nm_mask_key", "_nm_eval_weight", "_nm_eval_key", "_nm_dense_class"):
             self.__dict__.pop(name, None)
 
-    def _weight_key(self) -> tuple:
+    def _weight_key(self) -> tuple | None:
         w = self.weight
+        if w.is_inference():  # no version counter: in-place changes cannot be seen, never reuse
+            return None
         return (w._version, w.data_ptr(), w.device, w.dtype, tuple(w.shape))
 
     @property
@@ -161,14 +183,16 @@ class SparseLayerMixin:
     def current_mask(self) -> torch.Tensor:
         """N:M mask of the current weights (for "dense": the mask it would have)."""
         key = self._weight_key()
-        if self._nm_mask_key != key or self._nm_mask_cache is None:
-            self._nm_mask_cache = nm_mask(self.weight.detach(), self.nm_n, self.nm_m, dim=self.group_dim)
+        if key is None or self._nm_mask_key != key or self._nm_mask_cache is None:
+            # never cache an inference tensor: a later training forward could not save it for backward
+            with torch.inference_mode(False):
+                self._nm_mask_cache = nm_mask(self.weight.detach(), self.nm_n, self.nm_m, dim=self.group_dim)
             self._nm_mask_key = key
         return self._nm_mask_cache
 
     def restamp_mask(self) -> None:
         """Declare the cached mask still valid after an in-place change that cannot alter it."""
-        if self._nm_mask_cache is not None:
+        if self._nm_mask_cache is not None and self._nm_mask_key is not None:
             self._nm_mask_key = self._weight_key()
 
     @torch.no_grad()
@@ -180,7 +204,7 @@ class SparseLayerMixin:
 
     def _cached_eval_weight(self) -> torch.Tensor:
         key = self._weight_key()
-        if self._nm_eval_key != key or self._nm_eval_weight is None:
+        if key is None or self._nm_eval_key != key or self._nm_eval_weight is None:
             self._nm_eval_weight = self.effective_weight()
             self._nm_eval_key = key
         return self._nm_eval_weight
@@ -237,6 +261,7 @@ class SparseLinear(SparseLayerMixin, nn.Linear):
             raise ValueError(f"in_features={in_features} is not divisible by m={config.m}")
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
         self._nm_setup(config)
+        self._nm_prune_now()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._nm_forward_2d_layout(x)
@@ -256,6 +281,7 @@ class SparseConv1D(SparseLayerMixin, Conv1D):
             raise ValueError(f"nx={nx} (input features) is not divisible by m={config.m}")
         super().__init__(nf, nx)
         self._nm_setup(config)
+        self._nm_prune_now()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._nm_forward_2d_layout(x)

@@ -1,0 +1,139 @@
+"""How fast is `nm_mask` compared with one elementwise pass over the same weight?
+
+SR-STE recomputes every layer's mask after each optimizer update, so the mask must cost about as
+much as touching the weight a couple of times, not a sort. The baseline is `w * w` (read the weight,
+write a tensor of the same size) on the same tensor, measured in the same repetitions, so machine
+noise hits both alike: every repetition times the baseline and each candidate back to back, and the
+figure reported is the median over repetitions of candidate time / baseline time.
+
+Run: `python benchmarks/mask_speed.py` (4096x4096 fp32, 2:4, CPU; target ratio <= 3.0).
+Flags: --size, --reps, --warmup, --threads. Exit status 1 with --check if the 2:4 ratio misses the target.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from nm_hf.masks import nm_mask  # noqa: E402
+
+TARGET = 3.0
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def busy_machine_note() -> str | None:
+    """A warning when other processes compete for the cores (then multi-threaded ops stall)."""
+    if not hasattr(os, "getloadavg") or torch.get_num_threads() == 1:
+        return None
+    if os.getloadavg()[0] <= (os.cpu_count() or 1) - 0.5:
+        return None
+    return ("note: the load average is near or above the CPU count: every multi-threaded op may stall "
+            "waiting for a descheduled thread, which inflates the cost of many small ops; "
+            "compare with --threads 1")
+
+
+def machine_header() -> str:
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
+    return (f"torch {torch.__version__} | threads {torch.get_num_threads()} | cpus {os.cpu_count()} | "
+            f"CPU {cpu_model()} | load avg {load}")
+
+
+def topk_mask(weight: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """The textbook implementation (groups along the last dim): topk of |w| per group, then scatter."""
+    groups = weight.abs().reshape(-1, m)
+    index = groups.topk(n, dim=1).indices
+    return torch.zeros(groups.shape, dtype=torch.bool).scatter_(1, index, True).reshape(weight.shape)
+
+
+def timed(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", type=int, default=4096, help="the weight is size x size (default 4096)")
+    parser.add_argument("--reps", type=int, default=21, help="timed repetitions (default 21)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed repetitions first (default 3)")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--check", action="store_true", help=f"exit 1 if the 2:4 ratio is above {TARGET}")
+    args = parser.parse_args(argv)
+    if args.size <= 0 or args.size % 8:
+        parser.error(f"--size must be a positive multiple of 8, got {args.size}")
+    if args.reps < 1 or args.warmup < 0:
+        parser.error("--reps must be >= 1 and --warmup >= 0")
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+
+    torch.manual_seed(0)
+    w = torch.randn(args.size, args.size)
+    cases: dict[str, Callable[[], object]] = {
+        "nm_mask 2:4 (dim=-1)": lambda: nm_mask(w, 2, 4),
+        "topk+scatter 2:4 (reference)": lambda: topk_mask(w, 2, 4),
+        "nm_mask 4:8": lambda: nm_mask(w, 4, 8),
+        "nm_mask 1:4": lambda: nm_mask(w, 1, 4),
+        "nm_mask 2:4 dim=0": lambda: nm_mask(w, 2, 4, dim=0),
+    }
+    assert torch.equal(topk_mask(w, 2, 4), nm_mask(w, 2, 4))  # no ties in randn: same answer
+
+    def baseline() -> object:
+        return w * w
+
+    print(machine_header())
+    note = busy_machine_note()
+    if note:
+        print(note)
+    print(f"weight {args.size}x{args.size} fp32, {args.warmup} warm-up + {args.reps} timed repetitions")
+    for _ in range(args.warmup):
+        baseline()
+        for fn in cases.values():
+            fn()
+    base_times: list[float] = []
+    ratios: dict[str, list[float]] = {name: [] for name in cases}
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    for _ in range(args.reps):
+        for name, fn in cases.items():
+            b = timed(baseline)  # a fresh baseline right before each candidate
+            t = timed(fn)
+            base_times.append(b)
+            times[name].append(t)
+            ratios[name].append(t / b)
+
+    print(f"baseline w * w: median {statistics.median(base_times) * 1e3:.2f} ms")
+    print(f"{'case':<32} {'median ms':>10} {'ratio':>7}  ratio IQR")
+    for name in cases:
+        r = ratios[name]
+        q = statistics.quantiles(r, n=4) if len(r) >= 4 else [min(r), 0, max(r)]
+        print(f"{name:<32} {statistics.median(times[name]) * 1e3:>10.2f} {statistics.median(r):>7.2f}  "
+              f"{q[0]:.2f}-{q[2]:.2f}")
+    headline = statistics.median(ratios["nm_mask 2:4 (dim=-1)"])
+    verdict = "OK" if headline <= TARGET else "ABOVE TARGET"
+    print(f"nm_mask 2:4 / (w * w) = {headline:.2f} (target <= {TARGET}): {verdict}")
+    return 1 if args.check and headline > TARGET else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,122 @@
+"""Run a recipe once per sparsity method (same model, data, steps, seed) and print a results table.
+
+    python benchmarks/results_table.py translation recipes/configs/translation_multi30k.yaml \
+        --runs dense:2:4 fixed:2:4 ste:2:4 sr-ste:2:4 --output_root runs/table_mt -- --max_steps 1500
+
+Each run is `accelerate launch --num_processes 1 recipes/<recipe>.py CONFIG --method M --sparsity N:M
+--output_dir ROOT/<method>-<n>x<m> [extra flags]`, one after the other (so throughput figures are
+not disturbed by each other). Runs whose `results.json` exists are not repeated (`--force` redoes
+them). The table reads every run's `results.json`; throughput is also printed as a ratio to the
+dense run of the same invocation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# (column title, candidate keys in results.json, format)
+COLUMNS = {
+    "translation": [
+        ("BLEU", ("test_bleu", "bleu"), "{:.2f}"),
+        ("chrF", ("test_chrf", "chrf"), "{:.2f}"),
+    ],
+    "language_modeling": [
+        ("test ppl", ("test_perplexity", "perplexity"), "{:.2f}"),
+        ("test loss", ("test_loss", "eval_loss"), "{:.4f}"),
+    ],
+}
+COMMON = [
+    ("sparsity", ("sparsity",), "{:.2%}"),
+    ("final SAD (from init)", ("sad_from_init",), "{:,.0f}"),
+    ("SAD rate", ("sad_from_init_rate",), "{:.4f}"),
+    ("train tokens/s", ("train_tokens_per_second", "tokens_per_second"), "{:,.0f}"),
+    ("train min", ("train_runtime_minutes",), "{:.1f}"),
+]
+
+
+def _pick(results: dict, keys: tuple[str, ...]):
+    for key in keys:
+        if key in results and results[key] is not None:
+            return results[key]
+    return None
+
+
+def _cell(value, fmt: str) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    try:
+        return fmt.format(value)
+    except (TypeError, ValueError):
+        return str(value)
+
+
+def run_one(recipe: str, config: str, method: str, pattern: str, out_dir: Path, extra: list[str]) -> None:
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1",
+           str(ROOT / "recipes" / f"{recipe}.py"), config, "--method", method, "--sparsity", pattern,
+           "--output_dir", str(out_dir), *extra]
+    print("+", shlex.join(cmd), flush=True)
+    subprocess.run(cmd, check=True, cwd=ROOT)
+
+
+def table(recipe: str, runs: list[tuple[str, str, Path]]) -> str:
+    columns = COLUMNS[recipe] + COMMON
+    header = "| method | n:m | " + " | ".join(c[0] for c in columns) + " | tokens/s vs dense |"
+    lines = [header, "|" + "---|" * (len(columns) + 3)]
+    dense_tps = None
+    loaded = []
+    for method, pattern, out_dir in runs:
+        path = out_dir / "results.json"
+        results = json.loads(path.read_text()) if path.exists() else {}
+        loaded.append((method, pattern, results))
+        if method == "dense" and results:
+            dense_tps = _pick(results, ("train_tokens_per_second", "tokens_per_second"))
+    for method, pattern, results in loaded:
+        cells = [_cell(_pick(results, keys), fmt) for _, keys, fmt in columns]
+        tps = _pick(results, ("train_tokens_per_second", "tokens_per_second"))
+        ratio = f"{tps / dense_tps:.3f}" if tps and dense_tps else "-"
+        lines.append(f"| {method} | {pattern} | " + " | ".join(cells) + f" | {ratio} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    extra: list[str] = []
+    if "--" in argv:
+        cut = argv.index("--")
+        argv, extra = argv[:cut], argv[cut + 1:]
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("recipe", choices=sorted(COLUMNS))
+    parser.add_argument("config")
+    parser.add_argument("--runs", nargs="+", default=["dense:2:4", "fixed:2:4", "ste:2:4", "sr-ste:2:4"],
+                        help="METHOD:N:M entries, run in this order")
+    parser.add_argument("--output_root", default="runs/table")
+    parser.add_argument("--force", action="store_true", help="rerun runs that already have results.json")
+    parser.add_argument("--table_only", action="store_true", help="only print the table of existing runs")
+    args = parser.parse_args(argv)
+
+    runs = []
+    for entry in args.runs:
+        method, _, pattern = entry.partition(":")
+        if not pattern or pattern.count(":") != 1:
+            parser.error(f"--runs entry {entry!r} must look like METHOD:N:M, e.g. sr-ste:2:4")
+        runs.append((method, pattern, Path(args.output_root) / f"{method}-{pattern.replace(':', 'x')}"))
+    if not args.table_only:
+        for method, pattern, out_dir in runs:
+            if (out_dir / "results.json").exists() and not args.force:
+                print(f"skip {out_dir} (results.json exists; --force reruns it)", flush=True)
+                continue
+            run_one(args.recipe, args.config, method, pattern, out_dir, extra)
+    print()
+    print(table(args.recipe, runs))
+
+
+if __name__ == "__main__":
+    main()

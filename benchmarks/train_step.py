@@ -1,0 +1,327 @@
+"""Training-step time and peak memory of an N:M sparse model relative to the same dense model.
+
+Model: a small Marian transformer (`MarianMTModel` from a `MarianConfig`: d_model 256, 3 encoder + 3
+decoder layers, 4 heads, FFN 1024, vocab 8000), random token batches (64 sentences x 32 tokens by
+default), AdamW, CPU. Every method starts from the same initial weights, sees the same batches and the
+same dropout masks (the RNG is re-seeded per step index).
+
+Time. The CPU may be shared, so the models are interleaved: each round runs `--block` steps of every
+model back to back, in an order rotated each round (no model always runs first or last). A step is
+forward + backward + `optimizer.step()` + `zero_grad()`. The reported ratio is the median over rounds
+of (sparse time / dense time in the same round); the ratio of the per-model median step times is
+printed next to it. Targets for SR-STE 2:4: time ratio <= 1.05.
+
+Peak memory. For each model, one training step (after warm-up) runs under `torch.profiler` with
+`profile_memory=True`. Every allocation and free the profiler saw is put in time order and summed;
+the peak of that running sum is the step's transient peak. To it we add the bytes that were already
+resident when the step began: parameters, optimizer state, gradients (none: `zero_grad` sets them to
+None) and the sparse layers' cached masks, counting every storage once. During this measured step
+`nm_mask` is made to work on the calling thread in one piece (its CPU thread-pool chunking is turned
+off), because the profiler does not see allocations made on other threads; the single-piece path
+holds larger temporaries, so this can only overstate the sparse model's peak. Target: ratio <= 1.05.
+
+The plain (unpatched) model is the baseline, printed as "plain"; `--methods dense` adds the patched but
+unmasked model, which isolates the cost of the layer swap itself.
+
+Run: `python benchmarks/train_step.py` (flags: --steps, --warmup, --batch_size, --seq_len, --block,
+--methods, --threads, --no_memory).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.profiler import ProfilerActivity, profile
+from transformers import MarianConfig, MarianMTModel
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+import nm_hf.masks  # noqa: E402
+from nm_hf.config import SparsityConfig  # noqa: E402
+from nm_hf.injection import iter_sparse_layers, sparsify  # noqa: E402
+from nm_hf.masks import nm_mask  # noqa: E402
+
+TIME_TARGET = 1.05
+MEMORY_TARGET = 1.05
+METHODS = ("sr-ste", "ste", "fixed", "dense")  # "dense": layers patched, no masking
+BASELINE = "plain"  # the unmodified model every ratio is taken against
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def busy_machine_note() -> str | None:
+    """A warning when other processes compete for the cores (then multi-threaded ops stall)."""
+    if not hasattr(os, "getloadavg") or torch.get_num_threads() == 1:
+        return None
+    if os.getloadavg()[0] <= (os.cpu_count() or 1) - 0.5:
+        return None
+    return ("note: the load average is near or above the CPU count: every multi-threaded op may stall "
+            "waiting for a descheduled thread, which inflates the cost of many small ops; "
+            "compare with --threads 1")
+
+
+def machine_header() -> str:
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
+    return (f"torch {torch.__version__} | threads {torch.get_num_threads()} | cpus {os.cpu_count()} | "
+            f"CPU {cpu_model()} | load avg {load}")
+
+
+def build_model(vocab: int, seed: int) -> MarianMTModel:
+    config = MarianConfig(
+        vocab_size=vocab, d_model=256, encoder_layers=3, decoder_layers=3,
+        encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=1024, decoder_ffn_dim=1024,
+        max_position_embeddings=512, pad_token_id=0, eos_token_id=2, forced_eos_token_id=2,
+        decoder_start_token_id=0,
+    )
+    torch.manual_seed(seed)
+    return MarianMTModel(config)
+
+
+def make_batches(count: int, batch_size: int, seq_len: int, vocab: int, seed: int) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(count):
+        ids = torch.randint(3, vocab, (batch_size, seq_len), generator=g)
+        labels = torch.randint(3, vocab, (batch_size, seq_len), generator=g)
+        batches.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels})
+    return batches
+
+
+class Runner:
+    """One model + optimizer; `step(i)` runs training step i (same batch and dropout RNG for every model)."""
+
+    def __init__(self, name: str, model: nn.Module, batches: list[dict], seed: int) -> None:
+        self.name, self.model, self.batches, self.seed = name, model, batches, seed
+        self.model.train()
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=5e-4)  # default: not fused on CPU
+        self.times: list[float] = []
+        self.cpu_times: list[float] = []
+        self.losses: list[float] = []
+
+    def step(self, index: int, record: bool = True) -> tuple[float, float]:
+        """Runs one step; returns (wall seconds, CPU seconds of this process)."""
+        torch.manual_seed(self.seed + index)
+        batch = self.batches[index % len(self.batches)]
+        start, cpu_start = time.perf_counter(), time.process_time()
+        loss = self.model(**batch).loss
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+        if record:
+            self.times.append(elapsed)
+            self.cpu_times.append(cpu)
+            self.losses.append(loss.item())
+        return elapsed, cpu
+
+
+def resident_bytes(runner: Runner) -> int:
+    """Bytes held between steps: parameters, grads, optimizer state, cached masks (each storage once)."""
+    seen: dict[int, int] = {}
+
+    def add(t: torch.Tensor | None) -> None:
+        if isinstance(t, torch.Tensor) and t.device.type == "cpu":
+            storage = t.untyped_storage()
+            seen[storage.data_ptr()] = storage.nbytes()
+
+    for p in runner.model.parameters():
+        add(p)
+        add(p.grad)
+    for state in runner.optimizer.state.values():
+        for value in state.values():
+            add(value)
+    for _, layer in iter_sparse_layers(runner.model):
+        add(getattr(layer, "_nm_mask_cache", None))
+        add(getattr(layer, "_nm_eval_weight", None))
+    return sum(seen.values())
+
+
+def _allocation_events(prof) -> list[tuple[int, int]]:
+    """(time ns, bytes) of every CPU allocation (+) and free (-) the profiler recorded."""
+    from torch._C._profiler import _EventType
+
+    events: list[tuple[int, int]] = []
+    stack = list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        event = stack.pop()
+        if event.tag == _EventType.Allocation and event.extra_fields.device.type == "cpu":
+            events.append((event.start_time_ns, event.extra_fields.alloc_size))
+        stack.extend(event.children)
+    return sorted(events)
+
+
+def peak_step_memory(runner: Runner, index: int) -> tuple[int, int]:
+    """(resident bytes before the step, peak bytes during it) for one profiled training step."""
+    resident = resident_bytes(runner)
+    chunk = nm_hf.masks._CHUNK_ELEMENTS
+    nm_hf.masks._CHUNK_ELEMENTS = 1 << 62  # one piece on this thread: the profiler sees it all
+    try:
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            runner.step(index, record=False)
+    finally:
+        nm_hf.masks._CHUNK_ELEMENTS = chunk
+    running = peak = 0
+    for _, size in _allocation_events(prof):
+        running += size
+        peak = max(peak, running)
+    return resident, resident + peak
+
+
+def iqr(values: list[float]) -> str:
+    if len(values) < 4:
+        return f"{min(values):.3f}-{max(values):.3f}"
+    q = statistics.quantiles(values, n=4)
+    return f"{q[0]:.3f}-{q[2]:.3f}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per model (default 20)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps per model first (default 3)")
+    parser.add_argument("--batch_size", type=int, default=64, help="sentences per batch (default 64)")
+    parser.add_argument("--seq_len", type=int, default=32, help="tokens per sentence (default 32)")
+    parser.add_argument("--vocab", type=int, default=8000, help="vocabulary size (default 8000)")
+    parser.add_argument("--block", type=int, default=1, help="consecutive steps of one model per turn (default 1)")
+    parser.add_argument("--methods", default="sr-ste,ste,fixed",
+                        help="comma-separated methods compared with the plain model (default sr-ste,ste,fixed; "
+                        "'dense' = layers patched but not masked)")
+    parser.add_argument("--pattern", default="2:4", help="N:M pattern (default 2:4)")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--no_memory", action="store_true", help="skip the profiled peak-memory step")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    for flag in ("steps", "batch_size", "seq_len", "block"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+    if args.warmup < 0:
+        parser.error(f"--warmup must be >= 0, got {args.warmup}")
+    if args.vocab < 8:
+        parser.error(f"--vocab must be >= 8, got {args.vocab}")
+    if args.seq_len > 512:
+        parser.error(f"--seq_len must be <= 512 (the model's max_position_embeddings), got {args.seq_len}")
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        parser.error(f"--methods takes a comma-separated subset of {', '.join(METHODS)}; got {args.methods!r}")
+    try:
+        pattern = SparsityConfig.from_pattern(args.pattern)
+    except ValueError as err:
+        parser.error(f"--pattern: {err}")
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+
+    print(machine_header())
+    note = busy_machine_note()
+    if note:
+        print(note)
+    base = build_model(args.vocab, args.seed)
+    batches = make_batches(4, args.batch_size, args.seq_len, args.vocab, args.seed + 1)
+    runners = {BASELINE: Runner(BASELINE, copy.deepcopy(base), batches, args.seed)}
+    for method in methods:
+        model = copy.deepcopy(base)
+        sparsify(model, SparsityConfig(n=pattern.n, m=pattern.m, method=method))
+        runners[method] = Runner(method, model, batches, args.seed)
+    n_params = sum(p.numel() for p in base.parameters())
+    sparse_layers = list(iter_sparse_layers(runners[methods[0]].model))
+    n_sparse = sum(layer.weight.numel() for _, layer in sparse_layers)
+    print(f"Marian d_model 256, 3+3 layers, FFN 1024, vocab {args.vocab}: {n_params / 1e6:.2f}M parameters, "
+          f"{len(sparse_layers)} layers / {n_sparse / 1e6:.2f}M weights sparsified {args.pattern}")
+    print(f"batch {args.batch_size} x {args.seq_len} tokens, AdamW, {args.warmup} warm-up + {args.steps} timed "
+          f"steps per model, interleaved in blocks of {args.block}")
+
+    names = list(runners)
+    for i in range(args.warmup):
+        for name in names:
+            runners[name].step(i, record=False)
+
+    rounds = -(-args.steps // args.block)
+    per_round: dict[str, list[float]] = {name: [] for name in names}
+    per_round_cpu: dict[str, list[float]] = {name: [] for name in names}
+    step = args.warmup
+    for r in range(rounds):
+        order = names[r % len(names):] + names[:r % len(names)]
+        block = min(args.block, args.steps - r * args.block)
+        for name in order:
+            runner = runners[name]
+            timings = [runner.step(step + k) for k in range(block)]
+            per_round[name].append(sum(t[0] for t in timings) / block)
+            per_round_cpu[name].append(sum(t[1] for t in timings) / block)
+        step += block
+        print(f"\rround {r + 1}/{rounds}", end="", file=sys.stderr, flush=True)
+    print(file=sys.stderr)
+
+    # the masks the sparse models used must be those of their current weights (a stale cache would
+    # make the sparse step look cheaper than it is)
+    for method in methods:
+        if method == "dense":
+            continue
+        for name, layer in iter_sparse_layers(runners[method].model):
+            fresh = nm_mask(layer.weight.detach(), layer.nm_n, layer.nm_m, dim=layer.group_dim)
+            if not torch.equal(layer.current_mask(), fresh):
+                raise RuntimeError(f"{method}: {name} used a stale mask; the timing is not valid")
+
+    dense_median = statistics.median(runners[BASELINE].times)
+    print("\nwall time: ratio (paired) = median over rounds of sparse/dense step time in the same round;"
+          "\ncpu ratio = the same with this process's CPU time (less sensitive to other processes)")
+    print(f"{'model':<8} {'median ms/step':>14} {'ratio (paired)':>15} {'paired IQR':>12} "
+          f"{'ratio of medians':>17} {'cpu ratio':>10} {'final loss':>10}")
+    print(f"{BASELINE:<8} {dense_median * 1e3:>14.1f} {'1':>15} {'':>12} {'1':>17} {'1':>10} "
+          f"{runners[BASELINE].losses[-1]:>10.4f}")
+    time_ratios: dict[str, float] = {}
+    for method in methods:
+        paired = [s / d for s, d in zip(per_round[method], per_round[BASELINE], strict=True)]
+        time_ratios[method] = statistics.median(paired)
+        med = statistics.median(runners[method].times)
+        cpu_ratio = statistics.median(
+            s / d for s, d in zip(per_round_cpu[method], per_round_cpu[BASELINE], strict=True))
+        print(f"{method:<8} {med * 1e3:>14.1f} {time_ratios[method]:>15.3f} {iqr(paired):>12} "
+              f"{med / dense_median:>17.3f} {cpu_ratio:>10.3f} {runners[method].losses[-1]:>10.4f}")
+
+    memory_ratios: dict[str, float] = {}
+    if not args.no_memory:
+        print(f"\n{'model':<8} {'resident MiB':>12} {'step peak MiB':>14} {'ratio':>7}")
+        index = step
+        peaks = {}
+        for name in names:
+            resident, peak = peak_step_memory(runners[name], index)
+            peaks[name] = peak
+            ratio = peak / peaks[BASELINE]
+            if name != BASELINE:
+                memory_ratios[name] = ratio
+            print(f"{name:<8} {resident / 2**20:>12.1f} {peak / 2**20:>14.1f} {ratio:>7.3f}")
+
+    print()
+    if "sr-ste" in time_ratios:
+        ok = time_ratios["sr-ste"] <= TIME_TARGET
+        print(f"SR-STE {args.pattern} step time / dense = {time_ratios['sr-ste']:.3f} (target <= {TIME_TARGET}): "
+              f"{'OK' if ok else 'ABOVE TARGET'}")
+    if "sr-ste" in memory_ratios:
+        ok = memory_ratios["sr-ste"] <= MEMORY_TARGET
+        print(f"SR-STE {args.pattern} peak memory / dense = {memory_ratios['sr-ste']:.3f} "
+              f"(target <= {MEMORY_TARGET}): {'OK' if ok else 'ABOVE TARGET'}")
+    print(machine_header())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

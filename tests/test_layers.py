@@ -1,0 +1,327 @@
+"""SparseLinear / SparseConv1D: forward and weight gradients against the formulas of every method."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+import nm_hf.layers
+from nm_hf.config import SparsityConfig
+from nm_hf.injection import apply_decoupled_decay
+from nm_hf.layers import SparseConv1D, SparseLinear, mark_weights_updated, nm_linear
+from nm_hf.masks import nm_mask
+
+IN, OUT = 16, 12
+DECAY = 0.3  # large, so that a missing or doubled decay term is far outside the tolerances
+
+
+def make_layer(kind: str, method: str, n: int = 2, m: int = 4, dtype=torch.float64, seed: int = 0, **cfg):
+    torch.manual_seed(seed)
+    config = SparsityConfig(n=n, m=m, method=method, decay=DECAY, **cfg)
+    if kind == "linear":
+        layer = SparseLinear(IN, OUT, config=config)
+    else:
+        layer = SparseConv1D(OUT, IN, config=config)
+        nn.init.normal_(layer.weight)  # Conv1D initialises weights at std 0.02 and bias at 0
+        nn.init.normal_(layer.bias)
+    return layer.to(dtype)
+
+
+def linear_layout(layer, tensor):
+    """[out, in] view of a weight-shaped tensor (Conv1D stores [in, out])."""
+    return tensor if isinstance(layer, nn.Linear) else tensor.t()
+
+
+def reference(layer, x: torch.Tensor, grad_out: torch.Tensor, masked: bool = True):
+    """Output and gradients of a plain F.linear on the (masked) weight, as leaf tensors."""
+    weight = linear_layout(layer, layer.weight.detach())
+    mask = nm_mask(weight, layer.nm_n, layer.nm_m, dim=1)
+    w_used = (weight * mask if masked else weight).clone().requires_grad_(True)
+    b = layer.bias.detach().clone().requires_grad_(True)
+    xr = x.detach().clone().requires_grad_(True)
+    y = F.linear(xr, w_used, b)
+    y.backward(grad_out)
+    return y.detach(), xr.grad, linear_layout(layer, w_used.grad), b.grad, linear_layout(layer, mask)
+
+
+def run(layer, x: torch.Tensor, grad_out: torch.Tensor):
+    layer.zero_grad(set_to_none=True)
+    xr = x.detach().clone().requires_grad_(True)
+    y = layer(xr)
+    y.backward(grad_out)
+    return y.detach(), xr.grad, layer.weight.grad, layer.bias.grad
+
+
+KINDS = ["linear", "conv1d"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("method", ["sr-ste", "ste", "fixed", "dense"])
+@pytest.mark.parametrize("x_shape", [(5, IN), (2, 3, IN)])
+def test_forward_and_gradients_match_formula(kind, method, x_shape):
+    layer = make_layer(kind, method)
+    layer.train()
+    x = torch.randn(x_shape, dtype=torch.float64)
+    grad_out = torch.randn(*x_shape[:-1], OUT, dtype=torch.float64)
+    y, gx, gw, gb = run(layer, x, grad_out)
+    ry, rgx, rgw_masked, rgb, mask = reference(layer, x, grad_out, masked=method != "dense")
+    w = layer.weight.detach()
+
+    assert torch.allclose(y, ry, rtol=0, atol=1e-12)
+    assert torch.allclose(gx, rgx, rtol=0, atol=1e-12)
+    assert torch.allclose(gb, rgb, rtol=0, atol=1e-12)
+    # the mask runs along the input dimension: dim 1 of a Linear weight, dim 0 of a Conv1D weight
+    assert torch.equal(layer.current_mask(), mask)
+    assert torch.equal(mask.sum(dim=layer.group_dim), torch.full((OUT,), IN // 2))
+    expected = {
+        # straight-through: the gradient w.r.t. the masked weight, applied to every dense weight
+        "sr-ste": rgw_masked + w * ~mask * DECAY,
+        "ste": rgw_masked,
+        "fixed": rgw_masked * mask,
+        "dense": rgw_masked,  # reference() used the unmasked weight here
+    }[method]
+    assert torch.allclose(gw, expected, rtol=0, atol=1e-12)
+    if method in ("sr-ste", "ste"):
+        assert (gw[~mask] != 0).all(), "pruned weights must receive the dense (straight-through) gradient"
+    if method == "fixed":
+        assert (gw[~mask] == 0).all()
+    if method == "dense":
+        assert torch.equal(layer.effective_weight(), w)
+    else:
+        assert torch.equal(layer.effective_weight(), w * mask)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_decay_scale_scales_the_decay(kind):
+    layer = make_layer(kind, "sr-ste")
+    x, grad_out = torch.randn(4, IN, dtype=torch.float64), torch.randn(4, OUT, dtype=torch.float64)
+    _, _, rgw, _, mask = reference(layer, x, grad_out)
+    w = layer.weight.detach()
+    for scale in (0.25, 0.0, 3.0):
+        layer.nm_decay_scale = scale
+        _, _, gw, _ = run(layer, x, grad_out)
+        assert torch.allclose(gw, rgw + w * ~mask * (scale * DECAY), rtol=0, atol=1e-12), scale
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_decoupled_decay(kind):
+    layer = make_layer(kind, "sr-ste", decay_mode="decoupled")
+    x, grad_out = torch.randn(4, IN, dtype=torch.float64), torch.randn(4, OUT, dtype=torch.float64)
+    _, _, rgw, _, mask = reference(layer, x, grad_out)
+    _, _, gw, _ = run(layer, x, grad_out)
+    assert torch.allclose(gw, rgw, rtol=0, atol=1e-12), "decoupled mode must add nothing in backward"
+
+    model = nn.Sequential(layer, make_layer(kind, "ste", seed=1), make_layer(kind, "fixed", seed=2))
+    before = [p.detach().clone() for p in model.parameters()]
+    lr = 0.05
+    assert apply_decoupled_decay(model, lr) == 1  # only the SR-STE layer in decoupled mode
+    expected = before[0] - before[0] * ~mask * (lr * DECAY)
+    assert torch.allclose(layer.weight.detach(), expected, rtol=0, atol=1e-15)
+    assert not torch.equal(layer.weight.detach(), before[0])
+    for p, old in zip(list(model.parameters())[1:], before[1:], strict=True):
+        assert torch.equal(p.detach(), old)
+    # shrinking pruned weights cannot change the mask: the cached one must still be right
+    assert torch.equal(layer.current_mask(), nm_mask(layer.weight.detach(), 2, 4, dim=layer.group_dim))
+
+
+def test_gradient_mode_layers_ignore_apply_decoupled_decay():
+    layer = make_layer("linear", "sr-ste")  # decay_mode="gradient"
+    before = layer.weight.detach().clone()
+    assert apply_decoupled_decay(nn.Sequential(layer), lr=0.1) == 0
+    assert torch.equal(layer.weight.detach(), before)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("method", ["sr-ste", "ste", "fixed", "dense"])
+def test_autocast_bf16_on_cpu(kind, method):
+    layer = make_layer(kind, method, dtype=torch.float32)
+    x = torch.randn(3, 5, IN)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    w = linear_layout(layer, layer.weight.detach())
+    w_used = w * nm_mask(w, 2, 4) if method != "dense" else w
+    expected = F.linear(x.bfloat16(), w_used.bfloat16(), layer.bias.detach().bfloat16())
+    torch.testing.assert_close(y, expected)
+    y.float().pow(2).sum().backward()
+    assert layer.weight.grad.dtype == torch.float32 and torch.isfinite(layer.weight.grad).all()
+    assert layer.weight.grad.abs().sum() > 0
+
+
+def _count_mask_calls(monkeypatch) -> list:
+    calls = []
+    real = nm_hf.layers.nm_mask
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(nm_hf.layers, "nm_mask", counting)
+    return calls
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_eval_does_not_recompute_the_mask(kind, monkeypatch):
+    layer = make_layer(kind, "sr-ste", dtype=torch.float32)
+    calls = _count_mask_calls(monkeypatch)
+    x = torch.randn(4, IN)
+    layer.eval()
+    with torch.no_grad():
+        first = layer(x)
+        for _ in range(4):
+            assert torch.equal(layer(x), first)
+    assert len(calls) == 1
+    layer(x)  # eval with grad enabled: same weights, same cached mask
+    assert len(calls) == 1
+
+    with torch.no_grad():  # an in-place change bumps the weight's version: the mask must follow
+        layer.weight.mul_(torch.rand_like(layer.weight) + 0.5)
+        changed = layer(x)
+    assert len(calls) == 2
+    w = linear_layout(layer, layer.weight.detach())
+    assert torch.allclose(changed, F.linear(x, w * nm_mask(w, 2, 4), layer.bias.detach()))
+
+    layer.load_state_dict({"weight": torch.randn_like(layer.weight), "bias": layer.bias.detach()})
+    with torch.no_grad():
+        layer(x)
+    assert len(calls) == 3
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_train_mode_mask_follows_optimizer_steps(kind, monkeypatch):
+    layer = make_layer(kind, "ste", dtype=torch.float32)
+    layer.train()
+    opt = torch.optim.SGD(layer.parameters(), lr=5.0)
+    calls = _count_mask_calls(monkeypatch)
+    x = torch.randn(8, IN)
+    masks = []
+    for _ in range(4):
+        layer(x).pow(2).sum().backward()  # forward uses the mask of the current weights ...
+        masks.append(layer.current_mask().clone())
+        w = linear_layout(layer, layer.weight.detach())
+        assert torch.equal(linear_layout(layer, masks[-1]), nm_mask(w, 2, 4))
+        layer(x)  # ... a second forward with the same weights (gradient accumulation) reuses it
+        opt.step()
+        opt.zero_grad()
+    assert len(calls) == 4
+    assert any(not torch.equal(masks[0], mk) for mk in masks[1:]), "lr too small: the mask never changed"
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_mask_follows_fused_optimizer_steps(kind):
+    """Fused kernels write the weights without bumping weight._version (the mask cache key)."""
+    layer = make_layer(kind, "ste", dtype=torch.float32)
+    opt = torch.optim.AdamW(layer.parameters(), lr=0.5, fused=True)
+    x = torch.randn(32, IN)
+    masks = []
+    for _ in range(5):
+        layer(x).pow(2).sum().backward()
+        opt.step()
+        opt.zero_grad()
+        w = layer.weight.detach()
+        masks.append(nm_mask(w, 2, 4, dim=layer.group_dim))
+        assert torch.equal(layer.current_mask(), masks[-1])
+    assert any(not torch.equal(masks[0], mk) for mk in masks[1:]), "lr too small: the mask never changed"
+
+
+def test_writes_through_data_need_mark_weights_updated():
+    layer = make_layer("linear", "ste", dtype=torch.float32)
+    stale = layer.current_mask().clone()
+    layer.weight.data.copy_(torch.randn_like(layer.weight))  # .data does not bump the version counter
+    fresh = nm_mask(layer.weight.detach(), 2, 4)
+    assert not torch.equal(fresh, stale)
+    mark_weights_updated([layer])
+    assert torch.equal(layer.current_mask(), fresh)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_pruned_entries_are_exact_positive_zeros(kind):
+    """Masking gives +0.0 where pruned, also for negative and infinite pruned weights (inf * 0 is NaN)."""
+    layer = make_layer(kind, "sr-ste", dtype=torch.float32)
+    with torch.no_grad():
+        w = linear_layout(layer, layer.weight)
+        w[0, :4] = torch.tensor([float("inf"), -float("inf"), float("inf"), -5.0])  # 2:4 prunes one inf
+        w[1, :4] = torch.tensor([-1.0, -2.0, -3.0, -4.0])
+    mask = layer.current_mask()
+    eff = linear_layout(layer, layer.effective_weight())
+    assert not eff.isnan().any()
+    pruned = eff[~linear_layout(layer, mask)]
+    assert (pruned == 0).all() and not torch.signbit(pruned).any()
+    assert eff[0, :4].tolist() == [float("inf"), -float("inf"), 0.0, 0.0]
+    assert eff[1, :4].tolist() == [0.0, 0.0, -3.0, -4.0]
+    finite = torch.randn(3, IN)
+    with torch.no_grad():
+        w[0, :4] = 7.0  # finite weights again: the forward matches the dense product on the masked weight
+        expected = F.linear(finite, linear_layout(layer, layer.effective_weight()), layer.bias)
+        assert torch.isfinite(layer(finite)).all() and torch.allclose(layer(finite), expected)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_training_after_inference_mode_evaluation(kind):
+    layer = make_layer(kind, "sr-ste", dtype=torch.float32)
+    x = torch.randn(4, IN)
+    layer.eval()
+    with torch.inference_mode():
+        evaluated = layer(x)
+    layer.train()
+    y = layer(x)  # same weights: the cached mask is reused
+    y.sum().backward()
+    assert torch.allclose(y.detach(), evaluated)
+    assert layer.weight.grad is not None
+
+
+def test_layer_built_under_inference_mode():
+    with torch.inference_mode():
+        layer = make_layer("linear", "sr-ste", dtype=torch.float32).eval()
+        x = torch.randn(2, IN)
+        w = layer.weight
+        first = layer(x)
+        assert torch.allclose(first, F.linear(x, torch.where(nm_mask(w, 2, 4), w, 0), layer.bias))
+        w.neg_().add_(torch.randn_like(w))  # in place, invisible to a version-counter key
+        second = layer(x)
+        assert torch.allclose(second, F.linear(x, torch.where(nm_mask(w, 2, 4), w, 0), layer.bias))
+
+
+def test_gradcheck_input_and_bias_float64():
+    torch.manual_seed(0)
+    for layer in (make_layer("linear", "sr-ste"), make_layer("conv1d", "sr-ste")):
+        x = torch.randn(3, IN, dtype=torch.float64, requires_grad=True)
+        assert torch.autograd.gradcheck(lambda inp, lay=layer: lay(inp), (x,))
+    # nm_linear with a given mask: input and bias gradients are exact, and with freeze_pruned the
+    # weight gradient is the true derivative of x @ (W * mask)^T
+    w = torch.randn(OUT, IN, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(OUT, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(2, 3, IN, dtype=torch.float64, requires_grad=True)
+    mask = nm_mask(w.detach(), 2, 4)
+    assert torch.autograd.gradcheck(lambda xx, ww, bb: nm_linear(xx, ww, bb, mask, freeze_pruned=True), (x, w, b))
+    assert torch.autograd.gradcheck(lambda xx, bb: nm_linear(xx, w, bb, mask, decay=0.5), (x, b))
+
+
+@pytest.mark.parametrize("n, m", [(1, 4), (4, 8), (1, 2), (2, 8)])
+def test_other_patterns(n, m):
+    layer = make_layer("linear", "sr-ste", n=n, m=m)
+    x = torch.randn(4, IN, dtype=torch.float64)
+    mask = layer.current_mask()
+    assert torch.equal(mask.reshape(OUT, IN // m, m).sum(-1), torch.full((OUT, IN // m), n))
+    assert torch.allclose(layer(x), F.linear(x, layer.weight * mask, layer.bias))
+
+
+def test_same_parameters_and_state_dict_keys_as_dense_layers():
+    assert set(SparseLinear(IN, OUT).state_dict()) == set(nn.Linear(IN, OUT).state_dict()) == {"weight", "bias"}
+    assert SparseConv1D(OUT, IN).weight.shape == Conv1D(OUT, IN).weight.shape == (IN, OUT)
+    assert set(SparseConv1D(OUT, IN).state_dict()) == set(Conv1D(OUT, IN).state_dict())
+    assert SparseLinear(IN, OUT, bias=False).bias is None
+    x = torch.randn(2, IN)
+    layer = SparseLinear(IN, OUT, bias=False, config=SparsityConfig(method="ste"))
+    assert torch.allclose(layer(x), x @ (layer.weight * layer.current_mask()).t())
+    assert "n:m=2:4" in repr(layer) and "n:m=2:4" in repr(SparseConv1D(OUT, IN))
+
+
+def test_input_size_not_divisible_by_m():
+    with pytest.raises(ValueError, match="in_features=6 is not divisible by m=4"):
+        SparseLinear(6, 4)
+    with pytest.raises(ValueError, match="nx=6 .*not divisible by m=4"):
+        SparseConv1D(4, 6)
