@@ -66,7 +66,9 @@ def _apply_mask(weight: torch.Tensor, mask: torch.Tensor, keep: bool = True) -> 
     where `torch.where`/`masked_fill` with a bool mask cost 10-16. A pruned inf becomes 0, not NaN.
     """
     int_dtype = _INT_VIEW.get(weight.dtype)
-    if int_dtype is None or not weight.is_contiguous():
+    if weight.ndim == 2 and not weight.is_contiguous() and weight.t().is_contiguous():
+        return _apply_mask(weight.t(), mask.t(), keep).t()  # Conv1D weights arrive transposed
+    if int_dtype is None or not weight.is_contiguous() or not mask.is_contiguous():
         return torch.where(mask, weight, 0) if keep else torch.where(mask, 0, weight)
     bits = mask.to(int_dtype)
     bits = bits.neg_() if keep else bits.sub_(1)  # -1 (all ones) where the value stays
@@ -89,15 +91,17 @@ class _NMLinearFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, weight, mask = ctx.saved_tensors
         grad_x = grad_w = grad_b = None
+        masked_weight = _apply_mask(weight, mask) if ctx.needs_input_grad[0] or ctx.decay else None
         if ctx.needs_input_grad[0]:
-            grad_x = grad_out.matmul(_apply_mask(weight, mask))
+            grad_x = grad_out.matmul(masked_weight)
         flat_grad = grad_out.reshape(-1, grad_out.shape[-1])
         if ctx.needs_input_grad[1]:
             grad_w = flat_grad.t().matmul(x.reshape(-1, x.shape[-1]))
             if ctx.freeze_pruned:
                 grad_w = _apply_mask(grad_w, mask)
             elif ctx.decay:
-                grad_w.add_(_apply_mask(weight, mask, keep=False), alpha=ctx.decay)
+                # (1 - mask) * W, exactly: W - W*mask is W where pruned and 0 where kept
+                grad_w.add_(weight - masked_weight, alpha=ctx.decay)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = flat_grad.sum(0)
         return grad_x, grad_w, grad_b, None, None, None

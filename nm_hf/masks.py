@@ -102,7 +102,9 @@ def _rank_chunk(raw: torch.Tensor, out: torch.Tensor, sign_clear: int, n: int, m
             torch.ge(wins[i], (m - n), out=out[:, i])
         elif wins[i] is None:  # i == m-1: kept iff beaten by earlier mates fewer than n
             torch.lt(lhs, n, out=out[:, i])
-        elif rhs_const >= 0:
+        elif rhs_const == 0:
+            torch.lt(lhs, wins[i], out=out[:, i])
+        elif rhs_const > 0:
             torch.lt(lhs, wins[i] + rhs_const, out=out[:, i])
         else:
             torch.lt(lhs - rhs_const, wins[i], out=out[:, i])
