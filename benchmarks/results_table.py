@@ -36,16 +36,21 @@ COLUMNS = {
 COMMON = [
     ("sparsity", ("sparsity",), "{:.2%}"),
     ("final SAD (from init)", ("sad_from_init",), "{:,.0f}"),
-    ("SAD rate", ("sad_from_init_rate",), "{:.4f}"),
-    ("train tokens/s", ("train_tokens_per_second", "tokens_per_second"), "{:,.0f}"),
-    ("train min", ("train_runtime_minutes",), "{:.1f}"),
+    ("SAD rate", ("mask_stats/sad_from_init_rate",), "{:.4f}"),
+    ("mean flip rate", ("mask_stats/mean_flip_rate",), "{:.5f}"),
+    ("train tokens/s", ("tokens_per_second",), "{:,.0f}"),
+    ("train s", ("train_runtime_s",), "{:,.0f}"),
 ]
 
 
 def _pick(results: dict, keys: tuple[str, ...]):
+    """First present key; "block/key" reads a nested block of results.json."""
     for key in keys:
-        if key in results and results[key] is not None:
-            return results[key]
+        node = results
+        for part in key.split("/"):
+            node = node.get(part) if isinstance(node, dict) else None
+        if node is not None:
+            return node
     return None
 
 
@@ -77,10 +82,10 @@ def table(recipe: str, runs: list[tuple[str, str, Path]]) -> str:
         results = json.loads(path.read_text()) if path.exists() else {}
         loaded.append((method, pattern, results))
         if method == "dense" and results:
-            dense_tps = _pick(results, ("train_tokens_per_second", "tokens_per_second"))
+            dense_tps = _pick(results, ("tokens_per_second",))
     for method, pattern, results in loaded:
         cells = [_cell(_pick(results, keys), fmt) for _, keys, fmt in columns]
-        tps = _pick(results, ("train_tokens_per_second", "tokens_per_second"))
+        tps = _pick(results, ("tokens_per_second",))
         ratio = f"{tps / dense_tps:.3f}" if tps and dense_tps else "-"
         lines.append(f"| {method} | {pattern} | " + " | ".join(cells) + f" | {ratio} |")
     return "\n".join(lines)

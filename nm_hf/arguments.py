@@ -1,0 +1,288 @@
+"""Command-line argument dataclasses for N:M sparse training scripts (parsed by `HfArgumentParser`).
+
+`SparsityArguments` is meant to be reused in your own training scripts::
+
+    parser = HfArgumentParser((SparsityArguments, Seq2SeqTrainingArguments))
+    sparsity_args, training_args = parser.parse_args_into_dataclasses()
+    trainer = SparseSeq2SeqTrainer(..., sparsity_config=sparsity_args.to_config())
+
+The data and model dataclasses are shared by the two recipes (`recipes/translation.py`,
+`recipes/language_modeling.py`): a base class with what both need and one subclass per recipe.
+Every value is checked when the dataclass is built, so a bad flag fails at parse time, before any
+data is loaded, with a message that names the flag.
+
+This module deliberately does not use `from __future__ import annotations`: `HfArgumentParser` needs
+real type objects to pick argparse types and choices.
+"""
+
+import re
+from dataclasses import dataclass, field
+
+from .config import DECAY_MODES, METHODS, SparsityConfig
+
+__all__ = [
+    "SparsityArguments",
+    "DataArguments",
+    "TranslationDataArguments",
+    "TextDataArguments",
+    "ModelArguments",
+    "TranslationModelArguments",
+    "CausalLMModelArguments",
+    "parse_module_selector",
+]
+
+# A selector value containing one of these characters is a regex; otherwise a comma-separated name list.
+_REGEX_CHARS = set("^$*+?()[]{}|\\")
+
+
+def parse_module_selector(value: str | None, flag: str) -> str | list[str] | None:
+    """Turn a `--target_modules`/`--exclude_modules` string into what `SparsityConfig` takes.
+
+    "all-linear" stays as is; a value with regex metacharacters (other than ".") is a regex matched
+    against full module names; anything else is a comma-separated list of module names, each matching
+    exactly or as a dotted suffix ("q_proj", "self_attn.q_proj").
+    """
+    if value is None:
+        return None
+    text = value.strip()
+    if not text:
+        raise ValueError(f"{flag} is empty; use 'all-linear', a comma-separated list of module names or a regex")
+    if text == "all-linear":
+        return text
+    if _REGEX_CHARS.intersection(text):
+        try:
+            re.compile(text)
+        except re.error as err:
+            raise ValueError(f"{flag} {text!r} is not a valid regex: {err}") from None
+        return text
+    names = [part.strip() for part in text.split(",")]
+    if any(not name for name in names):
+        raise ValueError(f"{flag} {text!r} has an empty entry; write names separated by single commas")
+    bad = [name for name in names if not re.fullmatch(r"[\w.\-]+", name)]
+    if bad:
+        raise ValueError(f"{flag}: {bad[0]!r} is not a module name (letters, digits, '_', '.', '-')")
+    return names
+
+
+@dataclass
+class SparsityArguments:
+    """How to sparsify: the N:M pattern, the training method and which layers."""
+
+    sparsity: str = field(
+        default="2:4",
+        metadata={"help": "N:M pattern: keep N of every M consecutive weights along the input dimension."},
+    )
+    method: str = field(
+        default="sr-ste",
+        metadata={
+            "help": "sr-ste (mask from dense weights each step, pruned weights decayed), ste (same, no decay), "
+            "fixed (one-shot magnitude mask, frozen) or dense (layers patched but unmasked: baseline).",
+            "choices": list(METHODS),
+        },
+    )
+    decay: float = field(
+        default=2e-4, metadata={"help": "SR-STE's lambda_w: strength of the pull of pruned weights towards 0."}
+    )
+    decay_mode: str = field(
+        default="gradient",
+        metadata={
+            "help": "gradient (the paper's: added to the weight gradient) or decoupled (applied after each "
+            "optimizer step, like AdamW's weight decay).",
+            "choices": list(DECAY_MODES),
+        },
+    )
+    target_modules: str = field(
+        default="all-linear",
+        metadata={
+            "help": "Layers to sparsify: 'all-linear' (every nn.Linear/Conv1D except heads and tied output "
+            "embeddings), a comma-separated list of module names (exact or dotted suffix: 'q_proj,v_proj') "
+            "or a regex matched against full module names ('.*decoder.*fc[12]')."
+        },
+    )
+    exclude_modules: str | None = field(
+        default=None, metadata={"help": "Layers to leave dense; same forms as --target_modules."}
+    )
+
+    def __post_init__(self) -> None:
+        self.to_config()  # fail at parse time, naming the flag
+
+    def to_config(self) -> SparsityConfig:
+        """The `SparsityConfig` these flags describe; `ValueError` naming the flag on bad input."""
+        match = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", str(self.sparsity))
+        if not match:
+            raise ValueError(f"--sparsity must look like N:M (e.g. 2:4), got {self.sparsity!r}")
+        n, m = int(match.group(1)), int(match.group(2))
+        if n < 1 or m < 1:
+            raise ValueError(f"--sparsity {self.sparsity}: N and M must be positive")
+        if n > m:
+            raise ValueError(f"--sparsity {self.sparsity}: N must be <= M (keep N of every M weights)")
+        if self.method not in METHODS:
+            raise ValueError(f"--method must be one of {', '.join(METHODS)}; got {self.method!r}")
+        if self.decay_mode not in DECAY_MODES:
+            raise ValueError(f"--decay_mode must be one of {', '.join(DECAY_MODES)}; got {self.decay_mode!r}")
+        if isinstance(self.decay, bool) or not isinstance(self.decay, (int, float)) or not self.decay >= 0:
+            raise ValueError(f"--decay must be a number >= 0, got {self.decay!r}")
+        target = parse_module_selector(self.target_modules, "--target_modules")
+        exclude = parse_module_selector(self.exclude_modules, "--exclude_modules")
+        return SparsityConfig(n=n, m=m, method=self.method, decay=float(self.decay), decay_mode=self.decay_mode,
+                              target_modules=target, exclude_modules=exclude)
+
+
+def _check_positive(owner: object, names: tuple[str, ...], allow_none: bool = True) -> None:
+    for name in names:
+        value = getattr(owner, name)
+        if value is None and allow_none:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"--{name} must be a positive integer, got {value!r}")
+
+
+def _check_probability(owner: object, names: tuple[str, ...]) -> None:
+    for name in names:
+        value = getattr(owner, name)
+        if not 0.0 <= value < 1.0:
+            raise ValueError(f"--{name} must be in [0, 1), got {value!r}")
+
+
+@dataclass
+class DataArguments:
+    """Where the data comes from and how much of it to use; shared by both recipes."""
+
+    dataset_name: str | None = field(
+        default=None, metadata={"help": "A Hub dataset id or local dataset directory (datasets.load_dataset)."}
+    )
+    dataset_config_name: str | None = field(default=None, metadata={"help": "Its configuration, e.g. de-en."})
+    train_file: str | None = field(default=None, metadata={"help": "Local training data (see the README)."})
+    validation_file: str | None = field(default=None, metadata={"help": "Local validation data."})
+    test_file: str | None = field(default=None, metadata={"help": "Local test data."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Keep only the first N training rows."})
+    max_eval_samples: int | None = field(
+        default=None, metadata={"help": "Keep only the first N validation rows (and test rows, see below)."}
+    )
+    max_test_samples: int | None = field(
+        default=None, metadata={"help": "Keep only the first N test rows (default: --max_eval_samples)."}
+    )
+    preprocessing_num_workers: int | None = field(
+        default=None, metadata={"help": "Processes for datasets.map during tokenization."}
+    )
+    data_cache_dir: str | None = field(default=None, metadata={"help": "datasets cache directory."})
+
+    def __post_init__(self) -> None:
+        _check_positive(self, ("max_train_samples", "max_eval_samples", "max_test_samples",
+                               "preprocessing_num_workers"))
+        if self.dataset_name is not None and self.train_file is not None:
+            raise ValueError("pass either --dataset_name or --train_file, not both")
+        if self.train_file is None and (self.validation_file or self.test_file):
+            raise ValueError("--validation_file/--test_file need --train_file")
+
+
+@dataclass
+class TranslationDataArguments(DataArguments):
+    dataset: str = field(default="ding", metadata={"help": "Built-in data set: ding (Debian's trans-de-en)."})
+    source_lang: str = field(default="en", metadata={"help": "Source language code (key in 'translation')."})
+    target_lang: str = field(default="de", metadata={"help": "Target language code."})
+    source_prefix: str = field(
+        default="", metadata={"help": "Text put before every source sentence (T5-style 'translate ...: ')."}
+    )
+    max_source_length: int = field(default=128, metadata={"help": "Source sentences are truncated to this."})
+    max_target_length: int = field(default=128, metadata={"help": "Target sentences are truncated to this."})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_positive(self, ("max_source_length", "max_target_length"), allow_none=False)
+        if self.source_lang == self.target_lang:
+            raise ValueError(f"--source_lang and --target_lang must differ (both are {self.source_lang!r})")
+
+
+@dataclass
+class TextDataArguments(DataArguments):
+    dataset: str = field(default="pydoc", metadata={"help": "Built-in data set: pydoc (CPython's help texts)."})
+    text_column: str = field(default="text", metadata={"help": "Column holding the text."})
+    block_size: int = field(default=128, metadata={"help": "Training sequence length (texts are concatenated)."})
+    add_eos: bool = field(default=False, metadata={"help": "Append the eos token after every row."})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_positive(self, ("block_size",), allow_none=False)
+
+
+@dataclass
+class ModelArguments:
+    """A pretrained model, or the size of a new one built from a config (with a tokenizer trained here)."""
+
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "Start from this pretrained model (Hub id or local dir) and its tokenizer instead of "
+                  "training a new model and tokenizer from scratch."},
+    )
+    config_overrides: str | None = field(
+        default=None,
+        metadata={"help": "Extra config settings for a model built from scratch, 'key=value,key=value' "
+                  "(existing config attributes only, all checked before any is set), applied last."},
+    )
+    vocab_size: int = field(default=8000, metadata={"help": "BPE vocabulary size of the new tokenizer."})
+    min_frequency: int = field(default=2, metadata={"help": "Minimum pair frequency for a BPE merge."})
+    d_model: int = field(default=512, metadata={"help": "Hidden size."})
+    num_attention_heads: int = field(default=8, metadata={"help": "Attention heads."})
+    ffn_dim: int = field(default=2048, metadata={"help": "Feed-forward inner size."})
+    dropout: float = field(default=0.1, metadata={"help": "Dropout on residual branches and embeddings."})
+    attention_dropout: float = field(default=0.0, metadata={"help": "Dropout on attention probabilities."})
+    max_position_embeddings: int = field(default=512, metadata={"help": "Longest sequence the model accepts."})
+
+    def __post_init__(self) -> None:
+        _check_positive(self, ("vocab_size", "min_frequency", "d_model", "num_attention_heads", "ffn_dim",
+                               "max_position_embeddings"), allow_none=False)
+        _check_probability(self, ("dropout", "attention_dropout"))
+        if self.d_model % self.num_attention_heads:
+            raise ValueError(f"--d_model {self.d_model} must be divisible by --num_attention_heads "
+                             f"{self.num_attention_heads}")
+
+
+@dataclass
+class TranslationModelArguments(ModelArguments):
+    """A pre-LN mBART-style encoder-decoder (see docs) unless --model_name_or_path is given."""
+
+    encoder_layers: int = field(default=6, metadata={"help": "Encoder layers."})
+    decoder_layers: int = field(default=6, metadata={"help": "Decoder layers."})
+    activation_function: str = field(default="relu", metadata={"help": "FFN activation (relu, gelu, ...)."})
+    activation_dropout: float = field(default=0.0, metadata={"help": "Dropout inside the FFN."})
+    scale_embedding: bool = field(default=True, metadata={"help": "Multiply embeddings by sqrt(d_model)."})
+    length_penalty: float | None = field(
+        default=None, metadata={"help": "Beam search length penalty, stored in generation_config.json (default: "
+                                "the model's, 1.0 for a new one; fairseq uses 0.6 for WMT14 en-de)."})
+    no_repeat_ngram_size: int | None = field(
+        default=None, metadata={"help": "Forbid repeating n-grams of this size when generating (default: the "
+                                "model's, off for a new one)."})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_positive(self, ("encoder_layers", "decoder_layers"), allow_none=False)
+        _check_probability(self, ("activation_dropout",))
+        if self.no_repeat_ngram_size is not None and self.no_repeat_ngram_size < 0:
+            raise ValueError(f"--no_repeat_ngram_size must be >= 0, got {self.no_repeat_ngram_size}")
+
+
+@dataclass
+class CausalLMModelArguments(ModelArguments):
+    """A GPT-2-style (Conv1D) or Llama-style decoder unless --model_name_or_path is given."""
+
+    model_type: str = field(
+        default="gpt2", metadata={"help": "Architecture of a model built from scratch.", "choices": ["gpt2", "llama"]}
+    )
+    num_layers: int = field(default=6, metadata={"help": "Decoder layers."})
+    num_key_value_heads: int | None = field(
+        default=None, metadata={"help": "Llama only: key/value heads (grouped-query attention); default = heads."}
+    )
+    max_position_embeddings: int = field(default=1024, metadata={"help": "Longest sequence the model accepts."})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.model_type not in ("gpt2", "llama"):
+            raise ValueError(f"--model_type must be gpt2 or llama, got {self.model_type!r}")
+        _check_positive(self, ("num_layers", "num_key_value_heads"))
+        if self.num_key_value_heads is not None:
+            if self.model_type != "llama":
+                raise ValueError("--num_key_value_heads only applies to --model_type llama")
+            if self.num_attention_heads % self.num_key_value_heads:
+                raise ValueError(f"--num_attention_heads {self.num_attention_heads} must be divisible by "
+                                 f"--num_key_value_heads {self.num_key_value_heads}")

@@ -1,0 +1,291 @@
+#!/usr/bin/env python
+"""Train an N:M sparse (SR-STE by default) translation Transformer; report BLEU/chrF and sparsity.
+
+    accelerate launch recipes/translation.py recipes/configs/translation_demo.yaml [--flag value ...]
+
+Data: the Ding dictionary's example sentences (default), local files (--train_file ...) or a Hub
+dataset (--dataset_name wmt14 --dataset_config_name de-en). Model: a pre-LN mBART-style
+encoder-decoder built from the size flags with a joint BPE tokenizer trained on the training data, or
+any pretrained seq2seq model (--model_name_or_path) with its own tokenizer. Training:
+`nm_hf.trainer.SparseSeq2SeqTrainer`. Evaluation: sacrebleu corpus BLEU and chrF of generated
+translations against the raw reference sentences, on validation (during and after training) and test.
+Outputs in --output_dir: the finalized model (plain transformers loads it), tokenizer,
+sparsity_history.json, sparsity.png, README.md (model card), results.json, test_predictions.txt.
+Run with --help for every flag; see docs (README, "Recipes").
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sacrebleu.metrics import BLEU, CHRF
+from transformers import (
+    AutoConfig,
+    AutoModelForSeq2SeqLM,
+    AutoTokenizer,
+    DataCollatorForSeq2Seq,
+    MBartConfig,
+    MBartForConditionalGeneration,
+    PreTrainedTokenizerBase,
+    Seq2SeqTrainingArguments,
+    set_seed,
+)
+
+from nm_hf.arguments import SparsityArguments, TranslationDataArguments, TranslationModelArguments
+from nm_hf.data.translation import iter_translation_texts, load_translation_data
+from nm_hf.recipe_utils import (
+    ArgumentsError,
+    apply_config_overrides,
+    common_training_defaults,
+    count_parameters,
+    finish_run,
+    launch_command,
+    model_summary,
+    parse_recipe_args_or_exit,
+    prepare_tokenizer,
+    setup_logging,
+    train_and_save,
+    with_token_throughput,
+)
+from nm_hf.tokenization import train_translation_tokenizer
+from nm_hf.trainer import SparseSeq2SeqTrainer
+
+logger = logging.getLogger(__name__)
+
+# Recipe defaults (below the config file and the flags): generate during evaluation so BLEU can be
+# computed; see common_training_defaults for the rest.
+RECIPE_DEFAULTS: dict[str, Any] = {
+    **common_training_defaults(),
+    "output_dir": "runs/translation",
+    "predict_with_generate": True,
+}
+ARGUMENT_TYPES = (TranslationModelArguments, TranslationDataArguments, SparsityArguments, Seq2SeqTrainingArguments)
+
+
+class BleuMetric:
+    """`compute_metrics` for generated ids: corpus BLEU and chrF (sacrebleu) plus mean generated length.
+
+    Scores are computed against `references` (the raw target sentences of the split being evaluated)
+    when set and of the right length, otherwise against the decoded labels (truncated and normalised
+    by the tokenizer, so slightly different).
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, references: list[str] | None = None) -> None:
+        self.tokenizer = tokenizer
+        self.references = references
+        self.last_hypotheses: list[str] = []
+        self.last_signature = ""
+
+    def __call__(self, eval_preds: Any) -> dict[str, float]:
+        preds, labels = eval_preds.predictions, eval_preds.label_ids
+        if isinstance(preds, tuple):
+            preds = preds[0]
+        pad = self.tokenizer.pad_token_id
+        preds = np.where(preds != -100, preds, pad)
+        hypotheses = [h.strip() for h in self.tokenizer.batch_decode(preds, skip_special_tokens=True)]
+        if self.references is not None and len(self.references) == len(hypotheses):
+            references = self.references
+        else:
+            if self.references is not None:
+                logger.warning(f"{len(hypotheses)} predictions for {len(self.references)} references: "
+                               "scoring against the decoded labels instead")
+            labels = np.where(labels != -100, labels, pad)
+            references = [r.strip() for r in self.tokenizer.batch_decode(labels, skip_special_tokens=True)]
+        bleu_metric, chrf_metric = BLEU(), CHRF()
+        bleu = bleu_metric.corpus_score(hypotheses, [references])
+        chrf = chrf_metric.corpus_score(hypotheses, [references])
+        self.last_hypotheses = hypotheses
+        self.last_signature = str(bleu_metric.get_signature())
+        gen_len = float(np.mean([(row != pad).sum() for row in preds])) if len(preds) else 0.0
+        return {"bleu": round(bleu.score, 4), "chrf": round(chrf.score, 4), "gen_len": round(gen_len, 2)}
+
+
+def build_scratch_model(model_args: TranslationModelArguments, tokenizer: PreTrainedTokenizerBase,
+                        data_args: TranslationDataArguments) -> MBartForConditionalGeneration:
+    """A pre-LN mBART-style Transformer sized by the flags, consistent with the tokenizer's special ids.
+
+    mBART's label shift wraps the last label token (eos) to the front, so generation must start from
+    eos too: `decoder_start_token_id = eos`. Source, target and output embeddings are one matrix.
+    """
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    if eos is None or pad is None:
+        raise ValueError("the tokenizer needs pad and eos tokens to build a model from scratch")
+    longest = max(data_args.max_source_length, data_args.max_target_length)
+    if model_args.max_position_embeddings < longest:
+        raise ValueError(f"--max_position_embeddings {model_args.max_position_embeddings} is shorter than "
+                         f"--max_source_length/--max_target_length ({longest})")
+    config = MBartConfig(
+        vocab_size=len(tokenizer),
+        d_model=model_args.d_model,
+        encoder_layers=model_args.encoder_layers,
+        decoder_layers=model_args.decoder_layers,
+        encoder_attention_heads=model_args.num_attention_heads,
+        decoder_attention_heads=model_args.num_attention_heads,
+        encoder_ffn_dim=model_args.ffn_dim,
+        decoder_ffn_dim=model_args.ffn_dim,
+        dropout=model_args.dropout,
+        attention_dropout=model_args.attention_dropout,
+        activation_dropout=model_args.activation_dropout,
+        activation_function=model_args.activation_function,
+        max_position_embeddings=model_args.max_position_embeddings,
+        scale_embedding=model_args.scale_embedding,
+        pad_token_id=pad,
+        eos_token_id=eos,
+        bos_token_id=eos,
+        decoder_start_token_id=eos,
+        forced_eos_token_id=eos,
+        tie_word_embeddings=True,
+    )
+    changed = apply_config_overrides(config, model_args.config_overrides)
+    if changed:
+        logger.info(f"--config_overrides: {changed}")
+    return MBartForConditionalGeneration(config)
+
+
+def load_pretrained(model_args: TranslationModelArguments) -> tuple[Any, PreTrainedTokenizerBase]:
+    if model_args.config_overrides:
+        raise ArgumentsError("--config_overrides only applies to a model built from scratch, not to "
+                             f"--model_name_or_path {model_args.model_name_or_path}")
+    config = AutoConfig.from_pretrained(model_args.model_name_or_path)
+    if not getattr(config, "is_encoder_decoder", False):
+        raise ArgumentsError(f"--model_name_or_path {model_args.model_name_or_path} is a {config.model_type} "
+                             "model, not an encoder-decoder (seq2seq) model")
+    model = AutoModelForSeq2SeqLM.from_pretrained(model_args.model_name_or_path)
+    tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path)
+    if model.config.decoder_start_token_id is None:
+        raise ValueError(f"{model_args.model_name_or_path}: config.decoder_start_token_id is not set; "
+                         "generation cannot start")
+    return model, tokenizer
+
+
+def tokenize_splits(raw: Any, tokenizer: PreTrainedTokenizerBase, data_args: TranslationDataArguments,
+                    training_args: Seq2SeqTrainingArguments) -> Any:
+    src, tgt, prefix = data_args.source_lang, data_args.target_lang, data_args.source_prefix
+
+    def preprocess(batch: dict[str, list[dict[str, str]]]) -> dict[str, Any]:
+        sources = [prefix + pair[src] for pair in batch["translation"]]
+        targets = [pair[tgt] for pair in batch["translation"]]
+        encoded = tokenizer(sources, max_length=data_args.max_source_length, truncation=True)
+        encoded["labels"] = tokenizer(text_target=targets, max_length=data_args.max_target_length,
+                                      truncation=True)["input_ids"]
+        return encoded
+
+    with training_args.main_process_first(desc="tokenizing the data"):
+        return raw.map(preprocess, batched=True, num_proc=data_args.preprocessing_num_workers,
+                       remove_columns=raw["train"].column_names, desc="Tokenizing")
+
+
+def _dataset_label(data_args: TranslationDataArguments) -> str:
+    if data_args.dataset_name:
+        return data_args.dataset_name + (f" ({data_args.dataset_config_name})" if data_args.dataset_config_name
+                                         else "")
+    if data_args.train_file:
+        return f"local files ({Path(data_args.train_file).name})"
+    return "ding (Debian trans-de-en example sentences)" if data_args.dataset == "ding" else data_args.dataset
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    started = time.perf_counter()
+    (model_args, data_args, sparsity_args, training_args), hub = parse_recipe_args_or_exit(
+        ARGUMENT_TYPES, argv, RECIPE_DEFAULTS, prog="recipes/translation.py")
+    setup_logging(training_args)
+    sparsity_config = sparsity_args.to_config()
+    output_dir = Path(training_args.output_dir)
+    set_seed(training_args.seed)
+
+    # ---- data
+    t0 = time.perf_counter()
+    with training_args.main_process_first(desc="loading the data"):
+        raw = load_translation_data(
+            source_lang=data_args.source_lang, target_lang=data_args.target_lang,
+            dataset_name=data_args.dataset_name, dataset_config_name=data_args.dataset_config_name,
+            train_file=data_args.train_file, validation_file=data_args.validation_file,
+            test_file=data_args.test_file, dataset=data_args.dataset,
+            max_train_samples=data_args.max_train_samples, max_eval_samples=data_args.max_eval_samples,
+            max_test_samples=data_args.max_test_samples, cache_dir=data_args.data_cache_dir)
+    for split in ("train", "validation", "test"):
+        if len(raw[split]) == 0:
+            raise SystemExit(f"recipes/translation.py: error: the {split} split is empty")
+    logger.info(f"data: {', '.join(f'{k} {len(v):,}' for k, v in raw.items())} pairs "
+                f"({time.perf_counter() - t0:.1f} s)")
+
+    # ---- tokenizer and model
+    if model_args.model_name_or_path:
+        model, tokenizer = load_pretrained(model_args)
+    else:
+        languages = (data_args.source_lang, data_args.target_lang)
+        tokenizer = prepare_tokenizer(
+            training_args, output_dir, reuse_existing=bool(training_args.resume_from_checkpoint),
+            train=lambda: train_translation_tokenizer(iter_translation_texts(raw["train"], languages),
+                                                      vocab_size=model_args.vocab_size,
+                                                      min_frequency=model_args.min_frequency))
+        model = build_scratch_model(model_args, tokenizer, data_args)
+    model.generation_config.max_length = training_args.generation_max_length or data_args.max_target_length
+    if training_args.generation_num_beams:
+        model.generation_config.num_beams = training_args.generation_num_beams
+    if model_args.length_penalty is not None:
+        model.generation_config.length_penalty = model_args.length_penalty
+    if model_args.no_repeat_ngram_size is not None:
+        model.generation_config.no_repeat_ngram_size = model_args.no_repeat_ngram_size
+    logger.info(f"model: {type(model).__name__}, {count_parameters(model):,} parameters")
+
+    tokenized = tokenize_splits(raw, tokenizer, data_args, training_args)
+    collator = DataCollatorForSeq2Seq(tokenizer, model=model, label_pad_token_id=-100)
+    references = {split: [pair[data_args.target_lang] for pair in raw[split]["translation"]]
+                  for split in ("validation", "test")}
+    metric = BleuMetric(tokenizer, references["validation"])
+
+    # ---- training
+    trainer_cls = with_token_throughput(SparseSeq2SeqTrainer, count_label_tokens=True)
+    trainer = trainer_cls(
+        model=model, args=training_args, sparsity_config=sparsity_config,
+        train_dataset=tokenized["train"], eval_dataset=tokenized["validation"],
+        data_collator=collator, processing_class=tokenizer, compute_metrics=metric)
+    blocks = train_and_save(trainer, training_args, sparsity_config)
+
+    # ---- evaluation (generation)
+    metric.references = references["validation"]
+    val_metrics = trainer.evaluate(metric_key_prefix="eval")
+    metric.references = references["test"]
+    test_output = trainer.predict(tokenized["test"], metric_key_prefix="test")
+    if training_args.should_save:
+        predictions = output_dir / "test_predictions.txt"
+        predictions.write_text("".join(h + "\n" for h in metric.last_hypotheses), encoding="utf-8")
+
+    test_m, val_m = test_output.metrics, val_metrics
+    results: dict[str, Any] = {
+        "task": "translation",
+        "dataset": _dataset_label(data_args),
+        "language_pair": f"{data_args.source_lang}-{data_args.target_lang}",
+        "test_bleu": test_m.get("test_bleu"), "test_chrf": test_m.get("test_chrf"),
+        "eval_bleu": val_m.get("eval_bleu"), "eval_chrf": val_m.get("eval_chrf"),
+        "test_loss": test_m.get("test_loss"), "eval_loss": val_m.get("eval_loss"),
+        **{k: v for k, v in blocks.items() if not isinstance(v, dict)},
+        "bleu_signature": metric.last_signature,
+        "evaluation": {
+            "test_samples": len(raw["test"]), "validation_samples": len(raw["validation"]),
+            "test_gen_len": test_m.get("test_gen_len"),
+            "num_beams": model.generation_config.num_beams, "max_length": model.generation_config.max_length,
+            "length_penalty": model.generation_config.length_penalty,
+            "no_repeat_ngram_size": model.generation_config.no_repeat_ngram_size,
+            "test_runtime_s": test_m.get("test_runtime"), "validation_runtime_s": val_m.get("eval_runtime"),
+        },
+        **{k: v for k, v in blocks.items() if isinstance(v, dict)},
+        "model": model_summary(trainer.model, model_args.model_name_or_path),
+        "data": {"train_pairs": len(raw["train"])},
+        "run": {"total_time_s": round(time.perf_counter() - started, 1), "command": launch_command()},
+    }
+    finish_run(training_args, results, model=trainer.model, task="translation",
+               dataset_name=data_args.dataset_name or _dataset_label(data_args),
+               base_model=model_args.model_name_or_path, hub=hub,
+               title=f"translation {results['language_pair']}, {sparsity_config.pattern} {sparsity_config.method}")
+    return results
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,116 @@
+"""nm_hf.arguments: flag parsing, validation errors that name the flag, and SparsityConfig conversion."""
+
+from __future__ import annotations
+
+import pytest
+from transformers import HfArgumentParser, Seq2SeqTrainingArguments, TrainingArguments
+
+from nm_hf.arguments import (
+    CausalLMModelArguments,
+    SparsityArguments,
+    TextDataArguments,
+    TranslationDataArguments,
+    TranslationModelArguments,
+    parse_module_selector,
+)
+from nm_hf.config import SparsityConfig
+from nm_hf.injection import iter_sparse_layers, sparsify
+from tiny_models import tiny_model
+
+
+def parse(*argv: str) -> SparsityArguments:
+    (args,) = HfArgumentParser(SparsityArguments).parse_args_into_dataclasses(args=list(argv))
+    return args
+
+
+def test_defaults_are_the_papers_sr_ste_2_4():
+    config = parse().to_config()
+    assert isinstance(config, SparsityConfig)
+    assert (config.n, config.m, config.method, config.decay, config.decay_mode) == (2, 4, "sr-ste", 2e-4, "gradient")
+    assert config.target_modules == "all-linear" and config.exclude_modules is None
+
+
+def test_flags_reach_the_config():
+    config = parse("--sparsity", " 4 : 8 ", "--method", "ste", "--decay", "0", "--decay_mode", "decoupled",
+                   "--target_modules", "q_proj, v_proj", "--exclude_modules", r".*\.0\..*").to_config()
+    assert (config.n, config.m, config.method, config.decay, config.decay_mode) == (4, 8, "ste", 0.0, "decoupled")
+    assert config.target_modules == ["q_proj", "v_proj"]
+    assert config.exclude_modules == r".*\.0\..*"
+
+
+@pytest.mark.parametrize(("value", "expected"), [
+    ("all-linear", "all-linear"),
+    ("q_proj", ["q_proj"]),
+    ("self_attn.q_proj,mlp.fc1", ["self_attn.q_proj", "mlp.fc1"]),
+    (".*(q|v)_proj", ".*(q|v)_proj"),
+    (r"model\.layers\.[0-9]+\.mlp\..*", r"model\.layers\.[0-9]+\.mlp\..*"),
+])
+def test_selector_forms(value, expected):
+    assert parse_module_selector(value, "--target_modules") == expected
+
+
+@pytest.mark.parametrize(("argv", "flag"), [
+    (["--sparsity", "2-4"], "--sparsity must look like N:M"),
+    (["--sparsity", "dense"], "--sparsity must look like N:M"),
+    (["--sparsity", "4:2"], "--sparsity 4:2: N must be <= M"),
+    (["--sparsity", "0:4"], "--sparsity 0:4: N and M must be positive"),
+    (["--decay", "-1"], "--decay must be a number >= 0"),
+    (["--target_modules", "q_proj("], "--target_modules 'q_proj(' is not a valid regex"),
+    (["--target_modules", "q_proj,,v_proj"], "--target_modules 'q_proj,,v_proj' has an empty entry"),
+    (["--exclude_modules", " "], "--exclude_modules is empty"),
+])
+def test_bad_values_name_the_flag(argv, flag):
+    with pytest.raises(ValueError) as info:
+        parse(*argv)
+    assert flag in str(info.value)
+
+
+def test_bad_method_is_refused_by_argparse_and_by_the_dataclass():
+    with pytest.raises(SystemExit):
+        parse("--method", "magnitude")
+    with pytest.raises(ValueError, match="--method must be one of sr-ste, ste, fixed, dense"):
+        SparsityArguments(method="magnitude")
+    with pytest.raises(ValueError, match="--decay_mode must be one of gradient, decoupled"):
+        SparsityArguments(decay_mode="adamw")
+
+
+def test_target_list_selects_exactly_those_layers():
+    model = tiny_model("llama")
+    config = parse("--target_modules", "q_proj,v_proj", "--exclude_modules", "layers.0.self_attn.v_proj").to_config()
+    sparsify(model, config)
+    names = [name for name, _ in iter_sparse_layers(model)]
+    assert names == ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj",
+                     "model.layers.1.self_attn.v_proj"]
+
+
+def test_recipe_dataclasses_build_one_parser_without_conflicts():
+    translation = HfArgumentParser((TranslationModelArguments, TranslationDataArguments, SparsityArguments,
+                                    Seq2SeqTrainingArguments))
+    lm = HfArgumentParser((CausalLMModelArguments, TextDataArguments, SparsityArguments, TrainingArguments))
+    model, data, sparsity, training = translation.parse_args_into_dataclasses(
+        args=["--d_model", "64", "--num_attention_heads", "4", "--source_lang", "de", "--target_lang", "en",
+              "--output_dir", "x"])
+    assert (model.d_model, data.source_lang, data.dataset, sparsity.sparsity) == (64, "de", "ding", "2:4")
+    model, data, _, _ = lm.parse_args_into_dataclasses(args=["--model_type", "llama", "--block_size", "64"])
+    assert (model.model_type, data.block_size, data.dataset) == ("llama", 64, "pydoc")
+
+
+@pytest.mark.parametrize(("cls", "kwargs", "message"), [
+    (TranslationDataArguments, {"validation_file": "v.jsonl"}, "--validation_file/--test_file need --train_file"),
+    (TranslationDataArguments, {"dataset_name": "wmt14", "train_file": "t.jsonl"}, "either --dataset_name or"),
+    (TranslationDataArguments, {"max_train_samples": 0}, "--max_train_samples must be a positive integer"),
+    (TranslationDataArguments, {"source_lang": "de", "target_lang": "de"}, "--source_lang and --target_lang"),
+    (TranslationDataArguments, {"max_source_length": 0}, "--max_source_length must be a positive integer"),
+    (TextDataArguments, {"block_size": 0}, "--block_size must be a positive integer"),
+    (TranslationModelArguments, {"d_model": 100, "num_attention_heads": 8}, "--d_model 100 must be divisible"),
+    (TranslationModelArguments, {"dropout": 1.0}, "--dropout must be in [0, 1)"),
+    (TranslationModelArguments, {"encoder_layers": 0}, "--encoder_layers must be a positive integer"),
+    (CausalLMModelArguments, {"model_type": "bert"}, "--model_type must be gpt2 or llama"),
+    (CausalLMModelArguments, {"num_key_value_heads": 2}, "--num_key_value_heads only applies to"),
+    (CausalLMModelArguments, {"model_type": "llama", "num_attention_heads": 8, "num_key_value_heads": 3},
+     "must be divisible by --num_key_value_heads 3"),
+])
+def test_data_and_model_arguments_are_checked(cls, kwargs, message):
+    with pytest.raises(ValueError) as info:
+        cls(**kwargs)
+    assert message in str(info.value)

@@ -1,0 +1,435 @@
+"""The training recipes: config-file parsing, shared helpers, and real end-to-end runs through `accelerate launch`.
+
+The end-to-end tests train tiny models for a few steps on tiny data in a subprocess and check what a user
+gets: an output directory plain transformers loads, exact 2:4 sparsity in every targeted layer (checked on
+the saved weights), finite metrics, and the results/history/plot/card files.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
+    AutoTokenizer,
+    Seq2SeqTrainingArguments,
+    TrainingArguments,
+)
+from transformers.pytorch_utils import Conv1D
+
+from nm_hf.arguments import SparsityArguments, TranslationDataArguments, TranslationModelArguments
+from nm_hf.recipe_utils import (
+    ArgumentsError,
+    apply_config_overrides,
+    batch_token_count,
+    format_results_table,
+    launch_command,
+    load_config_file,
+    parse_recipe_args,
+    write_json_atomic,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = ROOT / "recipes"
+ACCELERATE = Path(sys.executable).with_name("accelerate")
+TRANSLATION_TYPES = (TranslationModelArguments, TranslationDataArguments, SparsityArguments,
+                     Seq2SeqTrainingArguments)
+
+
+def load_recipe(name: str):
+    spec = importlib.util.spec_from_file_location(f"recipe_{name}", RECIPES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# --------------------------------------------------------------------------------------------- config files
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_config_file_then_flags_override(tmp_path):
+    config = write(tmp_path / "run.yaml", "learning_rate: 3e-3\nmax_steps: 10\nd_model: 64\n"
+                   "sparsity: '4:8'\npredict_with_generate: false\nreport_to: [tensorboard]\n"
+                   "generation_max_length: null\nlr_scheduler_type: inverse_sqrt\n")
+    model, data, sparsity, training = parse_recipe_args(
+        TRANSLATION_TYPES, [str(config), "--max_steps", "20", "--predict_with_generate"],
+        defaults={"output_dir": "from-defaults", "max_steps": 5, "logging_steps": 7})
+    assert training.learning_rate == pytest.approx(3e-3)  # YAML reads 3e-3 as a string; argparse converts it
+    assert training.max_steps == 20  # flag beats file beats recipe default
+    assert training.logging_steps == 7  # recipe default beats dataclass default
+    assert training.output_dir == "from-defaults"
+    assert training.predict_with_generate is True
+    assert training.report_to == ["tensorboard"]  # a list for a field argparse takes one value for
+    assert training.generation_max_length is None
+    assert str(training.lr_scheduler_type.value) == "inverse_sqrt"
+    assert (model.d_model, sparsity.to_config().pattern, data.dataset) == (64, "4:8", "ding")
+
+
+def test_json_config_and_no_config(tmp_path):
+    config = write(tmp_path / "run.json", json.dumps({"max_steps": 3, "method": "ste"}))
+    *_, sparsity, training = parse_recipe_args(TRANSLATION_TYPES, [str(config)])
+    assert (training.max_steps, sparsity.method) == (3, "ste")
+    *_, training = parse_recipe_args(TRANSLATION_TYPES, ["--max_steps", "4"])
+    assert training.max_steps == 4
+
+
+def test_unknown_config_key_names_key_file_and_suggestion(tmp_path):
+    config = write(tmp_path / "typo.yaml", "max_steps: 10\nlearning_rat: 0.1\n")
+    with pytest.raises(ArgumentsError) as info:
+        parse_recipe_args(TRANSLATION_TYPES, [str(config)])
+    message = str(info.value)
+    assert str(config) in message and "'learning_rat'" in message and "did you mean 'learning_rate'" in message
+
+
+def test_bad_config_value_names_the_file(tmp_path):
+    config = write(tmp_path / "bad.yaml", "method: magnitude\n")
+    with pytest.raises(ArgumentsError) as info:
+        parse_recipe_args(TRANSLATION_TYPES, [str(config)])
+    assert str(config) in str(info.value) and "--method" in str(info.value) and "magnitude" in str(info.value)
+    config = write(tmp_path / "bad2.yaml", "max_steps: ten\n")
+    with pytest.raises(ArgumentsError, match="bad2.yaml.*--max_steps.*invalid int value"):
+        parse_recipe_args(TRANSLATION_TYPES, [str(config)])
+    config = write(tmp_path / "bad3.yaml", "d_model: [1, 2]\n")
+    with pytest.raises(ArgumentsError, match="bad3.yaml: key 'd_model' takes a single value"):
+        parse_recipe_args(TRANSLATION_TYPES, [str(config)])
+
+
+def test_sparsity_errors_from_the_config_name_the_flag(tmp_path):
+    config = write(tmp_path / "s.yaml", "sparsity: '2-4'\n")
+    with pytest.raises(ValueError, match="--sparsity must look like N:M"):
+        parse_recipe_args(TRANSLATION_TYPES, [str(config)])
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--max_stepz", "3"], "'--max_stepz' (did you mean '--max_steps'?)"),
+    (["--max_step", "3"], "'--max_step'"),  # no prefix abbreviations
+    (["run.txt"], "the first argument must be a config file"),
+])
+def test_bad_command_lines(argv, message):
+    with pytest.raises(ArgumentsError) as info:
+        parse_recipe_args(TRANSLATION_TYPES, argv)
+    assert message in str(info.value)
+
+
+def test_config_file_problems(tmp_path):
+    with pytest.raises(ArgumentsError, match="config file not found"):
+        load_config_file(tmp_path / "missing.yaml")
+    with pytest.raises(ArgumentsError, match="expected a mapping"):
+        load_config_file(write(tmp_path / "list.yaml", "- a\n- b\n"))
+    with pytest.raises(ArgumentsError, match="cannot parse it"):
+        load_config_file(write(tmp_path / "broken.yaml", "a: [1, 2\n"))
+    assert load_config_file(write(tmp_path / "empty.yaml", "")) == {}
+
+
+@pytest.mark.parametrize("config", sorted(p.name for p in (RECIPES / "configs").glob("*.yaml")))
+def test_shipped_configs_parse(config):
+    recipe = load_recipe("translation" if config.startswith("translation") else "language_modeling")
+    *_, sparsity, training = parse_recipe_args(recipe.ARGUMENT_TYPES, [str(RECIPES / "configs" / config)],
+                                               defaults=recipe.RECIPE_DEFAULTS)
+    assert sparsity.to_config().pattern == "2:4" and sparsity.method == "sr-ste"
+    assert training.max_steps > 0 and training.output_dir.startswith("runs/")
+
+
+# --------------------------------------------------------------------------------------------- helpers
+
+
+def test_config_overrides_are_checked_before_any_is_applied():
+    from transformers import GPT2Config
+
+    config = GPT2Config(n_embd=32, n_layer=2, n_head=4)
+    assert apply_config_overrides(config, "n_layer=3, resid_pdrop=0.25,scale_attn_weights=false") == {
+        "n_layer": 3, "resid_pdrop": 0.25, "scale_attn_weights": False}
+    assert (config.n_layer, config.resid_pdrop, config.scale_attn_weights) == (3, 0.25, False)
+    with pytest.raises(ValueError, match="--config_overrides: GPT2Config has no attribute 'n_layers'"):
+        apply_config_overrides(config, "n_head=8,n_layers=4")
+    with pytest.raises(ValueError, match="--config_overrides: n_head='eight' is not a valid int"):
+        apply_config_overrides(config, "n_layer=5,n_head=eight")
+    with pytest.raises(ValueError, match="is not key=value"):
+        apply_config_overrides(config, "n_layer")
+    assert (config.n_head, config.n_layer) == (4, 3)  # nothing applied by the failed calls
+
+
+def test_write_json_atomic(tmp_path):
+    path = tmp_path / "sub" / "results.json"
+    write_json_atomic(path, {"bleu": 1.5, "tensor": torch.tensor([1, 2]), "np": np.float32(0.5)})
+    assert json.loads(path.read_text()) == {"bleu": 1.5, "tensor": [1, 2], "np": 0.5}
+    with pytest.raises(TypeError):
+        write_json_atomic(path, {"bad": object()})
+    assert json.loads(path.read_text())["bleu"] == 1.5  # the old file survives a failed write
+    assert sorted(p.name for p in path.parent.iterdir()) == ["results.json"]  # no temp files left
+
+
+def test_results_table_flattens_nested_results():
+    table = format_results_table({"test_bleu": 12.3456, "train": {"steps": 1200, "ok": True}, "l": ["a", "b"]},
+                                 title="demo")
+    lines = table.splitlines()
+    assert lines[1] == "demo"
+    assert any(line.split() == ["test_bleu", "12.3456"] for line in lines)
+    assert any(line.split() == ["train/steps", "1,200"] for line in lines)
+    assert any(line.split() == ["train/ok", "True"] for line in lines)
+    assert any(line.split() == ["l", "a,", "b"] for line in lines)
+
+
+def test_batch_token_count_counts_non_pad_source_and_target_tokens():
+    inputs = {"input_ids": torch.ones(2, 5, dtype=torch.long),
+              "attention_mask": torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]),
+              "labels": torch.tensor([[4, 5, -100], [4, 5, 6]])}
+    assert batch_token_count(inputs, count_label_tokens=True) == 8 + 5
+    assert batch_token_count(inputs, count_label_tokens=False) == 8
+
+
+def test_prepare_tokenizer_trains_once_and_reuses_on_resume(tmp_path):
+    from nm_hf.recipe_utils import prepare_tokenizer
+    from nm_hf.tokenization import train_translation_tokenizer
+
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")
+    calls = []
+
+    def train():
+        calls.append(1)
+        return train_translation_tokenizer(["ein kleiner Test", "a small test"] * 5, vocab_size=120, min_frequency=1)
+
+    first = prepare_tokenizer(args, tmp_path / "out", train)
+    assert calls == [1] and (tmp_path / "out" / "tokenizer.json").is_file()
+    again = prepare_tokenizer(args, tmp_path / "out", train, reuse_existing=True)
+    assert calls == [1] and again.get_vocab() == first.get_vocab()
+    prepare_tokenizer(args, tmp_path / "out", train)  # a fresh run trains again
+    assert calls == [1, 1]
+
+
+def test_launch_command(monkeypatch):
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert launch_command(["recipes/translation.py", "c.yaml", "--x", "a b"]) == \
+        "python recipes/translation.py c.yaml --x 'a b'"
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert launch_command(["recipes/translation.py"]) == "accelerate launch --num_processes 2 recipes/translation.py"
+
+
+def test_bleu_metric_scores_against_raw_references():
+    from nm_hf.tokenization import train_translation_tokenizer
+
+    sentences = ["das ist ein kleiner Test .", "ein Haus am See ."] * 20
+    tokenizer = train_translation_tokenizer(sentences, vocab_size=200, min_frequency=1)
+    ids = tokenizer(sentences[:2])["input_ids"]
+    width = max(len(x) for x in ids)
+    preds = np.array([x + [tokenizer.pad_token_id] * (width - len(x)) for x in ids])
+    labels = np.where(preds == tokenizer.pad_token_id, -100, preds)
+    metric = load_recipe("translation").BleuMetric(tokenizer, references=sentences[:2])
+    scores = metric(SimpleNamespace(predictions=preds, label_ids=labels))
+    assert scores["bleu"] == pytest.approx(100.0) and scores["chrf"] == pytest.approx(100.0)
+    assert metric.last_hypotheses == sentences[:2]
+    metric.references = ["völlig andere Wörter hier", "und hier auch nichts"]
+    assert metric(SimpleNamespace(predictions=preds, label_ids=labels))["bleu"] < 5
+    metric.references = ["only one reference"]  # wrong length: falls back to the decoded labels
+    assert metric(SimpleNamespace(predictions=preds, label_ids=labels))["bleu"] == pytest.approx(100.0)
+
+
+# --------------------------------------------------------------------------------------------- end to end
+
+WORDS_EN = ["one", "two", "three", "four", "five", "red", "green", "house", "cat", "dog"]
+WORDS_DE = ["eins", "zwei", "drei", "vier", "fünf", "rot", "grün", "Haus", "Katze", "Hund"]
+
+
+def write_parallel(prefix: Path, n: int, seed: int) -> None:
+    """A toy word-by-word en->de corpus as <prefix>.en / <prefix>.de (line-aligned)."""
+    rng = np.random.default_rng(seed)
+    en, de = [], []
+    for _ in range(n):
+        idx = rng.integers(0, len(WORDS_EN), size=rng.integers(3, 8))
+        en.append(" ".join(WORDS_EN[i] for i in idx) + " .")
+        de.append(" ".join(WORDS_DE[i] for i in idx) + " .")
+    prefix.with_suffix(".en").write_text("\n".join(en) + "\n", encoding="utf-8")
+    prefix.with_suffix(".de").write_text("\n".join(de) + "\n", encoding="utf-8")
+
+
+TINY_TRANSLATION = ["--d_model", "32", "--ffn_dim", "64", "--encoder_layers", "1", "--decoder_layers", "1",
+                    "--num_attention_heads", "4", "--vocab_size", "120", "--min_frequency", "1",
+                    "--max_position_embeddings", "64", "--max_source_length", "32", "--max_target_length", "32",
+                    "--max_steps", "6", "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "8",
+                    "--learning_rate", "3e-3", "--warmup_steps", "2", "--label_smoothing_factor", "0.1",
+                    "--generation_max_length", "16", "--logging_steps", "2", "--eval_strategy", "steps",
+                    "--eval_steps", "6", "--disable_tqdm", "true", "--seed", "0"]
+
+TINY_LM = ["--d_model", "32", "--ffn_dim", "64", "--num_layers", "2", "--num_attention_heads", "4",
+           "--vocab_size", "300", "--block_size", "32", "--max_position_embeddings", "64",
+           "--max_train_samples", "300", "--max_eval_samples", "60", "--max_steps", "6",
+           "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "16", "--learning_rate", "3e-3",
+           "--logging_steps", "2", "--disable_tqdm", "true", "--seed", "0"]
+
+
+def launch(script: str, args: list[str], processes: int = 1, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1" if processes > 1 else os.environ.get("OMP_NUM_THREADS", "2"),
+           "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
+           "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT)}
+    multi = ["--multi_gpu"] if processes > 1 else []
+    cmd = [str(ACCELERATE), "launch", *multi, "--num_processes", str(processes), "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", str(RECIPES / script), *args]
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    if result.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stdout[-4000:]}\n"
+                             f"{result.stderr[-6000:]}")
+    return result
+
+
+def group_nonzeros(weight: torch.Tensor, m: int, group_dim: int) -> torch.Tensor:
+    """Non-zeros per group of m consecutive weights along `group_dim` (written independently of nm_hf)."""
+    w = weight if group_dim == -1 or group_dim == weight.dim() - 1 else weight.transpose(0, 1)
+    assert w.shape[-1] % m == 0
+    return (w.reshape(*w.shape[:-1], w.shape[-1] // m, m) != 0).sum(-1)
+
+
+def check_common_outputs(out: Path) -> dict:
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "results.json", "sparsity_history.json",
+                 "sparsity.png", "README.md"):
+        assert (out / name).is_file(), f"{name} missing in {out}: {sorted(p.name for p in out.iterdir())}"
+    assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
+    assert (out / "sparsity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    history = json.loads((out / "sparsity_history.json").read_text())
+    assert history["records"] and history["records"][-1]["step"] == 6
+    results = json.loads((out / "results.json").read_text())
+    assert results["nm_ok"] is True and results["sparsity"] >= 0.5
+    assert results["train"]["steps"] == 6 and results["train"]["tokens"] > 0 and results["tokens_per_second"] > 0
+    assert isinstance(results["sad_from_init"], int)
+    card = (out / "README.md").read_text()
+    assert "2:4" in card and "nm-sparsity" in card
+    return results
+
+
+def check_translation_run(out: Path, processes: int, n_test: int) -> dict:
+    results = check_common_outputs(out)
+    for key in ("test_bleu", "test_chrf", "eval_bleu", "eval_chrf", "test_loss"):
+        assert isinstance(results[key], float) and math.isfinite(results[key]), (key, results[key])
+    assert 0.0 <= results["test_bleu"] <= 100.0
+    assert results["train"]["processes"] == processes
+    assert results["evaluation"]["test_samples"] == n_test
+    predictions = (out / "test_predictions.txt").read_text(encoding="utf-8").splitlines()
+    assert len(predictions) == n_test  # each test sentence exactly once, also with 2 processes
+
+    model = AutoModelForSeq2SeqLM.from_pretrained(out)  # plain transformers, no nm_hf
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    record = model.config.nm_sparsity
+    assert record["state"] == "finalized" and (record["n"], record["m"]) == (2, 4)
+    linear_names = {name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
+    targeted = set(record["targeted_modules"])
+    assert targeted == linear_names - {"lm_head"}  # every projection of encoder and decoder, not the tied head
+    modules = dict(model.named_modules())
+    for name in targeted:
+        counts = group_nonzeros(modules[name].weight, 4, group_dim=-1)  # nn.Linear: [out, in], groups along in
+        assert (counts <= 2).all() and (counts == 2).float().mean() > 0.99, name
+    # the saved model generates with plain transformers
+    batch = tokenizer(["one two three ."], return_tensors="pt")
+    generated = model.generate(**batch, max_new_tokens=5)
+    assert generated.shape[0] == 1 and generated[0, 0].item() == model.config.decoder_start_token_id
+    return results
+
+
+def test_translation_recipe_end_to_end(tmp_path):
+    """The fast suite's real training run: accelerate launch, 1 process, local parallel files."""
+    write_parallel(tmp_path / "train", 400, seed=0)
+    write_parallel(tmp_path / "valid", 12, seed=1)
+    write_parallel(tmp_path / "test", 10, seed=2)
+    out = tmp_path / "out"
+    result = launch("translation.py", ["--train_file", str(tmp_path / "train.en"),
+                                       "--validation_file", str(tmp_path / "valid.en"),
+                                       "--test_file", str(tmp_path / "test.de"),
+                                       "--output_dir", str(out), *TINY_TRANSLATION])
+    results = check_translation_run(out, processes=1, n_test=10)
+    assert "test_bleu" in result.stdout and "outputs in" in result.stdout  # the results table
+    assert results["dataset"] == "local files (train.en)" and results["model"]["from_scratch"] is True
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    assert any("sparsity/sad" in entry for entry in history)  # sparsity metrics reached the logs
+    assert any("eval_bleu" in entry for entry in history)  # BLEU during training (eval_steps)
+
+
+def test_translation_recipe_two_processes(tmp_path):
+    """`accelerate launch --multi_gpu --num_processes 2` on CPU: two gloo ranks, one set of outputs."""
+    write_parallel(tmp_path / "train", 400, seed=0)
+    write_parallel(tmp_path / "test", 11, seed=2)  # odd: the distributed sampler pads the last batch
+    out = tmp_path / "out"
+    result = launch("translation.py", ["--train_file", str(tmp_path / "train.en"), "--test_file",
+                                       str(tmp_path / "test.en"), "--output_dir", str(out), *TINY_TRANSLATION],
+                    processes=2)
+    check_translation_run(out, processes=2, n_test=11)
+    assert result.stdout.count("outputs in") == 1  # only the main process prints the table
+
+
+def check_lm_run(out: Path, processes: int, model_type: str) -> dict:
+    results = check_common_outputs(out)
+    for key in ("test_loss", "eval_loss", "test_perplexity", "eval_perplexity"):
+        assert math.isfinite(results[key]) and results[key] > 0, (key, results[key])
+    assert results["test_perplexity"] == pytest.approx(math.exp(results["test_loss"]), rel=1e-3)
+    assert results["train"]["processes"] == processes and results["model"]["type"] == model_type
+    model = AutoModelForCausalLM.from_pretrained(out)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    record = model.config.nm_sparsity
+    assert record["state"] == "finalized" and record["targeted_modules"]
+    modules = dict(model.named_modules())
+    for name in record["targeted_modules"]:
+        module = modules[name]
+        if model_type == "gpt2":
+            assert isinstance(module, Conv1D)  # GPT-2 keeps its [in, out] Conv1D layout
+            counts = group_nonzeros(module.weight, 4, group_dim=0)  # groups along the input dim 0
+        else:
+            counts = group_nonzeros(module.weight, 4, group_dim=-1)
+        assert (counts <= 2).all() and (counts == 2).float().mean() > 0.99, name
+    expected = {"gpt2": {"c_attn", "c_proj", "c_fc"},
+                "llama": {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}}[model_type]
+    assert {name.rsplit(".", 1)[-1] for name in record["targeted_modules"]} == expected
+    ids = tokenizer("def f(x):", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        logits = model(ids).logits
+    assert torch.isfinite(logits).all()
+    return results
+
+
+def test_language_modeling_recipe_end_to_end(tmp_path):
+    out = tmp_path / "out"
+    result = launch("language_modeling.py", ["--output_dir", str(out), *TINY_LM])
+    results = check_lm_run(out, processes=1, model_type="gpt2")
+    assert results["dataset"].startswith("pydoc") and "test_perplexity" in result.stdout
+
+
+@pytest.mark.slow
+def test_language_modeling_recipe_llama_two_processes(tmp_path):
+    out = tmp_path / "out"
+    launch("language_modeling.py", ["--output_dir", str(out), "--model_type", "llama", *TINY_LM], processes=2)
+    check_lm_run(out, processes=2, model_type="llama")
+
+
+def test_recipe_refuses_bad_flags_before_loading_anything(tmp_path, capsys):
+    translation, lm = load_recipe("translation"), load_recipe("language_modeling")
+    with pytest.raises(SystemExit) as info:
+        translation.main(["--sparsity", "2:5:1", "--output_dir", str(tmp_path / "never")])
+    assert str(info.value) == "recipes/translation.py: error: --sparsity must look like N:M (e.g. 2:4), got '2:5:1'"
+    assert not (tmp_path / "never").exists()
+    with pytest.raises(SystemExit, match="recipes/language_modeling.py: error: --push_to_hub needs --hub_model_id"):
+        lm.main(["--push_to_hub", "--output_dir", str(tmp_path / "never")])
+    config = write(tmp_path / "c.yaml", "block_sise: 64\n")
+    with pytest.raises(SystemExit, match="c.yaml: unknown key.*'block_sise' .did you mean 'block_size'"):
+        lm.main([str(config)])
+    assert not (tmp_path / "never").exists()
+
+
+def test_training_arguments_from_recipe_defaults_use_cpu_without_accelerator():
+    recipe = load_recipe("language_modeling")
+    *_, training = parse_recipe_args(recipe.ARGUMENT_TYPES, [], defaults=recipe.RECIPE_DEFAULTS)
+    assert isinstance(training, TrainingArguments)
+    assert training.use_cpu is (not torch.cuda.is_available())
+    assert training.save_strategy == "no" and training.output_dir == "runs/language_modeling"
