@@ -20,7 +20,7 @@ from .config import CONFIG_KEY, SparsityConfig
 from .layers import DENSE_CLASS_FOR, SPARSE_CLASS_FOR, SparseLayerMixin
 
 __all__ = ["sparsify", "finalize", "iter_sparse_layers", "find_target_modules", "is_sparsified",
-           "apply_decoupled_decay", "SparsifyError"]
+           "apply_decoupled_decay", "SparsifyError", "sparsity_config_of"]
 
 #: nn.Linear subclasses in transformers that only re-implement the same affine map (safe to convert)
 PLAIN_LINEAR_SUBCLASSES = frozenset({"FalconLinear"})
@@ -271,7 +271,8 @@ def _record_config(model: nn.Module, config: SparsityConfig, targets: list[str],
     setattr(model_config, CONFIG_KEY, record)
 
 
-def _config_from_layers(model: nn.Module) -> SparsityConfig:
+def sparsity_config_of(model: nn.Module) -> SparsityConfig:
+    """The config a sparsified model runs with: its `nm_sparsity` record, else read off its layers."""
     stored = getattr(getattr(model, "config", None), CONFIG_KEY, None)
     if isinstance(stored, dict):
         return SparsityConfig.from_dict(stored)
@@ -290,7 +291,7 @@ def finalize(model: nn.Module) -> nn.Module:
     layers = list(iter_sparse_layers(model))
     if not layers:
         raise ValueError(f"{type(model).__name__} has no sparse layers to finalize (call nm_hf.sparsify first)")
-    config = _config_from_layers(model)
+    config = sparsity_config_of(model)
     zeros = total = 0
     for _, layer in layers:
         if layer.is_masked:

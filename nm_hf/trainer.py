@@ -34,7 +34,7 @@ from transformers import Seq2SeqTrainer, Trainer, TrainerCallback
 from transformers.trainer_utils import TrainOutput, get_last_checkpoint
 
 from .config import CONFIG_KEY, SparsityConfig
-from .injection import SparsifyError, is_sparsified, iter_sparse_layers, sparsify
+from .injection import SparsifyError, is_sparsified, iter_sparse_layers, sparsify, sparsity_config_of
 from .injection import apply_decoupled_decay as _apply_decoupled_decay
 from .masks import nm_mask
 from .plot import PLOT_FILE
@@ -57,15 +57,6 @@ def _as_config(config: SparsityConfig | dict[str, Any] | None) -> SparsityConfig
     raise TypeError(f"sparsity_config must be a SparsityConfig, a dict or None, got {type(config).__name__}")
 
 
-def _existing_config(model: nn.Module) -> SparsityConfig:
-    record = getattr(getattr(model, "config", None), CONFIG_KEY, None)
-    if isinstance(record, dict):
-        return SparsityConfig.from_dict(record)
-    _, layer = next(iter_sparse_layers(model))
-    return SparsityConfig(n=layer.nm_n, m=layer.nm_m, method=layer.nm_method,
-                          decay=layer.nm_decay, decay_mode=layer.nm_decay_mode)
-
-
 def prepare_sparse_model(model: nn.Module, config: SparsityConfig | dict[str, Any] | None) -> SparsityConfig:
     """Make sure `model` is sparse as `config` asks; returns the config in effect.
 
@@ -78,7 +69,7 @@ def prepare_sparse_model(model: nn.Module, config: SparsityConfig | dict[str, An
     """
     config = _as_config(config)
     if is_sparsified(model):
-        existing = _existing_config(model)
+        existing = sparsity_config_of(model)
         if config is None:
             return existing
         have, want = existing.to_dict(), config.to_dict()
