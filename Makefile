@@ -29,7 +29,7 @@ lint: $(STAMP)
 # The translation recipe on the embedded Ding dictionary data (installs it if missing).
 demo: $(STAMP)
 	bash scripts/ensure_ding.sh
-	$(VENV)/bin/accelerate launch --num_processes 1 recipes/translation.py recipes/configs/translation_demo.yaml
+	$(VENV)/bin/accelerate launch --num_processes 1 --num_cpu_threads_per_process 2 recipes/translation.py recipes/configs/translation_demo.yaml
 
 bench: $(STAMP)
 	$(PY) benchmarks/mask_speed.py

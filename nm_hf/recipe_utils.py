@@ -474,14 +474,22 @@ def batch_token_count(inputs: Mapping[str, Any], count_label_tokens: bool) -> in
 
 
 class ExactEvalMixin:
-    """Evaluate each example exactly once in multi-process runs.
+    """Evaluate each example exactly once, in dataset order, also in multi-process runs.
 
-    A distributed sampler pads the last round of batches with examples from the start of the data so
-    every rank gets a full batch. `Trainer` drops those copies (`gather_for_metrics`), but
-    `Seq2SeqTrainer.evaluate/predict` switch to a plain `gather` that keeps them, so with 2 processes
-    BLEU and the loss would count some sentences twice and predictions would not line up with the
-    references. Restore `gather_for_metrics` for the loop.
+    - Order: with `--train_sampling_strategy group_by_length`, `Trainer` also length-groups the
+      *evaluation* sampler, so predictions come back shuffled and a metric that matches them to the
+      references by position (BLEU, a predictions file) scores the wrong pairs. Evaluation here always
+      uses the dataset order (a sequential sampler, sharded by accelerate across processes).
+    - Duplicates: a distributed sampler pads the last round of batches with examples from the start so
+      every rank gets a full batch. `Trainer` drops those copies (`gather_for_metrics`), but
+      `Seq2SeqTrainer.evaluate/predict` switch to a plain `gather` that keeps them, so with 2 processes
+      BLEU and the loss would count some sentences twice. Restore `gather_for_metrics` for the loop.
     """
+
+    def _get_eval_sampler(self, eval_dataset):  # type: ignore[override]
+        if eval_dataset is None or not hasattr(eval_dataset, "__len__"):
+            return None
+        return torch.utils.data.SequentialSampler(eval_dataset) if self.args.world_size <= 1 else None
 
     def evaluation_loop(self, *args, **kwargs):  # type: ignore[override]
         self.gather_function = functools.partial(self.accelerator.gather_for_metrics,

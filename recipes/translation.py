@@ -101,7 +101,10 @@ class BleuMetric:
         chrf = chrf_metric.corpus_score(hypotheses, [references])
         self.last_hypotheses = hypotheses
         self.last_signature = str(bleu_metric.get_signature())
-        gen_len = float(np.mean([(row != pad).sum() for row in preds])) if len(preds) else 0.0
+        # content tokens per translation: beam search pads finished hypotheses with eos, so count neither
+        # pad nor any other special token
+        special = np.array(sorted(set(self.tokenizer.all_special_ids) | {pad}))
+        gen_len = float(np.isin(preds, special, invert=True).sum(-1).mean()) if len(preds) else 0.0
         return {"bleu": round(bleu.score, 4), "chrf": round(chrf.score, 4), "gen_len": round(gen_len, 2)}
 
 

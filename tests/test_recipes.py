@@ -212,6 +212,34 @@ def test_prepare_tokenizer_trains_once_and_reuses_on_resume(tmp_path):
     assert calls == [1, 1]
 
 
+def test_recipe_trainer_evaluates_in_dataset_order_with_length_grouping(tmp_path):
+    """`--train_sampling_strategy group_by_length` must not reorder evaluation (BLEU pairs by position)."""
+    from datasets import Dataset
+    from transformers import DataCollatorForSeq2Seq, Seq2SeqTrainer
+
+    from nm_hf.recipe_utils import with_token_throughput
+    from nm_hf.tokenization import train_translation_tokenizer
+    from tiny_models import tiny_model
+
+    tokenizer = train_translation_tokenizer(["a b c d e f g h"] * 10, vocab_size=80, min_frequency=1)
+    rows = [{"input_ids": [5] * n + [1], "labels": [6, 1]} for n in (1, 9, 3, 12, 2, 7, 5, 11, 4, 8, 6, 10)]
+    dataset = Dataset.from_list(rows)
+    args = Seq2SeqTrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none",
+                                    per_device_eval_batch_size=2, train_sampling_strategy="group_by_length")
+    collator = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100)
+
+    def order(trainer_cls):
+        trainer = trainer_cls(model=tiny_model("bart"), args=args, data_collator=collator, eval_dataset=dataset)
+        lengths = []
+        for batch in trainer.get_eval_dataloader():
+            lengths += batch["attention_mask"].sum(-1).tolist()
+        return lengths
+
+    expected = [len(r["input_ids"]) for r in rows]
+    assert order(with_token_throughput(Seq2SeqTrainer, count_label_tokens=True)) == expected
+    assert order(Seq2SeqTrainer) != expected  # what the stock Trainer does: length-grouped evaluation
+
+
 def test_launch_command(monkeypatch):
     monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
     monkeypatch.delenv("LOCAL_RANK", raising=False)
@@ -234,6 +262,10 @@ def test_bleu_metric_scores_against_raw_references():
     metric = load_recipe("translation").BleuMetric(tokenizer, references=sentences[:2])
     scores = metric(SimpleNamespace(predictions=preds, label_ids=labels))
     assert scores["bleu"] == pytest.approx(100.0) and scores["chrf"] == pytest.approx(100.0)
+    content = [len(x) - 1 for x in ids]  # without the eos the tokenizer appends
+    assert scores["gen_len"] == pytest.approx(sum(content) / 2)
+    eos_padded = np.where(preds == tokenizer.pad_token_id, tokenizer.eos_token_id, preds)  # as beam search pads
+    assert metric(SimpleNamespace(predictions=eos_padded, label_ids=labels))["gen_len"] == scores["gen_len"]
     assert metric.last_hypotheses == sentences[:2]
     metric.references = ["völlig andere Wörter hier", "und hier auch nichts"]
     assert metric(SimpleNamespace(predictions=preds, label_ids=labels))["bleu"] < 5
@@ -265,7 +297,8 @@ TINY_TRANSLATION = ["--d_model", "32", "--ffn_dim", "64", "--encoder_layers", "1
                     "--max_steps", "6", "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "8",
                     "--learning_rate", "3e-3", "--warmup_steps", "2", "--label_smoothing_factor", "0.1",
                     "--generation_max_length", "16", "--logging_steps", "2", "--eval_strategy", "steps",
-                    "--eval_steps", "6", "--disable_tqdm", "true", "--seed", "0"]
+                    "--eval_steps", "6", "--disable_tqdm", "true", "--seed", "0",
+                    "--train_sampling_strategy", "group_by_length"]
 
 TINY_LM = ["--d_model", "32", "--ffn_dim", "64", "--num_layers", "2", "--num_attention_heads", "4",
            "--vocab_size", "300", "--block_size", "32", "--max_position_embeddings", "64",
@@ -333,11 +366,21 @@ def check_translation_run(out: Path, processes: int, n_test: int) -> dict:
     for name in targeted:
         counts = group_nonzeros(modules[name].weight, 4, group_dim=-1)  # nn.Linear: [out, in], groups along in
         assert (counts <= 2).all() and (counts == 2).float().mean() > 0.99, name
-    # the saved model generates with plain transformers
+    # the saved model generates with plain transformers, and test_predictions.txt is in test-set order
     batch = tokenizer(["one two three ."], return_tensors="pt")
     generated = model.generate(**batch, max_new_tokens=5)
     assert generated.shape[0] == 1 and generated[0, 0].item() == model.config.decoder_start_token_id
     return results
+
+
+def regenerate(out: Path, sources: list[str]) -> list[str]:
+    model = AutoModelForSeq2SeqLM.from_pretrained(out).eval()
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    hypotheses = []
+    for source in sources:  # one at a time: no padding effects
+        ids = model.generate(**tokenizer([source], return_tensors="pt"))
+        hypotheses += [h.strip() for h in tokenizer.batch_decode(ids, skip_special_tokens=True)]
+    return hypotheses
 
 
 def test_translation_recipe_end_to_end(tmp_path):
@@ -351,6 +394,9 @@ def test_translation_recipe_end_to_end(tmp_path):
                                        "--test_file", str(tmp_path / "test.de"),
                                        "--output_dir", str(out), *TINY_TRANSLATION])
     results = check_translation_run(out, processes=1, n_test=10)
+    sources = (tmp_path / "test.en").read_text(encoding="utf-8").splitlines()
+    predictions = (out / "test_predictions.txt").read_text(encoding="utf-8").splitlines()
+    assert regenerate(out, sources) == predictions
     assert "test_bleu" in result.stdout and "outputs in" in result.stdout  # the results table
     assert results["dataset"] == "local files (train.en)" and results["model"]["from_scratch"] is True
     history = json.loads((out / "trainer_state.json").read_text())["log_history"]
