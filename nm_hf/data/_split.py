@@ -69,3 +69,12 @@ def hash_split(keys: Sequence[str], sizes: dict[str, int]) -> tuple[list[int], d
             pos += 1
     rest = [i for key in ordered[pos:] for i in groups[key]]
     return sorted(rest), {name: sorted(idx) for name, idx in out.items()}
+
+
+def truncate(ds, limit: int | None):
+    """The first `limit` rows of a `datasets.Dataset` (all of them for None); a negative limit is an error."""
+    if limit is None or limit >= len(ds):
+        return ds
+    if limit < 0:
+        raise ValueError(f"max samples must be >= 0, got {limit}")
+    return ds.select(range(limit))

@@ -38,7 +38,7 @@ from typing import Any
 
 import datasets
 
-from nm_hf.data._split import SplitSize, hash_split, resolve_size
+from nm_hf.data._split import SplitSize, hash_split, resolve_size, truncate
 
 SPLITS = ("train", "validation", "test")
 TEXT_EXTENSIONS = (".txt", ".text")
@@ -155,14 +155,6 @@ def _complete_splits(
     return datasets.DatasetDict({name: splits[name] for name in SPLITS})
 
 
-def _truncate(ds: datasets.Dataset, limit: int | None) -> datasets.Dataset:
-    if limit is None or limit >= len(ds):
-        return ds
-    if limit < 0:
-        raise ValueError(f"max samples must be >= 0, got {limit}")
-    return ds.select(range(limit))
-
-
 def load_text_data(
     dataset_name: str | None = None,
     dataset_config_name: str | None = None,
@@ -223,7 +215,7 @@ def load_text_data(
             f"use --dataset_name for a Hub dataset or --train_file for local files"
         )
     limits = {"train": max_train_samples, "validation": max_eval_samples, "test": max_eval_samples}
-    return datasets.DatasetDict({name: _truncate(result[name], limits[name]) for name in SPLITS})
+    return datasets.DatasetDict({name: truncate(result[name], limits[name]) for name in SPLITS})
 
 
 def group_texts(examples: dict[str, list[list[Any]]], block_size: int) -> dict[str, list[list[Any]]]:

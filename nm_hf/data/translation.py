@@ -44,7 +44,7 @@ from collections.abc import Iterator
 
 import datasets
 
-from nm_hf.data._split import SplitSize, hash_split, resolve_size
+from nm_hf.data._split import SplitSize, hash_split, resolve_size, truncate
 from nm_hf.data.ding import DING_PATH, load_ding
 
 SPLITS = ("train", "validation", "test")
@@ -301,14 +301,6 @@ def _normalise_hub_dataset(
     return splits
 
 
-def _truncate(ds: datasets.Dataset, limit: int | None) -> datasets.Dataset:
-    if limit is None or limit >= len(ds):
-        return ds
-    if limit < 0:
-        raise ValueError(f"max samples must be >= 0, got {limit}")
-    return ds.select(range(limit))
-
-
 def load_translation_data(
     source_lang: str = "en",
     target_lang: str = "de",
@@ -378,7 +370,7 @@ def load_translation_data(
         "validation": max_eval_samples,
         "test": max_test_samples if max_test_samples is not None else max_eval_samples,
     }
-    return datasets.DatasetDict({name: _truncate(result[name], limits[name]) for name in SPLITS})
+    return datasets.DatasetDict({name: truncate(result[name], limits[name]) for name in SPLITS})
 
 
 def iter_translation_texts(
