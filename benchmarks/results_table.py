@@ -1,13 +1,15 @@
 """Run a recipe once per sparsity method (same model, data, steps, seed) and print a results table.
 
     python benchmarks/results_table.py translation recipes/configs/translation_multi30k.yaml \
-        --runs dense:2:4 fixed:2:4 ste:2:4 sr-ste:2:4 --output_root runs/table_mt -- --max_steps 1500
+        --runs dense:2:4 sr-ste:2:4 fixed:2:4 ste:2:4 --jobs 2 --threads 1 --output_root runs/table_mt
 
-Each run is `accelerate launch --num_processes 1 recipes/<recipe>.py CONFIG --method M --sparsity N:M
---output_dir ROOT/<method>-<n>x<m> [extra flags]`, one after the other (so throughput figures are
-not disturbed by each other). Runs whose `results.json` exists are not repeated (`--force` redoes
-them). The table reads every run's `results.json`; throughput is also printed as a ratio to the
-dense run of the same invocation.
+Each run is `accelerate launch --num_processes 1 --num_cpu_threads_per_process T recipes/<recipe>.py
+CONFIG --method M --sparsity N:M --output_dir ROOT/<method>-<n>x<m> [extra flags]`. By default runs go one
+after the other with all cores (`--threads` = CPU count); `--jobs 2 --threads 1` runs them in pairs, one
+core each, in the order given, so that the dense run and the run it is compared with share the machine's
+conditions (put them next to each other in `--runs`). Each run's output goes to ROOT/<name>.log. Runs whose
+`results.json` exists are not repeated (`--force` redoes them). The table reads every run's
+`results.json`; throughput is also printed as a ratio to the dense run of the same invocation.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shlex
 import subprocess
 import sys
@@ -63,12 +66,29 @@ def _cell(value, fmt: str) -> str:
         return str(value)
 
 
-def run_one(recipe: str, config: str, method: str, pattern: str, out_dir: Path, extra: list[str]) -> None:
+def launch(recipe: str, config: str, method: str, pattern: str, out_dir: Path, extra: list[str],
+           threads: int) -> subprocess.Popen:
+    """Start one run in the background, its output in ``<out_dir>.log``."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1",
-           str(ROOT / "recipes" / f"{recipe}.py"), config, "--method", method, "--sparsity", pattern,
-           "--output_dir", str(out_dir), *extra]
-    print("+", shlex.join(cmd), flush=True)
-    subprocess.run(cmd, check=True, cwd=ROOT)
+           "--num_cpu_threads_per_process", str(threads), str(ROOT / "recipes" / f"{recipe}.py"), config,
+           "--method", method, "--sparsity", pattern, "--output_dir", str(out_dir), *extra]
+    log = out_dir.parent / f"{out_dir.name}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    print("+", shlex.join(cmd), f"> {log}", flush=True)
+    with open(log, "w") as f:
+        return subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT,
+                                env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+
+
+def run_all(recipe: str, config: str, todo: list[tuple[str, str, Path]], extra: list[str], jobs: int,
+            threads: int) -> None:
+    """Run ``todo`` ``jobs`` at a time (each batch starts together and is awaited together)."""
+    for start in range(0, len(todo), jobs):
+        batch = [(out_dir, launch(recipe, config, method, pattern, out_dir, extra, threads))
+                 for method, pattern, out_dir in todo[start:start + jobs]]
+        failed = [str(out_dir) for out_dir, proc in batch if proc.wait() != 0]
+        if failed:
+            raise SystemExit(f"run failed: {', '.join(failed)} (see the .log next to each)")
 
 
 def table(recipe: str, runs: list[tuple[str, str, Path]]) -> str:
@@ -104,6 +124,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="METHOD:N:M entries, run in this order")
     parser.add_argument("--output_root", default="runs/table")
     parser.add_argument("--force", action="store_true", help="rerun runs that already have results.json")
+    parser.add_argument("--jobs", type=int, default=1, help="runs at a time (in the order of --runs)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads per run (default: all cores divided by --jobs)")
     parser.add_argument("--table_only", action="store_true", help="only print the table of existing runs")
     args = parser.parse_args(argv)
 
@@ -113,12 +136,17 @@ def main(argv: list[str] | None = None) -> None:
         if not pattern or pattern.count(":") != 1:
             parser.error(f"--runs entry {entry!r} must look like METHOD:N:M, e.g. sr-ste:2:4")
         runs.append((method, pattern, Path(args.output_root) / f"{method}-{pattern.replace(':', 'x')}"))
+    if args.jobs < 1 or (args.threads is not None and args.threads < 1):
+        parser.error("--jobs and --threads must be at least 1")
+    threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
     if not args.table_only:
+        todo = []
         for method, pattern, out_dir in runs:
             if (out_dir / "results.json").exists() and not args.force:
                 print(f"skip {out_dir} (results.json exists; --force reruns it)", flush=True)
-                continue
-            run_one(args.recipe, args.config, method, pattern, out_dir, extra)
+            else:
+                todo.append((method, pattern, out_dir))
+        run_all(args.recipe, args.config, todo, extra, args.jobs, threads)
     print()
     print(table(args.recipe, runs))
 

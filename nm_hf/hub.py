@@ -37,7 +37,7 @@ from .compressed import (
     save_compressed,
 )
 from .config import CONFIG_KEY, SparsityConfig
-from .injection import is_sparsified, iter_sparse_layers, sparsify
+from .injection import is_sparsified, iter_sparse_layers, layer_layout, sparsify
 from .masks import nm_group_counts
 
 __all__ = ["load_sparse", "restore_sparsity", "push_to_hub", "prepare_upload", "sparsity_record",
@@ -81,16 +81,7 @@ def sparsity_record(model: nn.Module, *, require_finalized: bool = True) -> dict
         first = next(iter_sparse_layers(model))[0]
         raise CheckpointError(f"{type(model).__name__} still has live sparse layers (e.g. {first!r}); call "
                               "nm_hf.finalize(model) first so the saved weights are the N:M ones")
-    record = dict(record)
-    named = dict(model.named_modules())
-    targeted = list(record.get("targeted_modules", []))
-    target_set = set(targeted)
-    if "conv1d_modules" not in record:
-        record["conv1d_modules"] = [n for n in targeted if isinstance(named.get(n), Conv1D)]
-    if "ignored_modules" not in record:
-        record["ignored_modules"] = [n for n, mod in named.items()
-                                     if n and isinstance(mod, (nn.Linear, Conv1D)) and n not in target_set]
-    return record
+    return {**layer_layout(model, record.get("targeted_modules", [])), **record}
 
 
 def _resolve_names(model: nn.Module, names: list[str], where: str) -> list[str]:

@@ -9,7 +9,7 @@ parameter names, layouts and weight tying are untouched.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -257,18 +257,21 @@ def _record_config(model: nn.Module, config: SparsityConfig, targets: list[str],
     if model_config is None:
         return
     record = {k: v for k, v in config.to_dict().items() if k not in _RECORD_KEYS}
-    named = dict(model.named_modules())
-    target_set = set(targets)
-    record.update({
-        "targeted_modules": list(targets),
-        # linear layers left dense (heads, exclusions): what a reader of config.json needs to know
-        "ignored_modules": [n for n, mod in named.items() if n and _is_linear_like(mod) and n not in target_set],
-        # targeted layers stored [in, out] (GPT-2 Conv1D): their N:M groups run along dim 0
-        "conv1d_modules": [n for n in targets if isinstance(named.get(n), Conv1D)],
-        "state": state,
-        **extra,
-    })
+    record.update({"targeted_modules": list(targets), **layer_layout(model, targets), "state": state, **extra})
     setattr(model_config, CONFIG_KEY, record)
+
+
+def layer_layout(model: nn.Module, targets: Iterable[str]) -> dict[str, list[str]]:
+    """The record's layer lists derived from the model: `ignored_modules` (linear layers left dense:
+    heads, exclusions) and `conv1d_modules` (targeted layers stored [in, out], GPT-2 Conv1D, whose N:M
+    groups run along dim 0)."""
+    named = dict(model.named_modules())
+    targets = list(targets)
+    target_set = set(targets)
+    return {
+        "ignored_modules": [n for n, mod in named.items() if n and _is_linear_like(mod) and n not in target_set],
+        "conv1d_modules": [n for n in targets if isinstance(named.get(n), Conv1D)],
+    }
 
 
 def sparsity_config_of(model: nn.Module) -> SparsityConfig:

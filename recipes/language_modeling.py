@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             train_file=data_args.train_file, validation_file=data_args.validation_file,
             test_file=data_args.test_file, dataset=data_args.dataset, text_column=data_args.text_column,
             max_train_samples=data_args.max_train_samples, max_eval_samples=data_args.max_eval_samples,
-            cache_dir=data_args.data_cache_dir)
+            cache_dir=data_args.data_cache_dir, **data_args.split_sizes())
     if data_args.max_test_samples is not None and data_args.max_test_samples < len(raw["test"]):
         raw["test"] = raw["test"].select(range(data_args.max_test_samples))
     logger.info(f"data: {', '.join(f'{k} {len(v):,}' for k, v in raw.items())} rows "

@@ -95,12 +95,21 @@ def test_recipe_dataclasses_build_one_parser_without_conflicts():
     assert (model.model_type, data.block_size, data.dataset) == ("llama", 64, "pydoc")
 
 
+def test_split_sizes_are_rows_or_fractions():
+    sizes = TextDataArguments(validation_split_size=500.0, test_split_size=0.05).split_sizes()
+    assert sizes == {"validation_size": 500, "test_size": 0.05} and isinstance(sizes["validation_size"], int)
+    assert TranslationDataArguments().split_sizes() == {"validation_size": None, "test_size": None}
+
+
 @pytest.mark.parametrize(("cls", "kwargs", "message"), [
     (TranslationDataArguments, {"validation_file": "v.jsonl"}, "--validation_file/--test_file need --train_file"),
     (TranslationDataArguments, {"dataset_name": "wmt14", "train_file": "t.jsonl"}, "either --dataset_name or"),
     (TranslationDataArguments, {"max_train_samples": 0}, "--max_train_samples must be a positive integer"),
     (TranslationDataArguments, {"source_lang": "de", "target_lang": "de"}, "--source_lang and --target_lang"),
     (TranslationDataArguments, {"max_source_length": 0}, "--max_source_length must be a positive integer"),
+    (TranslationDataArguments, {"ding_max_words": 0}, "--ding_max_words must be a positive integer"),
+    (TranslationDataArguments, {"validation_split_size": 0.0}, "--validation_split_size must be > 0"),
+    (TextDataArguments, {"test_split_size": 2.5}, "--test_split_size 2.5: a row count must be a whole number"),
     (TextDataArguments, {"block_size": 0}, "--block_size must be a positive integer"),
     (TranslationModelArguments, {"d_model": 100, "num_attention_heads": 8}, "--d_model 100 must be divisible"),
     (TranslationModelArguments, {"dropout": 1.0}, "--dropout must be in [0, 1)"),

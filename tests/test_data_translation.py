@@ -140,6 +140,16 @@ def test_ding_default(tmp_path):
         load_translation_data(source_lang="fr", ding_path=FIXTURE)
 
 
+def test_ding_length_and_sentence_filters_reach_the_loader():
+    every = load_translation_data(ding_path=FIXTURE, validation_size=1, test_size=1)
+    short = load_translation_data(ding_path=FIXTURE, validation_size=1, test_size=1, ding_max_words=6,
+                                  ding_sentences_only=True)
+    rows = [row for split in short.values() for row in split["translation"]]
+    assert 0 < len(rows) < sum(len(split) for split in every.values())
+    for row in rows:
+        assert all(len(row[lang].split()) <= 6 and row[lang][-1] in ".!?" for lang in ("en", "de"))
+
+
 # ---- errors name the file or the flag ----------------------------------------------------------------
 
 

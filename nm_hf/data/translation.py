@@ -316,6 +316,8 @@ def load_translation_data(
     validation_size: SplitSize | None = None,
     test_size: SplitSize | None = None,
     ding_path: str | os.PathLike[str] = DING_PATH,
+    ding_max_words: int | None = 50,
+    ding_sentences_only: bool = False,
     cache_dir: str | None = None,
 ) -> datasets.DatasetDict:
     """Load translation data from the Hub, local files or the Ding dictionary (see the module docstring).
@@ -356,6 +358,8 @@ def load_translation_data(
             )
         result = load_ding(
             ding_path,
+            max_words=ding_max_words,
+            sentences_only=ding_sentences_only,
             validation_size=1500 if validation_size is None else validation_size,
             test_size=1500 if test_size is None else test_size,
         )
