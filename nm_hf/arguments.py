@@ -224,7 +224,8 @@ class TranslationDataArguments(DataArguments):
 
 @dataclass
 class TextDataArguments(DataArguments):
-    dataset: str = field(default="pydoc", metadata={"help": "Built-in data set: pydoc (CPython's help texts)."})
+    dataset: str = field(default="pydoc", metadata={"help": "Built-in data set: pydoc (CPython's help texts) or python_docs (pydoc plus the standard "
+                  "library's docstrings, 5x larger)."})
     text_column: str = field(default="text", metadata={"help": "Column holding the text."})
     block_size: int = field(default=128, metadata={"help": "Training sequence length (texts are concatenated)."})
     add_eos: bool = field(default=False, metadata={"help": "Append the eos token after every row."})

@@ -3,7 +3,8 @@
 
     accelerate launch recipes/language_modeling.py recipes/configs/lm_demo.yaml [--flag value ...]
 
-Data: CPython's bundled pydoc help texts (default), local files (--train_file ...) or a Hub dataset
+Data: CPython's bundled pydoc help texts (default; --dataset python_docs adds the standard library's
+docstrings), local files (--train_file ...) or a Hub dataset
 (--dataset_name wikitext --dataset_config_name wikitext-103-raw-v1), concatenated and cut into blocks
 of --block_size tokens. Model: a GPT-2-style decoder (Conv1D layers, the default) or a Llama-style one
 (--model_type llama) built from the size flags with a byte-level BPE tokenizer trained on the
@@ -107,13 +108,19 @@ def load_pretrained(model_args: CausalLMModelArguments, block_size: int) -> tupl
     return model, tokenizer
 
 
+BUILTIN_DESCRIPTIONS = {
+    "pydoc": "pydoc (CPython's bundled help texts)",
+    "python_docs": "python_docs (CPython's pydoc help texts and standard-library docstrings)",
+}
+
+
 def _dataset_label(data_args: TextDataArguments) -> str:
     if data_args.dataset_name:
         return data_args.dataset_name + (f" ({data_args.dataset_config_name})" if data_args.dataset_config_name
                                          else "")
     if data_args.train_file:
         return f"local files ({Path(data_args.train_file).name})"
-    return "pydoc (CPython's bundled help texts)" if data_args.dataset == "pydoc" else data_args.dataset
+    return BUILTIN_DESCRIPTIONS.get(data_args.dataset, data_args.dataset)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

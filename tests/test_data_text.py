@@ -7,7 +7,14 @@ import json
 
 import pytest
 
-from nm_hf.data.text import group_texts, iter_texts, load_pydoc_paragraphs, load_text_data, tokenize_and_group
+from nm_hf.data.text import (
+    group_texts,
+    iter_texts,
+    load_pydoc_paragraphs,
+    load_stdlib_docstrings,
+    load_text_data,
+    tokenize_and_group,
+)
 from nm_hf.tokenization import train_causal_lm_tokenizer
 
 LINES = [f"Line {i} of a small document about sparse networks." for i in range(50)]
@@ -31,6 +38,33 @@ def test_pydoc_default_is_deterministic_and_disjoint():
     small = load_text_data(max_train_samples=10, max_eval_samples=3)
     assert [len(small[s]) for s in ("train", "validation", "test")] == [10, 3, 3]
     assert small["train"]["text"] == first["train"]["text"][:10]
+
+
+def test_stdlib_docstrings_skip_tests_short_repeated_and_broken_files(tmp_path):
+    long_doc = "Return the number of widgets in the box, counting the spare ones too."
+    (tmp_path / "pkg" / "tests").mkdir(parents=True)
+    (tmp_path / "pkg" / "widgets.py").write_text(
+        '"""Widgets: small parts that the rest of this package is built from."""\n'
+        f"class Box:\n    {long_doc!r}\n    def count(self):\n        'Too short to keep.'\n"
+        f"    async def fill(self):\n        {long_doc!r}\n"
+    )
+    (tmp_path / "pkg" / "tests" / "helpers.py").write_text(f'"""{long_doc} (test helper)"""\n')
+    (tmp_path / "test_widgets.py").write_text(f'"""{long_doc} (a test module)"""\n')
+    (tmp_path / "broken.py").write_text('print "python 2 syntax with a docstring-like string of many words"\n')
+    rows = load_stdlib_docstrings(tmp_path)
+    assert [row["id"] for row in rows] == ["pkg.widgets", "pkg.widgets.Box"]  # fill's docstring repeats Box's
+    assert rows[1]["text"] == long_doc + "\n\n"
+    with pytest.raises(FileNotFoundError, match="--dataset python_docs"):
+        load_stdlib_docstrings(tmp_path / "missing")
+
+
+def test_python_docs_is_pydoc_plus_the_stdlib_docstrings():
+    data = load_text_data(dataset="python_docs")
+    pydoc = load_text_data(dataset="pydoc")
+    sizes = {split: len(data[split]) for split in data}
+    assert sizes["train"] > 3 * len(pydoc["train"]) and min(sizes.values()) > 200
+    assert set(data["validation"]["text"]).isdisjoint(data["train"]["text"])
+    assert sum(len(text.split()) for text in data["train"]["text"]) > 200_000
 
 
 def test_txt_files_plain_and_gz(tmp_path, cache_dir):

@@ -24,16 +24,24 @@
    ``"<topic>/<paragraph index>"`` (5% each by default). Paragraph-level splitting gives even split
    sizes; with 79 topics a topic-level split would be very lumpy. It is small -- a smoke-test corpus that
    needs no download, not a benchmark.
+4. ``dataset="python_docs"``: the pydoc topics plus the docstrings of the standard library's modules,
+   classes and functions, read from its ``.py`` sources with :mod:`ast` (tests and bundled packages left
+   out, docstrings under 8 words dropped, repeats kept once): about 330,000 words on Python 3.11, five
+   times pydoc, split by the MD5 of ``"<module>.<qualified name>"``. Technical English; large enough that a
+   few hundred training steps do not see it many times over.
 
 ``max_train_samples``/``max_eval_samples`` keep the first N rows of train / validation and test.
 """
 
 from __future__ import annotations
 
+import ast
 import os
 import re
+import sysconfig
 from collections.abc import Iterable
 from itertools import chain
+from pathlib import Path
 from typing import Any
 
 import datasets
@@ -65,9 +73,83 @@ def load_pydoc_paragraphs() -> list[dict[str, str]]:
     return rows
 
 
+# Standard-library folders whose docstrings are test scaffolding, generated tables or bundled third-party code.
+_STDLIB_SKIP = re.compile(r"(^|/)(tests?|idle_test|site-packages|dist-packages|pydoc_data|encodings|__phello__)/"
+                          r"|(^|/)test_[^/]*\.py$")
+_MIN_DOCSTRING_WORDS = 8
+_DOCUMENTED = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+
+
+def _docstrings(tree: ast.AST, prefix: str) -> Iterable[tuple[str, str]]:
+    """``(qualified name, docstring)`` for a module and every class/function in it, in source order."""
+    doc = ast.get_docstring(tree, clean=True) if isinstance(tree, _DOCUMENTED) else None
+    if doc:
+        yield prefix, doc
+    for node in ast.iter_child_nodes(tree):
+        if isinstance(node, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            yield from _docstrings(node, f"{prefix}.{node.name}")
+
+
+def load_stdlib_docstrings(stdlib_dir: str | os.PathLike[str] | None = None) -> list[dict[str, str]]:
+    """Docstrings of the standard library's modules, classes and functions as ``{"id", "text"}`` rows.
+
+    Read from the ``.py`` sources with :mod:`ast` (nothing is imported); tests, bundled packages and
+    docstrings under ``_MIN_DOCSTRING_WORDS`` words are left out, repeated docstrings kept once. About
+    260,000 words on CPython 3.11, four times the pydoc topics.
+    """
+    root = Path(stdlib_dir or sysconfig.get_paths()["stdlib"])
+    if not root.is_dir():
+        raise FileNotFoundError(f"--dataset python_docs: the standard library sources are missing ({root}); "
+                                "pass --train_file or --dataset_name instead")
+    rows: list[dict[str, str]] = []
+    seen: set[str] = set()
+    for path in sorted(root.rglob("*.py")):
+        relative = path.relative_to(root).as_posix()
+        if _STDLIB_SKIP.search(relative):
+            continue
+        try:
+            tree = ast.parse(path.read_bytes(), filename=relative)
+        except (SyntaxError, ValueError):  # deliberately broken files (lib2to3 data, bad encodings)
+            continue
+        module = relative[: -len(".py")].replace("/", ".")
+        for name, doc in _docstrings(tree, module):
+            if len(doc.split()) >= _MIN_DOCSTRING_WORDS and doc not in seen:
+                seen.add(doc)
+                rows.append({"id": name, "text": doc.strip() + "\n\n"})
+    return rows
+
+
+def load_python_docs() -> list[dict[str, str]]:
+    """The pydoc topic paragraphs, then the standard library's docstrings; a repeated text is kept once
+    (pydoc repeats paragraphs across topics), so no text is in two splits."""
+    rows: list[dict[str, str]] = []
+    seen: set[str] = set()
+    for source, part in (("pydoc", load_pydoc_paragraphs()), ("stdlib", load_stdlib_docstrings())):
+        for row in part:
+            if row["text"] not in seen:
+                seen.add(row["text"])
+                rows.append({"id": f"{source}:{row['id']}", "text": row["text"]})
+    return rows
+
+
+BUILTIN_TEXTS = {"pydoc": load_pydoc_paragraphs, "python_docs": load_python_docs}
+
+
 def load_pydoc(validation_size: SplitSize = 0.05, test_size: SplitSize = 0.05) -> datasets.DatasetDict:
     """The pydoc help-topic paragraphs split deterministically into train/validation/test (``text`` column)."""
-    rows = load_pydoc_paragraphs()
+    return load_builtin_text("pydoc", validation_size, test_size)
+
+
+def load_builtin_text(
+    name: str = "pydoc", validation_size: SplitSize = 0.05, test_size: SplitSize = 0.05
+) -> datasets.DatasetDict:
+    """A built-in corpus (``BUILTIN_TEXTS``) split by the MD5 of each row's id into train/validation/test."""
+    if name not in BUILTIN_TEXTS:
+        raise ValueError(
+            f"Unknown --dataset {name!r}: the built-in text datasets are {', '.join(sorted(BUILTIN_TEXTS))}; "
+            f"use --dataset_name for a Hub dataset or --train_file for local files"
+        )
+    rows = BUILTIN_TEXTS[name]()
     n = len(rows)
     sizes = {
         "test": resolve_size(test_size, n, "test_size"),
@@ -204,15 +286,11 @@ def load_text_data(
             for name, path in given_files.items()
         }
         result = _complete_splits(splits, validation_size, test_size)
-    elif dataset == "pydoc":
-        result = load_pydoc(
+    else:
+        result = load_builtin_text(
+            dataset,
             validation_size=0.05 if validation_size is None else validation_size,
             test_size=0.05 if test_size is None else test_size,
-        )
-    else:
-        raise ValueError(
-            f"Unknown --dataset {dataset!r}: the only built-in text dataset is 'pydoc'; "
-            f"use --dataset_name for a Hub dataset or --train_file for local files"
         )
     limits = {"train": max_train_samples, "validation": max_eval_samples, "test": max_eval_samples}
     return datasets.DatasetDict({name: truncate(result[name], limits[name]) for name in SPLITS})
