@@ -262,6 +262,8 @@ def test_bleu_metric_scores_against_raw_references():
     metric = load_recipe("translation").BleuMetric(tokenizer, references=sentences[:2])
     scores = metric(SimpleNamespace(predictions=preds, label_ids=labels))
     assert scores["bleu"] == pytest.approx(100.0) and scores["chrf"] == pytest.approx(100.0)
+    # the control scores the same output against the references rotated by one sentence
+    assert scores["bleu_control"] < 20 and scores["chrf_control"] < 50
     content = [len(x) - 1 for x in ids]  # without the eos the tokenizer appends
     assert scores["gen_len"] == pytest.approx(sum(content) / 2)
     eos_padded = np.where(preds == tokenizer.pad_token_id, tokenizer.eos_token_id, preds)  # as beam search pads
@@ -347,7 +349,7 @@ def check_common_outputs(out: Path) -> dict:
 
 def check_translation_run(out: Path, processes: int, n_test: int) -> dict:
     results = check_common_outputs(out)
-    for key in ("test_bleu", "test_chrf", "eval_bleu", "eval_chrf", "test_loss"):
+    for key in ("test_bleu", "test_chrf", "eval_bleu", "eval_chrf", "test_loss", "test_bleu_control"):
         assert isinstance(results[key], float) and math.isfinite(results[key]), (key, results[key])
     assert 0.0 <= results["test_bleu"] <= 100.0
     assert results["train"]["processes"] == processes
