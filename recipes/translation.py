@@ -77,6 +77,7 @@ class BleuMetric:
     `bleu_control` / `chrf_control` score the same translations against the references rotated by one
     sentence: what fluent target-language output scores without translating its source. A model that
     learned to translate scores clearly above its control; on small budgets the gap is the evidence.
+    With fewer than two sentences there is nothing to rotate, so the control keys are left out.
     """
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, references: list[str] | None = None) -> None:
@@ -103,18 +104,18 @@ class BleuMetric:
         bleu_metric, chrf_metric = BLEU(), CHRF()
         bleu = bleu_metric.corpus_score(hypotheses, [references])
         chrf = chrf_metric.corpus_score(hypotheses, [references])
-        rotated = list(references[1:]) + list(references[:1])
-        bleu_control = bleu_metric.corpus_score(hypotheses, [rotated])
-        chrf_control = chrf_metric.corpus_score(hypotheses, [rotated])
         self.last_hypotheses = hypotheses
         self.last_signature = str(bleu_metric.get_signature())
         # content tokens per translation: beam search pads finished hypotheses with eos, so count neither
         # pad nor any other special token
         special = np.array(sorted(set(self.tokenizer.all_special_ids) | {pad}))
         gen_len = float(np.isin(preds, special, invert=True).sum(-1).mean()) if len(preds) else 0.0
-        return {"bleu": round(bleu.score, 4), "chrf": round(chrf.score, 4),
-                "bleu_control": round(bleu_control.score, 4), "chrf_control": round(chrf_control.score, 4),
-                "gen_len": round(gen_len, 2)}
+        scores = {"bleu": round(bleu.score, 4), "chrf": round(chrf.score, 4), "gen_len": round(gen_len, 2)}
+        if len(references) >= 2:
+            rotated = list(references[1:]) + list(references[:1])
+            scores["bleu_control"] = round(bleu_metric.corpus_score(hypotheses, [rotated]).score, 4)
+            scores["chrf_control"] = round(chrf_metric.corpus_score(hypotheses, [rotated]).score, 4)
+        return scores
 
 
 def build_scratch_model(model_args: TranslationModelArguments, tokenizer: PreTrainedTokenizerBase,

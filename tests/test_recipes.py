@@ -273,6 +273,10 @@ def test_bleu_metric_scores_against_raw_references():
     assert metric(SimpleNamespace(predictions=preds, label_ids=labels))["bleu"] < 5
     metric.references = ["only one reference"]  # wrong length: falls back to the decoded labels
     assert metric(SimpleNamespace(predictions=preds, label_ids=labels))["bleu"] == pytest.approx(100.0)
+    # one sentence: nothing to rotate, so no control (it would equal the score)
+    metric.references = None
+    one = metric(SimpleNamespace(predictions=preds[:1], label_ids=labels[:1]))
+    assert one["bleu"] == pytest.approx(100.0) and "bleu_control" not in one and "chrf_control" not in one
 
 
 # --------------------------------------------------------------------------------------------- end to end
