@@ -14,6 +14,7 @@ masked weight, so activation memory matches a dense layer plus one byte per weig
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 import torch
@@ -190,9 +191,25 @@ class SparseLayerMixin:
         if key is None or self._nm_mask_key != key or self._nm_mask_cache is None:
             # never cache an inference tensor: a later training forward could not save it for backward
             with torch.inference_mode(False):
-                self._nm_mask_cache = nm_mask(self.weight.detach(), self.nm_n, self.nm_m, dim=self.group_dim)
+                self._nm_mask_cache = nm_mask(self._ranking_weight(), self.nm_n, self.nm_m, dim=self.group_dim)
             self._nm_mask_key = key
         return self._nm_mask_cache
+
+    def _ranking_weight(self) -> torch.Tensor:
+        """What the mask ranks: the weight; for "fixed", with ties broken towards the previous mask.
+
+        A "fixed" layer's pruned weights are exact zeros that never change, so its recomputed mask
+        can only move when a kept weight lands exactly on 0.0 and ties with them (the lower index
+        would win). Ranking the previously kept weights one ulp higher keeps the mask frozen then,
+        while weights loaded from elsewhere (zeros in other places) still decide the mask.
+        """
+        weight = self.weight.detach()
+        previous = self._nm_mask_cache
+        if (self.nm_method != "fixed" or previous is None or previous.shape != weight.shape
+                or previous.device != weight.device):
+            return weight
+        magnitude = weight.abs()
+        return torch.where(previous, torch.nextafter(magnitude, torch.full_like(magnitude, math.inf)), magnitude)
 
     def restamp_mask(self) -> None:
         """Declare the cached mask still valid after an in-place change that cannot alter it."""

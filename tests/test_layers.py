@@ -127,6 +127,27 @@ def test_decoupled_decay(kind):
     assert torch.equal(layer.current_mask(), nm_mask(layer.weight.detach(), 2, 4, dim=layer.group_dim))
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_fixed_mask_stays_frozen_when_a_kept_weight_reaches_zero(kind):
+    layer = make_layer(kind, "fixed", dtype=torch.float32)
+    layer._nm_prune_now()  # make_layer re-initialises Conv1D weights after the layer pruned them
+    frozen = layer.current_mask().clone()
+    assert torch.equal(layer.weight.detach() != 0, frozen)  # pruned weights are exact zeros
+    # zero the kept weight of a group whose pruned zeros come first (ranks tie; the lower index would win)
+    grouped = linear_layout(layer, frozen).reshape(OUT, IN // 4, 4)
+    row, group = next((r, g) for r in range(OUT) for g in range(IN // 4) if not grouped[r, g, 0])
+    kept = int(grouped[row, group].nonzero()[0])
+    with torch.no_grad():
+        linear_layout(layer, layer.weight)[row, group * 4 + kept] = 0.0
+    assert torch.equal(layer.current_mask(), frozen)
+    # weights loaded from elsewhere, pruned in other places, still decide the mask
+    other = make_layer(kind, "fixed", dtype=torch.float32, seed=7)
+    other._nm_prune_now()
+    layer.load_state_dict(other.state_dict())
+    assert torch.equal(layer.current_mask(), other.current_mask())
+    assert not torch.equal(layer.current_mask(), frozen)
+
+
 def test_gradient_mode_layers_ignore_apply_decoupled_decay():
     layer = make_layer("linear", "sr-ste")  # decay_mode="gradient"
     before = layer.weight.detach().clone()
