@@ -4,12 +4,20 @@
         --runs dense:2:4 sr-ste:2:4 fixed:2:4 ste:2:4 --jobs 2 --threads 1 --output_root runs/table_mt
 
 Each run is `accelerate launch --num_processes 1 --num_cpu_threads_per_process T recipes/<recipe>.py
-CONFIG --method M --sparsity N:M --output_dir ROOT/<method>-<n>x<m> [extra flags]`. By default runs go one
-after the other with all cores (`--threads` = CPU count); `--jobs 2 --threads 1` runs them in pairs, one
-core each, in the order given, so that the dense run and the run it is compared with share the machine's
-conditions (put them next to each other in `--runs`). Each run's output goes to ROOT/<name>.log. Runs whose
-`results.json` exists are not repeated (`--force` redoes them). The table reads every run's
-`results.json`; throughput is also printed as a ratio to the dense run of the same invocation.
+CONFIG --method M --sparsity N:M --output_dir ROOT/<name> [entry flags] [--seed S] [extra flags]`.
+
+A `--runs` entry is `METHOD:N:M`, optionally followed by flags of its own for that run only, written
+`,flag=value`: `sr-ste:2:4,decay=1` runs SR-STE with `--decay 1` (output dir `sr-ste-2x4_decay1`).
+Flags after `--` go to every run. `--seeds 1 2 3` runs every entry once per seed (`--seed S`, output dir
+`<name>-seed<S>`) and the table shows the mean and standard deviation over the seeds, plus the headline
+metric of each seed.
+
+By default runs go one after the other with all cores (`--threads` = CPU count); `--jobs 2 --threads 1`
+runs them in pairs, one core each, in the order given (seed by seed, entries in `--runs` order), so that
+the dense run and the run it is compared with share the machine's conditions (put them next to each
+other in `--runs`). Each run's output goes to ROOT/<name>.log. Runs whose `results.json` exists are not
+repeated (`--force` redoes them). The table reads every run's `results.json`; throughput is also printed
+as a ratio to the dense entry of the same invocation.
 """
 
 from __future__ import annotations
@@ -18,9 +26,12 @@ import argparse
 import json
 import math
 import os
+import re
 import shlex
+import statistics
 import subprocess
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -33,6 +44,7 @@ COLUMNS = {
     ],
     "language_modeling": [
         ("test ppl", ("test_perplexity", "perplexity"), "{:.2f}"),
+        ("val ppl", ("eval_perplexity",), "{:.2f}"),
         ("test loss", ("test_loss", "eval_loss"), "{:.4f}"),
     ],
 }
@@ -44,6 +56,54 @@ COMMON = [
     ("train tokens/s", ("tokens_per_second",), "{:,.0f}"),
     ("train s", ("train_runtime_s",), "{:,.0f}"),
 ]
+_FLAG_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One `--runs` entry: a method, a pattern and the flags only this entry's runs get."""
+
+    method: str
+    pattern: str
+    flags: tuple[tuple[str, str], ...] = field(default=())
+
+    @property
+    def name(self) -> str:
+        """Output directory name: `sr-ste-2x4`, `sr-ste-2x4_decay1`."""
+        suffix = "".join(f"_{key}{re.sub(r'[^A-Za-z0-9.+-]', '', value)}" for key, value in self.flags)
+        return f"{self.method}-{self.pattern.replace(':', 'x')}{suffix}"
+
+    @property
+    def label(self) -> str:
+        """The table's method cell: `sr-ste`, `sr-ste (decay=1)`."""
+        if not self.flags:
+            return self.method
+        return f"{self.method} ({', '.join(f'{key}={value}' for key, value in self.flags)})"
+
+    def argv(self) -> list[str]:
+        return [item for key, value in self.flags for item in (f"--{key}", value)]
+
+
+def parse_run_spec(entry: str) -> RunSpec:
+    """`METHOD:N:M[,flag=value...]` -> RunSpec; ValueError names the entry."""
+    head, *flag_items = entry.split(",")
+    method, _, pattern = head.partition(":")
+    if not method or not re.fullmatch(r"\d+:\d+", pattern):
+        raise ValueError(f"--runs entry {entry!r} must look like METHOD:N:M[,flag=value...], e.g. sr-ste:2:4 "
+                         "or sr-ste:2:4,decay=1")
+    flags = []
+    for item in flag_items:
+        key, sep, value = item.partition("=")
+        if not sep or not _FLAG_NAME.fullmatch(key) or not value:
+            raise ValueError(f"--runs entry {entry!r}: {item!r} must look like flag=value (e.g. decay=1)")
+        if key in ("method", "sparsity", "output_dir", "seed"):
+            raise ValueError(f"--runs entry {entry!r}: --{key} is set by results_table.py itself")
+        flags.append((key, value))
+    return RunSpec(method, pattern, tuple(flags))
+
+
+def run_dir(root: Path, spec: RunSpec, seed: int | None) -> Path:
+    return root / (spec.name if seed is None else f"{spec.name}-seed{seed}")
 
 
 def _pick(results: dict, keys: tuple[str, ...]):
@@ -66,12 +126,60 @@ def _cell(value, fmt: str) -> str:
         return str(value)
 
 
-def launch(recipe: str, config: str, method: str, pattern: str, out_dir: Path, extra: list[str],
+def _numbers(values: list) -> list[float]:
+    return [float(v) for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)
+            and math.isfinite(float(v))]
+
+
+def _aggregate(values: list, fmt: str, with_sd: bool) -> str:
+    """One seed: the value. Several: the mean (and `± sd` where asked)."""
+    numbers = _numbers(values)
+    if not numbers:
+        return "-"
+    if len(values) == 1:
+        return _cell(values[0], fmt)
+    mean = _cell(statistics.fmean(numbers), fmt)
+    if not with_sd or len(numbers) < 2:
+        return mean
+    return f"{mean} ± {_cell(statistics.stdev(numbers), fmt)}"
+
+
+def table(recipe: str, runs: list[tuple[RunSpec, list[Path]]]) -> str:
+    """Markdown table, one row per entry; with several seeds the task metrics are `mean ± sd`."""
+    columns = COLUMNS[recipe] + COMMON
+    seeded = any(len(dirs) > 1 for _, dirs in runs)
+    headline_title, headline_keys, headline_fmt = columns[0]
+    titles = [c[0] for c in columns] + ([f"{headline_title} per seed", "seeds"] if seeded else [])
+    lines = ["| method | n:m | " + " | ".join(titles) + " | tokens/s vs dense |",
+             "|" + "---|" * (len(titles) + 3)]
+    loaded = []
+    for spec, dirs in runs:
+        results = [json.loads((d / "results.json").read_text()) for d in dirs if (d / "results.json").exists()]
+        loaded.append((spec, results))
+    dense_tps = next((_numbers([_pick(r, ("tokens_per_second",)) for r in results])
+                      for spec, results in loaded if spec.method == "dense" and results), None)
+    for spec, results in loaded:
+        task = {c[0] for c in COLUMNS[recipe]}
+        cells = [_aggregate([_pick(r, keys) for r in results], fmt, with_sd=title in task)
+                 for title, keys, fmt in columns]
+        if seeded:
+            cells.append(" / ".join(_cell(_pick(r, headline_keys), headline_fmt) for r in results) or "-")
+            cells.append(str(len(results)))
+        tps = _numbers([_pick(r, ("tokens_per_second",)) for r in results])
+        ratio = (f"{statistics.fmean(tps) / statistics.fmean(dense_tps):.3f}" if tps and dense_tps else "-")
+        shown = "-" if spec.method == "dense" else spec.pattern  # dense runs patched but unmasked
+        lines.append(f"| {spec.label} | {shown} | " + " | ".join(cells) + f" | {ratio} |")
+    return "\n".join(lines)
+
+
+def launch(recipe: str, config: str, spec: RunSpec, out_dir: Path, seed: int | None, extra: list[str],
            threads: int) -> subprocess.Popen:
     """Start one run in the background, its output in ``<out_dir>.log``."""
+    seed_args = [] if seed is None else ["--seed", str(seed)]
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1",
            "--num_cpu_threads_per_process", str(threads), str(ROOT / "recipes" / f"{recipe}.py"), config,
-           "--method", method, "--sparsity", pattern, "--output_dir", str(out_dir), *extra]
+           "--method", spec.method, "--sparsity", spec.pattern, "--output_dir", str(out_dir), *spec.argv(),
+           *seed_args, *extra]
     log = out_dir.parent / f"{out_dir.name}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     print("+", shlex.join(cmd), f"> {log}", flush=True)
@@ -80,36 +188,15 @@ def launch(recipe: str, config: str, method: str, pattern: str, out_dir: Path, e
                                 env={**os.environ, "OMP_NUM_THREADS": str(threads)})
 
 
-def run_all(recipe: str, config: str, todo: list[tuple[str, str, Path]], extra: list[str], jobs: int,
-            threads: int) -> None:
+def run_all(recipe: str, config: str, todo: list[tuple[RunSpec, int | None, Path]], extra: list[str],
+            jobs: int, threads: int) -> None:
     """Run ``todo`` ``jobs`` at a time (each batch starts together and is awaited together)."""
     for start in range(0, len(todo), jobs):
-        batch = [(out_dir, launch(recipe, config, method, pattern, out_dir, extra, threads))
-                 for method, pattern, out_dir in todo[start:start + jobs]]
+        batch = [(out_dir, launch(recipe, config, spec, out_dir, seed, extra, threads))
+                 for spec, seed, out_dir in todo[start:start + jobs]]
         failed = [str(out_dir) for out_dir, proc in batch if proc.wait() != 0]
         if failed:
             raise SystemExit(f"run failed: {', '.join(failed)} (see the .log next to each)")
-
-
-def table(recipe: str, runs: list[tuple[str, str, Path]]) -> str:
-    columns = COLUMNS[recipe] + COMMON
-    header = "| method | n:m | " + " | ".join(c[0] for c in columns) + " | tokens/s vs dense |"
-    lines = [header, "|" + "---|" * (len(columns) + 3)]
-    dense_tps = None
-    loaded = []
-    for method, pattern, out_dir in runs:
-        path = out_dir / "results.json"
-        results = json.loads(path.read_text()) if path.exists() else {}
-        loaded.append((method, pattern, results))
-        if method == "dense" and results:
-            dense_tps = _pick(results, ("tokens_per_second",))
-    for method, pattern, results in loaded:
-        cells = [_cell(_pick(results, keys), fmt) for _, keys, fmt in columns]
-        tps = _pick(results, ("tokens_per_second",))
-        ratio = f"{tps / dense_tps:.3f}" if tps and dense_tps else "-"
-        shown = "-" if method == "dense" else pattern  # dense runs patched but unmasked
-        lines.append(f"| {method} | {shown} | " + " | ".join(cells) + f" | {ratio} |")
-    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -122,7 +209,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("recipe", choices=sorted(COLUMNS))
     parser.add_argument("config")
     parser.add_argument("--runs", nargs="+", default=["dense:2:4", "fixed:2:4", "ste:2:4", "sr-ste:2:4"],
-                        help="METHOD:N:M entries, run in this order")
+                        help="METHOD:N:M[,flag=value...] entries, run in this order")
+    parser.add_argument("--seeds", nargs="+", type=int, default=None,
+                        help="run every entry once per seed (--seed S); default: the config's seed, once")
     parser.add_argument("--output_root", default="runs/table")
     parser.add_argument("--force", action="store_true", help="rerun runs that already have results.json")
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time (in the order of --runs)")
@@ -131,25 +220,30 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--table_only", action="store_true", help="only print the table of existing runs")
     args = parser.parse_args(argv)
 
-    runs = []
-    for entry in args.runs:
-        method, _, pattern = entry.partition(":")
-        if not pattern or pattern.count(":") != 1:
-            parser.error(f"--runs entry {entry!r} must look like METHOD:N:M, e.g. sr-ste:2:4")
-        runs.append((method, pattern, Path(args.output_root) / f"{method}-{pattern.replace(':', 'x')}"))
+    try:
+        specs = [parse_run_spec(entry) for entry in args.runs]
+    except ValueError as err:
+        parser.error(str(err))
+    if len({spec.name for spec in specs}) != len(specs):
+        parser.error("--runs lists the same entry twice")
+    if "--seed" in extra and args.seeds:
+        parser.error("pass the seed either with --seeds or as an extra --seed flag, not both")
     if args.jobs < 1 or (args.threads is not None and args.threads < 1):
         parser.error("--jobs and --threads must be at least 1")
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
+    root = Path(args.output_root)
+    seeds: list[int | None] = list(args.seeds) if args.seeds else [None]
+    planned = [(spec, seed, run_dir(root, spec, seed)) for seed in seeds for spec in specs]
     if not args.table_only:
         todo = []
-        for method, pattern, out_dir in runs:
+        for spec, seed, out_dir in planned:
             if (out_dir / "results.json").exists() and not args.force:
                 print(f"skip {out_dir} (results.json exists; --force reruns it)", flush=True)
             else:
-                todo.append((method, pattern, out_dir))
+                todo.append((spec, seed, out_dir))
         run_all(args.recipe, args.config, todo, extra, args.jobs, threads)
     print()
-    print(table(args.recipe, runs))
+    print(table(args.recipe, [(spec, [run_dir(root, spec, seed) for seed in seeds]) for spec in specs]))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,108 @@
+"""benchmarks/results_table.py: run entries with their own flags, seeds, and the aggregated table."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_results_table():
+    spec = importlib.util.spec_from_file_location("results_table", ROOT / "benchmarks" / "results_table.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is created
+    spec.loader.exec_module(module)
+    return module
+
+
+rt = load_results_table()
+
+
+def test_run_spec_with_its_own_flags():
+    spec = rt.parse_run_spec("sr-ste:2:4,decay=1,decay_mode=decoupled")
+    assert (spec.method, spec.pattern) == ("sr-ste", "2:4")
+    assert spec.argv() == ["--decay", "1", "--decay_mode", "decoupled"]
+    assert spec.name == "sr-ste-2x4_decay1_decay_modedecoupled"
+    assert spec.label == "sr-ste (decay=1, decay_mode=decoupled)"
+    plain = rt.parse_run_spec("dense:2:4")
+    assert plain.argv() == [] and plain.name == "dense-2x4" and plain.label == "dense"
+    assert rt.run_dir(Path("r"), plain, None) == Path("r/dense-2x4")
+    assert rt.run_dir(Path("r"), plain, 3) == Path("r/dense-2x4-seed3")
+
+
+@pytest.mark.parametrize("entry, message", [
+    ("sr-ste", "must look like METHOD:N:M"),
+    ("sr-ste:2-4", "must look like METHOD:N:M"),
+    ("sr-ste:2:4,decay", "'decay' must look like flag=value"),
+    ("sr-ste:2:4,decay=", "'decay=' must look like flag=value"),
+    ("sr-ste:2:4,--decay=1", "must look like flag=value"),
+    ("sr-ste:2:4,seed=3", "--seed is set by results_table.py"),
+])
+def test_bad_run_specs_name_the_entry(entry, message):
+    with pytest.raises(ValueError, match=message) as info:
+        rt.parse_run_spec(entry)
+    assert repr(entry) in str(info.value)
+
+
+def write_run(path: Path, ppl: float, tps: float, sparsity: float = 0.5) -> None:
+    path.mkdir(parents=True)
+    (path / "results.json").write_text(json.dumps({
+        "test_perplexity": ppl, "eval_perplexity": ppl + 1, "test_loss": 4.0, "sparsity": sparsity,
+        "sad_from_init": 10, "tokens_per_second": tps, "train_runtime_s": 100.0,
+        "mask_stats": {"sad_from_init_rate": 0.25, "mean_flip_rate": 0.001}}))
+
+
+def rows(text: str) -> dict[str, list[str]]:
+    lines = text.splitlines()
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    out = {}
+    for line in lines[2:]:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        out[cells[0]] = dict(zip(header, cells, strict=True))
+    return out
+
+
+def test_table_aggregates_seeds_as_mean_and_sd(tmp_path):
+    dense, srste = rt.parse_run_spec("dense:2:4"), rt.parse_run_spec("sr-ste:2:4,decay=1")
+    for seed, (d_ppl, s_ppl) in zip((1, 2), ((100.0, 90.0), (110.0, 94.0)), strict=True):
+        write_run(rt.run_dir(tmp_path, dense, seed), d_ppl, 1000.0, sparsity=0.0)
+        write_run(rt.run_dir(tmp_path, srste, seed), s_ppl, 900.0)
+    runs = [(spec, [rt.run_dir(tmp_path, spec, s) for s in (1, 2)]) for spec in (dense, srste)]
+    table = rows(rt.table("language_modeling", runs))
+    assert table["dense"]["test ppl"] == f"105.00 ± {statistics.stdev([100.0, 110.0]):.2f}"
+    assert table["sr-ste (decay=1)"]["test ppl"] == f"92.00 ± {statistics.stdev([90.0, 94.0]):.2f}"
+    assert table["sr-ste (decay=1)"]["test ppl per seed"] == "90.00 / 94.00"
+    assert table["sr-ste (decay=1)"]["seeds"] == "2"
+    assert table["sr-ste (decay=1)"]["n:m"] == "2:4" and table["dense"]["n:m"] == "-"
+    assert table["sr-ste (decay=1)"]["sparsity"] == "50.00%"  # a non-task column: the mean, no sd
+    assert table["sr-ste (decay=1)"]["tokens/s vs dense"] == "0.900"
+
+
+def test_table_with_one_seed_and_a_missing_run(tmp_path):
+    dense, ste = rt.parse_run_spec("dense:2:4"), rt.parse_run_spec("ste:2:4")
+    write_run(rt.run_dir(tmp_path, dense, None), 120.0, 1000.0)
+    table = rows(rt.table("language_modeling", [(dense, [tmp_path / "dense-2x4"]), (ste, [tmp_path / "ste-2x4"])]))
+    assert table["dense"]["test ppl"] == "120.00" and "seeds" not in table["dense"]
+    assert table["ste"]["test ppl"] == "-" and table["ste"]["tokens/s vs dense"] == "-"
+
+
+def test_main_table_only_and_flag_errors(tmp_path, capsys):
+    write_run(tmp_path / "fixed-2x4-seed5", 80.0, 500.0)
+    rt.main(["language_modeling", "c.yaml", "--runs", "fixed:2:4", "--seeds", "5", "--table_only",
+             "--output_root", str(tmp_path)])
+    assert "| fixed | 2:4 | 80.00 |" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        rt.main(["language_modeling", "c.yaml", "--runs", "ste:2:4", "ste:2:4", "--table_only"])
+    assert "the same entry twice" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        rt.main(["language_modeling", "c.yaml", "--seeds", "1", "--table_only", "--", "--seed", "2"])
+    assert "not both" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        rt.main(["language_modeling", "c.yaml", "--runs", "ste:2:4,decay", "--table_only"])
+    assert "must look like flag=value" in capsys.readouterr().err
