@@ -458,6 +458,14 @@ def test_language_modeling_recipe_end_to_end(tmp_path):
     assert results["dataset"].startswith("pydoc") and "test_perplexity" in result.stdout
 
 
+def test_language_modeling_recipe_two_processes(tmp_path):
+    """Two gloo ranks through `accelerate launch --multi_gpu`: one set of outputs, GPT-2 Conv1D still 2:4."""
+    out = tmp_path / "out"
+    result = launch("language_modeling.py", ["--output_dir", str(out), *TINY_LM], processes=2)
+    check_lm_run(out, processes=2, model_type="gpt2")
+    assert result.stdout.count("outputs in") == 1  # only the main process prints the table
+
+
 @pytest.mark.slow
 def test_language_modeling_recipe_llama_two_processes(tmp_path):
     out = tmp_path / "out"
