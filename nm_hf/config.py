@@ -24,7 +24,10 @@ class SparsityConfig:
         method: "sr-ste" (mask recomputed from dense weights each step, pruned weights decayed),
             "ste" (same, no decay), "fixed" (one-shot magnitude mask at `sparsify` time, frozen:
             the ASP baseline) or "dense" (layers patched but not masked, for fair comparisons).
-        decay: SR-STE's lambda_w, the strength pulling pruned weights towards zero.
+        decay: SR-STE's lambda_w, the strength pulling pruned weights towards zero. The default is
+            the paper's (tuned with SGD); Adam normalises each weight's update, so with Adam the
+            gradient-mode decay only acts once `decay * |w|` outweighs a pruned weight's data gradient
+            (about 1 for the small GPT-2 of the README's results).
         decay_mode: "gradient" (the paper's: `decay * (1 - mask) * W` added to the gradient in
             backward, so it goes through clipping and Adam's normalisation) or "decoupled"
             (`W -= lr * decay * (1 - mask) * W` after each optimizer step, like AdamW's weight decay).
