@@ -27,7 +27,7 @@ class SparsityConfig:
         decay: SR-STE's lambda_w, the strength pulling pruned weights towards zero. The default is
             the paper's (tuned with SGD); Adam normalises each weight's update, so with Adam the
             gradient-mode decay only acts once `decay * |w|` outweighs a pruned weight's data gradient
-            (about 1 for the small GPT-2 of the README's results).
+            (the README's small-GPT-2 results use 1).
         decay_mode: "gradient" (the paper's: `decay * (1 - mask) * W` added to the gradient in
             backward, so it goes through clipping and Adam's normalisation) or "decoupled"
             (`W -= lr * decay * (1 - mask) * W` after each optimizer step, like AdamW's weight decay).
