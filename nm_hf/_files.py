@@ -1,0 +1,137 @@
+"""The one way nm_hf writes files: atomically, with the permissions the user's umask asks for.
+
+Every file nm_hf writes (histories, plots, results, cards, configs, compressed weights, tracker
+state) goes through `atomic_write` or one of its wrappers: the content is written to a hidden
+temporary file in the target's directory, flushed, given mode `0o666 & ~umask` (what `open()` would
+have given; `tempfile.mkstemp` alone gives 0600) and renamed over the target. A crash or a kill
+leaves either the old file or the new one, never a truncated one. Directories are staged the same
+way with `atomic_directory`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, Any
+
+__all__ = ["atomic_write", "atomic_write_text", "atomic_write_json", "atomic_directory", "current_umask",
+           "json_default"]
+
+
+def current_umask() -> int:
+    """The process umask (read without changing it for longer than one call)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory handles
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any], *, fsync: bool = True) -> Path:
+    """Call `write(handle)` on a temporary file beside `path`, then rename it over `path`.
+
+    The file gets mode `0o666 & ~umask`. On any exception (KeyboardInterrupt included) the
+    temporary file is removed and `path` is left as it was.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            write(handle)
+            handle.flush()
+            if fsync:
+                os.fsync(handle.fileno())
+        os.chmod(tmp, 0o666 & ~current_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write `text` (UTF-8) to `path` atomically."""
+    data = text.encode("utf-8")
+    return atomic_write(path, lambda handle: handle.write(data))
+
+
+def json_default(value: Any) -> Any:
+    """JSON fallback for tensors, numpy scalars and paths (anything else is an error)."""
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if hasattr(value, "item"):
+        return value.item()
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+def atomic_write_json(path: str | os.PathLike, data: Any, *, indent: int | None = 2,
+                      sort_keys: bool = False) -> Path:
+    """Write `data` as JSON (trailing newline) to `path` atomically; NaN/inf are refused."""
+    text = json.dumps(data, indent=indent, sort_keys=sort_keys, default=json_default, allow_nan=False)
+    return atomic_write_text(path, text + "\n")
+
+
+@contextmanager
+def atomic_directory(target: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a staging directory beside `target`; on success it becomes `target` by a rename.
+
+    An exception inside the block leaves `target` as it was and removes the staging directory (a
+    kill leaves it under a hidden `.NAME.tmp-*` name that no loader looks at). A non-empty existing
+    `target` is refused unless `overwrite`; it is then replaced as a whole. `target` may not be the
+    current directory or one of its parents (it could not be renamed).
+    """
+    target = Path(target)
+    resolved = target.resolve()
+    cwd = Path.cwd().resolve()
+    if resolved == cwd or resolved in cwd.parents:
+        raise ValueError(f"{target}: cannot replace the current directory (or one above it); "
+                         "choose a new directory")
+    if target.exists():
+        if not target.is_dir():
+            raise FileExistsError(f"{target} exists and is not a directory")
+        if any(target.iterdir()) and not overwrite:
+            raise FileExistsError(f"{target} exists and is not empty; pass --overwrite (overwrite=True) to "
+                                  "replace it")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        yield staging
+        os.chmod(staging, 0o777 & ~current_umask())
+        for path in staging.rglob("*"):
+            if path.is_file() and not path.is_symlink():
+                with open(path, "rb") as handle:
+                    os.fsync(handle.fileno())
+        if target.exists() and any(target.iterdir()):
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+            os.rename(target, old / "replaced")
+            try:
+                os.rename(staging, target)
+            except BaseException:
+                os.rename(old / "replaced", target)  # put the original back
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(staging, target)  # onto a missing or empty directory: atomic
+        _fsync_dir(target.parent)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
