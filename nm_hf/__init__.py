@@ -6,6 +6,7 @@ from .cuda import to_semi_structured
 from .hub import load_sparse, push_to_hub
 from .injection import (
     SparsifyError,
+    after_optimizer_step,
     apply_decoupled_decay,
     finalize,
     find_target_modules,
@@ -53,6 +54,7 @@ __all__ = [
     "SparseLinear",
     "SparsifyError",
     "SparsityReport",
+    "after_optimizer_step",
     "apply_decoupled_decay",
     "check_nm",
     "finalize",

@@ -18,7 +18,8 @@ real type objects to pick argparse types and choices.
 import re
 from dataclasses import dataclass, field
 
-from .config import DECAY_MODES, METHODS, SparsityConfig
+from .config import DECAY_MODES, SparsityConfig
+from .methods import available_methods
 
 __all__ = [
     "SparsityArguments",
@@ -77,7 +78,7 @@ class SparsityArguments:
         metadata={
             "help": "sr-ste (mask from dense weights each step, pruned weights decayed), ste (same, no decay), "
             "fixed (one-shot magnitude mask, frozen) or dense (layers patched but unmasked: baseline).",
-            "choices": list(METHODS),
+            "choices": available_methods(),
         },
     )
     decay: float = field(
@@ -118,8 +119,8 @@ class SparsityArguments:
             raise ValueError(f"--sparsity {self.sparsity}: N and M must be positive")
         if n > m:
             raise ValueError(f"--sparsity {self.sparsity}: N must be <= M (keep N of every M weights)")
-        if self.method not in METHODS:
-            raise ValueError(f"--method must be one of {', '.join(METHODS)}; got {self.method!r}")
+        if self.method not in available_methods():
+            raise ValueError(f"--method must be one of {', '.join(available_methods())}; got {self.method!r}")
         if self.decay_mode not in DECAY_MODES:
             raise ValueError(f"--decay_mode must be one of {', '.join(DECAY_MODES)}; got {self.decay_mode!r}")
         if isinstance(self.decay, bool) or not isinstance(self.decay, (int, float)) or not self.decay >= 0:

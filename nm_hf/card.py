@@ -16,7 +16,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from torch import nn
 
 from .compressed import CheckpointError, _read_json, inspect_checkpoint, is_compressed, read_config
-from .config import CONFIG_KEY
+from .record import CONFIG_KEY
 from .report import SparsityReport, sparsity_report
 
 __all__ = ["write_model_card", "card_metrics"]

@@ -50,7 +50,7 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from .config import CONFIG_KEY
+from .record import CONFIG_KEY
 from .report import SparsityReport, layer_sparsity
 
 __all__ = [

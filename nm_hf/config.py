@@ -3,37 +3,41 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["SparsityConfig", "METHODS", "DECAY_MODES", "CONFIG_KEY"]
+from .methods import get_method
 
-METHODS = ("sr-ste", "ste", "fixed", "dense")
+__all__ = ["SparsityConfig", "DECAY_MODES", "TARGET_PRESETS"]
+
 DECAY_MODES = ("gradient", "decoupled")
-# Attribute of `model.config` (and key in config.json) that holds the sparsity record.
-CONFIG_KEY = "nm_sparsity"
+#: `target_modules` strings that are presets rather than regexes
+TARGET_PRESETS = ("all-linear",)
 
 
-@dataclass
+@dataclass(frozen=True)
 class SparsityConfig:
-    """N:M sparsity settings.
+    """N:M sparsity settings (frozen: change one with `dataclasses.replace(config, n=1)`).
 
     Args:
         n, m: keep `n` weights in every group of `m` consecutive weights along the input dimension.
-        method: "sr-ste" (mask recomputed from dense weights each step, pruned weights decayed),
-            "ste" (same, no decay), "fixed" (one-shot magnitude mask at `sparsify` time, frozen:
-            the ASP baseline) or "dense" (layers patched but not masked, for fair comparisons).
+        method: a registered method (`nm_hf.methods.available_methods()`): "sr-ste" (mask recomputed
+            from dense weights each step, pruned weights decayed), "ste" (same, no decay), "fixed"
+            (one-shot magnitude mask at `sparsify` time, frozen) or "dense" (layers patched but not
+            masked, for fair comparisons).
         decay: SR-STE's lambda_w, the strength pulling pruned weights towards zero. The default is
             the paper's (tuned with SGD); Adam normalises each weight's update, so with Adam the
             gradient-mode decay only acts once `decay * |w|` outweighs a pruned weight's data gradient
-            (the README's small-GPT-2 results use 1).
+            (the docs' small-GPT-2 results use 1). Only methods that use a decay read it.
         decay_mode: "gradient" (the paper's: `decay * (1 - mask) * W` added to the gradient in
-            backward, so it goes through clipping and Adam's normalisation) or "decoupled"
-            (`W -= lr * decay * (1 - mask) * W` after each optimizer step, like AdamW's weight decay).
+            backward) or "decoupled" (`W -= lr * decay * (1 - mask) * W` after each optimizer step).
         target_modules: "all-linear", a list of module names (exact or dotted-suffix match) or a
             regex string (full match on the module name).
         exclude_modules: same forms as `target_modules`; removed from the targets.
+        method_args: the method's own hyperparameters (checked by the method; defaults filled in).
     """
 
     n: int = 2
@@ -41,9 +45,9 @@ class SparsityConfig:
     method: str = "sr-ste"
     decay: float = 2e-4
     decay_mode: str = "gradient"
-    target_modules: str | list[str] = "all-linear"
-    exclude_modules: str | list[str] | None = None
-    extra: dict[str, Any] = field(default_factory=dict, repr=False)
+    target_modules: str | tuple[str, ...] = "all-linear"
+    exclude_modules: str | tuple[str, ...] | None = None
+    method_args: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for name in ("n", "m"):
@@ -52,17 +56,28 @@ class SparsityConfig:
                 raise ValueError(f"SparsityConfig.{name} must be a positive integer, got {value!r}")
         if self.n > self.m:
             raise ValueError(f"SparsityConfig needs n <= m (keep n of every m weights), got {self.n}:{self.m}")
-        if self.method not in METHODS:
-            raise ValueError(f"SparsityConfig.method must be one of {', '.join(METHODS)}; got {self.method!r}")
+        try:
+            method = get_method(self.method)
+        except ValueError as err:
+            raise ValueError(f"SparsityConfig.{err}") from None
         if self.decay_mode not in DECAY_MODES:
             raise ValueError(
                 f"SparsityConfig.decay_mode must be one of {', '.join(DECAY_MODES)}; got {self.decay_mode!r}"
             )
-        if isinstance(self.decay, bool) or not isinstance(self.decay, (int, float)) or not self.decay >= 0:
-            raise ValueError(f"SparsityConfig.decay must be a number >= 0, got {self.decay!r}")
-        self.decay = float(self.decay)
-        self.target_modules = _check_selector(self.target_modules, "target_modules", allow_none=False)
-        self.exclude_modules = _check_selector(self.exclude_modules, "exclude_modules", allow_none=True)
+        decay = self.decay
+        if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not math.isfinite(decay) or decay < 0:
+            raise ValueError(f"SparsityConfig.decay must be a finite number >= 0, got {decay!r}")
+        object.__setattr__(self, "decay", float(decay))
+        object.__setattr__(self, "target_modules", _check_selector(self.target_modules, "target_modules", False))
+        object.__setattr__(self, "exclude_modules", _check_selector(self.exclude_modules, "exclude_modules", True))
+        try:
+            args = method.check_args(self.method_args if self.method_args is not None else {})
+        except ValueError as err:
+            raise ValueError(f"SparsityConfig.method_args: {err}") from None
+        object.__setattr__(self, "method_args", args)
+
+    def __hash__(self) -> int:  # method_args is a dict: hash the JSON form
+        return hash(repr(sorted(self.to_dict().items())))
 
     @property
     def pattern(self) -> str:
@@ -70,22 +85,32 @@ class SparsityConfig:
 
     @property
     def effective_decay(self) -> float:
-        """The decay the layers apply: only SR-STE decays pruned weights."""
-        return self.decay if self.method == "sr-ste" else 0.0
+        """The decay the layers apply: 0 for methods that use none."""
+        return self.decay if get_method(self.method).uses_decay else 0.0
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (selectors as lists); `from_dict` inverts it."""
         data = dataclasses.asdict(self)
-        data.pop("extra")
-        data.update(self.extra)
+        for key in ("target_modules", "exclude_modules"):
+            if isinstance(data[key], tuple):
+                data[key] = list(data[key])
+        data["method_args"] = dict(self.method_args)
         return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SparsityConfig:
-        """Inverse of `to_dict`; unknown keys (records added at save time) are kept in `extra`."""
-        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
-        known = {k: v for k, v in data.items() if k in names}
-        extra = {k: v for k, v in data.items() if k not in names}
-        return cls(**known, extra=extra)
+        """Inverse of `to_dict`; unknown keys are refused (with a did-you-mean hint)."""
+        if not isinstance(data, dict):
+            raise TypeError(f"SparsityConfig.from_dict needs a dict, got {type(data).__name__}")
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = [key for key in data if key not in names]
+        if unknown:
+            parts = []
+            for key in unknown:
+                hint = difflib.get_close_matches(str(key), names, n=1)
+                parts.append(f"{key!r}" + (f" (did you mean {hint[0]!r}?)" if hint else ""))
+            raise ValueError(f"SparsityConfig has no field(s) {', '.join(parts)}; fields: {', '.join(names)}")
+        return cls(**data)
 
     @classmethod
     def from_pattern(cls, pattern: str, **kwargs: Any) -> SparsityConfig:
@@ -96,18 +121,21 @@ class SparsityConfig:
         return cls(n=int(match.group(1)), m=int(match.group(2)), **kwargs)
 
 
-def _check_selector(value: Any, name: str, allow_none: bool) -> str | list[str] | None:
+def _check_selector(value: Any, name: str, allow_none: bool) -> str | tuple[str, ...] | None:
     if value is None:
         if allow_none:
             return None
         raise ValueError(f"SparsityConfig.{name} must be 'all-linear', a list of names or a regex")
     if isinstance(value, str):
-        if value != "all-linear":
+        if value not in TARGET_PRESETS:
             try:
                 re.compile(value)
             except re.error as err:
                 raise ValueError(f"SparsityConfig.{name}={value!r} is not a valid regex: {err}") from err
         return value
-    if isinstance(value, (list, tuple, set)) and all(isinstance(v, str) and v for v in value):
-        return list(value)
-    raise ValueError(f"SparsityConfig.{name} must be a string or a list of non-empty strings, got {value!r}")
+    if allow_none and isinstance(value, (list, tuple)) and not value:
+        return None
+    if isinstance(value, (list, tuple)) and value and all(isinstance(v, str) and v for v in value):
+        return tuple(value)
+    raise ValueError(f"SparsityConfig.{name} must be a string or a non-empty list of non-empty strings, "
+                     f"got {value!r}")

@@ -15,9 +15,9 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .config import CONFIG_KEY
 from .injection import finalize, is_sparsified, iter_sparse_layers
 from .masks import nm_group_counts
+from .record import CONFIG_KEY
 
 __all__ = ["SemiStructuredError", "semi_structured_problems", "check_semi_structured", "to_semi_structured",
            "SEMI_STRUCTURED_DTYPES"]
@@ -135,7 +135,7 @@ def check_semi_structured(model: nn.Module, *, assume_cuda: bool = False, backen
     if (n, m) != (2, 4):
         problems.append(f"the model is {n}:{m} sparse; sparse tensor cores only run 2:4")
     for name, layer, weight in _candidates(model):
-        if isinstance(layer, nn.Module) and getattr(layer, "nm_method", None) == "dense":
+        if isinstance(layer, nn.Module) and not getattr(layer, "is_masked", True):
             problems.append(f"{name}: method 'dense' (no mask): the weights are not 2:4")
             continue
         device_type = "cuda" if assume_cuda else weight.device.type

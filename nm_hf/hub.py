@@ -36,9 +36,11 @@ from .compressed import (
     read_config,
     save_compressed,
 )
-from .config import CONFIG_KEY, SparsityConfig
-from .injection import is_sparsified, iter_sparse_layers, layer_layout, sparsify
+from .config import SparsityConfig
+from .injection import ignored_layers, is_sparsified, iter_sparse_layers, sparsify
+from .injection import model_group_dims as layer_group_dims
 from .masks import nm_group_counts
+from .record import CONFIG_KEY
 
 __all__ = ["load_sparse", "restore_sparsity", "push_to_hub", "prepare_upload", "sparsity_record",
            "model_group_dims"]
@@ -81,7 +83,9 @@ def sparsity_record(model: nn.Module, *, require_finalized: bool = True) -> dict
         first = next(iter_sparse_layers(model))[0]
         raise CheckpointError(f"{type(model).__name__} still has live sparse layers (e.g. {first!r}); call "
                               "nm_hf.finalize(model) first so the saved weights are the N:M ones")
-    return {**layer_layout(model, record.get("targeted_modules", [])), **record}
+    targets = record.get("targeted_modules", [])
+    return {"ignored_modules": ignored_layers(model, targets), "group_dims": layer_group_dims(model, targets),
+            **record}
 
 
 def _resolve_names(model: nn.Module, names: list[str], where: str) -> list[str]:

@@ -1,29 +1,38 @@
 """Put sparse layers into a model (`sparsify`) and take them out again (`finalize`).
 
 Injection is checked completely before anything is touched: every problem found is reported in one
-error that names the layers and the fix, and the model is left exactly as it was. Layers are
-converted in place by switching their class (same object, same Parameters, same hooks), so
-parameter names, layouts and weight tying are untouched.
+error that names the layers and the fix, and the model is left exactly as it was (an interrupt
+midway, Ctrl-C included, rolls back too). Layers are converted in place by switching their class
+(same object, same Parameters, same hooks), so parameter names, layouts and weight tying are
+untouched. Which modules can convert, and along which dimension, is the layer-kind registry's
+business (`nm_hf.layers.kinds`); what the method does is the method registry's (`nm_hf.methods`).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
-from .config import CONFIG_KEY, SparsityConfig
-from .layers import DENSE_CLASS_FOR, SPARSE_CLASS_FOR, SparseLayerMixin
+from .config import SparsityConfig
+from .layers import SparseLayerMixin, family_kind, layer_kind_for, layer_kind_of_sparse
+from .record import (
+    STATE_FINALIZED,
+    STATE_TRAINING,
+    build_record,
+    config_from_record,
+    read_record,
+    remove_record,
+    weight_key,
+    write_record,
+)
 
 __all__ = ["sparsify", "finalize", "iter_sparse_layers", "find_target_modules", "is_sparsified",
-           "apply_decoupled_decay", "SparsifyError", "sparsity_config_of"]
-
-#: nn.Linear subclasses in transformers that only re-implement the same affine map (safe to convert)
-PLAIN_LINEAR_SUBCLASSES = frozenset({"FalconLinear"})
+           "after_optimizer_step", "apply_decoupled_decay", "SparsifyError", "sparsity_config_of",
+           "baked_weights", "unwrap_model", "model_group_dims", "ignored_layers", "current_record"]
 
 #: name components of task heads that "all-linear" leaves dense (their outputs are logits/labels)
 HEAD_NAMES = frozenset({"lm_head", "classifier", "classification_head", "score", "qa_outputs",
@@ -34,9 +43,22 @@ class SparsifyError(ValueError):
     """A model/config combination `sparsify` refuses; the model was not modified."""
 
 
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The model inside `torch.compile(...)`, DDP / DataParallel wrappers (any nesting), else `model`."""
+    while True:
+        inner = getattr(model, "_orig_mod", None)  # torch.compile's OptimizedModule
+        if isinstance(inner, nn.Module):
+            model = inner
+            continue
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+            continue
+        return model
+
+
 def iter_sparse_layers(model: nn.Module) -> Iterator[tuple[str, SparseLayerMixin]]:
-    """(name, layer) for every sparse layer in `model`, in module order."""
-    for name, module in model.named_modules():
+    """(name, layer) for every sparse layer in `model` (wrappers unwrapped), in module order."""
+    for name, module in unwrap_model(model).named_modules():
         if isinstance(module, SparseLayerMixin):
             yield name, module
 
@@ -45,21 +67,9 @@ def is_sparsified(model: nn.Module) -> bool:
     return any(True for _ in iter_sparse_layers(model))
 
 
-def _is_linear_like(module: nn.Module) -> bool:
-    return isinstance(module, (nn.Linear, Conv1D))
-
-
-def _sparse_class(module: nn.Module) -> type | None:
-    """The sparse class to convert `module` to, or None if it is not a plain projection."""
-    if type(module) in SPARSE_CLASS_FOR:
-        return SPARSE_CLASS_FOR[type(module)]
-    if isinstance(module, nn.Linear) and type(module).__name__ in PLAIN_LINEAR_SUBCLASSES:
-        return SPARSE_CLASS_FOR[nn.Linear]
-    return None
-
-
-def _input_features(module: nn.Module) -> int:
-    return module.weight.shape[1] if isinstance(module, nn.Linear) else module.weight.shape[0]
+def _is_layer(module: nn.Module) -> bool:
+    """A layer of a registered kind (subclasses included): what selectors and records talk about."""
+    return family_kind(module) is not None
 
 
 def _name_matches(name: str, entry: str) -> bool:
@@ -67,8 +77,7 @@ def _name_matches(name: str, entry: str) -> bool:
 
 
 def _head_module_ids(model: nn.Module) -> set[int]:
-    """Modules "all-linear" never targets: the output embedding and anything sharing an embedding's weight."""
-    ids: set[int] = set()
+    """The output embedding: "all-linear" never targets it."""
     get_out = getattr(model, "get_output_embeddings", None)
     if callable(get_out):
         try:
@@ -76,21 +85,21 @@ def _head_module_ids(model: nn.Module) -> set[int]:
         except (AttributeError, NotImplementedError):
             out = None
         if isinstance(out, nn.Module):
-            ids.add(id(out))
-    return ids
+            return {id(out)}
+    return set()
 
 
 def _embedding_weights(model: nn.Module) -> set[int]:
     return {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
 
 
-def _select(model: nn.Module, selector: str | list[str], field: str) -> tuple[list[str], list[str]]:
-    """Names of linear-like modules matched by `selector`, plus problems (unknown names, non-linear hits)."""
+def _select(model: nn.Module, selector: str | tuple[str, ...], field: str) -> tuple[list[str], list[str]]:
+    """Names of layers matched by `selector`, plus problems (unknown names, non-layer hits)."""
     problems: list[str] = []
     named = dict(model.named_modules())
     if isinstance(selector, str):
         pattern = re.compile(selector)
-        hits = [n for n, mod in named.items() if n and _is_linear_like(mod) and pattern.fullmatch(n)]
+        hits = [n for n, mod in named.items() if n and _is_layer(mod) and pattern.fullmatch(n)]
         if not hits:
             problems.append(f"{field}={selector!r} (regex, full match) matched no linear layer")
         return hits, problems
@@ -101,7 +110,7 @@ def _select(model: nn.Module, selector: str | list[str], field: str) -> tuple[li
             problems.append(f"{field} entry {entry!r} matched no module (names look like {_example_names(model)})")
             continue
         for n in matched:
-            if not _is_linear_like(named[n]):
+            if not _is_layer(named[n]):
                 problems.append(f"{field} entry {entry!r} matched {n!r}, a {type(named[n]).__name__}, "
                                 "not a linear layer")
             elif n not in hits:
@@ -110,12 +119,13 @@ def _select(model: nn.Module, selector: str | list[str], field: str) -> tuple[li
 
 
 def _example_names(model: nn.Module, k: int = 3) -> str:
-    names = [n for n, mod in model.named_modules() if n and _is_linear_like(mod)][:k]
+    names = [n for n, mod in model.named_modules() if n and _is_layer(mod)][:k]
     return ", ".join(repr(n) for n in names) or "(no linear layers)"
 
 
 def find_target_modules(model: nn.Module, config: SparsityConfig) -> list[str]:
     """Names of the layers `sparsify(model, config)` would convert; raises `SparsifyError` on any problem."""
+    model = unwrap_model(model)
     targets, problems = _resolve_targets(model, config)
     if problems:
         raise SparsifyError(_format_problems(model, problems))
@@ -129,7 +139,7 @@ def _resolve_targets(model: nn.Module, config: SparsityConfig) -> tuple[list[str
         tied = _embedding_weights(model)
         targets = [
             n for n, mod in named.items()
-            if n and _sparse_class(mod) is not None
+            if n and layer_kind_for(mod) is not None and not isinstance(mod, SparseLayerMixin)
             and id(mod) not in heads
             and id(mod.weight) not in tied
             and not HEAD_NAMES.intersection(n.split("."))
@@ -153,7 +163,8 @@ def _resolve_targets(model: nn.Module, config: SparsityConfig) -> tuple[list[str
         if isinstance(mod, SparseLayerMixin):
             problems.append(f"{name!r} is already sparse (the model was sparsified before)")
             continue
-        if _sparse_class(mod) is None:
+        kind = layer_kind_for(mod)
+        if kind is None:
             problems.append(f"{name!r} is a {type(mod).__name__}, a subclass with its own behaviour, "
                             f"not a plain nn.Linear/Conv1D; {hint}")
             continue
@@ -166,7 +177,7 @@ def _resolve_targets(model: nn.Module, config: SparsityConfig) -> tuple[list[str
             problems.append(f"{name!r} has {weight.dtype} weights (quantized?); N:M needs floating-point "
                             f"weights; {hint}")
             continue
-        in_features = _input_features(mod)
+        in_features = kind.input_features(mod)
         if in_features % config.m:
             problems.append(f"{name!r} has {in_features} input features, not divisible by m={config.m}; {hint}")
         if id(weight) in embedding_weights:
@@ -182,106 +193,158 @@ def _format_problems(model: nn.Module, problems: list[str]) -> str:
     return head + "".join(f"\n  - {p}" for p in problems)
 
 
+def model_group_dims(model: nn.Module, names: list[str]) -> dict[str, int]:
+    """Input dimension of each named layer's weight, from the layer-kind registry."""
+    modules = dict(unwrap_model(model).named_modules())
+    dims = {}
+    for name in names:
+        kind = family_kind(modules[name]) if name in modules else None
+        if kind is None:
+            what = type(modules[name]).__name__ if name in modules else "missing"
+            raise ValueError(f"layer {name!r} is {what} in {type(model).__name__}, not a layer kind nm_hf knows")
+        dims[name] = kind.group_dim
+    return dims
+
+
+def ignored_layers(model: nn.Module, targets: list[str]) -> list[str]:
+    """Layers of a registered kind that are not targeted (heads, exclusions): left dense."""
+    target_set = set(targets)
+    return [n for n, mod in unwrap_model(model).named_modules() if n and _is_layer(mod) and n not in target_set]
+
+
+def current_record(model: nn.Module, config: SparsityConfig, targets: list[str], state: str,
+                   **extra: Any) -> dict[str, Any]:
+    """The record describing `model` sparsified with `config` on `targets`, in `state`."""
+    model = unwrap_model(model)
+    return build_record(config, targets, model_group_dims(model, targets), ignored_layers(model, targets),
+                        state, **extra)
+
+
+def _as_config(config: SparsityConfig | dict[str, Any] | None) -> SparsityConfig:
+    if config is None:
+        return SparsityConfig()
+    if isinstance(config, dict):
+        return SparsityConfig.from_dict(config)
+    if not isinstance(config, SparsityConfig):
+        raise TypeError(f"config must be a SparsityConfig or a dict, got {type(config).__name__}")
+    return config
+
+
 def sparsify(model: nn.Module, config: SparsityConfig | dict[str, Any] | None = None) -> nn.Module:
-    """Convert the targeted linear layers of `model` to N:M sparse layers, in place; returns `model`.
+    """Convert the targeted layers of `model` to N:M sparse layers, in place; returns `model`.
 
     Everything is checked first (unknown names, nothing matched, sizes not divisible by m,
     non-float or meta weights, layers already sparse, tied embeddings); on any problem a
     `SparsifyError` lists them all and the model is unchanged. The config (and the targeted layer
-    names) is recorded on `model.config` so `save_pretrained` stores it in config.json.
+    names) is recorded on `model.config` so `save_pretrained` stores it in config.json. Compiled
+    (`torch.compile`) and DDP-wrapped models are sparsified inside their wrapper, under the names
+    of the inner model.
     """
-    if config is None:
-        config = SparsityConfig()
-    elif isinstance(config, dict):
-        config = SparsityConfig.from_dict(config)
-    elif not isinstance(config, SparsityConfig):
-        raise TypeError(f"config must be a SparsityConfig or a dict, got {type(config).__name__}")
+    config = _as_config(config)
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if is_sparsified(model):
-        first = next(iter_sparse_layers(model))[0]
-        raise SparsifyError(f"cannot sparsify {type(model).__name__}: it already has sparse layers "
+    inner = unwrap_model(model)
+    if is_sparsified(inner):
+        first = next(iter_sparse_layers(inner))[0]
+        raise SparsifyError(f"cannot sparsify {type(inner).__name__}: it already has sparse layers "
                             f"(e.g. {first!r}); call nm_hf.finalize(model) first to start over")
 
-    targets, problems = _resolve_targets(model, config)
+    targets, problems = _resolve_targets(inner, config)
     if problems:
-        raise SparsifyError(_format_problems(model, problems))
+        raise SparsifyError(_format_problems(inner, problems))
 
-    # the record first: a config that refuses attributes must fail before any layer is converted
-    previous_record = getattr(getattr(model, "config", None), CONFIG_KEY, None)
+    named = dict(inner.named_modules())
+    previous_record = read_record(inner)
+    snapshots: dict[str, torch.Tensor] = {}
     try:
-        _record_config(model, config, targets, state="training")
-    except (AttributeError, TypeError) as err:
-        raise SparsifyError(f"cannot sparsify {type(model).__name__}: model.config does not accept the "
-                            f"'{CONFIG_KEY}' record ({err}); the model was not modified") from err
-    named = dict(model.named_modules())
-    try:
+        # the record first: a config that refuses attributes must fail before any layer is converted
+        if getattr(inner, "config", None) is not None:
+            try:
+                write_record(inner, current_record(inner, config, targets, STATE_TRAINING))
+            except (AttributeError, TypeError) as err:
+                raise SparsifyError(f"cannot sparsify {type(inner).__name__}: model.config does not accept the "
+                                    f"nm_sparsity record ({err}); the model was not modified") from err
         for name in targets:
             module = named[name]
+            kind = layer_kind_for(module)
             dense_class = type(module)
-            module.__class__ = _sparse_class(module)
-            module._nm_setup(config)
+            module.__class__ = kind.sparse_class
             module._nm_dense_class = dense_class
+            module.nm_setup(config)
+        # method hooks (e.g. "fixed" zeroes its pruned weights): keep copies so an interrupt can undo them
+        for name in targets:
+            layer = named[name]
+            snapshots[name] = layer.weight.detach().clone()
+            layer.method.prepare(layer)
     except BaseException:
-        _undo_conversion(model, named, targets, previous_record)
+        _undo_conversion(inner, named, targets, previous_record, snapshots)
         raise
-    # method "fixed": one-shot magnitude pruning; pruned weights are zeroed now and get no gradient
-    # afterwards, so the mask recomputed from the weights stays the one chosen here
-    for name in targets:
-        named[name]._nm_prune_now()
     return model
 
 
-def _undo_conversion(model: nn.Module, named: dict, targets: list[str], previous_record: Any) -> None:
+@torch.no_grad()
+def _undo_conversion(model: nn.Module, named: dict, targets: list[str], previous_record: Any,
+                     snapshots: dict[str, torch.Tensor]) -> None:
     for name in targets:
         module = named[name]
+        if name in snapshots:
+            module.weight.copy_(snapshots[name])
         if isinstance(module, SparseLayerMixin):
-            dense_class = module.__dict__.get("_nm_dense_class", DENSE_CLASS_FOR[type(module)])
-            module._nm_teardown()
-            module.__class__ = dense_class
-    model_config = getattr(model, "config", None)
-    if model_config is not None:
+            _restore_dense_class(module)
+    if getattr(model, "config", None) is not None:
         if previous_record is None:
-            model_config.__dict__.pop(CONFIG_KEY, None)
+            remove_record(model)
         else:
-            setattr(model_config, CONFIG_KEY, previous_record)
+            write_record(model, previous_record)
 
 
-#: keys `_record_config` writes itself (dropped from a stored config before re-recording)
-_RECORD_KEYS = ("targeted_modules", "ignored_modules", "conv1d_modules", "state", "sparsity")
-
-
-def _record_config(model: nn.Module, config: SparsityConfig, targets: list[str], state: str,
-                   **extra: Any) -> None:
-    model_config = getattr(model, "config", None)
-    if model_config is None:
-        return
-    record = {k: v for k, v in config.to_dict().items() if k not in _RECORD_KEYS}
-    record.update({"targeted_modules": list(targets), **layer_layout(model, targets), "state": state, **extra})
-    setattr(model_config, CONFIG_KEY, record)
-
-
-def layer_layout(model: nn.Module, targets: Iterable[str]) -> dict[str, list[str]]:
-    """The record's layer lists derived from the model: `ignored_modules` (linear layers left dense:
-    heads, exclusions) and `conv1d_modules` (targeted layers stored [in, out], GPT-2 Conv1D, whose N:M
-    groups run along dim 0)."""
-    named = dict(model.named_modules())
-    targets = list(targets)
-    target_set = set(targets)
-    return {
-        "ignored_modules": [n for n, mod in named.items() if n and _is_linear_like(mod) and n not in target_set],
-        "conv1d_modules": [n for n in targets if isinstance(named.get(n), Conv1D)],
-    }
+def _restore_dense_class(layer: SparseLayerMixin) -> None:
+    dense_class = layer.__dict__.get("_nm_dense_class") or layer_kind_of_sparse(layer).dense_class
+    layer.nm_teardown()
+    layer.__class__ = dense_class
 
 
 def sparsity_config_of(model: nn.Module) -> SparsityConfig:
     """The config a sparsified model runs with: its `nm_sparsity` record, else read off its layers."""
-    stored = getattr(getattr(model, "config", None), CONFIG_KEY, None)
-    if isinstance(stored, dict):
-        return SparsityConfig.from_dict(stored)
+    record = read_record(unwrap_model(model))
+    if record is not None:
+        return config_from_record(record)
     _, layer = next(iter_sparse_layers(model))
-    return SparsityConfig(n=layer.nm_n, m=layer.nm_m, method=layer.nm_method,
-                          decay=layer.nm_decay, decay_mode=layer.nm_decay_mode)
+    return SparsityConfig(n=layer.nm_n, m=layer.nm_m, method=layer.nm_method, decay=layer.nm_decay,
+                          decay_mode=layer.nm_decay_mode, method_args=layer.nm_method_args)
+
+
+@torch.no_grad()
+def baked_weights(model: nn.Module, weights: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """`{state-dict key: weight * mask}` for every sparse layer, without touching the model.
+
+    `weights` (state-dict key -> tensor) replaces the layers' own weights, e.g. a state dict gathered
+    elsewhere; the mask is then recomputed from it exactly as the layer would. Unmasked methods give
+    the weight unchanged. Used by `finalize` and by the trainer's baked saves.
+    """
+    from .layers import apply_mask
+    from .masks import nm_mask
+
+    baked = {}
+    for name, layer in iter_sparse_layers(model):
+        key = weight_key(name)
+        if weights is None:
+            baked[key] = layer.effective_weight()
+            continue
+        if key not in weights:
+            raise KeyError(f"sparse layer {name!r}: no {key!r} in the state dict to bake")
+        weight = weights[key].detach()
+        if layer.is_masked:
+            ranking = layer.method.ranking_weight(layer, weight)
+            weight = apply_mask(weight.contiguous(), nm_mask(ranking, layer.nm_n, layer.nm_m, dim=layer.group_dim))
+        baked[key] = weight
+    return baked
+
+
+def measured_sparsity(tensors: list[torch.Tensor]) -> float:
+    zeros = sum(int((t == 0).sum()) for t in tensors)
+    total = sum(t.numel() for t in tensors)
+    return round(zeros / max(total, 1), 6)
 
 
 @torch.no_grad()
@@ -291,39 +354,33 @@ def finalize(model: nn.Module) -> nn.Module:
     Afterwards `save_pretrained` + plain `AutoModel*.from_pretrained` reload the model bit-exactly,
     and config.json records the pattern, the targeted layers and the measured sparsity.
     """
-    layers = list(iter_sparse_layers(model))
+    inner = unwrap_model(model)
+    layers = list(iter_sparse_layers(inner))
     if not layers:
-        raise ValueError(f"{type(model).__name__} has no sparse layers to finalize (call nm_hf.sparsify first)")
-    config = sparsity_config_of(model)
-    zeros = total = 0
+        raise ValueError(f"{type(inner).__name__} has no sparse layers to finalize (call nm_hf.sparsify first)")
+    config = sparsity_config_of(inner)
+    baked = baked_weights(inner)
+    names = [name for name, _ in layers]
+    record = current_record(inner, config, names, STATE_FINALIZED,
+                            sparsity=measured_sparsity(list(baked.values())))
+    for name, layer in layers:
+        layer.weight.copy_(baked[weight_key(name)])
     for _, layer in layers:
-        if layer.is_masked:
-            layer.weight.masked_fill_(~layer.current_mask(), 0)
-        zeros += int((layer.weight == 0).sum())
-        total += layer.weight.numel()
-    for _, layer in layers:
-        dense_class = layer.__dict__.get("_nm_dense_class", DENSE_CLASS_FOR[type(layer)])
-        layer._nm_teardown()
-        layer.__class__ = dense_class
-    _record_config(model, config, [name for name, _ in layers], state="finalized",
-                   sparsity=round(zeros / max(total, 1), 6))
+        _restore_dense_class(layer)
+    if getattr(inner, "config", None) is not None:
+        write_record(inner, record)
     return model
 
 
 @torch.no_grad()
-def apply_decoupled_decay(model: nn.Module, lr: float) -> int:
-    """`W -= lr * decay * (1 - mask) * W` on every SR-STE layer in "decoupled" decay mode.
+def after_optimizer_step(model: nn.Module, lr: float) -> int:
+    """Run every sparse layer's method hook after an optimizer step (e.g. SR-STE decoupled decay).
 
-    Call it right after each optimizer step (SparseTrainer does). Returns the number of layers
-    updated. Shrinking pruned weights cannot change the mask, so the cached mask stays valid.
+    Call it right after each optimizer step in a plain loop (SparseTrainer does it for you). Returns
+    the number of layers the hooks changed.
     """
-    count = 0
-    for _, layer in iter_sparse_layers(model):
-        if layer.nm_method != "sr-ste" or layer.nm_decay_mode != "decoupled" or not layer.nm_decay:
-            continue
-        mask = layer.current_mask()
-        weight = layer.weight
-        weight.sub_(weight.masked_fill(mask, 0), alpha=lr * layer.nm_decay)
-        layer.restamp_mask()
-        count += 1
-    return count
+    return sum(bool(layer.method.after_optimizer_step(layer, lr)) for _, layer in iter_sparse_layers(model))
+
+
+#: the documented name for SR-STE's decoupled decay (it is the only after-step hook so far)
+apply_decoupled_decay = after_optimizer_step

@@ -8,9 +8,10 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from .config import CONFIG_KEY
 from .injection import iter_sparse_layers
+from .layers import group_dim_of
 from .masks import nm_group_counts
+from .record import CONFIG_KEY
 
 __all__ = ["LayerSparsity", "SparsityReport", "sparsity_report", "layer_sparsity"]
 
@@ -90,8 +91,6 @@ def layer_sparsity(name: str, weight: torch.Tensor, n: int, m: int, group_dim: i
                          nm_ok=ok, numel=weight.numel(), zeros=zeros)
 
 
-def _group_dim(module: nn.Module) -> int:
-    return 1 if isinstance(module, nn.Linear) else 0
 
 
 def sparsity_report(
@@ -125,5 +124,5 @@ def sparsity_report(
         if name not in modules:
             raise ValueError(f"layer {name!r} from the sparsity record is not in {type(model).__name__}")
         module = modules[name]
-        report.layers.append(layer_sparsity(name, module.weight, n, m, _group_dim(module)))
+        report.layers.append(layer_sparsity(name, module.weight, n, m, group_dim_of(module)))
     return report

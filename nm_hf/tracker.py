@@ -42,9 +42,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import CONFIG_KEY
 from .injection import iter_sparse_layers
 from .layers import mark_weights_updated
+from .record import CONFIG_KEY
 
 __all__ = ["SparsityTracker", "HISTORY_FILE", "TRACKER_STATE_FILE", "METRIC_PREFIX", "pack_bits",
            "unpack_bits", "popcount", "mark_weights_updated"]

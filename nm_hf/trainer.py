@@ -33,11 +33,20 @@ from torch import nn
 from transformers import Seq2SeqTrainer, Trainer, TrainerCallback
 from transformers.trainer_utils import TrainOutput, get_last_checkpoint
 
-from .config import CONFIG_KEY, SparsityConfig
-from .injection import SparsifyError, is_sparsified, iter_sparse_layers, sparsify, sparsity_config_of
-from .injection import apply_decoupled_decay as _apply_decoupled_decay
-from .masks import nm_mask
+from .config import SparsityConfig
+from .injection import (
+    SparsifyError,
+    after_optimizer_step,
+    baked_weights,
+    current_record,
+    is_sparsified,
+    iter_sparse_layers,
+    measured_sparsity,
+    sparsify,
+    sparsity_config_of,
+)
 from .plot import PLOT_FILE
+from .record import CONFIG_KEY, config_from_record
 from .tracker import HISTORY_FILE, TRACKER_STATE_FILE, SparsityTracker
 
 __all__ = ["SparseTrainer", "SparseSeq2SeqTrainer", "prepare_sparse_model", "HISTORY_FILE", "PLOT_FILE",
@@ -85,8 +94,7 @@ def prepare_sparse_model(model: nn.Module, config: SparsityConfig | dict[str, An
         if not isinstance(record, dict):
             raise SparsifyError(f"{type(model).__name__} has no sparse layers and no sparsity_config was given: "
                                 "pass sparsity_config=SparsityConfig(...) or call nm_hf.sparsify(model, config)")
-        config = SparsityConfig.from_dict({k: v for k, v in record.items()
-                                           if k not in ("targeted_modules", "state", "sparsity")})
+        config = config_from_record(record)
         logger.info("sparsifying %s with the %s record found in its config", type(model).__name__, CONFIG_KEY)
     sparsify(model, config)
     return config
@@ -106,8 +114,8 @@ class _SparsityCallback(TrainerCallback):
         # so `_get_learning_rate()` still returns the lr this optimizer step used.
         trainer = self.trainer
         # (the layers' optimizer step hook already marked the weights updated, fused AdamW included)
-        if trainer._nm_decoupled and not trainer.accelerator.optimizer_step_was_skipped:
-            _apply_decoupled_decay(trainer.model, trainer._get_learning_rate())
+        if not trainer.accelerator.optimizer_step_was_skipped:
+            after_optimizer_step(trainer.model, trainer._get_learning_rate())
         if trainer.sparsity_tracker is not None:
             trainer.sparsity_tracker.step(mark_updated=False)
 
@@ -129,7 +137,6 @@ class _SparseTrainerMixin:
         self._nm_decay_scale: float | None = None
         self._nm_bake = False
         self._nm_layers: list = []
-        self._nm_decoupled = False
         model = kwargs.get("model", args[0] if args else None)
         if model is not None:
             self.sparsity_config = prepare_sparse_model(model, self._nm_config_arg)
@@ -184,8 +191,6 @@ class _SparseTrainerMixin:
     def _start_tracker(self) -> None:
         layers = [layer for _, layer in iter_sparse_layers(self.model)]
         self._nm_layers = layers
-        self._nm_decoupled = any(layer.nm_method == "sr-ste" and layer.nm_decay_mode == "decoupled"
-                                 and layer.nm_decay for layer in layers)
         tracker = SparsityTracker(self.model)
         resume_dir = self._nm_resume_dir
         if resume_dir is not None:
@@ -285,28 +290,12 @@ class _SparseTrainerMixin:
         model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
         if state_dict is None:
             state_dict = model.state_dict()
-        baked = dict(state_dict)
-        zeros = total = 0
-        for name, layer in iter_sparse_layers(model):
-            key = f"{name}.weight"
-            if key not in baked:
-                if state_dict:
-                    raise KeyError(f"sparse layer {name!r}: no {key!r} in the state dict to save")
-                continue
-            weight = baked[key]
-            if layer.is_masked:
-                # recomputed rather than the layer's cached mask: same definition, and immune to a cache
-                # left stale by a weight write that bypassed the version counter
-                mask = nm_mask(weight.detach(), layer.nm_n, layer.nm_m, dim=layer.group_dim)
-                weight = weight.detach() * mask
-                baked[key] = weight
-            zeros += int((weight == 0).sum())
-            total += weight.numel()
-        return baked, round(zeros / max(total, 1), 6)
+        baked_layers = baked_weights(model, state_dict)
+        return {**state_dict, **baked_layers}, measured_sparsity(list(baked_layers.values()))
 
     @contextmanager
     def _finalized_record(self, sparsity: float):
-        """Temporarily mark `model.config`'s sparsity record "finalized" (what `nm_hf.finalize` writes)."""
+        """Temporarily give `model.config` the "finalized" record `nm_hf.finalize` would write."""
         model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
         config = getattr(model, "config", None)
         record = getattr(config, CONFIG_KEY, None)
@@ -314,8 +303,8 @@ class _SparseTrainerMixin:
             yield
             return
         targeted = [name for name, _ in iter_sparse_layers(model)]
-        setattr(config, CONFIG_KEY, {**record, "targeted_modules": targeted, "state": "finalized",
-                                     "sparsity": sparsity})
+        setattr(config, CONFIG_KEY, current_record(model, sparsity_config_of(model), targeted, "finalized",
+                                                   sparsity=sparsity))
         try:
             yield
         finally:

@@ -7,7 +7,8 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from nm_hf.config import CONFIG_KEY, SparsityConfig
+from nm_hf.config import SparsityConfig
+from nm_hf.record import CONFIG_KEY
 from nm_hf.injection import finalize, is_sparsified, iter_sparse_layers, sparsify
 from nm_hf.layers import SparseLayerMixin
 from nm_hf.masks import check_nm, nm_group_counts
@@ -55,7 +56,7 @@ def test_sparsify_train_finalize_reload(model_type, tmp_path):
     modules = dict(model.named_modules())
     linear_like = [n for n, mod in modules.items() if isinstance(mod, (nn.Linear, Conv1D))]
     assert sorted(record["ignored_modules"]) == sorted(set(linear_like) - set(names))
-    assert sorted(record["conv1d_modules"]) == sorted(n for n in names if isinstance(modules[n], Conv1D))
+    assert record["group_dims"] == {n: 0 if isinstance(modules[n], Conv1D) else 1 for n in names}
     # heads stay dense
     assert not any(HEAD_PARTS.intersection(name.split(".")) for name in names)
     if out_emb is not None:

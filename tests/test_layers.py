@@ -130,7 +130,7 @@ def test_decoupled_decay(kind):
 @pytest.mark.parametrize("kind", KINDS)
 def test_fixed_mask_stays_frozen_when_a_kept_weight_reaches_zero(kind):
     layer = make_layer(kind, "fixed", dtype=torch.float32)
-    layer._nm_prune_now()  # make_layer re-initialises Conv1D weights after the layer pruned them
+    layer.method.prepare(layer)  # make_layer re-initialises Conv1D weights after the layer pruned them
     frozen = layer.current_mask().clone()
     assert torch.equal(layer.weight.detach() != 0, frozen)  # pruned weights are exact zeros
     # zero the kept weight of a group whose pruned zeros come first (ranks tie; the lower index would win)
@@ -142,7 +142,7 @@ def test_fixed_mask_stays_frozen_when_a_kept_weight_reaches_zero(kind):
     assert torch.equal(layer.current_mask(), frozen)
     # weights loaded from elsewhere, pruned in other places, still decide the mask
     other = make_layer(kind, "fixed", dtype=torch.float32, seed=7)
-    other._nm_prune_now()
+    other.method.prepare(other)
     layer.load_state_dict(other.state_dict())
     assert torch.equal(layer.current_mask(), other.current_mask())
     assert not torch.equal(layer.current_mask(), frozen)
@@ -174,13 +174,13 @@ def test_autocast_bf16_on_cpu(kind, method):
 
 def _count_mask_calls(monkeypatch) -> list:
     calls = []
-    real = nm_hf.layers.nm_mask
+    real = nm_hf.layers.base.nm_mask
 
     def counting(*args, **kwargs):
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(nm_hf.layers, "nm_mask", counting)
+    monkeypatch.setattr(nm_hf.layers.base, "nm_mask", counting)
     return calls
 
 

@@ -11,7 +11,8 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 from transformers.pytorch_utils import Conv1D
 
-from nm_hf.config import CONFIG_KEY, SparsityConfig
+from nm_hf.config import SparsityConfig
+from nm_hf.record import CONFIG_KEY, config_from_record
 from nm_hf.injection import (
     SparsifyError,
     finalize,
@@ -326,7 +327,7 @@ def test_config_recorded_and_saved(tmp_path):
     assert sorted(record.pop("targeted_modules")) == sorted(names)
     linear = [n for n, mod in model.named_modules() if isinstance(mod, nn.Linear)]
     assert sorted(record.pop("ignored_modules")) == sorted(set(linear) - set(names))  # includes lm_head
-    assert record.pop("conv1d_modules") == []
+    assert set(record.pop("group_dims").values()) == {1}
     assert record == {**config.to_dict(), "state": "training"}
     record = getattr(model.config, CONFIG_KEY)
 
@@ -343,7 +344,7 @@ def test_config_recorded_and_saved(tmp_path):
     model.save_pretrained(tmp_path / "final")
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "final")
     assert getattr(reloaded.config, CONFIG_KEY) == record
-    assert SparsityConfig.from_dict(record).pattern == "1:4"
+    assert config_from_record(record).pattern == "1:4"
 
 
 def test_sparse_methods_do_not_touch_weights_at_sparsify_time():
@@ -486,9 +487,9 @@ def test_sparsity_report_on_dense_models():
         (dict(n=5, m=4), "n <= m .*got 5:4"),
         (dict(method="srste"), "method must be one of sr-ste, ste, fixed, dense; got 'srste'"),
         (dict(decay_mode="adam"), "decay_mode must be one of gradient, decoupled"),
-        (dict(decay=-1.0), "decay must be a number >= 0"),
-        (dict(decay=float("nan")), "decay must be a number >= 0"),
-        (dict(decay="0.1"), "decay must be a number >= 0"),
+        (dict(decay=-1.0), "decay must be a finite number >= 0"),
+        (dict(decay=float("nan")), "decay must be a finite number >= 0"),
+        (dict(decay="0.1"), "decay must be a finite number >= 0"),
         (dict(target_modules=None), "target_modules must be 'all-linear', a list of names or a regex"),
         (dict(target_modules=["q_proj", ""]), "list of non-empty strings"),
         (dict(target_modules=3), "list of non-empty strings"),
@@ -506,11 +507,12 @@ def test_config_round_trip():
                             target_modules=["q_proj"], exclude_modules=r".*\.0\..*")
     data = config.to_dict()
     assert SparsityConfig.from_dict(json.loads(json.dumps(data))) == config
-    assert set(data) == {"n", "m", "method", "decay", "decay_mode", "target_modules", "exclude_modules"}
+    assert set(data) == {"n", "m", "method", "decay", "decay_mode", "target_modules", "exclude_modules",
+                         "method_args"}
     recorded = {**data, "targeted_modules": ["a.q_proj"], "state": "finalized"}
-    restored = SparsityConfig.from_dict(recorded)
-    assert restored.extra == {"targeted_modules": ["a.q_proj"], "state": "finalized"}
-    assert restored.to_dict() == recorded
+    assert config_from_record(recorded) == config  # saved-model keys are the record's business
+    with pytest.raises(ValueError, match="'methd' \\(did you mean 'method'\\?\\)"):
+        SparsityConfig.from_dict({"n": 2, "m": 4, "methd": "ste"})  # a typo is refused, not kept
     assert SparsityConfig.from_pattern(" 4 : 8 ", method="ste") == SparsityConfig(n=4, m=8, method="ste")
     with pytest.raises(ValueError, match="'N:M'"):
         SparsityConfig.from_pattern("2-4")

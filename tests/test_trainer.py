@@ -15,7 +15,8 @@ from transformers import (
 )
 from transformers.pytorch_utils import Conv1D
 
-from nm_hf.config import CONFIG_KEY, SparsityConfig
+from nm_hf.config import SparsityConfig
+from nm_hf.record import CONFIG_KEY
 from nm_hf.injection import SparsifyError, finalize, iter_sparse_layers, sparsify
 from nm_hf.layers import SparseLayerMixin
 from nm_hf.masks import nm_group_counts, nm_mask

@@ -1,0 +1,176 @@
+"""`SparseLayerMixin`: the N:M state every sparse layer kind shares (settings, method, mask cache).
+
+The mask is cached against a key made of the weight's identity and autograd version counter and a
+global count of optimizer steps: an optimizer step (any torch optimizer, fused ones included, which
+do not bump version counters), `load_state_dict` or a new Parameter invalidates it; repeated
+forwards with unchanged weights (eval, gradient accumulation, the tracker right after a step) reuse
+it. The key needs nothing stored on the Parameter, so `copy.deepcopy(model)` and
+`load_state_dict(..., assign=True)` keep training with fresh masks.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch.autograd.graph import increment_version
+from torch.optim.optimizer import register_optimizer_step_post_hook
+
+from ..config import SparsityConfig
+from ..masks import nm_mask
+from ..methods import SparsityMethod, get_method
+
+__all__ = ["SparseLayerMixin", "mark_weights_updated", "optimizer_steps"]
+
+_STEPS = [0]
+_WARNED_ADAM = [False]
+#: below this gradient-mode decay, Adam's normalisation leaves SR-STE almost equal to STE (docs/concepts.md)
+ADAM_WEAK_DECAY = 1e-2
+
+
+def optimizer_steps() -> int:
+    """Number of torch optimizer steps taken in this process (part of every mask-cache key)."""
+    return _STEPS[0]
+
+
+def _after_any_optimizer_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    _STEPS[0] += 1
+    if not _WARNED_ADAM[0] and isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
+        _warn_weak_adam_decay(optimizer)
+
+
+def _warn_weak_adam_decay(optimizer: torch.optim.Optimizer) -> None:
+    """Warn once: with Adam, a small gradient-mode decay is normalised away (SR-STE behaves like STE)."""
+    weak = [p for group in optimizer.param_groups for p in group["params"]
+            if 0 < getattr(p, "_nm_gradient_decay", 0.0) < ADAM_WEAK_DECAY]
+    if weak:
+        _WARNED_ADAM[0] = True
+        warnings.warn(
+            f"{type(optimizer).__name__} normalises every weight's update, so SR-STE's gradient-mode decay "
+            f"{weak[0]._nm_gradient_decay:g} barely acts and training behaves almost like STE; use a larger "
+            f"decay (the docs' results use 1.0) or decay_mode='decoupled' (see docs/concepts.md)",
+            UserWarning, stacklevel=3)
+
+
+# Global: runs after `step()` of every torch.optim.Optimizer (wrapped ones included, e.g. accelerate's).
+register_optimizer_step_post_hook(_after_any_optimizer_step)
+
+
+def mark_weights_updated(layers: Iterable[SparseLayerMixin]) -> None:
+    """Invalidate the cached masks of `layers` after writing their weights outside an optimizer step.
+
+    Optimizer steps and `load_state_dict` are seen automatically; call this after writing weights
+    some other way (e.g. through `.data`).
+    """
+    for layer in layers:
+        increment_version(layer.weight)
+
+
+class SparseLayerMixin:
+    """N:M settings, method and mask bookkeeping shared by every sparse layer kind."""
+
+    #: dimension of `weight` that holds the layer's input features (groups of m run along it)
+    group_dim: int = 1
+    nm_n: int
+    nm_m: int
+    #: name of the registered method (see `method` for the object)
+    nm_method: str
+    nm_method_args: dict[str, Any]
+    nm_decay: float
+    nm_decay_mode: str
+    #: multiplies the gradient-mode decay; SparseTrainer sets 1/gradient_accumulation_steps
+    nm_decay_scale: float
+
+    _NM_ATTRIBUTES = ("nm_n", "nm_m", "nm_method", "nm_method_args", "nm_decay", "nm_decay_mode",
+                      "nm_decay_scale", "_nm_mask_cache", "_nm_mask_key", "_nm_eval_weight", "_nm_eval_key",
+                      "_nm_dense_class")
+
+    def nm_setup(self, config: SparsityConfig) -> None:
+        """Attach `config`'s settings to this layer (called by `sparsify` after the class swap)."""
+        self.nm_n, self.nm_m = config.n, config.m
+        self.nm_method = config.method
+        self.nm_method_args = dict(config.method_args)
+        self.nm_decay = config.effective_decay
+        self.nm_decay_mode = config.decay_mode
+        self.nm_decay_scale = 1.0
+        self._nm_mask_cache: torch.Tensor | None = None
+        self._nm_mask_key: tuple | None = None
+        self._nm_eval_weight: torch.Tensor | None = None
+        self._nm_eval_key: tuple | None = None
+        self._tag_weight()
+
+    def _tag_weight(self) -> None:
+        # read only by the Adam warning; a copy that loses it just does not warn
+        self.weight._nm_gradient_decay = self.nm_decay if self.nm_decay_mode == "gradient" else 0.0
+
+    def nm_teardown(self) -> None:
+        """Remove every N:M attribute (the layer is about to become its dense class again)."""
+        self.weight.__dict__.pop("_nm_gradient_decay", None)
+        for name in self._NM_ATTRIBUTES:
+            self.__dict__.pop(name, None)
+
+    @property
+    def method(self) -> SparsityMethod:
+        return get_method(self.nm_method)
+
+    def _weight_key(self) -> tuple | None:
+        w = self.weight
+        if w.is_inference():  # no version counter: in-place changes cannot be seen, never reuse
+            return None
+        return (_STEPS[0], w._version, w.data_ptr(), w.device, w.dtype, tuple(w.shape))
+
+    @property
+    def pattern(self) -> str:
+        return f"{self.nm_n}:{self.nm_m}"
+
+    @property
+    def is_masked(self) -> bool:
+        """False for methods whose forward is dense (patched for bookkeeping only)."""
+        return self.method.masks_forward
+
+    def cached_mask(self) -> torch.Tensor | None:
+        """The last mask computed (possibly stale), or None."""
+        return self.__dict__.get("_nm_mask_cache")
+
+    def current_mask(self) -> torch.Tensor:
+        """N:M mask of the current weights (for unmasked methods: the mask it would have)."""
+        key = self._weight_key()
+        if key is None or self._nm_mask_key != key or self._nm_mask_cache is None:
+            # never cache an inference tensor: a later training forward could not save it for backward
+            with torch.inference_mode(False):
+                ranking = self.method.ranking_weight(self, self.weight.detach())
+                self._nm_mask_cache = nm_mask(ranking, self.nm_n, self.nm_m, dim=self.group_dim)
+            self._nm_mask_key = key
+        return self._nm_mask_cache
+
+    def restamp_mask(self) -> None:
+        """Declare the cached mask still valid after an in-place change that cannot alter it."""
+        if self._nm_mask_cache is not None and self._nm_mask_key is not None:
+            self._nm_mask_key = self._weight_key()
+
+    @torch.no_grad()
+    def effective_weight(self) -> torch.Tensor:
+        """The weight the forward pass uses (`weight * mask`), detached."""
+        from .functional import apply_mask
+
+        if not self.is_masked:
+            return self.weight.detach()
+        return apply_mask(self.weight.detach(), self.current_mask())
+
+    def cached_eval_weight(self) -> torch.Tensor:
+        """`effective_weight()`, cached while the weights do not change (eval without gradients)."""
+        key = self._weight_key()
+        if key is None or self._nm_eval_key != key or self._nm_eval_weight is None:
+            self._nm_eval_weight = self.effective_weight()
+            self._nm_eval_key = key
+        return self._nm_eval_weight
+
+    def train(self, mode: bool = True):
+        if mode:  # the eval cache would only go stale and hold memory
+            self._nm_eval_weight, self._nm_eval_key = None, None
+        return super().train(mode)
+
+    def nm_extra_repr(self) -> str:
+        return f", n:m={self.pattern}, method={self.nm_method}" + self.method.extra_repr(self)

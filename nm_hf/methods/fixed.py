@@ -1,0 +1,39 @@
+"""`fixed`: one-shot magnitude mask chosen at `sparsify` time and frozen (the mask-at-init baseline).
+
+Pruned weights are zeroed when the layer is sparsified and get zero gradient afterwards, so the mask
+recomputed from the weights stays the one chosen then. A kept weight that lands exactly on 0.0
+ties with the pruned zeros: ties go to the current mask.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .base import SparsityMethod
+
+
+class FixedMethod(SparsityMethod):
+    name = "fixed"
+    summary = ("Fixed mask: the N:M mask is chosen once by weight magnitude when the model is sparsified and "
+               "stays frozen; pruned weights are zero and receive no gradient.")
+
+    @torch.no_grad()
+    def prepare(self, layer) -> None:
+        layer.weight.masked_fill_(~layer.current_mask(), 0)
+        layer.restamp_mask()
+
+    def ranking_weight(self, layer, weight: torch.Tensor) -> torch.Tensor:
+        """Previously kept weights rank one ulp higher, so an exact 0.0 among them cannot move the mask.
+
+        Weights loaded from elsewhere (zeros in other places) still decide the mask.
+        """
+        previous = layer.cached_mask()
+        if previous is None or previous.shape != weight.shape or previous.device != weight.device:
+            return weight
+        magnitude = weight.abs()
+        return torch.where(previous, torch.nextafter(magnitude, torch.full_like(magnitude, math.inf)), magnitude)
+
+    def freezes_pruned(self, layer) -> bool:
+        return True

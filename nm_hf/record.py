@@ -1,0 +1,183 @@
+"""The `nm_sparsity` record in `config.json`: the one module that reads, builds and checks it.
+
+A record is a plain dict stored on `model.config` (so `save_pretrained` writes it and plain
+`from_pretrained` keeps it). It holds the user's `SparsityConfig` settings plus what only a saved
+model knows:
+
+- `targeted_modules`: names of the targeted layers (module names; a parameter name for kinds that
+  are not a module swap), in model order;
+- `ignored_modules`: linear-like layers left dense (heads, exclusions, sizes not divisible by m);
+- `group_dims`: for each targeted name, the dimension of its stored weight that holds the input
+  features (the N:M groups run along it). Older records have `conv1d_modules` instead (layers
+  whose groups run along dim 0); the oldest have neither and are read by model type;
+- `state`: "training" (the saved weights are the dense training weights) or "finalized" (masks
+  baked in: the weights themselves are N:M);
+- `sparsity`: measured fraction of zeros in the targeted weights (finalized records);
+- `compressed`: the compressed-format marker (`nm_hf.checkpoint` writes and reads it).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from .config import SparsityConfig
+
+__all__ = [
+    "CONFIG_KEY",
+    "RECORD_ONLY_KEYS",
+    "STATE_TRAINING",
+    "STATE_FINALIZED",
+    "COMPRESSED_KEY",
+    "RecordError",
+    "read_record",
+    "require_record",
+    "write_record",
+    "remove_record",
+    "build_record",
+    "config_from_record",
+    "record_group_dims",
+    "weight_key",
+    "is_compressed",
+    "with_compressed_marker",
+    "without_compressed_marker",
+]
+
+#: attribute of `model.config` (and key in config.json) holding the record
+CONFIG_KEY = "nm_sparsity"
+STATE_TRAINING = "training"
+STATE_FINALIZED = "finalized"
+#: key of the compressed-format marker inside the record
+COMPRESSED_KEY = "compressed"
+#: keys that describe a saved model rather than user settings (never part of a SparsityConfig)
+RECORD_ONLY_KEYS = ("targeted_modules", "ignored_modules", "group_dims", "conv1d_modules", "state", "sparsity",
+                    COMPRESSED_KEY)
+#: keys every record must have
+_REQUIRED = ("n", "m", "targeted_modules")
+
+#: oldest records (no group_dims, no conv1d_modules): GPT-2-family model types and their Conv1D names
+_CONV1D_MODEL_TYPES = frozenset({"gpt2", "openai-gpt", "decision_transformer", "imagegpt", "clvp"})
+_CONV1D_LAYER_NAMES = frozenset({"c_attn", "q_attn", "c_proj", "c_fc"})
+
+_NOT_SAVED_BY_NM_HF = ("the model was not saved by nm_hf (nm_hf.sparsify, train, nm_hf.finalize, then "
+                       "save_pretrained)")
+
+
+class RecordError(ValueError):
+    """A missing or malformed `nm_sparsity` record."""
+
+
+def _config_of(source: Any) -> Any:
+    """`source` is a model (has `.config`), a transformers config, or a config.json dict."""
+    if isinstance(source, Mapping):
+        return source
+    config = getattr(source, "config", None)
+    if config is not None and not isinstance(source, Mapping) and hasattr(source, "named_modules"):
+        return config
+    return source
+
+
+def read_record(source: Any) -> dict[str, Any] | None:
+    """The record of a model, a transformers config or a config.json dict; None when there is none."""
+    config = _config_of(source)
+    record = config.get(CONFIG_KEY) if isinstance(config, Mapping) else getattr(config, CONFIG_KEY, None)
+    return record if isinstance(record, dict) else None
+
+
+def require_record(source: Any, where: str | os.PathLike | None = None,
+                   error: type[Exception] = RecordError) -> dict[str, Any]:
+    """The record of `source`, checked to have n, m and targeted_modules; `error` names `where` otherwise."""
+    where = os.fspath(where) if where is not None else type(source).__name__
+    record = read_record(source)
+    if record is None:
+        raise error(f"{where}: config has no '{CONFIG_KEY}' record: {_NOT_SAVED_BY_NM_HF}")
+    for key in _REQUIRED:
+        if key not in record:
+            raise error(f"{where}: the '{CONFIG_KEY}' record has no {key!r}")
+    try:
+        n, m = int(record["n"]), int(record["m"])
+    except (TypeError, ValueError):
+        raise error(f"{where}: the '{CONFIG_KEY}' record has a non-integer n or m ({record['n']!r}, "
+                    f"{record['m']!r})") from None
+    if not 1 <= n <= m or not isinstance(record["targeted_modules"], list):
+        raise error(f"{where}: the '{CONFIG_KEY}' record is malformed (n={n}, m={m}, targeted_modules "
+                    f"{type(record['targeted_modules']).__name__})")
+    return record
+
+
+def write_record(model: Any, record: dict[str, Any]) -> None:
+    """Store `record` on `model.config` (raises AttributeError/TypeError if the config refuses it)."""
+    setattr(model.config, CONFIG_KEY, record)
+
+
+def remove_record(model: Any) -> None:
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "__dict__"):
+        config.__dict__.pop(CONFIG_KEY, None)
+
+
+def build_record(config: SparsityConfig, targeted: Iterable[str], group_dims: Mapping[str, int],
+                 ignored: Iterable[str], state: str, **extra: Any) -> dict[str, Any]:
+    """A complete record from the user's settings and what the model says about its layers."""
+    if state not in (STATE_TRAINING, STATE_FINALIZED):
+        raise ValueError(f"record state must be {STATE_TRAINING!r} or {STATE_FINALIZED!r}, got {state!r}")
+    targeted = list(targeted)
+    return {
+        **config.to_dict(),
+        "targeted_modules": targeted,
+        "ignored_modules": list(ignored),
+        "group_dims": {name: int(group_dims[name]) for name in targeted},
+        "state": state,
+        **extra,
+    }
+
+
+def config_from_record(record: Mapping[str, Any]) -> SparsityConfig:
+    """The `SparsityConfig` a record was made with (its saved-model keys left out)."""
+    return SparsityConfig.from_dict({k: v for k, v in record.items() if k not in RECORD_ONLY_KEYS})
+
+
+def _model_types(config: Mapping[str, Any]) -> set[str]:
+    types = {config.get("model_type")}
+    types |= {v.get("model_type") for v in config.values() if isinstance(v, dict)}
+    return {t for t in types if isinstance(t, str)}
+
+
+def record_group_dims(record: Mapping[str, Any], config: Mapping[str, Any] | None = None) -> dict[str, int]:
+    """Group dimension of each targeted weight, for records of every version.
+
+    `group_dims` when present; else `conv1d_modules` (dim 0 for those, 1 for the rest); the oldest
+    records (neither) are read by model type: GPT-2-family layers named c_attn/q_attn/c_proj/c_fc
+    are Conv1D (dim 0), everything else nn.Linear (dim 1).
+    """
+    targeted = list(record["targeted_modules"])
+    dims = record.get("group_dims")
+    if isinstance(dims, dict):
+        missing = [name for name in targeted if name not in dims]
+        if missing:
+            raise RecordError(f"the '{CONFIG_KEY}' record's group_dims lacks {missing[:3]}")
+        return {name: int(dims[name]) for name in targeted}
+    if isinstance(record.get("conv1d_modules"), list):
+        conv1d = set(record["conv1d_modules"])
+        return {name: 0 if name in conv1d else 1 for name in targeted}
+    if config is None or not _model_types(config) & _CONV1D_MODEL_TYPES:
+        return dict.fromkeys(targeted, 1)
+    return {name: 0 if name.rsplit(".", 1)[-1] in _CONV1D_LAYER_NAMES else 1 for name in targeted}
+
+
+def weight_key(name: str) -> str:
+    """State-dict key of a targeted name's weight (module kinds store it as `<module>.weight`)."""
+    return f"{name}.weight"
+
+
+def is_compressed(record: Mapping[str, Any]) -> bool:
+    return isinstance(record.get(COMPRESSED_KEY), dict)
+
+
+def with_compressed_marker(record: Mapping[str, Any], marker: Mapping[str, Any]) -> dict[str, Any]:
+    return {**record, COMPRESSED_KEY: dict(marker)}
+
+
+def without_compressed_marker(record: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in record.items() if k != COMPRESSED_KEY}
