@@ -12,7 +12,6 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 from transformers.pytorch_utils import Conv1D
 
 from nm_hf.config import SparsityConfig
-from nm_hf.record import CONFIG_KEY, config_from_record
 from nm_hf.injection import (
     SparsifyError,
     finalize,
@@ -23,6 +22,7 @@ from nm_hf.injection import (
 )
 from nm_hf.layers import SparseConv1D, SparseLinear
 from nm_hf.masks import check_nm, nm_group_counts, nm_mask
+from nm_hf.record import CONFIG_KEY, config_from_record
 from nm_hf.report import sparsity_report
 from tiny_models import output_tensor, tiny_inputs, tiny_model
 
@@ -530,3 +530,76 @@ def test_layer_state_follows_config():
     assert isinstance(layer, SparseLinear)
     assert (layer.nm_n, layer.nm_m, layer.nm_method, layer.nm_decay_mode) == (1, 8, "ste", "decoupled")
     assert layer.nm_decay == 0.0  # only sr-ste decays
+
+
+# ---------------------------------------------------------------------------------------------
+# Regressions: copies, interrupts, wrappers
+
+
+def _train_steps(model, optimizer, steps=3):
+    inputs = tiny_inputs(model)
+    for _ in range(steps):
+        model(**inputs, labels=inputs["input_ids"]).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "assign"])
+def test_copied_or_reassigned_model_recomputes_masks_under_fused_adamw(how):
+    import copy
+
+    source = tiny_model("llama")
+    sparsify(source, SparsityConfig(method="ste"))
+    if how == "deepcopy":
+        model = copy.deepcopy(source)
+    else:
+        model = source
+        model.load_state_dict({k: v.clone() for k, v in model.state_dict().items()}, assign=True)
+    layers = dict(iter_sparse_layers(model))
+    initial = {name: layer.current_mask().clone() for name, layer in layers.items()}  # fills the caches
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.05, fused=True)
+    _train_steps(model, optimizer)
+    for name, layer in layers.items():
+        fresh = nm_mask(layer.weight.detach(), 2, 4, dim=layer.group_dim)
+        assert torch.equal(layer.current_mask(), fresh), name
+    # the masks did move during training, so a stale cache would have been caught
+    assert sum(int((initial[name] != layer.current_mask()).sum()) for name, layer in layers.items()) > 0
+
+
+def test_interrupt_during_fixed_pruning_leaves_model_unchanged(monkeypatch):
+    from nm_hf.methods.fixed import FixedMethod
+
+    model = tiny_model("llama")
+    before = snapshot(model)
+    calls = []
+    real = FixedMethod.prepare
+
+    def interrupted(self, layer):
+        calls.append(layer)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        real(self, layer)
+
+    monkeypatch.setattr(FixedMethod, "prepare", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        sparsify(model, SparsityConfig(method="fixed"))
+    assert len(calls) == 3  # two layers were pruned before the interrupt
+    assert_unchanged(model, before)
+
+
+def test_compiled_and_wrapped_models_record_the_inner_names(tmp_path):
+    model = tiny_model("llama")
+    compiled = torch.compile(model)
+    assert sparsify(compiled, SparsityConfig()) is compiled
+    assert model.config.nm_sparsity["targeted_modules"] == LLAMA_TARGETS  # no "_orig_mod." prefix
+    assert targeted(compiled) == LLAMA_TARGETS
+    finalize(compiled)
+    model.save_pretrained(tmp_path)
+    import nm_hf
+
+    reloaded = nm_hf.load_sparse(tmp_path)
+    assert targeted(reloaded) == LLAMA_TARGETS
+
+    wrapped = nn.DataParallel(tiny_model("llama"))
+    sparsify(wrapped, SparsityConfig())
+    assert wrapped.module.config.nm_sparsity["targeted_modules"] == LLAMA_TARGETS
