@@ -81,6 +81,10 @@ class SparsityReport:
 @torch.no_grad()
 def layer_sparsity(name: str, weight: torch.Tensor, n: int, m: int, group_dim: int) -> LayerSparsity:
     """One row of the table for a weight whose groups of m run along `group_dim`."""
+    if weight.is_meta:
+        raise ValueError(f"layer {name!r}: its weight is on the meta device (offloaded to disk or not loaded), "
+                         "so its zeros cannot be counted; load the model without device_map offloading, or run "
+                         "`nm-hf inspect` on the saved checkpoint directory")
     zeros = int((weight == 0).sum())
     if weight.shape[group_dim] % m:
         ok = False

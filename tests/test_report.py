@@ -1,0 +1,28 @@
+"""sparsity_report on live, finalized, reloaded and offloaded models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import nm_hf
+from tiny_models import tiny_model
+
+
+def test_report_counts_the_weights_the_forward_uses(tiny_llama):
+    nm_hf.sparsify(tiny_llama, nm_hf.SparsityConfig(n=1, m=4, method="ste"))
+    report = nm_hf.sparsity_report(tiny_llama)
+    assert report.nm_ok and report.sparsity == pytest.approx(0.75)
+    nm_hf.finalize(tiny_llama)
+    again = nm_hf.sparsity_report(tiny_llama)
+    assert again.to_dict()["total"] == report.to_dict()["total"]
+
+
+def test_report_on_offloaded_weights_names_the_layer():
+    model = tiny_model("llama")
+    nm_hf.sparsify(model, nm_hf.SparsityConfig())
+    nm_hf.finalize(model)
+    layer = model.model.layers[0].self_attn.q_proj
+    layer.weight = torch.nn.Parameter(torch.empty(layer.weight.shape, device="meta"))
+    with pytest.raises(ValueError, match="'model.layers.0.self_attn.q_proj': its weight is on the meta device"):
+        nm_hf.sparsity_report(model)
