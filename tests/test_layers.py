@@ -346,3 +346,30 @@ def test_input_size_not_divisible_by_m():
         SparseLinear(6, 4)
     with pytest.raises(ValueError, match="nx=6 .*not divisible by m=4"):
         SparseConv1D(4, 6)
+
+
+@pytest.mark.parametrize(("optimizer", "decay", "mode", "warns"), [
+    ("AdamW", 2e-4, "gradient", True),
+    ("Adam", 2e-4, "gradient", True),
+    ("AdamW", 1.0, "gradient", False),
+    ("AdamW", 2e-4, "decoupled", False),
+    ("SGD", 2e-4, "gradient", False),
+])
+def test_adam_with_a_weak_gradient_decay_warns_once(optimizer, decay, mode, warns):
+    import warnings
+
+    import nm_hf
+    from tiny_models import tiny_inputs, tiny_model
+
+    model = tiny_model("llama")
+    nm_hf.sparsify(model, nm_hf.SparsityConfig(decay=decay, decay_mode=mode))
+    opt = getattr(torch.optim, optimizer)(model.parameters(), lr=1e-3)
+    inputs = tiny_inputs(model)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            model(**inputs, labels=inputs["input_ids"]).loss.backward()
+            opt.step()
+            opt.zero_grad()
+    messages = [str(w.message) for w in caught if "barely acts" in str(w.message)]
+    assert len(messages) == (1 if warns else 0), messages

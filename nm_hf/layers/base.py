@@ -11,6 +11,7 @@ it. The key needs nothing stored on the Parameter, so `copy.deepcopy(model)` and
 from __future__ import annotations
 
 import warnings
+import weakref
 from collections.abc import Iterable
 from typing import Any
 
@@ -25,7 +26,8 @@ from ..methods import SparsityMethod, get_method
 __all__ = ["SparseLayerMixin", "mark_weights_updated", "optimizer_steps"]
 
 _STEPS = [0]
-_WARNED_ADAM = [False]
+#: optimizers already checked for a weak gradient-mode decay (each is checked on its first step only)
+_CHECKED_OPTIMIZERS: weakref.WeakSet = weakref.WeakSet()
 #: below this gradient-mode decay, Adam's normalisation leaves SR-STE almost equal to STE (docs/concepts.md)
 ADAM_WEAK_DECAY = 1e-2
 
@@ -37,8 +39,10 @@ def optimizer_steps() -> int:
 
 def _after_any_optimizer_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
     _STEPS[0] += 1
-    if not _WARNED_ADAM[0] and isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
-        _warn_weak_adam_decay(optimizer)
+    if optimizer not in _CHECKED_OPTIMIZERS:
+        _CHECKED_OPTIMIZERS.add(optimizer)
+        if isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
+            _warn_weak_adam_decay(optimizer)
 
 
 def _warn_weak_adam_decay(optimizer: torch.optim.Optimizer) -> None:
@@ -46,7 +50,6 @@ def _warn_weak_adam_decay(optimizer: torch.optim.Optimizer) -> None:
     weak = [p for group in optimizer.param_groups for p in group["params"]
             if 0 < getattr(p, "_nm_gradient_decay", 0.0) < ADAM_WEAK_DECAY]
     if weak:
-        _WARNED_ADAM[0] = True
         warnings.warn(
             f"{type(optimizer).__name__} normalises every weight's update, so SR-STE's gradient-mode decay "
             f"{weak[0]._nm_gradient_decay:g} barely acts and training behaves almost like STE; use a larger "
