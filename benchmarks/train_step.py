@@ -48,10 +48,10 @@ import nm_hf.masks  # noqa: E402
 from nm_hf.config import SparsityConfig  # noqa: E402
 from nm_hf.injection import iter_sparse_layers, sparsify  # noqa: E402
 from nm_hf.masks import nm_mask  # noqa: E402
+from nm_hf.methods import available_methods, get_method  # noqa: E402
 
 TIME_TARGET = 1.05
 MEMORY_TARGET = 1.05
-METHODS = ("sr-ste", "ste", "fixed", "dense")  # "dense": layers patched, no masking
 BASELINE = "plain"  # the unmodified model every ratio is taken against
 
 
@@ -189,9 +189,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.seq_len > 512:
         parser.error(f"--seq_len must be <= 512 (the model's max_position_embeddings), got {args.seq_len}")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = [m for m in methods if m not in METHODS]
+    unknown = [m for m in methods if m not in available_methods()]
     if unknown or not methods:
-        parser.error(f"--methods takes a comma-separated subset of {', '.join(METHODS)}; got {args.methods!r}")
+        parser.error(f"--methods takes a comma-separated subset of {', '.join(available_methods())}; got {args.methods!r}")
     try:
         pattern = SparsityConfig.from_pattern(args.pattern)
     except ValueError as err:
@@ -244,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     # the masks the sparse models used must be those of their current weights (a stale cache would
     # make the sparse step look cheaper than it is)
     for method in methods:
-        if method == "dense":
+        if not get_method(method).masks_forward:
             continue
         for name, layer in iter_sparse_layers(runners[method].model):
             fresh = nm_mask(layer.weight.detach(), layer.nm_n, layer.nm_m, dim=layer.group_dim)
