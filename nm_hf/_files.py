@@ -14,13 +14,13 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["atomic_write", "atomic_write_text", "atomic_write_json", "atomic_directory", "current_umask",
-           "json_default"]
+__all__ = ["atomic_write", "atomic_write_text", "atomic_write_json", "atomic_directory", "staged_files",
+           "current_umask", "json_default"]
 
 
 def current_umask() -> int:
@@ -135,3 +135,47 @@ def atomic_directory(target: str | os.PathLike, overwrite: bool = False) -> Iter
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+@contextmanager
+def staged_files(target: str | os.PathLike, *, last: Sequence[str] = (),
+                 stale: Callable[[str], bool] | None = None) -> Iterator[Path]:
+    """Yield a staging directory; on success each staged file is renamed into `target`, one by one.
+
+    For a directory that holds more than the files being written (a Trainer's output_dir keeps its
+    checkpoint-* folders and logs, so `atomic_directory` cannot replace it whole): other entries are
+    left alone, and each staged file replaces its namesake atomically, so a crash leaves every file
+    whole (old or new), never truncated. Names in `last` are moved last (config.json: a directory
+    only looks like a model once everything else is in). Afterwards, top-level files of `target`
+    that were not staged and for which `stale(name)` is true are removed (a previous save's other
+    weight files). The staging directory lives inside `target` (same file system) under a hidden
+    `.nm_hf-staging-*` name; an exception inside the block removes it and leaves `target` as it was.
+    """
+    target = Path(target)
+    target.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".nm_hf-staging-", dir=target))
+    try:
+        yield staging
+        order = {name: i + 1 for i, name in enumerate(last)}  # 0: everything else, first
+
+        def rank(path: Path) -> tuple[int, str]:
+            relative = path.relative_to(staging).as_posix()
+            return order.get(relative, 0), relative
+
+        files = sorted((p for p in staging.rglob("*") if p.is_file() and not p.is_symlink()), key=rank)
+        for path in files:
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
+        names = set()
+        for path in files:
+            relative = path.relative_to(staging)
+            names.add(relative.parts[0])
+            (target / relative).parent.mkdir(parents=True, exist_ok=True)
+            os.replace(path, target / relative)
+        _fsync_dir(target)
+        if stale is not None:
+            for old in target.iterdir():
+                if old.name not in names and old.is_file() and not old.name.startswith(".") and stale(old.name):
+                    old.unlink()
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
