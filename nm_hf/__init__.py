@@ -16,19 +16,23 @@ from .injection import (
 )
 from .layers import SparseConv1D, SparseLinear, mark_weights_updated
 from .masks import check_nm, nm_mask
-from .plot import PLOT_FILE, plot_runs
 from .report import SparsityReport, sparsity_report
 from .tracker import HISTORY_FILE, SparsityTracker
 
-_LAZY = {"SparseTrainer": "trainer", "SparseSeq2SeqTrainer": "trainer", "SparsityArguments": "arguments"}
+# Trainer classes import `transformers.Trainer` (slow); `nm_hf.plot` is also `python -m nm_hf.plot`, which
+# warns if importing the package already imported it: both load on first use.
+_LAZY = {"SparseTrainer": "trainer", "SparseSeq2SeqTrainer": "trainer", "SparseTrainerMixin": "trainer",
+         "SparsityArguments": "arguments", "PLOT_FILE": "plot", "plot_runs": "plot"}
+_LAZY_MODULES = ("plot", "trainer")
 
 
 def __getattr__(name: str):
-    """Trainer classes import `transformers.Trainer` (slow): load them on first use."""
-    if name in _LAZY:
+    """Load the lazy names above (and the `plot` / `trainer` submodules) on first use."""
+    if name in _LAZY or name in _LAZY_MODULES:
         import importlib
 
-        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        module = importlib.import_module(f".{_LAZY.get(name, name)}", __name__)
+        return module if name in _LAZY_MODULES else getattr(module, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __version__ = "0.1.0"
@@ -38,6 +42,7 @@ __all__ = [
     "PLOT_FILE",
     "SparseSeq2SeqTrainer",
     "SparseTrainer",
+    "SparseTrainerMixin",
     "SparsityArguments",
     "SparsityTracker",
     "mark_weights_updated",

@@ -1,36 +1,37 @@
-"""Plot SAD and mask flip rate against the training step, for one run or several side by side.
+"""Plot how the N:M masks move during training, for one run or several side by side.
 
     python -m nm_hf.plot runs/dense runs/ste runs/sr-ste -o sad.png
 
 Each argument is a run directory holding `sparsity_history.json` (or the JSON file itself). The
-label is the method recorded in the history, or the directory name when that is missing or shared
-by several runs. matplotlib is a dev extra: it is imported lazily (Agg backend) and a clear error
-says how to install it; writing the history never needs it.
+figure has four panels against the optimizer step: SAD since the previous log, SAD from the initial
+mask, mask flip rate and the norm of the pruned weights. Runs with different numbers of masked
+weights are compared as rates (SAD / masked weights, RMS of the pruned weights) rather than raw
+counts. A run with fewer than two logged steps is not drawn as a lone dot: the figure says so.
+The label is the method recorded in the history, or the directory name when that is missing or
+shared by several runs. matplotlib is a dev extra: it is imported lazily (Agg backend) and a clear
+error says how to install it; writing the history never needs it.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
+import re
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ._files import atomic_write
 from .tracker import HISTORY_FILE, SparsityTracker
 
-__all__ = ["PLOT_FILE", "plot_histories", "plot_runs", "main", "MatplotlibMissing"]
+__all__ = ["PLOT_FILE", "plot_histories", "plot_runs", "main", "MatplotlibMissing", "NOT_ENOUGH_STEPS"]
 
 #: file name of the plot written next to the history in an output or checkpoint directory
 PLOT_FILE = "sparsity.png"
-
-# (record key, axis title, y label)
-_PANELS = (
-    ("sad", "SAD since previous log", "mask entries changed"),
-    ("sad_from_init", "SAD from the initial mask", "mask entries changed"),
-    ("flip_rate", "Mask flip rate per optimizer step", "fraction of entries"),
-)
+#: what the figure (and the CLI) says about a run with fewer than two logged steps
+NOT_ENOUGH_STEPS = "not enough logged steps"
 
 
 class MatplotlibMissing(ImportError):
@@ -49,44 +50,111 @@ def _pyplot():
     return plt
 
 
+def _num_weights(doc: dict[str, Any]) -> int | None:
+    value = doc.get("num_masked_weights")
+    return int(value) if isinstance(value, (int, float)) and value > 0 else None
+
+
+def _pruned_count(doc: dict[str, Any]) -> float | None:
+    """Number of weights the masks remove (n:m from the pattern); None when unknown."""
+    total = _num_weights(doc)
+    match = re.fullmatch(r"(\d+):(\d+)", str(doc.get("pattern", "")))
+    if total is None or not match or int(match.group(2)) == 0:
+        return None
+    pruned = total * (1 - int(match.group(1)) / int(match.group(2)))
+    return pruned if pruned > 0 else None
+
+
+def _panels(runs: Sequence[tuple[str, dict[str, Any]]]) -> list[tuple[str, str, str, Any]]:
+    """(axis title, y label, record -> value or None) per panel: counts for same-size runs, rates otherwise."""
+    sizes = {_num_weights(doc) for _, doc in runs}
+    as_rates = len(sizes) > 1 or None in sizes
+
+    def rate(key: str):
+        def value(record: dict[str, Any], doc: dict[str, Any]) -> float | None:
+            if f"{key}_rate" in record:
+                return record[f"{key}_rate"]
+            total = _num_weights(doc)
+            return record[key] / total if key in record and total else None
+        return value
+
+    def plain(key: str):
+        return lambda record, doc: record.get(key)
+
+    def pruned_rms(record: dict[str, Any], doc: dict[str, Any]) -> float | None:
+        count = _pruned_count(doc)
+        norm = record.get("pruned_weight_norm")
+        return norm / math.sqrt(count) if norm is not None and count else None
+
+    if as_rates:
+        return [
+            ("SAD since previous log", "fraction of mask entries changed", rate("sad")),
+            ("SAD from the initial mask", "fraction of mask entries changed", rate("sad_from_init")),
+            ("Mask flip rate per optimizer step", "fraction of entries", plain("flip_rate")),
+            ("Pruned weights (RMS)", "root mean square of pruned weights", pruned_rms),
+        ]
+    return [
+        ("SAD since previous log", "mask entries changed", plain("sad")),
+        ("SAD from the initial mask", "mask entries changed", plain("sad_from_init")),
+        ("Mask flip rate per optimizer step", "fraction of entries", plain("flip_rate")),
+        ("Norm of the pruned weights", "L2 norm", plain("pruned_weight_norm")),
+    ]
+
+
+def _logged(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    return [r for r in doc.get("records", []) if isinstance(r, dict) and r.get("step") is not None]
+
+
+def _too_short(doc: dict[str, Any]) -> bool:
+    """Fewer than two logged steps: one point is not a curve, so the run is not drawn."""
+    return len({r["step"] for r in _logged(doc)}) < 2
+
+
 def plot_histories(runs: Sequence[tuple[str, dict[str, Any]]], output: str | os.PathLike,
                    title: str | None = None) -> Path:
     """Draw `(label, history document)` pairs into one PNG (one panel per metric); returns the path.
 
-    The file is written to a temporary name and renamed, so a failed plot leaves no partial file.
+    Runs with fewer than two logged steps are left out and named in the figure ("not enough logged
+    steps"); when no run has two, every panel says so. The file is written atomically
+    (`nm_hf._files`), so a failed plot leaves no partial file.
     """
     if not runs:
         raise ValueError("nothing to plot: no runs given")
     plt = _pyplot()
-    output = Path(output)
+    from matplotlib.ticker import MaxNLocator
+
+    short = [label for label, doc in runs if _too_short(doc)]
+    drawn = [(label, doc) for label, doc in runs if not _too_short(doc)]
+    panels = _panels(runs)
     # fixed margins: constrained/tight layout would cost ~10x the drawing itself on small plots
-    fig, axes = plt.subplots(1, len(_PANELS), figsize=(5 * len(_PANELS), 3.8))
-    fig.subplots_adjust(left=0.06, right=0.98, bottom=0.14, top=0.84 if title else 0.9, wspace=0.3)
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.8))
+    top = 0.80 if title else 0.86
+    fig.subplots_adjust(left=0.05, right=0.99, bottom=0.14 if not short else 0.2, top=top, wspace=0.35)
     try:
-        for ax, (key, axis_title, ylabel) in zip(axes, _PANELS, strict=True):
-            for label, doc in runs:
-                records = [r for r in doc.get("records", []) if key in r and r.get("step") is not None]
-                ax.plot([r["step"] for r in records], [r[key] for r in records], marker="o", markersize=3,
-                        label=label)
-            ax.set_title(axis_title)
+        for ax, (axis_title, ylabel, value) in zip(axes, panels, strict=True):
+            for label, doc in drawn:
+                points = [(r["step"], value(r, doc)) for r in _logged(doc)]
+                points = [(step, y) for step, y in points if y is not None]
+                ax.plot([s for s, _ in points], [y for _, y in points], marker="o", markersize=3, label=label)
+            if not drawn:
+                ax.text(0.5, 0.5, f"{NOT_ENOUGH_STEPS}\n(need at least 2)", ha="center", va="center",
+                        transform=ax.transAxes, color="0.4")
+            ax.set_title(axis_title, fontsize=10)
             ax.set_xlabel("optimizer step")
             ax.set_ylabel(ylabel)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.grid(alpha=0.3)
-        axes[0].legend()
+        if drawn:
+            axes[0].legend(fontsize=8)
+        if short and drawn:
+            fig.text(0.5, 0.02, f"{NOT_ENOUGH_STEPS} (fewer than 2), not drawn: {', '.join(short)}",
+                     ha="center", fontsize=9, color="0.3")
         if title:
             fig.suptitle(title)
-        output.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{output.stem}.", suffix=".png", dir=output.parent)
-        os.close(fd)
-        try:
-            fig.savefig(tmp, dpi=100, format="png")
-            os.replace(tmp, output)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write(output, lambda handle: fig.savefig(handle, dpi=100, format="png"))
     finally:
         plt.close(fig)
-    return output
+    return Path(output)
 
 
 def _labels(paths: Sequence[Path], docs: Sequence[dict[str, Any]]) -> list[str]:
@@ -95,9 +163,8 @@ def _labels(paths: Sequence[Path], docs: Sequence[dict[str, Any]]) -> list[str]:
     return [m if methods.count(m) == 1 else f"{m} ({name})" for m, name in zip(methods, names, strict=True)]
 
 
-def plot_runs(run_dirs: Sequence[str | os.PathLike], output: str | os.PathLike,
-              labels: Sequence[str] | None = None, title: str | None = None) -> Path:
-    """Read each run's `sparsity_history.json` (a run directory or the file) and plot them together."""
+def _load_runs(run_dirs: Sequence[str | os.PathLike],
+               labels: Sequence[str] | None) -> list[tuple[str, dict[str, Any]]]:
     if not run_dirs:
         raise ValueError("nothing to plot: no run directories given")
     paths = [Path(d) / HISTORY_FILE if Path(d).is_dir() else Path(d) for d in run_dirs]
@@ -108,10 +175,17 @@ def plot_runs(run_dirs: Sequence[str | os.PathLike], output: str | os.PathLike,
     if labels is not None and len(labels) != len(docs):
         raise ValueError(f"got {len(labels)} labels for {len(docs)} runs")
     names = list(labels) if labels is not None else _labels(paths, docs)
-    return plot_histories(list(zip(names, docs, strict=True)), output, title=title)
+    return list(zip(names, docs, strict=True))
+
+
+def plot_runs(run_dirs: Sequence[str | os.PathLike], output: str | os.PathLike,
+              labels: Sequence[str] | None = None, title: str | None = None) -> Path:
+    """Read each run's `sparsity_history.json` (a run directory or the file) and plot them together."""
+    return plot_histories(_load_runs(run_dirs, labels), output, title=title)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m nm_hf.plot RUN ... [-o sad.png]`; returns the exit status (2 on a usage or file error)."""
     parser = argparse.ArgumentParser(prog="python -m nm_hf.plot", description=__doc__.split("\n")[0])
     parser.add_argument("runs", nargs="+", help=f"run directories holding {HISTORY_FILE} (or the files)")
     parser.add_argument("-o", "--output", default=PLOT_FILE, help=f"PNG to write (default: {PLOT_FILE})")
@@ -119,10 +193,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--title", help="figure title")
     args = parser.parse_args(argv)
     try:
-        out = plot_runs(args.runs, args.output, labels=args.labels, title=args.title)
+        runs = _load_runs(args.runs, args.labels)
+        out = plot_histories(runs, args.output, title=args.title)
     except (FileNotFoundError, ValueError, MatplotlibMissing) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    for label in (label for label, doc in runs if _too_short(doc)):
+        print(f"note: {label}: {NOT_ENOUGH_STEPS} (fewer than 2), not drawn", file=sys.stderr)
     print(f"wrote {out}")
     return 0
 

@@ -35,16 +35,16 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from ._files import atomic_write, atomic_write_text
 from .injection import iter_sparse_layers
 from .layers import mark_weights_updated
-from .record import CONFIG_KEY
+from .record import read_record
 
 __all__ = ["SparsityTracker", "HISTORY_FILE", "TRACKER_STATE_FILE", "METRIC_PREFIX", "pack_bits",
            "unpack_bits", "popcount", "mark_weights_updated"]
@@ -112,8 +112,8 @@ class SparsityTracker:
         patterns = sorted({layer.pattern for _, layer in self._layers})
         self.method = methods[0] if len(methods) == 1 else "mixed"
         self.pattern = patterns[0] if len(patterns) == 1 else "mixed"
-        record = getattr(getattr(model, "config", None), CONFIG_KEY, None)
-        self.config: dict[str, Any] | None = dict(record) if isinstance(record, dict) else None
+        record = read_record(model) if getattr(model, "config", None) is not None else None
+        self.config: dict[str, Any] | None = dict(record) if record is not None else None
 
         with torch.no_grad():
             current = [pack_bits(layer.current_mask()) for _, layer in self._layers]
@@ -255,10 +255,12 @@ class SparsityTracker:
         }
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write the history JSON atomically (temp file + rename); returns the path."""
-        path = Path(path)
-        _atomic_write_text(path, json.dumps(self.history_document(), indent=1))
-        return path
+        """Write the history JSON atomically (`nm_hf._files`: whole file or none, umask permissions).
+
+        NaN/inf (a diverged run's norms) are written as JSON's NaN/Infinity extensions, which Python
+        reads back, rather than losing the history.
+        """
+        return atomic_write_text(path, json.dumps(self.history_document(), indent=1) + "\n")
 
     @staticmethod
     def load_history(path: str | os.PathLike) -> dict[str, Any]:
@@ -296,8 +298,7 @@ class SparsityTracker:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue a tracker saved with `state_dict` (checked against this model's layers first)."""
-        if not isinstance(state, dict) or state.get("format") != _FORMAT:
-            raise ValueError("not a SparsityTracker state (missing or unknown 'format')")
+        _check_state_format(state)
         if list(state["names"]) != self.names:
             missing = sorted(set(state["names"]) ^ set(self.names))
             raise ValueError("the saved sparsity tracker tracks other layers than this model has; "
@@ -318,22 +319,31 @@ class SparsityTracker:
         self.history = list(state["history"])
 
     def save_state(self, path: str | os.PathLike) -> Path:
-        """`torch.save(state_dict())` atomically."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        os.close(fd)
+        """`torch.save(state_dict())` atomically (`nm_hf._files`: whole file or none)."""
+        state = self.state_dict()
+        return atomic_write(path, lambda handle: torch.save(state, handle))
+
+    @staticmethod
+    def read_state(path: str | os.PathLike) -> dict[str, Any]:
+        """Read a file written by `save_state`; a missing, empty, truncated or foreign file is one ValueError.
+
+        The error names the file, so a resume fails before anything is loaded rather than with a bare
+        EOFError/UnpicklingError from deep inside `torch.load`.
+        """
         try:
-            torch.save(self.state_dict(), tmp)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except FileNotFoundError:
             raise
-        return path
+        except Exception as err:  # torch.load raises EOFError, RuntimeError, UnpicklingError, KeyError, ...
+            raise ValueError(f"{path} is not a readable sparsity tracker state ({type(err).__name__}: "
+                             f"{str(err).splitlines()[0] if str(err) else 'empty or truncated file'}); "
+                             "delete it to restart the sparsity history, or resume from another checkpoint") from err
+        _check_state_format(state, path)
+        return state
 
     def load_state(self, path: str | os.PathLike) -> None:
-        """Inverse of `save_state`."""
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        """Inverse of `save_state` (errors name the file)."""
+        state = self.read_state(path)
         try:
             self.load_state_dict(state)
         except ValueError as err:
@@ -350,13 +360,14 @@ class SparsityTracker:
         return {name: unpack_bits(p, shape) for name, p, shape in zip(self.names, self._init, self.shapes, strict=True)}
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+_STATE_KEYS = ("names", "numels", "init", "last_log", "prev", "window_flips", "total_flips", "window_steps",
+               "total_steps", "history")
+
+
+def _check_state_format(state: Any, path: str | os.PathLike | None = None) -> None:
+    where = f"{path}: " if path is not None else ""
+    if not isinstance(state, dict) or state.get("format") != _FORMAT:
+        raise ValueError(f"{where}not a SparsityTracker state (missing or unknown 'format')")
+    missing = [key for key in _STATE_KEYS if key not in state]
+    if missing:
+        raise ValueError(f"{where}the SparsityTracker state lacks {', '.join(missing)}")

@@ -1,4 +1,4 @@
-"""`SparseTrainer` / `SparseSeq2SeqTrainer`: N:M sparse training with the stock Hugging Face Trainer.
+"""`SparseTrainer` / `SparseSeq2SeqTrainer` / `SparseTrainerMixin`: N:M sparse training with Hugging Face Trainers.
 
 Everything a `Trainer` user relies on keeps working (report_to, gradient accumulation, checkpoints and
 `resume_from_checkpoint`, `predict_with_generate`, multi-process runs through accelerate). On top:
@@ -11,28 +11,47 @@ Everything a `Trainer` user relies on keeps working (report_to, gradient accumul
   left alone: their step already has a training log, or the numbers would be a duplicate);
 - `output_dir/sparsity_history.json` (per-layer values) and `output_dir/sparsity.png`, written at the
   end of training and at every save (checkpoint directories too), on the main process only;
-- SR-STE decay placement: "gradient" decay is scaled by 1/(micro-batches per optimizer step) so it is
-  applied once per update; "decoupled" decay is applied after each optimizer step with the current lr;
+- decay placement: "gradient" decay is scaled by 1/(micro-batches per optimizer step) so it is
+  applied once per update; each method's after-step hook (`nm_hf.after_optimizer_step`, e.g. SR-STE's
+  decoupled decay) runs after each optimizer step with the current lr;
 - `save_model(dir)` (called by you, or by `push_to_hub`) writes weights with the masks baked in and a
-  "finalized" sparsity record, loadable by plain transformers, without touching the live model;
-  checkpoints keep the dense weights plus `sparsity_tracker.pt`, so resuming is exact.
+  "finalized" sparsity record, loadable by plain transformers, without touching the live model. It is
+  staged and moved into `dir` file by file, so a crash never leaves a truncated model where one was;
+- checkpoints keep the dense weights plus `sparsity_tracker.pt`, so resuming is exact. A resume is
+  refused when the checkpoint was trained with another sparsity config; `resume_from_checkpoint=True`
+  skips half-written checkpoints (a run killed while saving).
 
-The metric logic lives in `nm_hf.tracker.SparsityTracker`; this module only wires it into the Trainer.
+`SparseTrainerMixin` carries all of it, so any `Trainer` subclass gets it by listing the mixin first:
+`class MyTrainer(SparseTrainerMixin, SomeTrainer)`. The metric logic lives in
+`nm_hf.tracker.SparsityTracker`; this module only wires it into the Trainer.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import os
-import shutil
+import re
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 from transformers import Seq2SeqTrainer, Trainer, TrainerCallback
-from transformers.trainer_utils import TrainOutput, get_last_checkpoint
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput
+from transformers.utils import (
+    ADAPTER_SAFE_WEIGHTS_NAME,
+    ADAPTER_WEIGHTS_NAME,
+    CONFIG_NAME,
+    SAFE_WEIGHTS_INDEX_NAME,
+    SAFE_WEIGHTS_NAME,
+    WEIGHTS_INDEX_NAME,
+    WEIGHTS_NAME,
+)
 
+from ._files import atomic_write, staged_files
 from .config import SparsityConfig
 from .injection import (
     SparsifyError,
@@ -44,18 +63,29 @@ from .injection import (
     measured_sparsity,
     sparsify,
     sparsity_config_of,
+    unwrap_model,
 )
 from .plot import PLOT_FILE
-from .record import CONFIG_KEY, config_from_record
+from .record import CONFIG_KEY, STATE_FINALIZED, config_from_record, read_record, write_record
 from .tracker import HISTORY_FILE, TRACKER_STATE_FILE, SparsityTracker
 
-__all__ = ["SparseTrainer", "SparseSeq2SeqTrainer", "prepare_sparse_model", "HISTORY_FILE", "PLOT_FILE",
-           "TRACKER_STATE_FILE"]
+__all__ = ["SparseTrainer", "SparseSeq2SeqTrainer", "SparseTrainerMixin", "prepare_sparse_model",
+           "last_complete_checkpoint", "ResumeError", "HISTORY_FILE", "PLOT_FILE", "TRACKER_STATE_FILE"]
 
 logger = logging.getLogger(__name__)
 
-# config fields that must agree between a sparse model and a `sparsity_config` passed with it
-_COMPARED_FIELDS = ("n", "m", "method", "decay", "decay_mode", "target_modules", "exclude_modules")
+#: what `Trainer._save_checkpoint` writes last: its presence marks a checkpoint that was saved completely
+TRAINER_STATE_NAME = "trainer_state.json"
+#: model weight files a checkpoint may hold (one is enough)
+_WEIGHT_FILES = (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_NAME, WEIGHTS_INDEX_NAME,
+                 ADAPTER_SAFE_WEIGHTS_NAME, ADAPTER_WEIGHTS_NAME)
+#: weight files of a previous save that a new save_model must not leave behind (a single file vs shards)
+_WEIGHT_FILE_PATTERN = re.compile(r"(model|pytorch_model)(-\d{5}-of-\d{5})?\.(safetensors|bin)(\.index\.json)?")
+_CHECKPOINT_PATTERN = re.compile(rf"{PREFIX_CHECKPOINT_DIR}-(\d+)")
+
+
+class ResumeError(ValueError):
+    """A checkpoint `train(resume_from_checkpoint=...)` refuses (nothing was loaded)."""
 
 
 def _as_config(config: SparsityConfig | dict[str, Any] | None) -> SparsityConfig | None:
@@ -66,32 +96,43 @@ def _as_config(config: SparsityConfig | dict[str, Any] | None) -> SparsityConfig
     raise TypeError(f"sparsity_config must be a SparsityConfig, a dict or None, got {type(config).__name__}")
 
 
+def _differences(have: SparsityConfig, want: SparsityConfig, have_name: str, want_name: str) -> list[str]:
+    """`field: HAVE_NAME has x, WANT_NAME has y` for every differing `SparsityConfig` field (method_args too)."""
+    a, b = have.to_dict(), want.to_dict()
+    return [f"{key}: {have_name} has {a.get(key)!r}, {want_name} has {b.get(key)!r}"
+            for key in a if a.get(key) != b.get(key)]
+
+
 def prepare_sparse_model(model: nn.Module, config: SparsityConfig | dict[str, Any] | None) -> SparsityConfig:
     """Make sure `model` is sparse as `config` asks; returns the config in effect.
 
     - not sparse, config given: `sparsify(model, config)`;
-    - not sparse, no config, but a "training"/"finalized" `nm_sparsity` record in `model.config`
-      (a checkpoint or a saved sparse model reloaded with plain transformers): sparsify with that record;
+    - not sparse, no config, but an `nm_sparsity` record in `model.config` (a checkpoint or a saved
+      sparse model reloaded with plain transformers): sparsify with that record;
     - already sparse, no config: kept as is;
-    - already sparse, config given: it must match the model's (n, m, method, decay, decay_mode,
-      target/exclude modules), otherwise `SparsifyError` lists the differences.
+    - already sparse, config given: every `SparsityConfig` field (method_args included) must match
+      the model's, otherwise `SparsifyError` lists the differences.
     """
     config = _as_config(config)
     if is_sparsified(model):
         existing = sparsity_config_of(model)
         if config is None:
             return existing
-        have, want = existing.to_dict(), config.to_dict()
-        diffs = [f"{key}: model has {have.get(key)!r}, sparsity_config has {want.get(key)!r}"
-                 for key in _COMPARED_FIELDS if have.get(key) != want.get(key)]
+        wanted = config
+        if read_record(unwrap_model(model)) is None:
+            # no record (a bare nn.Module): the settings come from the layers, which know neither the
+            # selectors nor a decay their method ignores
+            wanted = dataclasses.replace(config, target_modules=existing.target_modules,
+                                         exclude_modules=existing.exclude_modules, decay=config.effective_decay)
+        diffs = _differences(existing, wanted, "model", "sparsity_config")
         if diffs:
             raise SparsifyError(f"{type(model).__name__} is already sparsified with a different config "
                                 "(pass sparsity_config=None to keep it, or start from a dense model):\n  - "
                                 + "\n  - ".join(diffs))
         return existing
     if config is None:
-        record = getattr(getattr(model, "config", None), CONFIG_KEY, None)
-        if not isinstance(record, dict):
+        record = read_record(model) if getattr(model, "config", None) is not None else None
+        if record is None:
             raise SparsifyError(f"{type(model).__name__} has no sparse layers and no sparsity_config was given: "
                                 "pass sparsity_config=SparsityConfig(...) or call nm_hf.sparsify(model, config)")
         config = config_from_record(record)
@@ -100,10 +141,56 @@ def prepare_sparse_model(model: nn.Module, config: SparsityConfig | dict[str, An
     return config
 
 
-class _SparsityCallback(TrainerCallback):
-    """Runs on every rank: decoupled decay and mask-flip counting after each optimizer step."""
+# --------------------------------------------------------------------------- checkpoints
 
-    def __init__(self, trainer: _SparseTrainerMixin) -> None:
+
+def _incomplete_reason(checkpoint: str | os.PathLike) -> str | None:
+    """Why `checkpoint` is not a complete Trainer checkpoint (None: it is)."""
+    path = Path(checkpoint)
+    if not any((path / name).is_file() for name in _WEIGHT_FILES):
+        return "no model weights"
+    state = path / TRAINER_STATE_NAME
+    if not state.is_file():
+        return f"no {TRAINER_STATE_NAME}"
+    try:
+        json.loads(state.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return f"unreadable {TRAINER_STATE_NAME}"
+    return None
+
+
+def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
+    """The newest `checkpoint-N` in `output_dir` that was saved completely; None if there is none.
+
+    A run killed while saving leaves a `checkpoint-N` without weights or without `trainer_state.json`
+    (the Trainer writes it last); such folders are skipped with a warning naming them.
+    """
+    if not os.path.isdir(output_dir):
+        return None
+    found = []
+    for entry in os.scandir(output_dir):
+        match = _CHECKPOINT_PATTERN.fullmatch(entry.name)
+        if match and entry.is_dir():
+            found.append((int(match.group(1)), entry.path))
+    for _, path in sorted(found, reverse=True):
+        reason = _incomplete_reason(path)
+        if reason is None:
+            return path
+        logger.warning("skipping %s: an incomplete checkpoint (%s; a run stopped while saving it?)", path, reason)
+    return None
+
+
+def _is_weight_file(name: str) -> bool:
+    return _WEIGHT_FILE_PATTERN.fullmatch(name) is not None
+
+
+# --------------------------------------------------------------------------- Trainer wiring
+
+
+class _SparsityCallback(TrainerCallback):
+    """Runs on every rank: method after-step hooks and mask-flip counting after each optimizer step."""
+
+    def __init__(self, trainer: SparseTrainerMixin) -> None:
         self.trainer = trainer
 
     def on_train_begin(self, args, state, control, **kwargs):
@@ -113,30 +200,48 @@ class _SparsityCallback(TrainerCallback):
         # per update: clipping, on_pre_optimizer_step, optimizer.step(), HERE, scheduler.step(), ...
         # so `_get_learning_rate()` still returns the lr this optimizer step used.
         trainer = self.trainer
-        # (the layers' optimizer step hook already marked the weights updated, fused AdamW included)
         if not trainer.accelerator.optimizer_step_was_skipped:
             after_optimizer_step(trainer.model, trainer._get_learning_rate())
         if trainer.sparsity_tracker is not None:
+            # the layers' mask cache already knows an optimizer step happened (fused AdamW included)
             trainer.sparsity_tracker.step(mark_updated=False)
 
     def on_train_end(self, args, state, control, **kwargs):
         self.trainer._end_tracker()
 
 
-class _SparseTrainerMixin:
-    """Shared by `SparseTrainer` and `SparseSeq2SeqTrainer` (see the module docstring)."""
+class SparseTrainerMixin:
+    """N:M sparse training for any `transformers.Trainer` subclass: list it first in the bases.
+
+        class MySparseTrainer(SparseTrainerMixin, MyTrainer): ...
+        trainer = MySparseTrainer(model=model, args=args, ..., sparsity_config=SparsityConfig())
+
+    It adds the `sparsity_config=` argument and everything `SparseTrainer` does (see the module
+    docstring): sparsification, mask metrics in the logs, history/plot files, decay handling, baked
+    `save_model`, exact resume. Attributes: `sparsity_config` (the config in effect) and
+    `sparsity_tracker` (the `SparsityTracker` of the current `train()` call, None before).
+    """
 
     sparsity_tracker: SparsityTracker | None
+    sparsity_config: SparsityConfig | None
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        mro = cls.__mro__
+        if Trainer in mro and mro.index(Trainer) < mro.index(SparseTrainerMixin):
+            base = next((b.__name__ for b in cls.__bases__ if issubclass(b, Trainer)), "Trainer")
+            raise TypeError(f"{cls.__name__}: list SparseTrainerMixin before the Trainer class in its bases: "
+                            f"class {cls.__name__}(SparseTrainerMixin, {base})")
 
     def __init__(self, *args: Any, sparsity_config: SparsityConfig | dict[str, Any] | None = None,
                  **kwargs: Any) -> None:
         self._nm_config_arg = _as_config(sparsity_config)
-        self.sparsity_config: SparsityConfig | None = None
+        self.sparsity_config = None
         self.sparsity_tracker = None
         self._nm_resume_dir: str | None = None
+        self._nm_tracker_state: dict[str, Any] | None = None
         self._nm_decay_scale: float | None = None
         self._nm_bake = False
-        self._nm_layers: list = []
         model = kwargs.get("model", args[0] if args else None)
         if model is not None:
             self.sparsity_config = prepare_sparse_model(model, self._nm_config_arg)
@@ -174,32 +279,80 @@ class _SparseTrainerMixin:
         self._set_decay_scale(1.0 / steps)
         return super().training_step(model, inputs, num_items_in_batch)
 
-    # ------------------------------------------------------------------ training / tracker
+    # ------------------------------------------------------------------ training / resume / tracker
 
     def train(self, resume_from_checkpoint: str | bool | None = None, trial=None,
               ignore_keys_for_eval: list[str] | None = None, **kwargs: Any) -> TrainOutput:
-        """`Trainer.train`; on resume the sparsity tracker (history, initial and last-log masks) is restored."""
-        resume_dir = resume_from_checkpoint
-        if resume_dir is True:
-            resume_dir = get_last_checkpoint(self.args.output_dir)  # None: Trainer.train raises the error
-        self._nm_resume_dir = resume_dir if isinstance(resume_dir, (str, os.PathLike)) else None
+        """`Trainer.train`, with checks on resume and the sparsity tracker restored from the checkpoint.
+
+        `resume_from_checkpoint=True` takes the newest *complete* checkpoint in `output_dir` (half-written
+        ones are skipped with a warning). A checkpoint trained with another sparsity config, or whose
+        `sparsity_tracker.pt` is unreadable, raises `ResumeError` before anything is loaded.
+        """
+        resume_dir: str | None = None
+        if resume_from_checkpoint is True:
+            resume_dir = last_complete_checkpoint(self.args.output_dir)
+            if resume_dir is None:
+                raise ResumeError(f"resume_from_checkpoint=True: no complete checkpoint in {self.args.output_dir}")
+        elif isinstance(resume_from_checkpoint, (str, os.PathLike)):
+            resume_dir = os.fspath(resume_from_checkpoint)
+        self._nm_tracker_state = self._check_resume(resume_dir) if resume_dir is not None else None
+        self._nm_resume_dir = resume_dir
         self._nm_decay_scale = None
         self._set_decay_scale(1.0 / self.args.gradient_accumulation_steps)
-        return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial,
+        return super().train(resume_from_checkpoint=resume_dir, trial=trial,
                              ignore_keys_for_eval=ignore_keys_for_eval, **kwargs)
 
+    def _check_resume(self, checkpoint: str) -> dict[str, Any] | None:
+        """Refuse a checkpoint of another sparsity config; read its tracker state (None when it has none)."""
+        if not os.path.isdir(checkpoint):
+            return None  # Trainer.train says it cannot find the checkpoint
+        config_file = os.path.join(checkpoint, CONFIG_NAME)
+        record = None
+        if os.path.isfile(config_file):
+            try:
+                record = read_record(json.loads(Path(config_file).read_text(encoding="utf-8")))
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+                raise ResumeError(f"cannot resume from {checkpoint}: {config_file} is not readable JSON "
+                                  f"({err})") from err
+        if record is None:
+            logger.warning("%s has no %s record in %s: cannot check that it was trained with the same sparsity "
+                           "config", checkpoint, CONFIG_KEY, CONFIG_NAME)
+        elif self.sparsity_config is not None:
+            try:
+                saved = config_from_record(record)
+            except (TypeError, ValueError) as err:
+                raise ResumeError(f"cannot resume from {checkpoint}: the {CONFIG_KEY} record in {config_file} is "
+                                  f"not a valid sparsity config ({err})") from err
+            diffs = _differences(saved, self.sparsity_config, "checkpoint", "this run")
+            targeted = [name for name, _ in iter_sparse_layers(self.model)]
+            if targeted and record.get("targeted_modules") != targeted:
+                diffs.append(f"targeted_modules: checkpoint has {len(record.get('targeted_modules') or [])} "
+                             f"layers, this run {len(targeted)}")
+            if diffs:
+                raise ResumeError(f"cannot resume from {checkpoint}: it was trained with another sparsity config "
+                                  f"({'; '.join(diffs)}); resume with the checkpoint's sparsity_config, or start "
+                                  "a new run in a new output_dir")
+        state_file = os.path.join(checkpoint, TRACKER_STATE_FILE)
+        if not os.path.exists(state_file):
+            return None
+        try:
+            return SparsityTracker.read_state(state_file)
+        except ValueError as err:
+            raise ResumeError(f"cannot resume from {checkpoint}: {err}") from err
+
     def _start_tracker(self) -> None:
-        layers = [layer for _, layer in iter_sparse_layers(self.model)]
-        self._nm_layers = layers
         tracker = SparsityTracker(self.model)
-        resume_dir = self._nm_resume_dir
-        if resume_dir is not None:
-            state_file = os.path.join(resume_dir, TRACKER_STATE_FILE)
-            if os.path.isfile(state_file):
-                tracker.load_state(state_file)
-            else:
-                logger.warning("%s has no %s: the sparsity history restarts at step %d with the current masks "
-                               "as the initial ones", resume_dir, TRACKER_STATE_FILE, self.state.global_step)
+        resume_dir, state = self._nm_resume_dir, self._nm_tracker_state
+        if state is not None:
+            try:
+                tracker.load_state_dict(state)
+            except ValueError as err:
+                raise ResumeError(f"{os.path.join(resume_dir, TRACKER_STATE_FILE)}: {err}") from err
+        elif resume_dir is not None:
+            logger.warning("%s has no %s: the sparsity history restarts at step %d with the current masks "
+                           "as the initial ones", resume_dir, TRACKER_STATE_FILE, self.state.global_step)
+        self._nm_tracker_state = None
         self.sparsity_tracker = tracker
 
     def _end_tracker(self) -> None:
@@ -228,16 +381,15 @@ class _SparseTrainerMixin:
         """Write `sparsity_history.json` and `sparsity.png` into each directory (main process only).
 
         The plot is drawn once and copied. Without matplotlib only the JSON is written (with a warning).
+        Every file is written atomically with the umask's permissions (`nm_hf._files`).
         """
         if self.sparsity_tracker is None or not self.args.should_save or not output_dirs:
             return
         tracker = self.sparsity_tracker
         for directory in output_dirs:
             tracker.save(os.path.join(directory, HISTORY_FILE))
-        try:
-            from .plot import MatplotlibMissing, plot_histories  # imports matplotlib only when called
-        except ImportError:  # pragma: no cover - plot.py itself has no hard dependency
-            return
+        from .plot import MatplotlibMissing, plot_histories  # imports matplotlib only when called
+
         first = os.path.join(output_dirs[0], PLOT_FILE)
         try:
             plot_histories([(tracker.method, tracker.history_document())], first,
@@ -245,33 +397,47 @@ class _SparseTrainerMixin:
         except MatplotlibMissing as err:
             logger.warning("%s; wrote %s only", err, HISTORY_FILE)
             return
+        data = Path(first).read_bytes()
         for directory in output_dirs[1:]:
             if os.path.abspath(directory) != os.path.abspath(output_dirs[0]):
-                shutil.copyfile(first, os.path.join(directory, PLOT_FILE))
+                atomic_write(os.path.join(directory, PLOT_FILE), lambda handle: handle.write(data))
 
     # ------------------------------------------------------------------ saving
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """Your call (or `push_to_hub`'s): masks baked in, "finalized" record. Checkpoints: dense + tracker state.
 
-        The live model is not modified either way, so training can continue after a save.
+        The baked model is written to a staging folder and moved into `output_dir` file by file
+        (`nm_hf._files.staged_files`, config.json last), so a crash or kill midway leaves the model
+        that was there whole; checkpoint folders and other files in `output_dir` are kept, weight files
+        of a previous save that the new one does not have are removed. The live model is not modified
+        either way, so training can continue after a save.
         """
         checkpoint = _internal_call and output_dir is not None  # `_save_checkpoint` passes its folder
+        target = output_dir if output_dir is not None else self.args.output_dir
         if not is_sparsified(self.model):
             super().save_model(output_dir, _internal_call)
             return
-        self._nm_bake = not checkpoint
+        if checkpoint or not self.args.should_save:
+            self._nm_bake = not checkpoint
+            try:
+                super().save_model(output_dir, _internal_call)
+            finally:
+                self._nm_bake = False
+            if checkpoint and self.sparsity_tracker is not None and self.args.should_save:
+                self.sparsity_tracker.save_state(os.path.join(target, TRACKER_STATE_FILE))
+                # keep the run directory's history current too (a crashed run still has it)
+                self.save_sparsity_history(target, self.args.output_dir)
+            return
+        self._nm_bake = True
         try:
-            super().save_model(output_dir, _internal_call)
+            with staged_files(target, last=(CONFIG_NAME,), stale=_is_weight_file) as staging:
+                super().save_model(str(staging), _internal_call=True)  # the push (if any) comes after the move
+                self.save_sparsity_history(staging)
         finally:
             self._nm_bake = False
-        target = output_dir if output_dir is not None else self.args.output_dir
-        if checkpoint and self.sparsity_tracker is not None and self.args.should_save:
-            self.sparsity_tracker.save_state(os.path.join(target, TRACKER_STATE_FILE))
-            # keep the run directory's history current too (a crashed run still has it)
-            self.save_sparsity_history(target, self.args.output_dir)
-        else:
-            self.save_sparsity_history(target)
+        if self.args.push_to_hub and not _internal_call:
+            self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         if not self._nm_bake or not self.args.should_save:
@@ -282,10 +448,10 @@ class _SparseTrainerMixin:
 
     @torch.no_grad()
     def _baked_state_dict(self, state_dict: dict | None) -> tuple[dict, float]:
-        """State dict with `weight * mask` for the masked layers, and the measured sparsity of all sparse layers.
+        """State dict with `weight * mask` for the sparse layers (`nm_hf.injection.baked_weights`), and its sparsity.
 
-        The mask is computed from the dense weight in the state dict, which is exactly what the layers do
-        (so a state dict gathered elsewhere, e.g. by DeepSpeed, is baked correctly too).
+        The mask is recomputed from the dense weight in the state dict, exactly as the layers do, so a
+        state dict gathered elsewhere (e.g. by DeepSpeed) is baked correctly too.
         """
         model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
         if state_dict is None:
@@ -297,26 +463,25 @@ class _SparseTrainerMixin:
     def _finalized_record(self, sparsity: float):
         """Temporarily give `model.config` the "finalized" record `nm_hf.finalize` would write."""
         model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
-        config = getattr(model, "config", None)
-        record = getattr(config, CONFIG_KEY, None)
-        if config is None or not isinstance(record, dict):
+        record = read_record(model) if getattr(model, "config", None) is not None else None
+        if record is None:
             yield
             return
         targeted = [name for name, _ in iter_sparse_layers(model)]
-        setattr(config, CONFIG_KEY, current_record(model, sparsity_config_of(model), targeted, "finalized",
-                                                   sparsity=sparsity))
+        write_record(model, current_record(model, sparsity_config_of(model), targeted, STATE_FINALIZED,
+                                           sparsity=sparsity))
         try:
             yield
         finally:
-            setattr(config, CONFIG_KEY, record)
+            write_record(model, record)
 
 
-class SparseTrainer(_SparseTrainerMixin, Trainer):
+class SparseTrainer(SparseTrainerMixin, Trainer):
     """`transformers.Trainer` for N:M sparse training; extra argument `sparsity_config=`.
 
     See `nm_hf.trainer` for what it adds (metrics, history/plot files, decay handling, saving).
     """
 
 
-class SparseSeq2SeqTrainer(_SparseTrainerMixin, Seq2SeqTrainer):
+class SparseSeq2SeqTrainer(SparseTrainerMixin, Seq2SeqTrainer):
     """`transformers.Seq2SeqTrainer` (predict_with_generate, ...) for N:M sparse training."""
