@@ -32,9 +32,9 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from nm_hf.config import SparsityConfig  # noqa: E402
-from nm_hf.cuda import check_semi_structured, describe, to_semi_structured  # noqa: E402
 from nm_hf.injection import finalize, sparsify  # noqa: E402
 from nm_hf.masks import nm_mask  # noqa: E402
+from nm_hf.semi_structured import check_semi_structured, describe, to_semi_structured  # noqa: E402
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 

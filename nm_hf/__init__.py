@@ -1,9 +1,14 @@
 """nm_hf: N:M fine-grained structured sparsity (SR-STE) for Hugging Face Transformers."""
 
-from .compressed import CheckpointError, load_compressed, load_compressed_state_dict, save_compressed
+from .checkpoint import (
+    CheckpointError,
+    load_compressed,
+    load_compressed_state_dict,
+    load_sparse,
+    save_compressed,
+)
 from .config import SparsityConfig
-from .cuda import to_semi_structured
-from .hub import load_sparse, push_to_hub
+from .hub import push_to_hub
 from .injection import (
     SparsifyError,
     after_optimizer_step,
@@ -17,6 +22,7 @@ from .injection import (
 from .layers import SparseConv1D, SparseLinear, mark_weights_updated
 from .masks import check_nm, nm_mask
 from .report import SparsityReport, sparsity_report
+from .semi_structured import to_semi_structured
 from .tracker import HISTORY_FILE, SparsityTracker
 
 # Trainer classes import `transformers.Trainer` (slow); `nm_hf.plot` is also `python -m nm_hf.plot`, which

@@ -1,25 +1,37 @@
 """Model cards for sparse models: metadata the Hub indexes (tags, datasets, model-index results) + a README.
 
 `write_model_card(output_dir, ...)` reads what a training run left in `output_dir` (config.json with
-the nm_sparsity record, the weights, results.json, sparsity_history.json, sparsity.png) and writes
-README.md there.
+the nm_sparsity record, the weights, results.json, sparsity_history.json, sparsity.png,
+trainer_state.json) and writes README.md there: the sparsity facts, results, training
+hyperparameters, the per-layer table, a usage snippet that runs with the installed transformers
+(tokenizer + `generate` for generative models) and the framework versions. The card never holds a
+secret: tokens in the training command are redacted here too.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
+import platform
+import re
+import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from torch import nn
 
-from .compressed import CheckpointError, _read_json, inspect_checkpoint, is_compressed, read_config
-from .record import CONFIG_KEY
+from ._files import atomic_write_text
+from .checkpoint.directory import CONFIG_NAME, CheckpointError, read_config, read_json
+from .checkpoint.inspect import inspect_checkpoint
+from .methods import UnknownMethodError, get_method
+from .record import is_compressed, read_record, require_record
 from .report import SparsityReport, sparsity_report
 
-__all__ = ["write_model_card", "card_metrics"]
+__all__ = ["write_model_card", "card_metrics", "redact_secrets", "is_dataset_id", "pipeline_tag_for",
+           "training_hyperparameters", "nm_hf_version"]
 
 #: result key (without test_/eval_ prefixes) -> (model-index metric type, display name)
 _METRICS = {
@@ -40,10 +52,52 @@ _TASK_NAMES = {
 PLOT_NAME = "sparsity.png"
 HISTORY_NAME = "sparsity_history.json"
 RESULTS_NAME = "results.json"
+TRAINER_STATE_NAME = "trainer_state.json"
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+#: TrainingArguments fields shown in the card (never anything secret)
+_HYPERPARAMETERS = ("learning_rate", "per_device_train_batch_size", "per_device_eval_batch_size",
+                    "gradient_accumulation_steps", "seed", "optim", "lr_scheduler_type", "warmup_steps",
+                    "warmup_ratio", "num_train_epochs", "max_steps", "weight_decay", "adam_beta1", "adam_beta2",
+                    "adam_epsilon", "max_grad_norm", "label_smoothing_factor", "bf16", "fp16")
+#: trainer_state.json fields shown when no TrainingArguments are given
+_STATE_FIELDS = ("train_batch_size", "max_steps", "num_train_epochs", "global_step")
+
+_REDACTED = "<redacted>"
+_SECRET_FLAG = re.compile(r"(--[\w-]*token)(=|\s+)(?!<redacted>)\S+", re.IGNORECASE)
+_SECRET_ASSIGNMENT = re.compile(r"\b(\w*token)(\s*=\s*)(['\"]?)(?!<redacted>)[^\s'\",)]+\3", re.IGNORECASE)
+_HF_TOKEN = re.compile(r"\bhf_[A-Za-z0-9]{16,}\b")
+_DATASET_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+_DATA_SUFFIXES = (".txt", ".json", ".jsonl", ".csv", ".tsv", ".parquet", ".arrow", ".gz", ".zip", ".xz", ".bz2")
 
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def redact_secrets(text: str) -> str:
+    """`text` with `--hub_token X`, `--token=X`, `token=...`, `HF_TOKEN=...` and `hf_...` tokens redacted."""
+    text = _SECRET_FLAG.sub(lambda m: f"{m[1]}{m[2]}{_REDACTED}", text)
+    text = _SECRET_ASSIGNMENT.sub(lambda m: f"{m[1]}{m[2]}{_REDACTED}", text)
+    return _HF_TOKEN.sub(_REDACTED, text)
+
+
+def is_dataset_id(name: str | None) -> bool:
+    """True for something that can be a Hub dataset id ("name" or "namespace/name"), not a local path or label."""
+    if not name or not _DATASET_ID.fullmatch(name) or ".." in name or "--" in name:
+        return False
+    return not (os.path.exists(name) or name.lower().endswith(_DATA_SUFFIXES))
+
+
+def pipeline_tag_for(task: str | None) -> str | None:
+    """`task` if the installed transformers has a pipeline for it, else None (no widget that cannot run)."""
+    if not task:
+        return None
+    try:
+        from transformers.pipelines import SUPPORTED_TASKS
+    except ImportError:  # pragma: no cover - transformers without pipelines
+        return None
+    return task if task in SUPPORTED_TASKS else None
 
 
 def card_metrics(results: dict[str, Any]) -> list[tuple[str, str, str | None, float]]:
@@ -104,41 +158,133 @@ def _fmt(value: float) -> str:
     return f"{value:,.4g}" if abs(value) < 1e5 else f"{value:,.0f}"
 
 
-def _usage(repo: str, arch: str | None, compressed: bool) -> str:
-    lines = ["## How to load it", ""]
+def training_hyperparameters(training_args: Any = None, trainer_state: Mapping[str, Any] | None = None,
+                             results: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The training settings worth a card: TrainingArguments (or its dict), else trainer_state.json, else results."""
+    found: dict[str, Any] = {}
+    if training_args is not None:
+        args = training_args if isinstance(training_args, Mapping) else training_args.to_dict()
+        found = {k: args[k] for k in _HYPERPARAMETERS if args.get(k) not in (None, "", False)}
+        if "warmup_steps" in found and not found["warmup_steps"]:
+            found.pop("warmup_steps")
+        world = getattr(training_args, "world_size", None) if not isinstance(training_args, Mapping) \
+            else training_args.get("world_size")
+        if _is_number(world) and "per_device_train_batch_size" in found:
+            found["num_processes"] = int(world)
+            found["total_train_batch_size"] = (int(found["per_device_train_batch_size"]) * int(world)
+                                               * int(found.get("gradient_accumulation_steps", 1)))
+    elif trainer_state:
+        found = {k: trainer_state[k] for k in _STATE_FIELDS if _is_number(trainer_state.get(k))}
+    train = (results or {}).get("train")
+    if isinstance(train, Mapping):
+        for key, name in (("steps", "training_steps"), ("tokens", "training_tokens"), ("processes", "num_processes")):
+            if _is_number(train.get(key)) and name not in found:
+                found[name] = train[key]
+    for key, value in list(found.items()):
+        if isinstance(value, float) and not value.is_integer():
+            found[key] = float(f"{value:.6g}")
+        elif not isinstance(value, (int, float, bool, str)):
+            found[key] = str(value)
+    return found
+
+
+def nm_hf_version() -> str:
+    """The running nm_hf's version (the package's `__version__`, else the installed distribution's)."""
+    version = getattr(sys.modules.get(__package__ or "nm_hf"), "__version__", None)
+    if version:
+        return str(version)
+    try:
+        return importlib.metadata.version("nm-hf")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def _framework_versions() -> list[tuple[str, str]]:
+    import torch
+    import transformers
+
+    return [("nm_hf", nm_hf_version()), ("transformers", transformers.__version__), ("torch", torch.__version__),
+            ("Python", platform.python_version())]
+
+
+def _auto_class(config: Mapping[str, Any]) -> tuple[str, str]:
+    """(Auto class name, kind) for the usage snippet: kind is "causal", "seq2seq", "masked" or "base"."""
+    from transformers.models.auto import modeling_auto
+
+    archs = set(config.get("architectures") or [])
+    for mapping, auto, kind in (
+        (modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, "AutoModelForCausalLM", "causal"),
+        (modeling_auto.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES, "AutoModelForSeq2SeqLM", "seq2seq"),
+        (modeling_auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES, "AutoModelForMaskedLM", "masked"),
+    ):
+        if archs & set(mapping.values()):
+            return auto, kind
+    if config.get("is_encoder_decoder"):
+        return "AutoModelForSeq2SeqLM", "seq2seq"
+    return "AutoModel", "base"
+
+
+def _usage(repo: str, config: Mapping[str, Any], compressed: bool, tokenizer_source: str | None) -> str:
+    auto, kind = _auto_class(config)
+    lines = ["## How to use it", ""]
     if compressed:
-        lines += [
-            "This repository holds the **nm_hf compressed format** (`nm_compressed.safetensors`: kept values "
-            "plus packed positions), which plain `from_pretrained` cannot read. With nm_hf:",
-            "",
-            "```python",
-            "import nm_hf",
-            "",
-            f'model = nm_hf.load_sparse("{repo}")  # sparse layers re-patched, ready for more SR-STE training',
-            "```",
-            "",
-            "or turn a downloaded copy into a normal transformers checkpoint: `nm-hf decompress DIR OUT`.",
-        ]
-        return "\n".join(lines)
-    cls = arch or "AutoModel"
-    lines += [
-        "With plain transformers (the pruned weights are stored as zeros; nothing else is needed):",
-        "",
-        "```python",
-        f"from transformers import {cls}",
-        "",
-        f'model = {cls}.from_pretrained("{repo}")',
-        "```",
-        "",
-        "With nm_hf, to continue training with the N:M masks in place:",
-        "",
-        "```python",
-        "import nm_hf",
-        "",
-        f'model = nm_hf.load_sparse("{repo}")',
-        "```",
-    ]
+        lines += ["This repository holds the **nm_hf compressed format** (`nm_compressed.safetensors`: kept values "
+                  "plus packed positions), which plain `from_pretrained` cannot read. With nm_hf (the sparse "
+                  "layers come back re-patched, ready for more training or for inference):", ""]
+    else:
+        lines += ["With plain transformers (the pruned weights are stored as zeros; nothing else is needed):", ""]
+    code = ["```python"]
+    imports = ["AutoTokenizer"] if tokenizer_source else []
+    if compressed:
+        code += ["import nm_hf"]
+    else:
+        imports = [auto, *imports]
+    if imports:
+        code += [f"from transformers import {', '.join(sorted(imports))}"]
+    code += [""]
+    if tokenizer_source:
+        code += [f'tokenizer = AutoTokenizer.from_pretrained("{tokenizer_source}")']
+    else:
+        code += ["# no tokenizer was uploaded with this model: load the one it was trained with as `tokenizer`"]
+    load = f'nm_hf.load_sparse("{repo}")' if compressed else f'{auto}.from_pretrained("{repo}")'
+    code += [f"model = {load}.eval()", ""]
+    if kind == "causal":
+        code += ['inputs = tokenizer("The first words of a text", return_tensors="pt")',
+                 "outputs = model.generate(**inputs, max_new_tokens=40)",
+                 "print(tokenizer.decode(outputs[0], skip_special_tokens=True))"]
+    elif kind == "seq2seq":
+        code += ['inputs = tokenizer("A sentence for the model.", return_tensors="pt")',
+                 "outputs = model.generate(**inputs, max_new_tokens=64, num_beams=4)",
+                 "print(tokenizer.decode(outputs[0], skip_special_tokens=True))"]
+    elif kind == "masked":
+        code += ['inputs = tokenizer(f"Paris is the {tokenizer.mask_token} of France.", return_tensors="pt")',
+                 "logits = model(**inputs).logits",
+                 "position = (inputs.input_ids[0] == tokenizer.mask_token_id).nonzero()[0, 0]",
+                 "print(tokenizer.decode(logits[0, position].argmax()))"]
+    else:
+        code += ['inputs = tokenizer("Some text", return_tensors="pt")',
+                 "hidden_states = model(**inputs).last_hidden_state"]
+    code += ["```"]
+    lines += code
+    if compressed:
+        lines += ["", "Or turn a downloaded copy into a normal transformers checkpoint: `nm-hf decompress DIR OUT`."]
+    else:
+        lines += ["", "With nm_hf, to continue training with the N:M masks in place:", "", "```python", "import nm_hf",
+                  "", f'model = nm_hf.load_sparse("{repo}")', "```"]
     return "\n".join(lines)
+
+
+def _method_facts(record: Mapping[str, Any]) -> tuple[str, str]:
+    """(short method label for the table, one-sentence description) from the method registry."""
+    name = str(record.get("method", "sr-ste"))
+    try:
+        method = get_method(name)
+    except UnknownMethodError:
+        return name, f"Trained with nm_hf, method `{name}`."
+    label = name
+    if method.uses_decay and "decay" in record:
+        label += f", decay {record['decay']:g} ({record.get('decay_mode', 'gradient')})"
+    return label, method.describe(record)
 
 
 def write_model_card(
@@ -151,12 +297,20 @@ def write_model_card(
     command: str | None = None,
     base_model: str | None = None,
     repo_id: str | None = None,
+    license: str | None = None,
+    training_args: Any = None,
+    source_dir: str | os.PathLike | None = None,
+    model_name: str | None = None,
 ) -> ModelCard:
     """Write README.md (a Hub model card) into `output_dir` and return it.
 
     Reads config.json (for the nm_sparsity record; `model.config` if given), the per-layer table from
     `model` or else from the saved weights, and `results.json` / `sparsity_history.json` /
-    `sparsity.png` when present. `results` overrides results.json keys. The file is replaced atomically.
+    `sparsity.png` when present. `results` overrides results.json keys. `training_args` (a
+    TrainingArguments or its dict) gives the hyperparameters, else `trainer_state.json` in
+    `source_dir` (default `output_dir`). `license` is written only when given (or in config.json).
+    `dataset_name` goes into the metadata only if it can be a Hub dataset id (a local path or a
+    free-form label is only named in the text). The file is replaced atomically.
     """
     directory = Path(output_dir)
     if not directory.is_dir():
@@ -164,13 +318,11 @@ def write_model_card(
     report: SparsityReport
     if model is not None:
         config = model.config.to_dict()
-        record = config.get(CONFIG_KEY)
-        if not isinstance(record, dict):
-            raise CheckpointError(f"{type(model).__name__} has no '{CONFIG_KEY}' record: sparsify it with nm_hf")
+        record = require_record(config, where=type(model).__name__, error=CheckpointError)
         report = sparsity_report(model)
-        if (directory / "config.json").exists():  # the saved record may say more (compressed, ignored layers)
-            saved = _read_json(directory / "config.json", "the model config").get(CONFIG_KEY)
-            if isinstance(saved, dict):
+        if (directory / CONFIG_NAME).exists():  # the saved record may say more (compressed, ignored layers)
+            saved = read_record(read_json(directory / CONFIG_NAME, "the model config"))
+            if saved is not None:
                 record = {**record, **saved}
     else:
         config, record = read_config(directory)
@@ -178,41 +330,45 @@ def write_model_card(
 
     merged: dict[str, Any] = {}
     if (directory / RESULTS_NAME).exists():
-        merged.update(_read_json(directory / RESULTS_NAME, "results"))
+        merged.update(read_json(directory / RESULTS_NAME, "results"))
     merged.update(results or {})
     metrics = card_metrics(merged)
     task = task or _infer_task(metrics, config)
-    n, m, method = record["n"], record["m"], record.get("method", "sr-ste")
+    n, m = record["n"], record["m"]
+    method = str(record.get("method", "sr-ste"))
     pattern = f"{n}:{m}"
     compressed = is_compressed(record)
     arch = (config.get("architectures") or [None])[0]
-    name = repo_id.split("/")[-1] if repo_id else directory.resolve().name
+    name = repo_id.split("/")[-1] if repo_id else (model_name or directory.resolve().name)
     repo = repo_id or f"<user>/{name}"
+    dataset_id = dataset_name if is_dataset_id(dataset_name) else None
+    license = license or (config.get("license") if isinstance(config.get("license"), str) else None)
 
     eval_results = [
         EvalResult(task_type=task or "other", task_name=_TASK_NAMES.get(task or "", task),
-                   dataset_type=dataset_name or "custom", dataset_name=dataset_name or "custom",
+                   dataset_type=dataset_id or "custom", dataset_name=dataset_name or "custom",
                    dataset_split=split, metric_type=metric_type, metric_name=display, metric_value=value)
         for metric_type, display, split, value in metrics
     ]
-    tags = list(dict.fromkeys(["nm-sparsity", pattern, method, "nm_hf", "sparse"]))
+    tags = list(dict.fromkeys(["nm-sparsity", pattern, method, "nm_hf", "sparse"] + ([task] if task else [])))
     card_data = ModelCardData(
         library_name="transformers",
+        license=license,
         tags=tags,
-        datasets=[dataset_name] if dataset_name else None,
+        datasets=[dataset_id] if dataset_id else None,
         metrics=sorted({m_[0] for m_ in metrics}) or None,
         base_model=base_model,
-        pipeline_tag=task,
+        pipeline_tag=pipeline_tag_for(task),
         model_name=name,
         eval_results=eval_results or None,
     )
 
     sparsity = record.get("sparsity", report.sparsity)
     ignored = record.get("ignored_modules")
+    method_label, method_sentence = _method_facts(record)
     facts = [
         ("pattern", f"{pattern} (at most {n} non-zero weights in every {m} consecutive input weights)"),
-        ("method", method + (f", decay {record['decay']:g} ({record.get('decay_mode', 'gradient')})"
-                             if method == "sr-ste" and "decay" in record else "")),
+        ("method", method_label),
         ("targeted layers", f"{len(record.get('targeted_modules', []))} "
                             f"(selector: `{record.get('target_modules', 'all-linear')}`)"),
         ("layers left dense", ", ".join(f"`{x}`" for x in ignored) if ignored else
@@ -226,10 +382,8 @@ def write_model_card(
         "",
         f"A {arch or 'transformers'} model whose linear layers are **{pattern} sparse**: in every group of {m} "
         f"consecutive weights along the input dimension at most {n} are non-zero (the pattern sparse tensor "
-        f"cores accelerate). Trained with `nm_hf`, method `{method}`"
-        + (" (SR-STE: Zhou et al., *Learning N:M Fine-grained Structured Sparse Neural Networks From "
-           "Scratch*, ICLR 2021)" if method == "sr-ste" else "")
-        + (f", starting from `{base_model}`" if base_model else "") + ".",
+        f"cores accelerate). Trained with `nm_hf`" + (f", starting from `{base_model}`" if base_model else "")
+        + f". {method_sentence}",
         "",
         "## Sparsity",
         "",
@@ -244,6 +398,14 @@ def write_model_card(
         if dataset_name:
             body += [f"On `{dataset_name}`:", ""]
         body += ["| metric | value |", "|---|---|", *[f"| {k} | {_fmt(float(v))} |" for k, v in shown.items()], ""]
+    elif dataset_name:
+        body += [f"Trained on `{dataset_name}`.", ""]
+    state_path = Path(source_dir or directory) / TRAINER_STATE_NAME
+    trainer_state = read_json(state_path, "the trainer state") if state_path.is_file() else None
+    hyper = training_hyperparameters(training_args, trainer_state, merged)
+    if hyper:
+        body += ["## Training hyperparameters", "", "| | |", "|---|---|",
+                 *[f"| {k} | {v} |" for k, v in hyper.items()], ""]
     body += ["## Per-layer sparsity", "", report.to_markdown(), ""]
     plot = (directory / PLOT_NAME).exists()
     history = _history_summary(directory / HISTORY_NAME) if (directory / HISTORY_NAME).exists() else None
@@ -253,16 +415,12 @@ def write_model_card(
             body += [f"![Sparse architecture divergence and sparsity during training]({PLOT_NAME})", ""]
         if history:
             body += [history, ""]
-    body += [_usage(repo, arch, compressed), ""]
+    has_tokenizer = any((directory / f).exists() for f in _TOKENIZER_FILES)
+    body += [_usage(repo, config, compressed, repo if has_tokenizer else base_model), ""]
     if command:
-        body += ["## Training command", "", "```bash", command, "```", ""]
+        body += ["## Training command", "", "```bash", redact_secrets(command), "```", ""]
+    body += ["## Framework versions", "", *[f"- {k} {v}" for k, v in _framework_versions()], ""]
 
     card = ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n" + "\n".join(body))
-    target = directory / "README.md"
-    tmp = directory / f".README.md.tmp-{os.getpid()}"
-    try:
-        tmp.write_text(str(card), encoding="utf-8")
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write_text(directory / "README.md", str(card))
     return card

@@ -1,46 +1,65 @@
-"""`nm-hf`: inspect, compress and decompress saved sparse models from the shell.
+"""`nm-hf`: inspect, compress, decompress and plot saved sparse models from the shell.
 
-Exit codes: 0 success (for `inspect`: the N:M pattern holds in every targeted layer), 1 `inspect`
+Exit codes: 0 success (for `inspect`: the N:M pattern holds in every checked layer), 1 `inspect`
 found a layer that breaks the pattern, 2 bad input (missing directory, no sparsity record,
-corrupted file, ...), with a one-line message and no traceback.
+corrupted file, an output that cannot be written, ...), with a one-line `nm-hf COMMAND: error: ...`
+message and no traceback. A reader that goes away early (`nm-hf inspect DIR | head -3`) ends the
+command quietly with status 141 (128 + SIGPIPE), as other shell tools do.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 
-from .compressed import (
-    CheckpointError,
-    compress_checkpoint,
-    decompress_checkpoint,
-    inspect_checkpoint,
-    is_compressed,
-)
+from .card import nm_hf_version
+from .checkpoint.compressed import compress_checkpoint, decompress_checkpoint
+from .checkpoint.directory import CheckpointError
+from .checkpoint.inspect import inspect_checkpoint, parse_pattern
+from .plot import PLOT_FILE, MatplotlibMissing, plot_runs
+from .record import is_compressed
 
-__all__ = ["main"]
+__all__ = ["main", "build_parser"]
+
+#: exit status after the reader of stdout went away (128 + SIGPIPE)
+EXIT_BROKEN_PIPE = 141
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    report, record = inspect_checkpoint(args.directory)
+    report, record = inspect_checkpoint(args.directory, pattern=args.pattern, layers=args.layers)
+    n, m = parse_pattern(args.pattern) if args.pattern else (int(record["n"]), int(record["m"]))
     bad = [row.name for row in report.layers if not row.nm_ok]
+    if args.layers:
+        chosen = "the layers named by --layers"
+    elif record is None:
+        chosen = "every nn.Linear/Conv1D layer but the output head"
+    else:
+        chosen = "the targeted layers of the record"
     if args.json:
-        print(json.dumps({"record": record, **report.to_dict()}, indent=2, sort_keys=True, default=str))
+        print(json.dumps({"record": record, "pattern": f"{n}:{m}", "checked": chosen, **report.to_dict()},
+                         indent=2, sort_keys=True, default=str))
         return 1 if bad or not report.layers else 0
-    fmt = "nm_hf compressed" if is_compressed(record) else "safetensors"
-    print(f"{args.directory}: {record['n']}:{record['m']} ({record.get('method', '?')}), "
-          f"state {record.get('state', '?')}, {fmt}")
+    if record is None:
+        print(f"{args.directory}: no nm_sparsity record; checking {n}:{m} on {len(report.layers)} layers "
+              f"({chosen})")
+    else:
+        fmt = "nm_hf compressed" if is_compressed(record) else "safetensors"
+        checked = f", checked as {n}:{m}" if (n, m) != (int(record["n"]), int(record["m"])) else ""
+        print(f"{args.directory}: {record['n']}:{record['m']} ({record.get('method', '?')}), "
+              f"state {record.get('state', '?')}, {fmt}{checked}")
     print(report)
     if not report.layers:
-        print("no targeted layers in the record")
+        print("no layers to check")
         return 1
     if bad:
         shown = ", ".join(bad[:5]) + (f" (+{len(bad) - 5} more)" if len(bad) > 5 else "")
         print(f"N:M pattern VIOLATED in {len(bad)} of {len(report.layers)} layers: {shown}")
         return 1
-    print(f"N:M pattern holds in all {len(report.layers)} targeted layers")
+    what = "targeted layers" if record is not None and not args.layers else "checked layers"
+    print(f"N:M pattern holds in all {len(report.layers)} {what}")
     return 0
 
 
@@ -56,35 +75,71 @@ def _decompress(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plot(args: argparse.Namespace) -> int:
+    out = plot_runs(args.runs, args.output, labels=args.labels, title=args.title)
+    print(f"wrote {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="nm-hf", description="Inspect and convert N:M sparse checkpoints saved "
-                                                               "by nm_hf.")
+    parser = argparse.ArgumentParser(prog="nm-hf", description="Inspect, convert and plot N:M sparse checkpoints "
+                                                               "saved by nm_hf.")
+    parser.add_argument("--version", action="version", version=f"nm-hf {nm_hf_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     p = sub.add_parser("inspect", help="per-layer sparsity table read from the files; exit 1 if N:M is broken")
-    p.add_argument("directory", help="a saved model directory (normal or compressed)")
+    p.add_argument("directory", help="a saved model directory (normal, sharded or compressed)")
     p.add_argument("--json", action="store_true", help="print the record and table as JSON")
+    p.add_argument("--pattern", metavar="N:M", help="the pattern to check (required for checkpoints without an "
+                                                    "nm_sparsity record, e.g. made by another tool)")
+    p.add_argument("--layers", nargs="+", metavar="NAME",
+                   help="layers to check (exact names or dotted suffixes, e.g. q_proj); default: the record's "
+                        "targeted layers, or without a record every nn.Linear/Conv1D layer but the output head")
     p.set_defaults(func=_inspect)
     p = sub.add_parser("compress", help="write the compressed form of a saved (finalized) model")
     p.add_argument("input", help="a saved model directory")
-    p.add_argument("output", help="new directory for the compressed checkpoint")
+    p.add_argument("output", help="new directory for the compressed checkpoint (not the input or above it)")
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     p.set_defaults(func=_compress)
     p = sub.add_parser("decompress", help="write a normal transformers checkpoint from a compressed one")
     p.add_argument("input", help="a compressed model directory")
-    p.add_argument("output", help="new directory for the transformers checkpoint")
+    p.add_argument("output", help="new directory for the transformers checkpoint (not the input or above it)")
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     p.set_defaults(func=_decompress)
+    p = sub.add_parser("plot", help="plot SAD and mask flip rate of one or more runs (needs matplotlib)")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories holding sparsity_history.json "
+                                                              "(or the files)")
+    p.add_argument("-o", "--output", default=PLOT_FILE, help=f"PNG to write (default: {PLOT_FILE})")
+    p.add_argument("--labels", nargs="+", help="one label per run (default: method or directory name)")
+    p.add_argument("--title", help="figure title")
+    p.set_defaults(func=_plot)
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+def _run(argv: Sequence[str] | None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (CheckpointError, FileExistsError, FileNotFoundError, NotADirectoryError, PermissionError) as err:
+    except BrokenPipeError:
+        raise
+    except (CheckpointError, OSError, ValueError, MatplotlibMissing) as err:
         print(f"nm-hf {args.command}: error: {err}", file=sys.stderr)
         return 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        status = _run(argv)
+        sys.stdout.flush()  # a closed pipe shows up here, not at interpreter exit
+        return status
+    except BrokenPipeError:
+        # the reader went away (`nm-hf inspect DIR | head -3`): stop quietly, and keep Python's final
+        # flush of stdout from failing again
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        except (OSError, ValueError):  # stdout without a file descriptor (captured in tests)
+            pass
+        return EXIT_BROKEN_PIPE
 
 
 if __name__ == "__main__":

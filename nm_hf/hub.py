@@ -1,236 +1,91 @@
-"""Reload saved sparse models for more training (`load_sparse`) and publish them (`push_to_hub`).
+"""Publish sparse models: `prepare_upload` builds the folder, `push_to_hub` sends it in one commit.
 
-A finalized model saved with `save_pretrained` is a plain transformers checkpoint whose config.json
-carries the `nm_sparsity` record (pattern, method, targeted layers, measured sparsity).
-`load_sparse` loads it with transformers, checks that the stored weights obey the stored pattern
-and re-patches the recorded layers with `sparsify`, so SR-STE training can go on.
+The folder holds the weights (normal or compressed), config.json with the `nm_sparsity` record,
+the tokenizer, results.json, the plot and history of a run, the TensorBoard `runs/` folder, and a
+model card. Training state (optimizer, scheduler, scaler, RNG state, `training_args.bin`,
+`trainer_state.json`) is never part of it, and every file taken from a directory must resolve
+inside it (a symlink out of the directory, or an index entry naming `../x`, is refused).
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
-from .compressed import (
-    RECORD_KEYS,
-    CheckpointError,
-    _checkpoint_dir,
-    _copy_extra_files,
-    _dense_weight_files,
-    _model_class,
-    _read_json,
-    _write_json_atomic,
-    atomic_directory,
-    compress_checkpoint,
-    decompress_checkpoint,
-    is_compressed,
-    load_compressed,
-    read_config,
-    save_compressed,
+from ._files import atomic_directory, atomic_write_json
+from .card import write_model_card
+from .checkpoint.compressed import (
+    compressed_file,
+    finalized_record,
+    write_compressed,
+    write_compressed_model,
+    write_decompressed,
+    write_dense_model,
 )
-from .config import SparsityConfig
-from .injection import ignored_layers, is_sparsified, iter_sparse_layers, sparsify
-from .injection import model_group_dims as layer_group_dims
-from .masks import nm_group_counts
-from .record import CONFIG_KEY
+from .checkpoint.directory import (
+    CONFIG_NAME,
+    DENSE_INDEX,
+    CheckpointError,
+    checkpoint_dir,
+    copy_extra_files,
+    dense_weight_files,
+    file_inside,
+    read_config,
+    read_json,
+    refuse_overlap,
+)
+from .record import is_compressed, read_record, record_group_dims
 
-__all__ = ["load_sparse", "restore_sparsity", "push_to_hub", "prepare_upload", "sparsity_record",
-           "model_group_dims"]
+__all__ = ["prepare_upload", "push_to_hub", "check_repo_id"]
 
-#: from_pretrained keyword arguments that also apply to fetching config.json / files from the Hub
-HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder",
-              "trust_remote_code", "proxies")
-
-
-def model_group_dims(model: nn.Module, names: Iterable[str]) -> dict[str, int]:
-    """Dimension of each named layer's weight that holds its input features (1: nn.Linear, 0: Conv1D)."""
-    modules = dict(model.named_modules())
-    dims: dict[str, int] = {}
-    for name in names:
-        module = modules.get(name)
-        if isinstance(module, Conv1D):
-            dims[name] = 0
-        elif isinstance(module, nn.Linear):
-            dims[name] = 1
-        else:
-            kind = type(module).__name__ if module is not None else "missing"
-            raise CheckpointError(f"layer {name!r} from the sparsity record is {kind} in "
-                                  f"{type(model).__name__}, not an nn.Linear/Conv1D")
-    return dims
+RESULTS_NAME = "results.json"
+CARD_NAME = "README.md"
+_REPO_PART = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?")
 
 
-def sparsity_record(model: nn.Module, *, require_finalized: bool = True) -> dict[str, Any]:
-    """The model's `nm_sparsity` record, completed with `conv1d_modules` and `ignored_modules`.
-
-    `ignored_modules`: linear layers left dense; `conv1d_modules`: targeted layers stored [in, out]
-    (GPT-2 Conv1D, N:M groups along dim 0). Both are computed from the model when the record lacks
-    them. With `require_finalized`, a model that still has live sparse layers is refused: its
-    weights are the dense training weights, not the N:M ones.
-    """
-    record = getattr(getattr(model, "config", None), CONFIG_KEY, None)
-    if not isinstance(record, dict):
-        raise CheckpointError(f"{type(model).__name__} has no '{CONFIG_KEY}' record in its config: "
-                              "sparsify it (nm_hf.sparsify), train, then nm_hf.finalize(model)")
-    if require_finalized and is_sparsified(model):
-        first = next(iter_sparse_layers(model))[0]
-        raise CheckpointError(f"{type(model).__name__} still has live sparse layers (e.g. {first!r}); call "
-                              "nm_hf.finalize(model) first so the saved weights are the N:M ones")
-    targets = record.get("targeted_modules", [])
-    return {"ignored_modules": ignored_layers(model, targets), "group_dims": layer_group_dims(model, targets),
-            **record}
+def check_repo_id(repo_id: str) -> str:
+    """`repo_id` if it is "namespace/name"; ValueError otherwise (checked before any request is sent)."""
+    if not isinstance(repo_id, str) or repo_id.count("/") != 1:
+        raise ValueError(f"repo_id {repo_id!r} must be 'namespace/name' (your user or organisation name, a "
+                         f"slash, the model name), e.g. 'my-user/{str(repo_id).strip('/') or 'model'}'")
+    namespace, name = repo_id.split("/")
+    for part in (namespace, name):
+        if not _REPO_PART.fullmatch(part) or "--" in part or ".." in part or len(part) > 96:
+            raise ValueError(f"repo_id {repo_id!r}: {part!r} is not a valid Hub name (letters, digits, '-', '_', "
+                             "'.'; no '--' or '..'; not starting or ending with '-' or '.')")
+    return repo_id
 
 
-def _resolve_names(model: nn.Module, names: list[str], where: str) -> list[str]:
-    """Map recorded layer names onto `model`, allowing for a base-model prefix added or dropped."""
-    modules = dict(model.named_modules())
-    prefix = getattr(model, "base_model_prefix", "") or ""
-    resolved, missing = [], []
-    for name in names:
-        candidates = [name]
-        if prefix:
-            candidates += [name[len(prefix) + 1:]] if name.startswith(prefix + ".") else [f"{prefix}.{name}"]
-        hit = next((c for c in candidates if c in modules), None)
-        if hit is None:
-            missing.append(name)
-        else:
-            resolved.append(hit)
-    if missing:
-        archs = getattr(getattr(model, "config", None), "architectures", None)
-        raise CheckpointError(f"{where}: {len(missing)} layers of the sparsity record are not in "
-                              f"{type(model).__name__} (e.g. {missing[0]!r}); load it with the class it was "
-                              f"saved from ({', '.join(archs or ['see config.json architectures'])})")
-    return resolved
+def _copy_checkpoint(src: Path, stage: Path, compressed: bool) -> None:
+    """Copy a checkpoint as it is: weight files, index, config.json and the files that travel with it."""
+    weights = [compressed_file(src)] if compressed else dense_weight_files(src)
+    for path in weights:
+        target = stage / path.relative_to(src)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, target)
+    if (src / DENSE_INDEX).exists():
+        shutil.copyfile(file_inside(src, DENSE_INDEX, "index"), stage / DENSE_INDEX)
+    shutil.copyfile(file_inside(src, CONFIG_NAME, "the model config"), stage / CONFIG_NAME)
+    copy_extra_files(src, stage)
 
 
-@torch.no_grad()
-def _pattern_problems(model: nn.Module, names: list[str], n: int, m: int) -> list[str]:
-    modules = dict(model.named_modules())
-    dims = model_group_dims(model, names)
-    problems = []
-    for name in names:
-        weight, dim = modules[name].weight, dims[name]
-        if weight.shape[dim] % m:
-            problems.append(f"layer {name!r}: {weight.shape[dim]} input features are not divisible by m={m}")
-            continue
-        counts = nm_group_counts(weight.detach(), m, dim=dim)
-        bad = int((counts > n).sum())
-        if bad:
-            problems.append(f"layer {name!r}: {bad} of {counts.numel()} groups of {m} have more than {n} "
-                            f"non-zero weights (up to {int(counts.max())})")
-    return problems
-
-
-def restore_sparsity(model: nn.Module, *, where: str | None = None) -> nn.Module:
-    """Re-patch the layers named in `model.config.nm_sparsity` (a plainly loaded sparse model), in place.
-
-    The stored weights must obey the stored pattern (checked for every layer before anything is
-    patched). Afterwards every layer's `current_mask()` keeps all non-zero weights; a group with fewer
-    than n non-zeros (a kept weight that is exactly 0) also keeps its lowest-index zeros, which is
-    what `nm_mask`'s tie rule gives: the forward pass is unchanged and SR-STE may grow them again.
-    """
-    where = where or type(model).__name__
-    record = getattr(getattr(model, "config", None), CONFIG_KEY, None)
-    if not isinstance(record, dict):
-        raise CheckpointError(f"{where}: config.json has no '{CONFIG_KEY}' record: the model was not saved by "
-                              "nm_hf (nm_hf.sparsify, train, nm_hf.finalize, then save_pretrained)")
-    for key in ("n", "m", "targeted_modules"):
-        if key not in record:
-            raise CheckpointError(f"{where}: the '{CONFIG_KEY}' record has no {key!r}")
-    if is_sparsified(model):
-        raise CheckpointError(f"{where}: {type(model).__name__} already has sparse layers")
-    n, m = int(record["n"]), int(record["m"])
-    names = _resolve_names(model, list(record["targeted_modules"]), where)
-    if record.get("method") != "dense":
-        problems = _pattern_problems(model, names, n, m)
-        if problems:
-            hint = ("\nThe record says state='training': this checkpoint holds the dense training weights "
-                    "(saved before nm_hf.finalize), which only the training run itself can resume."
-                    if record.get("state") == "training" else "")
-            raise CheckpointError(f"{where}: the stored weights do not obey the stored {n}:{m} pattern "
-                                  f"(nothing was patched):\n  - " + "\n  - ".join(problems) + hint)
-    settings = {k: v for k, v in record.items() if k not in RECORD_KEYS}
-    settings.update(target_modules=names, exclude_modules=None)
-    sparsify(model, SparsityConfig.from_dict(settings))
-    new_record = getattr(model.config, CONFIG_KEY)
-    # keep the selectors the user trained with; targeted_modules holds the resolved names
-    new_record["target_modules"] = record.get("target_modules", new_record["target_modules"])
-    new_record["exclude_modules"] = record.get("exclude_modules")
-    for name, layer in iter_sparse_layers(model):
-        if not layer.is_masked:
-            continue
-        dropped = int(((layer.weight.detach() != 0) & ~layer.current_mask()).sum())
-        if dropped:  # cannot happen for weights that passed the check above; never train on a wrong mask
-            raise RuntimeError(f"{where}: the re-computed mask of {name!r} drops {dropped} non-zero weights")
-    return model
-
-
-def _local_snapshot(path_or_model_id: str, hub_kwargs: dict[str, Any]) -> Path:
-    """The local directory of a compressed checkpoint, downloading its files from the Hub if needed."""
-    if Path(path_or_model_id).is_dir():
-        return Path(path_or_model_id) / hub_kwargs.get("subfolder", "")
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError
-
-    from .compressed import WEIGHTS_NAME
-
-    kwargs = {k: hub_kwargs[k] for k in ("cache_dir", "force_download", "local_files_only", "token", "revision",
-                                         "subfolder") if k in hub_kwargs}
-    local = Path(hf_hub_download(path_or_model_id, WEIGHTS_NAME, **kwargs)).parent
-    hf_hub_download(path_or_model_id, "config.json", **kwargs)
-    try:
-        hf_hub_download(path_or_model_id, "generation_config.json", **kwargs)
-    except EntryNotFoundError:
-        pass
-    return local
-
-
-def load_sparse(path_or_model_id: str | os.PathLike, model_class: Any = None, **from_pretrained_kwargs: Any
-                ) -> nn.Module:
-    """Load a sparse model saved by nm_hf (normal or compressed, local or on the Hub), ready to train on.
-
-    `model_class` defaults to the class in config.json's `architectures` (AutoModel if unknown);
-    keyword arguments go to `from_pretrained`. The layers in the record are re-patched with
-    `sparsify` (see `restore_sparsity`). Raises `CheckpointError` when config.json has no
-    nm_sparsity record or the weights break the stored N:M pattern (naming the layers).
-    Do not pass `device_map`: accelerate's dispatch hooks stop `sparsify`; move the model with `.to()`.
-    """
-    from transformers import AutoConfig
-
-    source = os.fspath(path_or_model_id)
-    hub_kwargs = {k: v for k, v in from_pretrained_kwargs.items() if k in HUB_KWARGS}
-    config = AutoConfig.from_pretrained(source, **hub_kwargs)
-    record = getattr(config, CONFIG_KEY, None)
-    if not isinstance(record, dict):
-        raise CheckpointError(f"{source}: config.json has no '{CONFIG_KEY}' record: the model was not saved by "
-                              "nm_hf (nm_hf.sparsify, train, nm_hf.finalize, then save_pretrained)")
-    if is_compressed(record):
-        local = _local_snapshot(source, hub_kwargs)
-        rest = {k: v for k, v in from_pretrained_kwargs.items() if k not in HUB_KWARGS}
-        model = load_compressed(local, model_class, **rest)
-    else:
-        model = _model_class(config, model_class).from_pretrained(source, **from_pretrained_kwargs)
-    return restore_sparsity(model, where=source)
-
-
-# ----------------------------------------------------------------------------- publishing
-
-
-def _copy_checkpoint(src: Path, dst: Path) -> None:
-    for path in _dense_weight_files(src):
-        shutil.copy2(path, dst / path.name)
-    index = src / "model.safetensors.index.json"
-    if index.exists():
-        shutil.copy2(index, dst / index.name)
-    shutil.copy2(src / "config.json", dst / "config.json")
-    _copy_extra_files(src, dst)
+def _check_extra_files(extra_files: Iterable[str | os.PathLike]) -> list[Path]:
+    paths = [Path(p) for p in extra_files]
+    for path in paths:
+        if not path.is_file():
+            raise FileNotFoundError(f"extra file {path} does not exist (or is not a file)")
+    names = [p.name for p in paths]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise CheckpointError(f"extra_files: two files are named {twice[0]!r}; they would land on one name")
+    return paths
 
 
 def prepare_upload(
@@ -247,55 +102,62 @@ def prepare_upload(
     command: str | None = None,
     base_model: str | None = None,
     repo_id: str | None = None,
+    license: str | None = None,
+    training_args: Any = None,
+    overwrite: bool = False,
 ) -> Path:
     """Build the folder `push_to_hub` uploads: weights (normal or compressed), tokenizer, results, card.
 
     From a model: it must be finalized. From a directory: its weights, config, tokenizer files, plot,
-    results and history are taken (optimizer/scheduler state and sub-folders are left out) and
-    converted to the requested format.
+    results, history and `runs/` logs are taken (training state and other sub-folders are left out)
+    and converted to the requested format. `extra_files` are added by name; a name that is already in
+    the folder (config.json, a tokenizer file, ...) is refused. The folder is built in a staging
+    directory and renamed at the end: `out_dir` is never left half-written; an existing non-empty
+    `out_dir` is refused unless `overwrite`.
     """
     out = Path(out_dir)
+    extras = _check_extra_files(extra_files)
     model = None
+    src = None
     if isinstance(model_or_dir, (str, os.PathLike)):
-        src = _checkpoint_dir(model_or_dir)
-        _, record = read_config(src)
-        if compressed and not is_compressed(record):
-            compress_checkpoint(src, out)
-        elif not compressed and is_compressed(record):
-            decompress_checkpoint(src, out)
-        else:
-            with atomic_directory(out) as stage:
-                _copy_checkpoint(src, stage)
+        src = checkpoint_dir(model_or_dir)
+        config, record = read_config(src)
+        refuse_overlap(src, out, "the upload folder")
     elif isinstance(model_or_dir, nn.Module):
         model = model_or_dir
-        record = sparsity_record(model)
-        if compressed:
-            save_compressed(model, out)
-        else:
-            with atomic_directory(out) as stage:
-                model.save_pretrained(stage)
-                config = _read_json(stage / "config.json", "the model config")
-                _write_json_atomic(stage / "config.json", {**config, CONFIG_KEY: record})
+        record, group_dims = finalized_record(model)
     else:
         raise TypeError(f"model_or_dir must be a model or a directory, got {type(model_or_dir).__name__}")
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out)
-    for path in extra_files:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"extra file {path} does not exist")
-        shutil.copy2(path, out / path.name)
-    if results:
-        merged = {}
-        if (out / "results.json").exists():
-            merged = _read_json(out / "results.json", "results")
-        merged.update(results)
-        _write_json_atomic(out / "results.json", merged)
-    if model_card:
-        from .card import write_model_card
 
-        write_model_card(out, model=model, results=results, dataset_name=dataset_name, task=task,
-                         command=command, base_model=base_model, repo_id=repo_id)
+    with atomic_directory(out, overwrite) as stage:
+        if src is not None:
+            if compressed and not is_compressed(record):
+                write_compressed(src, stage, config, record, record_group_dims(record, config))
+            elif not compressed and is_compressed(record):
+                write_decompressed(src, stage, config, record)
+            else:
+                _copy_checkpoint(src, stage, is_compressed(record))
+        elif compressed:
+            write_compressed_model(model, stage, record, group_dims)
+        else:
+            write_dense_model(model, stage, record)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(stage)
+        reserved = {CARD_NAME} if model_card else set()
+        for path in extras:
+            if (stage / path.name).exists() or path.name in reserved:
+                why = ("the model card (pass model_card=False to upload your own)" if path.name in reserved
+                       else "a file of the model")
+                raise CheckpointError(f"extra file {path}: {path.name!r} is already in the upload as {why}; "
+                                      "rename it or leave it out")
+            shutil.copyfile(path, stage / path.name)
+        if results:
+            merged = read_json(stage / RESULTS_NAME, "results") if (stage / RESULTS_NAME).exists() else {}
+            atomic_write_json(stage / RESULTS_NAME, {**merged, **results})
+        if model_card:
+            write_model_card(stage, model=model, results=results, dataset_name=dataset_name, task=task,
+                             command=command, base_model=base_model, repo_id=repo_id, license=license,
+                             training_args=training_args, source_dir=src, model_name=out.name)
     return out
 
 
@@ -315,27 +177,31 @@ def push_to_hub(
     task: str | None = None,
     command: str | None = None,
     base_model: str | None = None,
+    license: str | None = None,
+    training_args: Any = None,
     revision: str | None = None,
     create_pr: bool = False,
     endpoint: str | None = None,
 ) -> Any:
     """Upload a finalized sparse model (or a saved directory) with its tokenizer, card, plot and results.
 
-    Everything is staged in a temporary folder first (`prepare_upload`), then sent in one commit with
+    `repo_id` must be "namespace/name" (checked before any request). Everything is staged in a
+    temporary folder first (`prepare_upload`), then sent in one commit with
     `HfApi(endpoint, token).create_repo(exist_ok=True)` + `upload_folder`. `compressed=True` uploads
     the compressed format (load it with `nm_hf.load_sparse`/`load_compressed`). Returns the
     `huggingface_hub.CommitInfo`. `endpoint` overrides HF_ENDPOINT (e.g. a private Hub).
     """
     from huggingface_hub import HfApi
 
+    check_repo_id(repo_id)
     api = HfApi(endpoint=endpoint, token=token)
     with tempfile.TemporaryDirectory(prefix="nm_hf_push_") as tmp:
         stage = prepare_upload(model_or_dir, Path(tmp) / "upload", tokenizer=tokenizer, compressed=compressed,
                                results=results, extra_files=extra_files, model_card=model_card,
                                dataset_name=dataset_name, task=task, command=command, base_model=base_model,
-                               repo_id=repo_id)
-        record = _read_json(stage / "config.json", "the model config")[CONFIG_KEY]
-        message = commit_message or (f"Upload {record['n']}:{record['m']} sparse model with nm_hf"
+                               repo_id=repo_id, license=license, training_args=training_args)
+        record = read_record(read_json(stage / CONFIG_NAME, "the model config")) or {}
+        message = commit_message or (f"Upload {record.get('n')}:{record.get('m')} sparse model with nm_hf"
                                      + (" (compressed)" if compressed else ""))
         api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
         return api.upload_folder(folder_path=str(stage), repo_id=repo_id, repo_type="model",

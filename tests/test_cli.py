@@ -14,10 +14,11 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
+from nm_hf.checkpoint import WEIGHTS_NAME, load_compressed
 from nm_hf.cli import main
-from nm_hf.compressed import WEIGHTS_NAME, load_compressed, record_group_dims
 from nm_hf.config import SparsityConfig
 from nm_hf.injection import finalize, sparsify
+from nm_hf.record import record_group_dims
 from nm_hf.report import layer_sparsity
 from tiny_models import tiny_model
 

@@ -17,26 +17,28 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
-import nm_hf.compressed as compressed
-from nm_hf.compressed import (
-    POSITIONS_SUFFIX,
-    VALUES_SUFFIX,
+import nm_hf.checkpoint.codec as codec
+import nm_hf.checkpoint.compressed as compressed
+from nm_hf.checkpoint import (
     WEIGHTS_NAME,
     CheckpointError,
     compress_checkpoint,
-    compress_tensor,
-    decode_positions,
     decompress_checkpoint,
-    decompress_tensor,
-    encode_positions,
     inspect_checkpoint,
     load_compressed,
     load_compressed_state_dict,
+    save_compressed,
+)
+from nm_hf.checkpoint.codec import (
+    compress_tensor,
+    decode_positions,
+    decompress_tensor,
+    encode_positions,
     pack_codes,
     position_bits,
-    save_compressed,
     unpack_codes,
 )
+from nm_hf.checkpoint.compressed import POSITIONS_SUFFIX, VALUES_SUFFIX
 from nm_hf.config import SparsityConfig
 from nm_hf.injection import finalize, sparsify
 from nm_hf.masks import nm_mask
@@ -81,8 +83,8 @@ def test_codes_cover_every_choice_exactly_once(n, m):
     decoded = decode_positions(codes, n, m)
     assert decoded.tolist() == [list(p) for p in combos]
     # the lookup-table path (m <= 16) and the generic path agree on every choice
-    if m <= compressed._TABLE_MAX_M:
-        codes_table, counts = compressed._group_codes(keep.float(), n, m)
+    if m <= codec._TABLE_MAX_M:
+        codes_table, counts = codec._group_codes(keep.float(), n, m)
         assert torch.equal(codes_table, codes)
         assert counts.tolist() == [n] * len(combos)
 
@@ -119,7 +121,7 @@ def test_pack_unpack(bits, groups):
 def test_chunking_gives_the_same_bytes(monkeypatch):
     w = nm_weight((40, 64), 2, 4, dim=1, dtype=torch.float16, seed=5)
     reference = compress_tensor(w, 2, 4, 1)
-    monkeypatch.setattr(compressed, "_CHUNK_GROUPS", 8)  # many chunks, byte-aligned boundaries
+    monkeypatch.setattr(codec, "CHUNK_GROUPS", 8)  # many chunks, byte-aligned boundaries
     chunked = compress_tensor(w, 2, 4, 1)
     assert torch.equal(reference[0], chunked[0]) and torch.equal(reference[1], chunked[1])
     assert reference[2] == chunked[2]
@@ -161,7 +163,7 @@ def test_round_trip_property(nm, rows, groups, dim, dtype, zero_frac, seed):
     assert packed.numel() == math.ceil(w.numel() // m * position_bits(n, m) / 8)
     back = decompress_tensor(values, packed, n, m, shape, dim)
     assert_same_bits_up_to_zero_sign(back, w)
-    assert entry["sha256"] == compressed.tensor_sha256(back)
+    assert entry["sha256"] == codec.tensor_sha256(back)
 
 
 def test_special_values_survive_bit_exactly():
@@ -477,7 +479,7 @@ def test_failure_after_the_weights_leaves_nothing(tmp_path, monkeypatch):
     def broken_copy(src, dst):
         raise RuntimeError("killed while copying the tokenizer")
 
-    monkeypatch.setattr(compressed, "_copy_extra_files", broken_copy)
+    monkeypatch.setattr(compressed, "copy_extra_files", broken_copy)
     with pytest.raises(RuntimeError, match="killed"):
         save_compressed(model, tmp_path / "c")
     assert _visible(tmp_path) == []

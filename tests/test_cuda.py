@@ -7,13 +7,13 @@ import torch
 from transformers.pytorch_utils import Conv1D
 
 from nm_hf.config import SparsityConfig
-from nm_hf.cuda import (
+from nm_hf.injection import finalize, iter_sparse_layers, sparsify
+from nm_hf.semi_structured import (
     SemiStructuredError,
     check_semi_structured,
     semi_structured_problems,
     to_semi_structured,
 )
-from nm_hf.injection import finalize, iter_sparse_layers, sparsify
 from tiny_models import output_tensor, tiny_inputs, tiny_model
 
 

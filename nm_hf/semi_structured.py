@@ -13,11 +13,11 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
-from .injection import finalize, is_sparsified, iter_sparse_layers
+from .injection import finalize, is_sparsified, iter_sparse_layers, unwrap_model
+from .layers import as_out_in, family_kind
 from .masks import nm_group_counts
-from .record import CONFIG_KEY
+from .record import CONFIG_KEY, read_record
 
 __all__ = ["SemiStructuredError", "semi_structured_problems", "check_semi_structured", "to_semi_structured",
            "SEMI_STRUCTURED_DTYPES"]
@@ -90,24 +90,21 @@ def _candidates(model: nn.Module) -> list[tuple[str, nn.Module, torch.Tensor]]:
     if is_sparsified(model):
         out = []
         for name, layer in iter_sparse_layers(model):
-            weight = layer.effective_weight()
-            out.append((name, layer, weight if layer.group_dim == 1 else weight.t()))
+            out.append((name, layer, as_out_in(layer, layer.effective_weight())))
         return out
-    record = getattr(getattr(model, "config", None), CONFIG_KEY, None)
-    if not isinstance(record, dict):
+    record = read_record(model)
+    if record is None:
         raise SemiStructuredError(f"{type(model).__name__} has no sparse layers and no '{CONFIG_KEY}' record: "
                                   "nothing to convert (sparsify, train and finalize it with nm_hf first)")
     modules = dict(model.named_modules())
     out = []
     for name in record.get("targeted_modules", []):
         module = modules.get(name)
-        if isinstance(module, Conv1D):
-            out.append((name, module, module.weight.detach().t()))
-        elif isinstance(module, nn.Linear):
-            out.append((name, module, module.weight.detach()))
-        else:
+        if module is None or family_kind(module) is None:
             kind = "missing" if module is None else type(module).__name__
-            raise SemiStructuredError(f"layer {name!r} from the sparsity record is {kind}, not nn.Linear/Conv1D")
+            raise SemiStructuredError(f"layer {name!r} from the sparsity record is {kind}, not a layer kind nm_hf "
+                                      "knows (nn.Linear, Conv1D)")
+        out.append((name, module, as_out_in(module, module.weight.detach())))
     return out
 
 
@@ -115,8 +112,8 @@ def _record_pattern(model: nn.Module) -> tuple[int, int]:
     if is_sparsified(model):
         _, layer = next(iter_sparse_layers(model))
         return layer.nm_n, layer.nm_m
-    record = getattr(getattr(model, "config", None), CONFIG_KEY, None)
-    if not isinstance(record, dict):
+    record = read_record(model)
+    if record is None:
         raise SemiStructuredError(f"{type(model).__name__} has no sparse layers and no '{CONFIG_KEY}' record: "
                                   "nothing to convert (sparsify, train and finalize it with nm_hf first)")
     return int(record["n"]), int(record["m"])
@@ -130,6 +127,7 @@ def check_semi_structured(model: nn.Module, *, assume_cuda: bool = False, backen
     which PyTorch's CUDA builds use.
     """
     backend = backend or ("cusparselt" if assume_cuda else default_backend())
+    model = unwrap_model(model)
     n, m = _record_pattern(model)
     problems = []
     if (n, m) != (2, 4):
@@ -160,6 +158,7 @@ def to_semi_structured(model: nn.Module, *, backend: str | None = None) -> nn.Mo
     `SemiStructuredError` lists every layer at fault and the model is untouched. GPT-2 `Conv1D`
     layers become `nn.Linear` (transposed weight). The result is for inference only (no gradients).
     """
+    outer, model = model, unwrap_model(model)
     problems = check_semi_structured(model, backend=backend)
     if problems:
         raise SemiStructuredError(f"cannot convert {type(model).__name__} to 2:4 semi-structured weights "
@@ -172,14 +171,15 @@ def to_semi_structured(model: nn.Module, *, backend: str | None = None) -> nn.Mo
         if backend is not None:
             SparseSemiStructuredTensor._FORCE_CUTLASS = backend == "cutlass"
         for name, module, weight in _candidates(model):
-            converted.append((name, module, weight, to_sparse_semi_structured(weight.contiguous())))
+            out_in = family_kind(module).group_dim == module.weight.ndim - 1  # stored [out, in] already
+            converted.append((name, module, out_in, weight, to_sparse_semi_structured(weight.contiguous())))
     finally:
         SparseSemiStructuredTensor._FORCE_CUTLASS = forced
     if is_sparsified(model):  # same module objects, plain classes again
         finalize(model)
     modules = dict(model.named_modules())
-    for name, module, weight, sparse in converted:
-        if isinstance(module, Conv1D):
+    for name, module, out_in, weight, sparse in converted:
+        if not out_in:  # [in, out] kinds (GPT-2 Conv1D): an nn.Linear takes their place
             linear = nn.Linear(weight.shape[1], weight.shape[0], bias=module.bias is not None,
                                device="meta")
             linear.weight = nn.Parameter(sparse, requires_grad=False)
@@ -189,7 +189,7 @@ def to_semi_structured(model: nn.Module, *, backend: str | None = None) -> nn.Mo
             setattr(modules[parent_name] if parent_name else model, child, linear)
         else:
             module.weight = nn.Parameter(sparse, requires_grad=False)
-    return model
+    return outer
 
 
 def describe(model: nn.Module) -> dict[str, Any]:
@@ -198,5 +198,5 @@ def describe(model: nn.Module) -> dict[str, Any]:
 
     sparse = sum(1 for mod in model.modules()
                  if isinstance(mod, nn.Linear) and isinstance(mod.weight, SparseSemiStructuredTensor))
-    dense = sum(1 for mod in model.modules() if isinstance(mod, (nn.Linear, Conv1D))) - sparse
+    dense = sum(1 for mod in model.modules() if family_kind(mod) is not None) - sparse
     return {"semi_structured_layers": sparse, "dense_linear_layers": dense}

@@ -1,0 +1,190 @@
+"""Per-layer sparsity of a saved checkpoint, read from its files (`nm-hf inspect`).
+
+With an `nm_sparsity` record the targeted layers, the pattern and the group dims come from it
+(`nm_hf.record.record_group_dims`). Without one (a checkpoint made by another tool) a pattern must
+be given; the layers checked are then the ones named, or every layer of a registered kind
+(`nm_hf.layers`: nn.Linear, GPT-2 Conv1D) except the output head, found on a meta-device skeleton
+of the model (no memory, no weights). A compressed checkpoint is verified whole: every tensor's
+checksum, not only the targeted ones.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..layers import family_kind
+from ..record import is_compressed, read_record, record_group_dims, require_record, weight_key
+from ..report import SparsityReport, layer_sparsity
+from .compressed import iter_compressed_tensors, resolve_model_class
+from .directory import (
+    CONFIG_NAME,
+    CheckpointError,
+    checkpoint_dir,
+    dense_weight_files,
+    file_inside,
+    open_safetensors,
+    read_json,
+)
+
+__all__ = ["inspect_checkpoint", "parse_pattern"]
+
+
+def parse_pattern(pattern: str | tuple[int, int]) -> tuple[int, int]:
+    """(n, m) from "N:M" (or a pair), checked 1 <= n <= m."""
+    if isinstance(pattern, str):
+        match = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", pattern)
+        if not match:
+            raise CheckpointError(f"pattern {pattern!r} is not of the form N:M (e.g. 2:4)")
+        n, m = int(match[1]), int(match[2])
+    else:
+        n, m = (int(x) for x in pattern)
+    if not 1 <= n <= m:
+        raise CheckpointError(f"pattern {n}:{m}: need 1 <= N <= M")
+    return n, m
+
+
+def _skeleton(directory: Path) -> nn.Module | None:
+    """The model of config.json built on the meta device (no memory), or None if transformers cannot build it."""
+    from transformers import AutoConfig, PreTrainedModel
+
+    try:
+        config = AutoConfig.from_pretrained(directory)
+        cls = resolve_model_class(config)
+        with torch.device("meta"):
+            if isinstance(cls, type) and issubclass(cls, PreTrainedModel):
+                return cls(config)
+            return cls.from_config(config)
+    except (ValueError, KeyError, TypeError, AttributeError, OSError, ImportError):
+        return None
+
+
+def _key_in(name: str, keys: set[str], prefix: str) -> str | None:
+    """The state-dict key of layer `name`'s weight, allowing for a base-model prefix added or dropped."""
+    candidates = [weight_key(name)]
+    if prefix:
+        candidates.append(weight_key(name.removeprefix(prefix + ".")) if name.startswith(prefix + ".")
+                          else weight_key(f"{prefix}.{name}"))
+    return next((c for c in candidates if c in keys), None)
+
+
+def _layer_names(keys: set[str]) -> list[str]:
+    return sorted(k.removesuffix(".weight") for k in keys if k.endswith(".weight"))
+
+
+def _select(entries: Sequence[str], keys: set[str], directory: Path) -> list[str]:
+    """Layer names (from the file's keys) matching `entries` exactly or as a dotted suffix."""
+    names = _layer_names(keys)
+    chosen: list[str] = []
+    for entry in entries:
+        hits = [n for n in names if n == entry or n.endswith("." + entry)]
+        if not hits:
+            raise CheckpointError(f"{directory}: layer {entry!r} matched no weight in the checkpoint "
+                                  f"(names look like {', '.join(names[:3])})")
+        chosen += [h for h in hits if h not in chosen]
+    return chosen
+
+
+def _default_layers(skeleton: nn.Module | None, keys: set[str], directory: Path) -> tuple[list[str], dict[str, int]]:
+    """Every layer of a registered kind but the output head, with its group dim (from the skeleton)."""
+    if skeleton is None:
+        raise CheckpointError(f"{directory}: transformers cannot build the model of {CONFIG_NAME} to find its "
+                              "linear layers; name them with layers=[...] (nm-hf inspect --layers ...)")
+    head = skeleton.get_output_embeddings() if hasattr(skeleton, "get_output_embeddings") else None
+    prefix = getattr(skeleton, "base_model_prefix", "") or ""
+    names, dims = [], {}
+    for name, module in skeleton.named_modules():
+        kind = family_kind(module)
+        if not name or kind is None or module is head:
+            continue
+        key = _key_in(name, keys, prefix)
+        if key is not None:
+            layer = key.removesuffix(".weight")
+            names.append(layer)
+            dims[layer] = kind.group_dim
+    if not names:
+        raise CheckpointError(f"{directory}: no linear layer of the model has a weight in the checkpoint")
+    return names, dims
+
+
+def _dims_for(names: list[str], skeleton: nn.Module | None, config: dict[str, Any]) -> dict[str, int]:
+    """Group dims of named layers: the skeleton's layer kinds, else the record rules by model type."""
+    fallback = record_group_dims({"targeted_modules": names}, config)
+    if skeleton is None:
+        return fallback
+    modules = dict(skeleton.named_modules())
+    prefix = getattr(skeleton, "base_model_prefix", "") or ""
+    dims = {}
+    for name in names:
+        module = modules.get(name) or modules.get(name.removeprefix(prefix + ".")) or modules.get(f"{prefix}.{name}")
+        kind = family_kind(module) if module is not None else None
+        dims[name] = kind.group_dim if kind is not None else fallback[name]
+    return dims
+
+
+def inspect_checkpoint(path: str | os.PathLike, *, pattern: str | tuple[int, int] | None = None,
+                       layers: Sequence[str] | None = None) -> tuple[SparsityReport, dict[str, Any] | None]:
+    """(per-layer report, nm_sparsity record or None) of a saved model, read from its files.
+
+    `pattern` ("N:M") overrides the record's pattern and is required without a record; `layers`
+    (names, exact or dotted suffix) overrides the record's targeted layers, and without a record
+    defaults to every linear layer but the output head. Compressed checkpoints are verified whole.
+    """
+    directory = checkpoint_dir(path)
+    config = read_json(file_inside(directory, CONFIG_NAME, "the model config"), "the model config")
+    record = read_record(config)
+    if record is None and pattern is None:
+        try:
+            require_record(config, where=directory / CONFIG_NAME, error=CheckpointError)
+        except CheckpointError as err:
+            raise CheckpointError(f"{err}; to check a checkpoint made by another tool pass a pattern "
+                                  "(nm-hf inspect --pattern N:M)") from None
+    if record is not None:
+        record = require_record(config, where=directory / CONFIG_NAME, error=CheckpointError)
+    n, m = parse_pattern(pattern) if pattern is not None else (int(record["n"]), int(record["m"]))
+    report = SparsityReport()
+
+    if record is not None and is_compressed(record):
+        targeted = [weight_key(name) for name in record["targeted_modules"]]
+        wanted = [weight_key(x) for x in _select(layers, set(targeted), directory)] if layers else targeted
+        rows: dict[str, Any] = {}
+        for key, tensor, entry in iter_compressed_tensors(directory):  # every tensor is verified
+            if key in wanted:
+                if entry.group_dim is None:
+                    raise CheckpointError(f"{directory}: {key!r} is not stored N:M in the compressed file")
+                rows[key] = layer_sparsity(key.removesuffix(".weight"), tensor, n, m, entry.group_dim)
+        missing = [k for k in wanted if k not in rows]
+        if missing:
+            raise CheckpointError(f"{directory}: targeted weights missing from the compressed file: {missing[:5]}")
+        report.layers.extend(rows[k] for k in wanted)
+        return report, record
+
+    located: dict[str, Path] = {}
+    for file in dense_weight_files(directory):
+        with open_safetensors(file) as handle:
+            located.update(dict.fromkeys(handle.keys(), file))
+    keys = set(located)
+    if layers:
+        names = _select(layers, keys, directory)
+        in_record = set(record["targeted_modules"]) if record is not None else set()
+        dims = (record_group_dims(record, config) if record is not None and set(names) <= in_record
+                else _dims_for(names, _skeleton(directory), config))
+    elif record is not None:
+        names = list(record["targeted_modules"])
+        dims = record_group_dims(record, config)
+    else:
+        names, dims = _default_layers(_skeleton(directory), keys, directory)
+    for name in names:
+        key = weight_key(name)
+        if key not in located:
+            raise CheckpointError(f"{directory}: targeted weight {key!r} is not in the checkpoint files")
+        with open_safetensors(located[key]) as handle:
+            tensor = handle.get_tensor(key)
+        report.layers.append(layer_sparsity(name, tensor, n, m, dims[name]))
+    return report, record
