@@ -148,7 +148,8 @@ def staged_files(target: str | os.PathLike, *, last: Sequence[str] = (),
     whole (old or new), never truncated. Names in `last` are moved last (config.json: a directory
     only looks like a model once everything else is in). Afterwards, top-level files of `target`
     that were not staged and for which `stale(name)` is true are removed (a previous save's other
-    weight files). The staging directory lives inside `target` (same file system) under a hidden
+    weight files). Moved files get mode `0o666 & ~umask`, like every file nm_hf writes. The
+    staging directory lives inside `target` (same file system) under a hidden
     `.nm_hf-staging-*` name; an exception inside the block removes it and leaves `target` as it was.
     """
     target = Path(target)
@@ -163,9 +164,11 @@ def staged_files(target: str | os.PathLike, *, last: Sequence[str] = (),
             return order.get(relative, 0), relative
 
         files = sorted((p for p in staging.rglob("*") if p.is_file() and not p.is_symlink()), key=rank)
+        mode = 0o666 & ~current_umask()  # what open() gives; some writers (safetensors) leave 0600
         for path in files:
             with open(path, "rb") as handle:
                 os.fsync(handle.fileno())
+            os.chmod(path, mode)
         names = set()
         for path in files:
             relative = path.relative_to(staging)

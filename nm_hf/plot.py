@@ -26,7 +26,8 @@ from typing import Any
 from ._files import atomic_write
 from .tracker import HISTORY_FILE, SparsityTracker
 
-__all__ = ["PLOT_FILE", "plot_histories", "plot_runs", "main", "MatplotlibMissing", "NOT_ENOUGH_STEPS"]
+__all__ = ["PLOT_FILE", "plot_histories", "plot_runs", "sparsity_figure", "main", "MatplotlibMissing",
+           "NOT_ENOUGH_STEPS"]
 
 #: file name of the plot written next to the history in an output or checkpoint directory
 PLOT_FILE = "sparsity.png"
@@ -110,13 +111,12 @@ def _too_short(doc: dict[str, Any]) -> bool:
     return len({r["step"] for r in _logged(doc)}) < 2
 
 
-def plot_histories(runs: Sequence[tuple[str, dict[str, Any]]], output: str | os.PathLike,
-                   title: str | None = None) -> Path:
-    """Draw `(label, history document)` pairs into one PNG (one panel per metric); returns the path.
+def sparsity_figure(runs: Sequence[tuple[str, dict[str, Any]]], title: str | None = None):
+    """The matplotlib Figure `plot_histories` saves (for notebooks; close it with `plt.close(fig)`).
 
-    Runs with fewer than two logged steps are left out and named in the figure ("not enough logged
-    steps"); when no run has two, every panel says so. The file is written atomically
-    (`nm_hf._files`), so a failed plot leaves no partial file.
+    One panel per metric against the optimizer step (integer ticks). Runs with fewer than two
+    logged steps are left out and named in the figure ("not enough logged steps"); when no run has
+    two, every panel says so.
     """
     if not runs:
         raise ValueError("nothing to plot: no runs given")
@@ -128,9 +128,9 @@ def plot_histories(runs: Sequence[tuple[str, dict[str, Any]]], output: str | os.
     panels = _panels(runs)
     # fixed margins: constrained/tight layout would cost ~10x the drawing itself on small plots
     fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.8))
-    top = 0.80 if title else 0.86
-    fig.subplots_adjust(left=0.05, right=0.99, bottom=0.14 if not short else 0.2, top=top, wspace=0.35)
     try:
+        fig.subplots_adjust(left=0.05, right=0.99, bottom=0.2 if short and drawn else 0.14,
+                            top=0.80 if title else 0.86, wspace=0.35)
         for ax, (axis_title, ylabel, value) in zip(axes, panels, strict=True):
             for label, doc in drawn:
                 points = [(r["step"], value(r, doc)) for r in _logged(doc)]
@@ -139,6 +139,7 @@ def plot_histories(runs: Sequence[tuple[str, dict[str, Any]]], output: str | os.
             if not drawn:
                 ax.text(0.5, 0.5, f"{NOT_ENOUGH_STEPS}\n(need at least 2)", ha="center", va="center",
                         transform=ax.transAxes, color="0.4")
+                ax.set_yticks([])
             ax.set_title(axis_title, fontsize=10)
             ax.set_xlabel("optimizer step")
             ax.set_ylabel(ylabel)
@@ -151,9 +152,23 @@ def plot_histories(runs: Sequence[tuple[str, dict[str, Any]]], output: str | os.
                      ha="center", fontsize=9, color="0.3")
         if title:
             fig.suptitle(title)
+    except BaseException:
+        plt.close(fig)
+        raise
+    return fig
+
+
+def plot_histories(runs: Sequence[tuple[str, dict[str, Any]]], output: str | os.PathLike,
+                   title: str | None = None) -> Path:
+    """Draw `(label, history document)` pairs into one PNG (`sparsity_figure`); returns the path.
+
+    The file is written atomically (`nm_hf._files`), so a failed plot leaves no partial file.
+    """
+    fig = sparsity_figure(runs, title=title)
+    try:
         atomic_write(output, lambda handle: fig.savefig(handle, dpi=100, format="png"))
     finally:
-        plt.close(fig)
+        _pyplot().close(fig)
     return Path(output)
 
 

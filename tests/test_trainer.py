@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import copy
 import json
+import os
+import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -11,18 +15,19 @@ from transformers import (
     AutoModelForCausalLM,
     AutoModelForSeq2SeqLM,
     Seq2SeqTrainingArguments,
+    Trainer,
     TrainingArguments,
 )
 from transformers.pytorch_utils import Conv1D
 
 from nm_hf.config import SparsityConfig
-from nm_hf.record import CONFIG_KEY
 from nm_hf.injection import SparsifyError, finalize, iter_sparse_layers, sparsify
 from nm_hf.layers import SparseLayerMixin
 from nm_hf.masks import nm_group_counts, nm_mask
 from nm_hf.plot import PLOT_FILE
+from nm_hf.record import CONFIG_KEY
 from nm_hf.tracker import HISTORY_FILE, TRACKER_STATE_FILE, SparsityTracker
-from nm_hf.trainer import SparseSeq2SeqTrainer, SparseTrainer
+from nm_hf.trainer import ResumeError, SparseSeq2SeqTrainer, SparseTrainer, SparseTrainerMixin
 from tiny_models import VOCAB, tiny_model
 
 NO_DROPOUT = {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
@@ -67,6 +72,27 @@ def weights(model) -> dict[str, torch.Tensor]:
 
 def group_dim(module) -> int:
     return 0 if isinstance(module, Conv1D) else 1
+
+
+class CountingTrainer(Trainer):
+    """A user's own Trainer subclass (as TRL's trainers are): its overrides must keep working under the mixin."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.loss_calls = 0
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        self.loss_calls += 1
+        return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                    num_items_in_batch=num_items_in_batch)
+
+
+class CountingSparseTrainer(SparseTrainerMixin, CountingTrainer):
+    pass
+
+
+def mode(path: Path) -> int:
+    return path.stat().st_mode & 0o777
 
 
 # --------------------------------------------------------------------------- full runs per method
@@ -208,6 +234,9 @@ def test_sparsity_config_against_already_sparse_model(tmp_path):
     with pytest.raises(SparsifyError, match=r"method: model has 'ste', sparsity_config has 'sr-ste'"):
         SparseTrainer(model=model, args=lm_args(tmp_path), train_dataset=lm_data(),
                       sparsity_config=SparsityConfig(method="sr-ste"))
+    with pytest.raises(SparsifyError, match=r"decay: model has 0.0002, sparsity_config has 0.5"):
+        SparseTrainer(model=model, args=lm_args(tmp_path), train_dataset=lm_data(),
+                      sparsity_config=SparsityConfig(method="ste", decay=0.5))
     before_training = SparseTrainer(model=model, args=lm_args(tmp_path), train_dataset=lm_data()).sparsity_summary()
     assert before_training["sad_from_init"] == 0 and before_training["sparsity"] == 0.5
     with pytest.raises(SparsifyError, match="no sparsity_config was given"):
@@ -239,36 +268,35 @@ def test_finalized_model_reloaded_plainly_is_sparsified_from_its_record(tmp_path
 # --------------------------------------------------------------------------- decay placement
 
 
-def _one_step(tmp_path, name, cfg, batch, accumulation, patch_scale=None, optim="sgd", lr=0.1):
+def _one_step(tmp_path, name, cfg, batch, accumulation, optim="sgd", lr=0.1):
     model = gpt2()
     args = lm_args(tmp_path / name, max_steps=1, per_device_train_batch_size=batch,
                    gradient_accumulation_steps=accumulation, optim=optim, learning_rate=lr,
                    lr_scheduler_type="constant", max_grad_norm=0.0, logging_steps=1)
     trainer = SparseTrainer(model=model, args=args, train_dataset=lm_data(4), sparsity_config=cfg)
-    if patch_scale is not None:
-        trainer._set_decay_scale = patch_scale
     trainer.train()
     return model
 
 
 def test_gradient_accumulation_applies_gradient_decay_once_per_update(tmp_path):
-    cfg = SparsityConfig(method="sr-ste", decay=2.0, decay_mode="gradient")
+    lr, decay = 0.1, 2.0
+    cfg = SparsityConfig(method="sr-ste", decay=decay, decay_mode="gradient")
     start = gpt2()
-    full = _one_step(tmp_path, "full", cfg, batch=4, accumulation=1)
-    accumulated = _one_step(tmp_path, "acc", cfg, batch=2, accumulation=2)
-    unscaled = _one_step(tmp_path, "unscaled", cfg, batch=2, accumulation=2, patch_scale=lambda scale: None)
-    names = [n for n, _ in iter_sparse_layers(full)]
+    full = _one_step(tmp_path, "full", cfg, batch=4, accumulation=1, lr=lr)
+    accumulated = _one_step(tmp_path, "acc", cfg, batch=2, accumulation=2, lr=lr)
+    # STE has the same data gradient (straight-through) and no decay: with plain SGD the difference
+    # is exactly one decay term, lr * decay * w0, on the pruned weights
+    ste = _one_step(tmp_path, "ste", SparsityConfig(method="ste"), batch=4, accumulation=1, lr=lr)
     assert all(layer.nm_decay_scale == 0.5 for _, layer in iter_sparse_layers(accumulated))
-    for name in names:
+    for name, _ in iter_sparse_layers(full):
         w_full = full.get_submodule(name).weight.detach()
         w_acc = accumulated.get_submodule(name).weight.detach()
-        w_unscaled = unscaled.get_submodule(name).weight.detach()
+        w_ste = ste.get_submodule(name).weight.detach()
         torch.testing.assert_close(w_acc, w_full, rtol=0, atol=2e-6)
-        # without the 1/k scale the pruned weights get the decay twice: lr * decay * w extra
         w0 = start.get_submodule(name).weight.detach()
         pruned = ~nm_mask(w0, 2, 4, dim=0)
-        extra = (w_full - w_unscaled)[pruned]
-        torch.testing.assert_close(extra, 0.1 * 2.0 * w0[pruned], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close((w_ste - w_acc)[pruned], lr * decay * w0[pruned], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(w_acc[~pruned], w_ste[~pruned], rtol=0, atol=2e-6)
 
 
 def test_decoupled_decay_shrinks_pruned_weights_after_the_step(tmp_path):
@@ -287,16 +315,17 @@ def test_decoupled_decay_shrinks_pruned_weights_after_the_step(tmp_path):
 # --------------------------------------------------------------------------- resume
 
 
-@pytest.mark.parametrize("method", ["sr-ste", "fixed"])
-def test_resume_from_checkpoint_is_exact(tmp_path, method):
+@pytest.mark.parametrize("method,trainer_class", [("sr-ste", SparseTrainer), ("fixed", SparseTrainer),
+                                                  ("sr-ste", CountingSparseTrainer)])
+def test_resume_from_checkpoint_is_exact(tmp_path, method, trainer_class):
     cfg = SparsityConfig(method=method, decay=0.05)
     overrides = dict(max_steps=10, logging_steps=2, save_strategy="steps", save_steps=5)
-    full = SparseTrainer(model=gpt2(), args=lm_args(tmp_path / "full", **overrides), train_dataset=lm_data(48),
+    full = trainer_class(model=gpt2(), args=lm_args(tmp_path / "full", **overrides), train_dataset=lm_data(48),
                          sparsity_config=cfg)
     full.train()
 
     resumed_model = gpt2()
-    resumed = SparseTrainer(model=resumed_model, args=lm_args(tmp_path / "resumed", **overrides),
+    resumed = trainer_class(model=resumed_model, args=lm_args(tmp_path / "resumed", **overrides),
                             train_dataset=lm_data(48), sparsity_config=cfg)
     resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-5"))
 
@@ -323,10 +352,19 @@ def test_resume_true_uses_last_checkpoint_and_tolerates_a_missing_tracker_state(
     cfg = SparsityConfig()
     args = lm_args(tmp_path, max_steps=4, logging_steps=2, save_strategy="steps", save_steps=2)
     SparseTrainer(model=gpt2(), args=args, train_dataset=lm_data(), sparsity_config=cfg).train()
+    # a run killed while writing checkpoint-6: weights cut short, no trainer_state.json
+    half = tmp_path / "checkpoint-6"
+    half.mkdir()
+    shutil.copy(tmp_path / "checkpoint-4" / "config.json", half)
+    weights_file = (tmp_path / "checkpoint-4" / "model.safetensors").read_bytes()
+    (half / "model.safetensors").write_bytes(weights_file[: len(weights_file) // 3])
     more = lm_args(tmp_path, max_steps=6, logging_steps=2, save_strategy="no")
     trainer = SparseTrainer(model=gpt2(), args=more, train_dataset=lm_data(), sparsity_config=cfg)
-    trainer.train(resume_from_checkpoint=True)  # checkpoint-4
+    with caplog.at_level("WARNING", logger="nm_hf.trainer"):
+        trainer.train(resume_from_checkpoint=True)  # checkpoint-4, not the half-written checkpoint-6
+    assert "checkpoint-6: an incomplete checkpoint (no trainer_state.json" in caplog.text
     assert [r["step"] for r in trainer.sparsity_tracker.history] == [2, 4, 6]
+    caplog.clear()
 
     (tmp_path / "checkpoint-4" / TRACKER_STATE_FILE).unlink()  # e.g. written by a plain Trainer
     trainer = SparseTrainer(model=gpt2(), args=more, train_dataset=lm_data(), sparsity_config=cfg)
@@ -334,6 +372,179 @@ def test_resume_true_uses_last_checkpoint_and_tolerates_a_missing_tracker_state(
         trainer.train(resume_from_checkpoint=True)
     assert f"has no {TRACKER_STATE_FILE}" in caplog.text
     assert [r["step"] for r in trainer.sparsity_tracker.history] == [6]
+
+
+def test_resume_true_without_a_complete_checkpoint_is_a_clear_error(tmp_path):
+    (tmp_path / "checkpoint-3").mkdir()  # killed before the weights were written
+    trainer = SparseTrainer(model=gpt2(), args=lm_args(tmp_path), train_dataset=lm_data(),
+                            sparsity_config=SparsityConfig())
+    with pytest.raises(ResumeError, match="no complete checkpoint in"):
+        trainer.train(resume_from_checkpoint=True)
+
+
+@pytest.fixture
+def srste_checkpoint(tmp_path) -> Path:
+    """checkpoint-2 of a 2:4 sr-ste run (its config.json has a "training" record)."""
+    args = lm_args(tmp_path / "run", max_steps=2, logging_steps=1, save_strategy="steps", save_steps=2)
+    SparseTrainer(model=gpt2(), args=args, train_dataset=lm_data(), sparsity_config=SparsityConfig()).train()
+    return tmp_path / "run" / "checkpoint-2"
+
+
+def _refused_resume(checkpoint: Path, config: SparsityConfig, resume, match: str) -> None:
+    """The resume raises `match` before loading anything: weights, step and tracker untouched."""
+    model = gpt2(seed=1)
+    args = lm_args(checkpoint.parent, max_steps=4, logging_steps=1, save_strategy="no")
+    trainer = SparseTrainer(model=model, args=args, train_dataset=lm_data(), sparsity_config=config)
+    before = weights(model)
+    with pytest.raises(ResumeError, match=match):
+        trainer.train(resume_from_checkpoint=resume)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert trainer.state.global_step == 0 and trainer.sparsity_tracker is None
+
+
+@pytest.mark.parametrize("config,field", [
+    (SparsityConfig(n=1), "n: checkpoint has 2, this run has 1"),
+    (SparsityConfig(method="fixed"), "method: checkpoint has 'sr-ste', this run has 'fixed'"),
+    (SparsityConfig(method="ste"), "method: checkpoint has 'sr-ste', this run has 'ste'"),
+    (SparsityConfig(decay=0.1, decay_mode="decoupled"), "decay_mode: checkpoint has 'gradient', this run has "
+                                                       "'decoupled'"),
+])
+def test_resume_with_another_sparsity_config_is_refused(srste_checkpoint, config, field):
+    for resume in (str(srste_checkpoint), True):
+        _refused_resume(srste_checkpoint, config, resume, f"cannot resume from .*checkpoint-2: .*{re.escape(field)}")
+
+
+def test_resume_with_an_unreadable_tracker_state_names_the_file(srste_checkpoint):
+    state = srste_checkpoint / TRACKER_STATE_FILE
+    good = state.read_bytes()
+    for data in (b"", good[: len(good) // 2], b"\x80\x04 not a tracker state" * 4):
+        state.write_bytes(data)
+        _refused_resume(srste_checkpoint, SparsityConfig(), True, re.escape(str(state)))
+
+
+# --------------------------------------------------------------------------- the public mixin
+
+
+def test_mixin_gives_a_custom_trainer_everything_sparse_trainer_does(tmp_path):
+    cfg = SparsityConfig(method="sr-ste", decay=0.5, decay_mode="decoupled")  # after-step hook in use
+    runs = {}
+    for name, trainer_class in (("plain", SparseTrainer), ("custom", CountingSparseTrainer)):
+        model = gpt2()
+        trainer = trainer_class(model=model, args=lm_args(tmp_path / name, max_steps=6, logging_steps=2),
+                                train_dataset=lm_data(), sparsity_config=cfg)
+        assert is_sparse(model)
+        trainer.train()
+        trainer.save_model(str(tmp_path / name / "final"))
+        runs[name] = trainer
+    custom, plain = runs["custom"], runs["plain"]
+    assert custom.loss_calls == 6  # the subclass's own override ran
+    # same weights (decoupled decay applied), same mask history, same logged metrics
+    for key, value in plain.model.state_dict().items():
+        assert torch.equal(custom.model.state_dict()[key], value), key
+    assert custom.sparsity_tracker.history == plain.sparsity_tracker.history
+    logs = [log for log in custom.state.log_history if "loss" in log]
+    assert [log["step"] for log in logs] == [2, 4, 6] and all(key in logs[0] for key in METRICS)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "custom" / "final")
+    assert getattr(reloaded.config, CONFIG_KEY)["state"] == "finalized"
+    for name, layer in iter_sparse_layers(custom.model):
+        assert torch.equal(reloaded.get_submodule(name).weight, layer.effective_weight()), name
+    assert (tmp_path / "custom" / HISTORY_FILE).is_file() and (tmp_path / "custom" / PLOT_FILE).is_file()
+
+
+def is_sparse(model) -> bool:
+    return any(True for _ in iter_sparse_layers(model))
+
+
+def test_mixin_after_the_trainer_class_is_a_clear_error():
+    with pytest.raises(TypeError, match=r"list SparseTrainerMixin before the Trainer class.*"
+                                        r"class Wrong\(SparseTrainerMixin, CountingTrainer\)"):
+        class Wrong(CountingTrainer, SparseTrainerMixin):
+            pass
+
+
+# --------------------------------------------------------------------------- saving
+
+
+def test_save_model_killed_midway_leaves_the_previous_model_intact(tmp_path, monkeypatch):
+    import transformers.modeling_utils
+
+    model = gpt2()
+    trainer = SparseTrainer(model=model, args=lm_args(tmp_path / "run", max_steps=2, logging_steps=1),
+                            train_dataset=lm_data(), sparsity_config=SparsityConfig())
+    trainer.train()
+    out = tmp_path / "final"
+    trainer.save_model(str(out))
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert {"config.json", "model.safetensors"} <= set(before)
+    with torch.no_grad():  # the next save has other weights
+        for _, layer in iter_sparse_layers(model):
+            layer.weight.mul_(1.5)
+
+    real_save = transformers.modeling_utils.safe_save_file
+
+    def killed_while_writing(tensors, filename, metadata=None):
+        real_save(tensors, filename, metadata=metadata)
+        data = Path(filename).read_bytes()
+        Path(filename).write_bytes(data[: len(data) // 2])
+        raise KeyboardInterrupt("killed while writing the weights")
+
+    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", killed_while_writing)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.save_model(str(out))
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # same files, same bytes, no leftovers
+    AutoModelForCausalLM.from_pretrained(out)
+
+    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", real_save)
+    trainer.save_model(str(out))
+    assert (out / "model.safetensors").read_bytes() != before["model.safetensors"]
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    for name, layer in iter_sparse_layers(model):
+        assert torch.equal(reloaded.get_submodule(name).weight, layer.effective_weight()), name
+
+
+def test_save_model_into_the_run_directory_keeps_checkpoints_and_writes_0644_files(tmp_path):
+    umask = os.umask(0o022)
+    try:
+        args = lm_args(tmp_path, max_steps=2, logging_steps=1, save_strategy="steps", save_steps=2)
+        trainer = SparseTrainer(model=gpt2(), args=args, train_dataset=lm_data(), sparsity_config=SparsityConfig())
+        trainer.train()
+        checkpoint = {p.relative_to(tmp_path): p.read_bytes() for p in (tmp_path / "checkpoint-2").rglob("*")}
+        (tmp_path / "notes.txt").write_text("mine")
+        (tmp_path / "model-00001-of-00002.safetensors").write_bytes(b"a previous sharded save")
+        (tmp_path / "model.safetensors.index.json").write_text("{}")
+        trainer.save_model()  # push_to_hub's call: into output_dir
+    finally:
+        os.umask(umask)
+    assert {p.relative_to(tmp_path): p.read_bytes() for p in (tmp_path / "checkpoint-2").rglob("*")} == checkpoint
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+    assert not (tmp_path / "model-00001-of-00002.safetensors").exists()  # stale weights of the old save
+    assert not (tmp_path / "model.safetensors.index.json").exists()
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging left
+    assert getattr(AutoModelForCausalLM.from_pretrained(tmp_path).config, CONFIG_KEY)["state"] == "finalized"
+    written = [tmp_path / name for name in (HISTORY_FILE, PLOT_FILE, "model.safetensors", "config.json")]
+    written += [tmp_path / "checkpoint-2" / name for name in (TRACKER_STATE_FILE, HISTORY_FILE, PLOT_FILE)]
+    assert {str(p.relative_to(tmp_path)): mode(p) for p in written} == {
+        str(p.relative_to(tmp_path)): 0o644 for p in written}
+
+
+def test_deep_copied_sparse_model_trains_with_fused_adamw_and_saves_like_finalize(tmp_path):
+    original = sparsify(gpt2(), SparsityConfig(method="sr-ste", decay=0.1))
+    original_weights = weights(original)
+    model = copy.deepcopy(original)
+    args = lm_args(tmp_path / "run", max_steps=4, logging_steps=2, learning_rate=1e-2,
+                   optim="adamw_torch_fused")  # the Trainer's default optimizer
+    trainer = SparseTrainer(model=model, args=args, train_dataset=lm_data())
+    trainer.train()
+    assert sum(r["sad"] for r in trainer.sparsity_tracker.history) > 0
+    for _, layer in iter_sparse_layers(model):
+        assert torch.equal(layer.current_mask(), nm_mask(layer.weight.detach(), 2, 4, dim=layer.group_dim))
+    trainer.save_model(str(tmp_path / "final"))
+    expected = finalize(copy.deepcopy(model)).state_dict()
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "final").state_dict()
+    assert reloaded.keys() == expected.keys()
+    for key, value in expected.items():
+        assert torch.equal(reloaded[key], value), key
+    assert all(torch.equal(v, original_weights[k]) for k, v in original.state_dict().items())
 
 
 # --------------------------------------------------------------------------- integrations

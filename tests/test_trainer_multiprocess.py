@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from nm_hf.plot import PLOT_FILE
+from nm_hf.record import CONFIG_KEY
 from nm_hf.tracker import HISTORY_FILE, TRACKER_STATE_FILE, SparsityTracker
 
 SCRIPT = Path(__file__).parent / "scripts" / "ddp_sparse_train.py"
@@ -42,3 +43,7 @@ def test_two_ranks_keep_identical_masks_and_write_history_once(tmp_path):
     assert (run / PLOT_FILE).is_file()
     for ckpt in ("checkpoint-3", "checkpoint-6"):
         assert (run / ckpt / TRACKER_STATE_FILE).is_file() and (run / ckpt / HISTORY_FILE).is_file()
+    final = tmp_path / "final"
+    record = json.loads((final / "config.json").read_text())[CONFIG_KEY]
+    assert record["state"] == "finalized" and record["sparsity"] == 0.5
+    assert sorted(p.name for p in final.iterdir() if p.name.startswith(".")) == []  # no staging left behind

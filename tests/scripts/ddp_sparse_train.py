@@ -3,7 +3,7 @@
     accelerate launch --multi_gpu --num_processes 2 tests/scripts/ddp_sparse_train.py OUT_DIR
 
 Each rank writes OUT_DIR/rank{i}.json with hashes of its masks and weights, its tracker history, its
-log history and how many times it wrote the history file.
+log history and how many times it wrote the history file; the baked model goes to OUT_DIR/final.
 """
 
 from __future__ import annotations
@@ -51,6 +51,7 @@ def main() -> None:
     trainer = SparseTrainer(model=model, args=args, train_dataset=data,
                             sparsity_config=SparsityConfig(method="sr-ste", decay=0.1, decay_mode="decoupled"))
     trainer.train()
+    trainer.save_model(str(out / "final"))  # every rank calls it; the main process writes the baked model
 
     masks, weights = hashlib.sha256(), hashlib.sha256()
     for _, layer in iter_sparse_layers(trainer.model):
