@@ -116,10 +116,12 @@ def atomic_directory(target: str | os.PathLike, overwrite: bool = False) -> Iter
     try:
         yield staging
         os.chmod(staging, 0o777 & ~current_umask())
+        mode = 0o666 & ~current_umask()  # what open() gives; some writers (safetensors) leave 0600
         for path in staging.rglob("*"):
             if path.is_file() and not path.is_symlink():
                 with open(path, "rb") as handle:
                     os.fsync(handle.fileno())
+                os.chmod(path, mode)
         if target.exists() and any(target.iterdir()):
             old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
             os.rename(target, old / "replaced")
@@ -127,6 +129,7 @@ def atomic_directory(target: str | os.PathLike, overwrite: bool = False) -> Iter
                 os.rename(staging, target)
             except BaseException:
                 os.rename(old / "replaced", target)  # put the original back
+                shutil.rmtree(old, ignore_errors=True)
                 raise
             shutil.rmtree(old, ignore_errors=True)
         else:
