@@ -188,6 +188,14 @@ def training_hyperparameters(training_args: Any = None, trainer_state: Mapping[s
     return found
 
 
+def _trainer_state(path: Path) -> dict[str, Any] | None:
+    """trainer_state.json if it is there and readable (the card is written without it otherwise)."""
+    try:
+        return read_json(path, "the trainer state") if path.is_file() else None
+    except CheckpointError:
+        return None
+
+
 def nm_hf_version() -> str:
     """The running nm_hf's version (the package's `__version__`, else the installed distribution's)."""
     version = getattr(sys.modules.get(__package__ or "nm_hf"), "__version__", None)
@@ -400,8 +408,7 @@ def write_model_card(
         body += ["| metric | value |", "|---|---|", *[f"| {k} | {_fmt(float(v))} |" for k, v in shown.items()], ""]
     elif dataset_name:
         body += [f"Trained on `{dataset_name}`.", ""]
-    state_path = Path(source_dir or directory) / TRAINER_STATE_NAME
-    trainer_state = read_json(state_path, "the trainer state") if state_path.is_file() else None
+    trainer_state = _trainer_state(Path(source_dir or directory) / TRAINER_STATE_NAME)
     hyper = training_hyperparameters(training_args, trainer_state, merged)
     if hyper:
         body += ["## Training hyperparameters", "", "| | |", "|---|---|",

@@ -52,7 +52,7 @@ _REPO_PART = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?")
 
 def check_repo_id(repo_id: str) -> str:
     """`repo_id` if it is "namespace/name"; ValueError otherwise (checked before any request is sent)."""
-    if not isinstance(repo_id, str) or repo_id.count("/") != 1:
+    if not isinstance(repo_id, str) or repo_id.count("/") != 1 or not all(repo_id.split("/")):
         raise ValueError(f"repo_id {repo_id!r} must be 'namespace/name' (your user or organisation name, a "
                          f"slash, the model name), e.g. 'my-user/{str(repo_id).strip('/') or 'model'}'")
     namespace, name = repo_id.split("/")
