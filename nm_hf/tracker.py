@@ -22,7 +22,7 @@ Definitions (sums over all tracked layers; per-layer values go into the history 
 - `sparsity`: fraction of exact zeros in the weights the forward pass uses (`weight * mask`; the
   dense weight for method "dense", whose would-be mask is still tracked so SAD compares across methods).
 
-Cost: `step()` asks every layer for `current_mask()`, which is cached on the weight version, so the
+Cost: `step()` asks every layer for `current_mask()`, which is cached until the weights change, so the
 next forward reuses it (for method "dense" it is an extra `nm_mask` per layer per step). Memory: three
 masks per layer are kept as packed bits (init, last log, previous step: 3 bits per weight) on the
 weights' device; the flip counters stay on the device too, so `step()` does not synchronise a GPU.

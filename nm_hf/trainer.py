@@ -326,9 +326,12 @@ class SparseTrainerMixin:
                                   f"not a valid sparsity config ({err})") from err
             diffs = _differences(saved, self.sparsity_config, "checkpoint", "this run")
             targeted = [name for name, _ in iter_sparse_layers(self.model)]
-            if targeted and record.get("targeted_modules") != targeted:
-                diffs.append(f"targeted_modules: checkpoint has {len(record.get('targeted_modules') or [])} "
-                             f"layers, this run {len(targeted)}")
+            saved_targets = list(record.get("targeted_modules") or [])
+            if targeted and saved_targets != targeted:
+                only_saved = [n for n in saved_targets if n not in targeted]
+                only_now = [n for n in targeted if n not in saved_targets]
+                diffs.append(f"targeted_modules: only the checkpoint has {only_saved[:3]}, only this run has "
+                             f"{only_now[:3]}" if only_saved or only_now else "targeted_modules: another order")
             if diffs:
                 raise ResumeError(f"cannot resume from {checkpoint}: it was trained with another sparsity config "
                                   f"({'; '.join(diffs)}); resume with the checkpoint's sparsity_config, or start "

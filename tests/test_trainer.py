@@ -27,7 +27,13 @@ from nm_hf.masks import nm_group_counts, nm_mask
 from nm_hf.plot import PLOT_FILE
 from nm_hf.record import CONFIG_KEY
 from nm_hf.tracker import HISTORY_FILE, TRACKER_STATE_FILE, SparsityTracker
-from nm_hf.trainer import ResumeError, SparseSeq2SeqTrainer, SparseTrainer, SparseTrainerMixin
+from nm_hf.trainer import (
+    ResumeError,
+    SparseSeq2SeqTrainer,
+    SparseTrainer,
+    SparseTrainerMixin,
+    prepare_sparse_model,
+)
 from tiny_models import VOCAB, tiny_model
 
 NO_DROPOUT = {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
@@ -243,6 +249,17 @@ def test_sparsity_config_against_already_sparse_model(tmp_path):
         SparseTrainer(model=gpt2(), args=lm_args(tmp_path), train_dataset=lm_data())
     with pytest.raises(TypeError, match="sparsity_config must be"):
         SparseTrainer(model=gpt2(), args=lm_args(tmp_path), train_dataset=lm_data(), sparsity_config="2:4")
+
+
+def test_prepare_sparse_model_compares_every_field_of_a_model_without_record():
+    from torch import nn
+
+    config = SparsityConfig(method="ste", target_modules=["0"])
+    model = sparsify(nn.Sequential(nn.Linear(8, 4)), config)  # no model.config: the layers are the record
+    assert prepare_sparse_model(model, config).method == "ste"
+    assert prepare_sparse_model(model, SparsityConfig(method="ste", target_modules=["0"], decay=3.0)).n == 2
+    with pytest.raises(SparsifyError, match=r"n: model has 2, sparsity_config has 1"):
+        prepare_sparse_model(model, SparsityConfig(n=1, method="ste", target_modules=["0"]))
 
 
 def test_dict_config_and_model_init(tmp_path):
