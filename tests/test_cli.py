@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import re
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
 from nm_hf.checkpoint import WEIGHTS_NAME, load_compressed
@@ -61,14 +65,15 @@ def test_inspect_training_checkpoint_exits_1(tmp_path, capsys):
     assert "state training" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("drop_conv1d_list", [False, True])
-def test_inspect_gpt2_groups_along_dim0(tmp_path, capsys, drop_conv1d_list):
+@pytest.mark.parametrize("record_form", ["group_dims", "conv1d_modules", "model_type"])
+def test_inspect_gpt2_groups_along_dim0(tmp_path, capsys, record_form):
     model = tiny_model("gpt2")
     finalize(sparsify(model, SparsityConfig()))
     record = model.config.nm_sparsity
-    if drop_conv1d_list:  # an older record: the group dim comes from the model type (gpt2: Conv1D)
-        record.pop("conv1d_modules", None)
-    else:  # as nm_hf's save helpers record it
+    assert record["group_dims"] == dict.fromkeys(record["targeted_modules"], 0)  # what nm_hf writes now
+    if record_form != "group_dims":  # older records: a conv1d_modules list, or nothing (read by model type)
+        record.pop("group_dims")
+    if record_form == "conv1d_modules":
         record["conv1d_modules"] = list(record["targeted_modules"])
     model.save_pretrained(tmp_path)
     assert main(["inspect", str(tmp_path)]) == 0
@@ -193,7 +198,160 @@ def test_inspect_gpt2_double_heads_mixes_conv1d_and_linear(tmp_path, capsys):
     model = GPT2DoubleHeadsModel(tiny_config("gpt2"))
     finalize(sparsify(model, SparsityConfig()))
     assert "multiple_choice_head.summary" in model.config.nm_sparsity["targeted_modules"]
-    model.config.nm_sparsity.pop("conv1d_modules", None)
+    assert model.config.nm_sparsity["group_dims"]["multiple_choice_head.summary"] == 1
+    model.config.nm_sparsity.pop("group_dims")  # an oldest record: read by model type and layer name
     model.save_pretrained(tmp_path)
     assert main(["inspect", str(tmp_path)]) == 0
     assert "multiple_choice_head.summary" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- "Trust and first contact"
+
+
+def _rewrite_tensor(path, key, edit):
+    """Change one stored tensor of a compressed file, keeping its header (and so its checksum)."""
+    with safe_open(str(path), "pt") as handle:
+        tensors = {k: handle.get_tensor(k) for k in handle.keys()}
+        metadata = dict(handle.metadata())
+    edit(tensors[key])
+    save_file(tensors, str(path), metadata=metadata)
+
+
+def test_inspect_verifies_every_tensor_of_a_compressed_file(tmp_path, capsys):
+    saved_model(tmp_path / "plain", "llama", torch.float16)
+    assert main(["compress", str(tmp_path / "plain"), str(tmp_path / "c")]) == 0
+    _rewrite_tensor(tmp_path / "c" / WEIGHTS_NAME, "model.norm.weight", lambda t: t.view(torch.uint8)[3:4].add_(1))
+    capsys.readouterr()
+    assert main(["inspect", str(tmp_path / "c")]) == 2  # not a targeted layer, still corrupted
+    err = capsys.readouterr().err
+    assert "checksum mismatch for tensor 'model.norm.weight'" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("command", ["compress", "decompress"])
+def test_read_only_output_is_a_one_line_error(tmp_path, capsys, monkeypatch, command):
+    saved_model(tmp_path / "plain")
+    assert main(["compress", str(tmp_path / "plain"), str(tmp_path / "c")]) == 0
+    source = tmp_path / ("plain" if command == "compress" else "c")
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system", str(tmp_path / "ro"))
+
+    monkeypatch.setattr(tempfile, "mkdtemp", read_only)
+    capsys.readouterr()
+    assert main([command, str(source), str(tmp_path / "ro" / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"nm-hf {command}: error: ") and "Read-only file system" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into a 0555 directory anyway")
+def test_unwritable_parent_directory_is_a_one_line_error(tmp_path, capsys):
+    saved_model(tmp_path / "plain")
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o555)
+    try:
+        assert main(["compress", str(tmp_path / "plain"), str(locked / "out")]) == 2
+    finally:
+        locked.chmod(0o755)
+    assert "Permission denied" in capsys.readouterr().err
+
+
+def test_compress_never_replaces_its_own_input(tmp_path, capsys):
+    saved_model(tmp_path / "P" / "model")
+    before = sorted(p.name for p in (tmp_path / "P" / "model").iterdir())
+    for output in (tmp_path / "P", tmp_path / "P" / "model", tmp_path):
+        assert main(["compress", str(tmp_path / "P" / "model"), str(output), "--overwrite"]) == 2
+        assert "would replace the input" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "P" / "model").iterdir()) == before
+    assert main(["compress", str(tmp_path / "P" / "model"), str(tmp_path / "P" / "c")]) == 0
+    assert main(["decompress", str(tmp_path / "P" / "c"), str(tmp_path / "P"), "--overwrite"]) == 2
+    assert (tmp_path / "P" / "c" / WEIGHTS_NAME).exists()
+
+
+def test_compress_onto_the_current_directory_or_an_existing_one(tmp_path, capsys, monkeypatch):
+    saved_model(tmp_path / "plain")
+    (tmp_path / "work").mkdir()
+    (tmp_path / "work" / "keep.txt").write_text("mine")
+    monkeypatch.chdir(tmp_path / "work")
+    assert main(["compress", str(tmp_path / "plain"), ".", "--overwrite"]) == 2
+    assert "cannot replace the current directory" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plain", "work"]
+    monkeypatch.chdir(tmp_path)
+    assert main(["compress", str(tmp_path / "plain"), str(tmp_path / "work")]) == 2
+    assert "pass --overwrite" in capsys.readouterr().err
+
+
+def test_broken_pipe_ends_quietly(tmp_path):
+    """`nm-hf inspect DIR | head -3`: the reader goes away before the table is written."""
+    saved_model(tmp_path)
+    script = shutil.which("nm-hf", path=str(Path(sys.executable).parent))
+    command = [script] if script else [sys.executable, "-m", "nm_hf.cli"]
+    for args in (["inspect", str(tmp_path)], ["inspect", "--json", str(tmp_path)]):
+        proc = subprocess.Popen([*command, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        proc.stdout.close()  # long before the child has imported torch and written anything
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 141, err.decode()[-2000:]
+        assert b"Traceback" not in err and b"BrokenPipe" not in err
+
+
+def test_version(capsys):
+    import nm_hf
+
+    with pytest.raises(SystemExit) as err:
+        main(["--version"])
+    assert err.value.code == 0 and capsys.readouterr().out.strip() == f"nm-hf {nm_hf.__version__}"
+
+
+def test_plot_command(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    from nm_hf.tracker import HISTORY_FILE, SparsityTracker
+
+    runs = []
+    for name in ("ste", "sr-ste"):
+        model = sparsify(tiny_model("gpt2"), SparsityConfig(method=name))
+        tracker = SparsityTracker(model)
+        for step in (1, 2, 3):
+            with torch.no_grad():
+                for parameter in model.parameters():
+                    parameter.add_(0.01 * step)
+            tracker.step()
+            tracker.log_metrics(step)
+        tracker.save(tmp_path / name / HISTORY_FILE)
+        runs.append(str(tmp_path / name))
+    assert main(["plot", *runs, "-o", str(tmp_path / "out.png")]) == 0
+    assert (tmp_path / "out.png").read_bytes().startswith(b"\x89PNG")
+    assert main(["plot", str(tmp_path / "missing"), "-o", str(tmp_path / "x.png")]) == 2
+    assert capsys.readouterr().err.startswith("nm-hf plot: error: ")
+
+
+def _without_record(path, model_type="llama", finalized=True):
+    model = tiny_model(model_type)
+    if finalized:
+        finalize(sparsify(model, SparsityConfig()))
+        del model.config.nm_sparsity  # as another tool would save it
+    model.save_pretrained(path)
+    assert "nm_sparsity" not in json.loads((path / "config.json").read_text())
+
+
+def test_inspect_with_a_pattern_for_checkpoints_of_other_tools(tmp_path, capsys):
+    _without_record(tmp_path / "llama")
+    assert main(["inspect", str(tmp_path / "llama")]) == 2
+    assert "pass a pattern (nm-hf inspect --pattern N:M)" in capsys.readouterr().err
+    assert main(["inspect", "--pattern", "2:4", str(tmp_path / "llama")]) == 0
+    out = capsys.readouterr().out
+    assert ("no nm_sparsity record; checking 2:4 on 14 layers (every nn.Linear/Conv1D layer but the output "
+            "head)") in out
+    assert "model.layers.1.mlp.down_proj" in out and "lm_head" not in out
+    assert main(["inspect", "--pattern", "2:4", "--layers", "q_proj", "--json", str(tmp_path / "llama")]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert [row["name"] for row in data["layers"]] == [f"model.layers.{i}.self_attn.q_proj" for i in range(2)]
+    assert data["record"] is None and data["checked"] == "the layers named by --layers"
+    assert main(["inspect", "--pattern", "1:4", str(tmp_path / "llama")]) == 1  # 2:4 is not 1:4
+    _without_record(tmp_path / "gpt2", "gpt2")  # Conv1D: groups along dim 0, from the layer-kind registry
+    assert main(["inspect", "--pattern", "2:4", str(tmp_path / "gpt2")]) == 0
+    assert "on 8 layers" in capsys.readouterr().out
+    _without_record(tmp_path / "dense", finalized=False)
+    assert main(["inspect", "--pattern", "2:4", str(tmp_path / "dense")]) == 1
+    assert main(["inspect", "--pattern", "2-4", str(tmp_path / "dense")]) == 2
+    assert main(["inspect", str(tmp_path / "dense"), "--pattern", "2:4", "--layers", "nope"]) == 2
+    assert "'nope' matched no weight" in capsys.readouterr().err

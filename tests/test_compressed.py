@@ -510,3 +510,45 @@ def test_permissions_follow_umask(tmp_path):
     mask = os.umask(0)
     os.umask(mask)
     assert (out.stat().st_mode & 0o777) == (0o777 & ~mask)
+
+
+# ----------------------------------------------------------------------------- records of every version
+
+
+@pytest.mark.parametrize("record_form", ["group_dims", "conv1d_modules", "model_type"])
+def test_older_records_still_compress_and_load(tmp_path, record_form):
+    """Records before `group_dims` (a `conv1d_modules` list, or nothing: read by model type) still work."""
+    model = sparse_model("gpt2", torch.float16)
+    model.save_pretrained(tmp_path / "plain")
+    config = json.loads((tmp_path / "plain" / "config.json").read_text())
+    record = config["nm_sparsity"]
+    if record_form != "group_dims":
+        record.pop("group_dims")
+    if record_form == "conv1d_modules":
+        record["conv1d_modules"] = list(record["targeted_modules"])
+    (tmp_path / "plain" / "config.json").write_text(json.dumps(config))
+    out = compress_checkpoint(tmp_path / "plain", tmp_path / "c")
+    saved = json.loads((out / "config.json").read_text())["nm_sparsity"]
+    assert saved["group_dims"] == dict.fromkeys(record["targeted_modules"], 0)
+    with safe_open(str(out / WEIGHTS_NAME), "pt") as handle:
+        header = json.loads(handle.metadata()["nm_hf.header"])
+    assert {header["tensors"][f"{name}.weight"]["group_dim"] for name in record["targeted_modules"]} == {0}
+    # a compressed directory with an old record loads too: the header holds each tensor's group dim
+    saved.pop("group_dims")
+    compressed_config = json.loads((out / "config.json").read_text())
+    compressed_config["nm_sparsity"] = saved
+    (out / "config.json").write_text(json.dumps(compressed_config))
+    loaded = load_compressed(out)
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in model.state_dict().items())
+
+
+def test_progress_bars_count_tensors(saved, capsys):
+    _, out = saved
+    load_compressed_state_dict(out)
+    err = capsys.readouterr().err
+    assert "0tensor" not in err and " tensors" in err
+
+
+def test_groups_larger_than_64_are_not_stored():
+    with pytest.raises(ValueError, match="at most m=64"):
+        compress_tensor(torch.zeros(2, 128), 1, 128, 1)
