@@ -19,6 +19,7 @@ from .card import nm_hf_version
 from .checkpoint.compressed import compress_checkpoint, decompress_checkpoint
 from .checkpoint.directory import CheckpointError
 from .checkpoint.inspect import inspect_checkpoint, parse_pattern
+from .layers import available_layer_kinds
 from .plot import PLOT_FILE, MatplotlibMissing, plot_runs
 from .record import is_compressed
 
@@ -26,6 +27,8 @@ __all__ = ["main", "build_parser"]
 
 #: exit status after the reader of stdout went away (128 + SIGPIPE)
 EXIT_BROKEN_PIPE = 141
+#: the layer kinds `inspect --pattern` checks by default, for messages ("Linear/Conv1D")
+_KINDS = "/".join(kind.dense_class.__name__ for kind in available_layer_kinds())
 
 
 def _inspect(args: argparse.Namespace) -> int:
@@ -35,7 +38,7 @@ def _inspect(args: argparse.Namespace) -> int:
     if args.layers:
         chosen = "the layers named by --layers"
     elif record is None:
-        chosen = "every nn.Linear/Conv1D layer but the output head"
+        chosen = f"every {_KINDS} layer but the output head"
     else:
         chosen = "the targeted layers of the record"
     if args.json:
@@ -93,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                     "nm_sparsity record, e.g. made by another tool)")
     p.add_argument("--layers", nargs="+", metavar="NAME",
                    help="layers to check (exact names or dotted suffixes, e.g. q_proj); default: the record's "
-                        "targeted layers, or without a record every nn.Linear/Conv1D layer but the output head")
+                        f"targeted layers, or without a record every {_KINDS} layer but the output head")
     p.set_defaults(func=_inspect)
     p = sub.add_parser("compress", help="write the compressed form of a saved (finalized) model")
     p.add_argument("input", help="a saved model directory")

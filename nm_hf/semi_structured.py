@@ -134,7 +134,7 @@ def check_semi_structured(model: nn.Module, *, assume_cuda: bool = False, backen
         problems.append(f"the model is {n}:{m} sparse; sparse tensor cores only run 2:4")
     for name, layer, weight in _candidates(model):
         if isinstance(layer, nn.Module) and not getattr(layer, "is_masked", True):
-            problems.append(f"{name}: method 'dense' (no mask): the weights are not 2:4")
+            problems.append(f"{name}: method {layer.nm_method!r} does not mask the weights: they are not 2:4")
             continue
         device_type = "cuda" if assume_cuda else weight.device.type
         capability = None
