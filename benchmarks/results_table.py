@@ -8,7 +8,8 @@ CONFIG --method M --sparsity N:M --output_dir ROOT/<name> [entry flags] [--seed 
 
 A `--runs` entry is `METHOD:N:M`, optionally followed by flags of its own for that run only, written
 `,flag=value`: `sr-ste:2:4,decay=1` runs SR-STE with `--decay 1` (output dir `sr-ste-2x4_decay1`).
-Flags after `--` go to every run. `--seeds 1 2 3` runs every entry once per seed (`--seed S`, output dir
+Flags after `--` go to every run (the printed commands hide the values of secret-bearing flags such as
+`--hub_token`). `--seeds 1 2 3` runs every entry once per seed (`--seed S`, output dir
 `<name>-seed<S>`) and the table shows the mean and standard deviation over the seeds, plus the headline
 metric of each seed.
 
@@ -35,6 +36,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # run as a script from a checkout
+    sys.path.insert(0, str(ROOT))
+
+from nm_hf.methods import available_methods  # noqa: E402
+from nm_hf.recipe import redact_command  # noqa: E402
 
 # (column title, candidate keys in results.json, format)
 COLUMNS = {
@@ -91,6 +97,9 @@ def parse_run_spec(entry: str) -> RunSpec:
     if not method or not re.fullmatch(r"\d+:\d+", pattern):
         raise ValueError(f"--runs entry {entry!r} must look like METHOD:N:M[,flag=value...], e.g. sr-ste:2:4 "
                          "or sr-ste:2:4,decay=1")
+    if method not in available_methods():
+        raise ValueError(f"--runs entry {entry!r}: unknown method {method!r}; the methods are "
+                         f"{', '.join(available_methods())}")
     flags = []
     for item in flag_items:
         key, sep, value = item.partition("=")
@@ -182,7 +191,7 @@ def launch(recipe: str, config: str, spec: RunSpec, out_dir: Path, seed: int | N
            *seed_args, *extra]
     log = out_dir.parent / f"{out_dir.name}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
-    print("+", shlex.join(cmd), f"> {log}", flush=True)
+    print("+", shlex.join(redact_command(cmd)), f"> {log}", flush=True)  # extra flags may carry a token
     with open(log, "w") as f:
         return subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT,
                                 env={**os.environ, "OMP_NUM_THREADS": str(threads)})

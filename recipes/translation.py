@@ -10,8 +10,11 @@ any pretrained seq2seq model (--model_name_or_path) with its own tokenizer. Trai
 `nm_hf.trainer.SparseSeq2SeqTrainer`. Evaluation: sacrebleu corpus BLEU and chrF of generated
 translations against the raw reference sentences, on validation (during and after training) and test.
 Outputs in --output_dir: the finalized model (plain transformers loads it), tokenizer,
-sparsity_history.json, sparsity.png, README.md (model card), results.json, test_predictions.txt.
-Run with --help for every flag; see docs (README, "Recipes").
+sparsity_history.json, sparsity.png, README.md (model card), results.json (with a few test samples,
+also printed at the end), generated_predictions.txt, and the Trainer's train/eval/test/all_results.json.
+Without a config file, a model built from scratch gets training defaults that learn (see
+`adaptive_defaults`); anything set in a config file or flag wins. Run with --help for every flag; see
+docs/recipes.md.
 """
 
 from __future__ import annotations
@@ -36,21 +39,33 @@ from transformers import (
     set_seed,
 )
 
-from nm_hf.arguments import SparsityArguments, TranslationDataArguments, TranslationModelArguments
+from nm_hf.arguments import SparsityArguments
 from nm_hf.data.translation import iter_translation_texts, load_translation_data
-from nm_hf.recipe_utils import (
+from nm_hf.recipe import (
+    PREDICTIONS_FILE,
     ArgumentsError,
+    TranslationDataArguments,
+    TranslationModelArguments,
     apply_config_overrides,
+    check_sparsity_targets,
     common_training_defaults,
     count_parameters,
+    exit_with_error,
     finish_run,
     launch_command,
     model_summary,
     parse_recipe_args_or_exit,
-    prepare_tokenizer,
+    pick_samples,
+    process_elapsed_seconds,
+    resume_dirs,
+    run_length_defaults,
     setup_logging,
+    shared_tokenizer,
+    skeleton,
     train_and_save,
+    user_errors,
     with_token_throughput,
+    write_predictions,
 )
 from nm_hf.tokenization import train_translation_tokenizer
 from nm_hf.trainer import SparseSeq2SeqTrainer
@@ -64,7 +79,33 @@ RECIPE_DEFAULTS: dict[str, Any] = {
     "output_dir": "runs/translation",
     "predict_with_generate": True,
 }
+# A model built from scratch learns nothing in a short run at the stock TrainingArguments settings
+# (AdamW lr 5e-5, no warm-up): these are translation_demo.yaml's (a pre-LN Transformer, Adam betas
+# (0.9, 0.98), inverse-sqrt schedule, label smoothing), the warm-up scaled to the run.
+SCRATCH_DEFAULTS: dict[str, Any] = {
+    "learning_rate": 2e-3, "lr_scheduler_type": "inverse_sqrt", "adam_beta1": 0.9, "adam_beta2": 0.98,
+    "weight_decay": 0.0, "max_grad_norm": 1.0, "label_smoothing_factor": 0.1,
+}
 ARGUMENT_TYPES = (TranslationModelArguments, TranslationDataArguments, SparsityArguments, Seq2SeqTrainingArguments)
+DESCRIPTION = (
+    "Flags override the values of the optional config file (its keys are flag names). A model built from "
+    "scratch trains with learning rate 2e-3, an inverse-sqrt schedule with a warm-up of 1/6 of the steps "
+    "(at most 200), Adam betas (0.9, 0.98), label smoothing 0.1 and gradient clipping at 1.0 unless the "
+    "config file or a flag sets them; every run logs about 10 times (at most every 50 steps)."
+)
+PROG = "recipes/translation.py"
+SAMPLES = 5  # test sentences printed at the end and kept in results.json
+
+
+def adaptive_defaults(parsed: tuple[Any, ...]) -> dict[str, Any]:
+    """Defaults that depend on the run: a logging interval sized to --max_steps (so a short run still logs
+    its loss and sparsity metrics) and, for a model built from scratch, `SCRATCH_DEFAULTS` with a
+    warm-up of 1/6 of the steps (at most 200: the demo's 200 of 1,200). A config file or flag wins."""
+    model_args, _, _, training_args = parsed
+    scratch = not model_args.model_name_or_path
+    defaults = run_length_defaults(training_args.max_steps, warmup_fraction=1 / 6 if scratch else None,
+                                   warmup_cap=200)
+    return {**SCRATCH_DEFAULTS, **defaults} if scratch else defaults
 
 
 class BleuMetric:
@@ -118,22 +159,19 @@ class BleuMetric:
         return scores
 
 
-def build_scratch_model(model_args: TranslationModelArguments, tokenizer: PreTrainedTokenizerBase,
-                        data_args: TranslationDataArguments) -> MBartForConditionalGeneration:
-    """A pre-LN mBART-style Transformer sized by the flags, consistent with the tokenizer's special ids.
+def scratch_config(model_args: TranslationModelArguments, data_args: TranslationDataArguments, vocab_size: int,
+                   eos: int, pad: int) -> MBartConfig:
+    """The config of a pre-LN mBART-style Transformer sized by the flags (with --config_overrides applied).
 
     mBART's label shift wraps the last label token (eos) to the front, so generation must start from
     eos too: `decoder_start_token_id = eos`. Source, target and output embeddings are one matrix.
     """
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    if eos is None or pad is None:
-        raise ValueError("the tokenizer needs pad and eos tokens to build a model from scratch")
     longest = max(data_args.max_source_length, data_args.max_target_length)
     if model_args.max_position_embeddings < longest:
-        raise ValueError(f"--max_position_embeddings {model_args.max_position_embeddings} is shorter than "
-                         f"--max_source_length/--max_target_length ({longest})")
+        raise ArgumentsError(f"--max_position_embeddings {model_args.max_position_embeddings} is shorter than "
+                             f"--max_source_length/--max_target_length ({longest})")
     config = MBartConfig(
-        vocab_size=len(tokenizer),
+        vocab_size=vocab_size,
         d_model=model_args.d_model,
         encoder_layers=model_args.encoder_layers,
         decoder_layers=model_args.decoder_layers,
@@ -154,13 +192,24 @@ def build_scratch_model(model_args: TranslationModelArguments, tokenizer: PreTra
         forced_eos_token_id=eos,
         tie_word_embeddings=True,
     )
-    changed = apply_config_overrides(config, model_args.config_overrides)
-    if changed:
-        logger.info(f"--config_overrides: {changed}")
+    apply_config_overrides(config, model_args.config_overrides)
+    return config
+
+
+def build_scratch_model(model_args: TranslationModelArguments, tokenizer: PreTrainedTokenizerBase,
+                        data_args: TranslationDataArguments) -> MBartForConditionalGeneration:
+    """The from-scratch model, consistent with the tokenizer's vocabulary and special ids."""
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    if eos is None or pad is None:
+        raise ValueError("the tokenizer needs pad and eos tokens to build a model from scratch")
+    config = scratch_config(model_args, data_args, len(tokenizer), eos, pad)
+    if model_args.config_overrides:
+        logger.info(f"--config_overrides: {model_args.config_overrides}")
     return MBartForConditionalGeneration(config)
 
 
-def load_pretrained(model_args: TranslationModelArguments) -> tuple[Any, PreTrainedTokenizerBase]:
+def pretrained_config(model_args: TranslationModelArguments) -> Any:
+    """The config of --model_name_or_path, checked to be an encoder-decoder one."""
     if model_args.config_overrides:
         raise ArgumentsError("--config_overrides only applies to a model built from scratch, not to "
                              f"--model_name_or_path {model_args.model_name_or_path}")
@@ -168,12 +217,32 @@ def load_pretrained(model_args: TranslationModelArguments) -> tuple[Any, PreTrai
     if not getattr(config, "is_encoder_decoder", False):
         raise ArgumentsError(f"--model_name_or_path {model_args.model_name_or_path} is a {config.model_type} "
                              "model, not an encoder-decoder (seq2seq) model")
+    return config
+
+
+def load_pretrained(model_args: TranslationModelArguments) -> tuple[Any, PreTrainedTokenizerBase]:
+    pretrained_config(model_args)
     model = AutoModelForSeq2SeqLM.from_pretrained(model_args.model_name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path)
     if model.config.decoder_start_token_id is None:
         raise ValueError(f"{model_args.model_name_or_path}: config.decoder_start_token_id is not set; "
                          "generation cannot start")
     return model, tokenizer
+
+
+def check_model_settings(model_args: TranslationModelArguments, data_args: TranslationDataArguments,
+                         sparsity_config: Any) -> None:
+    """Everything about the model that can fail, checked before any data is loaded or file written: the
+    config (sizes, --config_overrides, the pretrained model's kind) and the layer selection, on an
+    uninitialised copy of the model (a placeholder vocabulary: the tokenizer is not trained yet)."""
+    if model_args.model_name_or_path:
+        config = pretrained_config(model_args)
+        model = skeleton(lambda: AutoModelForSeq2SeqLM.from_config(config))
+    else:
+        # the ids of train_translation_tokenizer's layout: <pad> 0, </s> 1
+        config = scratch_config(model_args, data_args, model_args.vocab_size, eos=1, pad=0)
+        model = skeleton(lambda: MBartForConditionalGeneration(config))
+    check_sparsity_targets(model, sparsity_config)
 
 
 def tokenize_splits(raw: Any, tokenizer: PreTrainedTokenizerBase, data_args: TranslationDataArguments,
@@ -203,17 +272,19 @@ def _dataset_label(data_args: TranslationDataArguments) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    started = time.perf_counter()
     (model_args, data_args, sparsity_args, training_args), hub = parse_recipe_args_or_exit(
-        ARGUMENT_TYPES, argv, RECIPE_DEFAULTS, prog="recipes/translation.py")
-    setup_logging(training_args)
+        ARGUMENT_TYPES, argv, RECIPE_DEFAULTS, prog=PROG, adaptive_defaults=adaptive_defaults,
+        description=DESCRIPTION)
     sparsity_config = sparsity_args.to_config()
+    with user_errors(PROG):
+        check_model_settings(model_args, data_args, sparsity_config)
+    setup_logging(training_args)
     output_dir = Path(training_args.output_dir)
     set_seed(training_args.seed)
 
-    # ---- data
+    # ---- data (nothing is written to the output directory before training starts)
     t0 = time.perf_counter()
-    with training_args.main_process_first(desc="loading the data"):
+    with user_errors(PROG), training_args.main_process_first(desc="loading the data"):
         raw = load_translation_data(
             source_lang=data_args.source_lang, target_lang=data_args.target_lang,
             dataset_name=data_args.dataset_name, dataset_config_name=data_args.dataset_config_name,
@@ -225,21 +296,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             **data_args.split_sizes())
     for split in ("train", "validation", "test"):
         if len(raw[split]) == 0:
-            raise SystemExit(f"recipes/translation.py: error: the {split} split is empty")
+            exit_with_error(PROG, f"the {split} split is empty (too little data to carve it out of the training "
+                            "data? set --validation_file/--test_file or --validation_split_size/--test_split_size)")
     logger.info(f"data: {', '.join(f'{k} {len(v):,}' for k, v in raw.items())} pairs "
                 f"({time.perf_counter() - t0:.1f} s)")
 
     # ---- tokenizer and model
-    if model_args.model_name_or_path:
-        model, tokenizer = load_pretrained(model_args)
-    else:
-        languages = (data_args.source_lang, data_args.target_lang)
-        tokenizer = prepare_tokenizer(
-            training_args, output_dir, reuse_existing=bool(training_args.resume_from_checkpoint),
-            train=lambda: train_translation_tokenizer(iter_translation_texts(raw["train"], languages),
-                                                      vocab_size=model_args.vocab_size,
-                                                      min_frequency=model_args.min_frequency))
-        model = build_scratch_model(model_args, tokenizer, data_args)
+    with user_errors(PROG):
+        if model_args.model_name_or_path:
+            model, tokenizer = load_pretrained(model_args)
+        else:
+            languages = (data_args.source_lang, data_args.target_lang)
+            tokenizer = shared_tokenizer(
+                training_args, reuse_from=resume_dirs(training_args),
+                train=lambda: train_translation_tokenizer(iter_translation_texts(raw["train"], languages),
+                                                          vocab_size=model_args.vocab_size,
+                                                          min_frequency=model_args.min_frequency))
+            model = build_scratch_model(model_args, tokenizer, data_args)
+        check_sparsity_targets(model, sparsity_config)
     model.generation_config.max_length = training_args.generation_max_length or data_args.max_target_length
     if training_args.generation_num_beams:
         model.generation_config.num_beams = training_args.generation_num_beams
@@ -251,8 +325,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     tokenized = tokenize_splits(raw, tokenizer, data_args, training_args)
     collator = DataCollatorForSeq2Seq(tokenizer, model=model, label_pad_token_id=-100)
-    references = {split: [pair[data_args.target_lang] for pair in raw[split]["translation"]]
-                  for split in ("validation", "test")}
+    src, tgt = data_args.source_lang, data_args.target_lang
+    references = {split: [pair[tgt] for pair in raw[split]["translation"]] for split in ("validation", "test")}
     metric = BleuMetric(tokenizer, references["validation"])
 
     # ---- training
@@ -265,18 +339,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     # ---- evaluation (generation)
     metric.references = references["validation"]
-    val_metrics = trainer.evaluate(metric_key_prefix="eval")
+    val_m = trainer.evaluate(metric_key_prefix="eval")
+    trainer.save_metrics("eval", {**val_m, "eval_samples": len(raw["validation"])})
     metric.references = references["test"]
-    test_output = trainer.predict(tokenized["test"], metric_key_prefix="test")
+    test_m = trainer.predict(tokenized["test"], metric_key_prefix="test").metrics
+    trainer.save_metrics("test", {**test_m, "test_samples": len(raw["test"])})
+    hypotheses = list(metric.last_hypotheses)
     if training_args.should_save:
-        predictions = output_dir / "test_predictions.txt"
-        predictions.write_text("".join(h + "\n" for h in metric.last_hypotheses), encoding="utf-8")
+        write_predictions(output_dir / PREDICTIONS_FILE, hypotheses)
+    sources = [pair[src] for pair in raw["test"]["translation"]]
 
-    test_m, val_m = test_output.metrics, val_metrics
     results: dict[str, Any] = {
         "task": "translation",
         "dataset": _dataset_label(data_args),
-        "language_pair": f"{data_args.source_lang}-{data_args.target_lang}",
+        "language_pair": f"{src}-{tgt}",
         "test_bleu": test_m.get("test_bleu"), "test_chrf": test_m.get("test_chrf"),
         "eval_bleu": val_m.get("eval_bleu"), "eval_chrf": val_m.get("eval_chrf"),
         "test_bleu_control": test_m.get("test_bleu_control"), "test_chrf_control": test_m.get("test_chrf_control"),
@@ -294,7 +370,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         **{k: v for k, v in blocks.items() if isinstance(v, dict)},
         "model": model_summary(trainer.model, model_args.model_name_or_path),
         "data": {"train_pairs": len(raw["train"])},
-        "run": {"total_time_s": round(time.perf_counter() - started, 1), "command": launch_command()},
+        "samples": pick_samples(sources, hypotheses, references["test"], SAMPLES),
+        "run": {"total_time_s": round(process_elapsed_seconds(), 1), "command": launch_command()},
     }
     finish_run(training_args, results, model=trainer.model, task="translation",
                dataset_name=data_args.dataset_name or _dataset_label(data_args),

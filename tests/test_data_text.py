@@ -90,7 +90,7 @@ def test_jsonl_with_custom_text_column(tmp_path, cache_dir):
     assert dsd["train"].column_names == ["text"]
     assert sum(len(dsd[s]) for s in dsd) == 50 and len(dsd["validation"]) >= 1 and len(dsd["test"]) >= 1
     with pytest.raises(
-        ValueError, match=r"--train_file .*docs\.jsonl: no column 'text'.*\['body', 'n'\].*--text_column"
+        ValueError, match=r"--train_file .*docs\.jsonl, line 1: no 'text' key.*\['body', 'n'\].*--text_column"
     ):
         load_text_data(train_file=str(path), cache_dir=cache_dir)
 

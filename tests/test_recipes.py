@@ -11,6 +11,8 @@ import importlib.util
 import json
 import math
 import os
+import re
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -28,16 +30,17 @@ from transformers import (
 )
 from transformers.pytorch_utils import Conv1D
 
-from nm_hf.arguments import SparsityArguments, TranslationDataArguments, TranslationModelArguments
-from nm_hf.recipe_utils import (
+from nm_hf.arguments import SparsityArguments
+from nm_hf.recipe import (
     ArgumentsError,
+    TranslationDataArguments,
+    TranslationModelArguments,
     apply_config_overrides,
     batch_token_count,
     format_results_table,
     launch_command,
     load_config_file,
     parse_recipe_args,
-    write_json_atomic,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -164,16 +167,6 @@ def test_config_overrides_are_checked_before_any_is_applied():
     assert (config.n_head, config.n_layer) == (4, 3)  # nothing applied by the failed calls
 
 
-def test_write_json_atomic(tmp_path):
-    path = tmp_path / "sub" / "results.json"
-    write_json_atomic(path, {"bleu": 1.5, "tensor": torch.tensor([1, 2]), "np": np.float32(0.5)})
-    assert json.loads(path.read_text()) == {"bleu": 1.5, "tensor": [1, 2], "np": 0.5}
-    with pytest.raises(TypeError):
-        write_json_atomic(path, {"bad": object()})
-    assert json.loads(path.read_text())["bleu"] == 1.5  # the old file survives a failed write
-    assert sorted(p.name for p in path.parent.iterdir()) == ["results.json"]  # no temp files left
-
-
 def test_results_table_flattens_nested_results():
     table = format_results_table({"test_bleu": 12.3456, "train": {"steps": 1200, "ok": True}, "l": ["a", "b"]},
                                  title="demo")
@@ -193,22 +186,26 @@ def test_batch_token_count_counts_non_pad_source_and_target_tokens():
     assert batch_token_count(inputs, count_label_tokens=False) == 8
 
 
-def test_prepare_tokenizer_trains_once_and_reuses_on_resume(tmp_path):
-    from nm_hf.recipe_utils import prepare_tokenizer
+def test_shared_tokenizer_trains_once_writes_nothing_and_reuses_on_resume(tmp_path):
+    from nm_hf.recipe import resume_dirs, shared_tokenizer
     from nm_hf.tokenization import train_translation_tokenizer
 
-    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")
+    out = tmp_path / "out"
+    args = TrainingArguments(output_dir=str(out), use_cpu=True, report_to="none")
     calls = []
 
     def train():
         calls.append(1)
         return train_translation_tokenizer(["ein kleiner Test", "a small test"] * 5, vocab_size=120, min_frequency=1)
 
-    first = prepare_tokenizer(args, tmp_path / "out", train)
-    assert calls == [1] and (tmp_path / "out" / "tokenizer.json").is_file()
-    again = prepare_tokenizer(args, tmp_path / "out", train, reuse_existing=True)
+    first = shared_tokenizer(args, train, reuse_from=resume_dirs(args))
+    assert calls == [1] and not out.exists()  # nothing written: the tokenizer is saved with the trained model
+    first.save_pretrained(out)
+    resumed = TrainingArguments(output_dir=str(out), use_cpu=True, report_to="none",
+                                resume_from_checkpoint=str(out / "checkpoint-5"))
+    again = shared_tokenizer(resumed, train, reuse_from=resume_dirs(resumed))
     assert calls == [1] and again.get_vocab() == first.get_vocab()
-    prepare_tokenizer(args, tmp_path / "out", train)  # a fresh run trains again
+    shared_tokenizer(args, train, reuse_from=resume_dirs(args))  # a fresh run trains again
     assert calls == [1, 1]
 
 
@@ -217,7 +214,7 @@ def test_recipe_trainer_evaluates_in_dataset_order_with_length_grouping(tmp_path
     from datasets import Dataset
     from transformers import DataCollatorForSeq2Seq, Seq2SeqTrainer
 
-    from nm_hf.recipe_utils import with_token_throughput
+    from nm_hf.recipe import with_token_throughput
     from nm_hf.tokenization import train_translation_tokenizer
     from tiny_models import tiny_model
 
@@ -283,6 +280,7 @@ def test_bleu_metric_scores_against_raw_references():
 
 WORDS_EN = ["one", "two", "three", "four", "five", "red", "green", "house", "cat", "dog"]
 WORDS_DE = ["eins", "zwei", "drei", "vier", "fünf", "rot", "grün", "Haus", "Katze", "Hund"]
+SECRET = "hf_RecipeTestSecret0123456789"  # a Hub-token-shaped secret that must never be recorded
 
 
 def write_parallel(prefix: Path, n: int, seed: int) -> None:
@@ -306,21 +304,24 @@ TINY_TRANSLATION = ["--d_model", "32", "--ffn_dim", "64", "--encoder_layers", "1
                     "--eval_steps", "6", "--disable_tqdm", "true", "--seed", "0",
                     "--train_sampling_strategy", "group_by_length"]
 
+# no --learning_rate/--warmup_steps/--logging_steps: the LM runs use the recipe's from-scratch defaults
 TINY_LM = ["--d_model", "32", "--ffn_dim", "64", "--num_layers", "2", "--num_attention_heads", "4",
            "--vocab_size", "300", "--block_size", "32", "--max_position_embeddings", "64",
            "--max_train_samples", "300", "--max_eval_samples", "60", "--max_steps", "6",
-           "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "16", "--learning_rate", "3e-3",
-           "--logging_steps", "2", "--disable_tqdm", "true", "--seed", "0"]
+           "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "16",
+           "--disable_tqdm", "true", "--seed", "0"]
 
 
-def launch(script: str, args: list[str], processes: int = 1, timeout: int = 300) -> subprocess.CompletedProcess:
+def launch(script: str, args: list[str], processes: int = 1, timeout: int = 300,
+           env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1" if processes > 1 else os.environ.get("OMP_NUM_THREADS", "2"),
            "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
-           "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT)}
+           "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT), **(env or {})}
     multi = ["--multi_gpu"] if processes > 1 else []
     cmd = [str(ACCELERATE), "launch", *multi, "--num_processes", str(processes), "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", str(RECIPES / script), *args]
-    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout,
+                            preexec_fn=lambda: os.umask(0o022))
     if result.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stdout[-4000:]}\n"
                              f"{result.stderr[-6000:]}")
@@ -334,11 +335,17 @@ def group_nonzeros(weight: torch.Tensor, m: int, group_dim: int) -> torch.Tensor
     return (w.reshape(*w.shape[:-1], w.shape[-1] // m, m) != 0).sum(-1)
 
 
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
 def check_common_outputs(out: Path) -> dict:
     for name in ("config.json", "model.safetensors", "tokenizer.json", "results.json", "sparsity_history.json",
-                 "sparsity.png", "README.md"):
+                 "sparsity.png", "README.md", "train_results.json", "eval_results.json", "test_results.json",
+                 "all_results.json"):
         assert (out / name).is_file(), f"{name} missing in {out}: {sorted(p.name for p in out.iterdir())}"
     assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
+    assert mode(out / "results.json") == 0o644  # the umask's mode (launched under umask 022), not mkstemp's 0600
     assert (out / "sparsity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     history = json.loads((out / "sparsity_history.json").read_text())
     assert history["records"] and history["records"][-1]["step"] == 6
@@ -346,8 +353,15 @@ def check_common_outputs(out: Path) -> dict:
     assert results["nm_ok"] is True and results["sparsity"] >= 0.5
     assert results["train"]["steps"] == 6 and results["train"]["tokens"] > 0 and results["tokens_per_second"] > 0
     assert isinstance(results["sad_from_init"], int)
+    # the Trainer's per-split metric files, as transformers' examples write them
+    everything = json.loads((out / "all_results.json").read_text())
+    assert {"train_loss", "eval_loss", "test_loss"} <= set(everything)
+    assert json.loads((out / "test_results.json").read_text())["test_loss"] == pytest.approx(results["test_loss"])
+    assert results["run"]["total_time_s"] >= results["train_runtime_s"]
     card = (out / "README.md").read_text()
     assert "2:4" in card and "nm-sparsity" in card
+    state = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    assert any("sparsity/sad" in entry for entry in state)  # sparsity metrics reached the logs
     return results
 
 
@@ -358,8 +372,12 @@ def check_translation_run(out: Path, processes: int, n_test: int) -> dict:
     assert 0.0 <= results["test_bleu"] <= 100.0
     assert results["train"]["processes"] == processes
     assert results["evaluation"]["test_samples"] == n_test
-    predictions = (out / "test_predictions.txt").read_text(encoding="utf-8").splitlines()
+    predictions = (out / "generated_predictions.txt").read_text(encoding="utf-8").splitlines()
     assert len(predictions) == n_test  # each test sentence exactly once, also with 2 processes
+    assert mode(out / "generated_predictions.txt") == 0o644
+    samples = results["samples"]
+    assert len(samples) == 5 and [s["index"] for s in samples] == sorted({s["index"] for s in samples})
+    assert all(predictions[s["index"]] == s["output"] for s in samples)
 
     model = AutoModelForSeq2SeqLM.from_pretrained(out)  # plain transformers, no nm_hf
     tokenizer = AutoTokenizer.from_pretrained(out)
@@ -372,7 +390,7 @@ def check_translation_run(out: Path, processes: int, n_test: int) -> dict:
     for name in targeted:
         counts = group_nonzeros(modules[name].weight, 4, group_dim=-1)  # nn.Linear: [out, in], groups along in
         assert (counts <= 2).all() and (counts == 2).float().mean() > 0.99, name
-    # the saved model generates with plain transformers, and test_predictions.txt is in test-set order
+    # the saved model generates with plain transformers, and generated_predictions.txt is in test-set order
     batch = tokenizer(["one two three ."], return_tensors="pt")
     generated = model.generate(**batch, max_new_tokens=5)
     assert generated.shape[0] == 1 and generated[0, 0].item() == model.config.decoder_start_token_id
@@ -390,24 +408,49 @@ def regenerate(out: Path, sources: list[str]) -> list[str]:
 
 
 def test_translation_recipe_end_to_end(tmp_path):
-    """The fast suite's real training run: accelerate launch, 1 process, local parallel files."""
+    """The fast suite's real training run: accelerate launch, 1 process, local parallel files, pushed to a
+    loopback Hub with a token on the command line (which must not be recorded anywhere)."""
+    from hub_server import HubServer
+
     write_parallel(tmp_path / "train", 400, seed=0)
     write_parallel(tmp_path / "valid", 12, seed=1)
     write_parallel(tmp_path / "test", 10, seed=2)
     out = tmp_path / "out"
-    result = launch("translation.py", ["--train_file", str(tmp_path / "train.en"),
-                                       "--validation_file", str(tmp_path / "valid.en"),
-                                       "--test_file", str(tmp_path / "test.de"),
-                                       "--output_dir", str(out), *TINY_TRANSLATION])
+    with HubServer(token=SECRET) as hub:
+        result = launch("translation.py", ["--train_file", str(tmp_path / "train.en"),
+                                           "--validation_file", str(tmp_path / "valid.en"),
+                                           "--test_file", str(tmp_path / "test.de"),
+                                           "--output_dir", str(out), *TINY_TRANSLATION,
+                                           "--push_to_hub", "--hub_model_id", "tester/tiny-mt",
+                                           "--hub_token", SECRET],
+                        env={"HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0"})
+        uploaded = dict(hub.repos["tester/tiny-mt"].files)
     results = check_translation_run(out, processes=1, n_test=10)
     sources = (tmp_path / "test.en").read_text(encoding="utf-8").splitlines()
-    predictions = (out / "test_predictions.txt").read_text(encoding="utf-8").splitlines()
+    references = (tmp_path / "test.de").read_text(encoding="utf-8").splitlines()
+    predictions = (out / "generated_predictions.txt").read_text(encoding="utf-8").splitlines()
     assert regenerate(out, sources) == predictions
     assert "test_bleu" in result.stdout and "outputs in" in result.stdout  # the results table
     assert results["dataset"] == "local files (train.en)" and results["model"]["from_scratch"] is True
     history = json.loads((out / "trainer_state.json").read_text())["log_history"]
-    assert any("sparsity/sad" in entry for entry in history)  # sparsity metrics reached the logs
     assert any("eval_bleu" in entry for entry in history)  # BLEU during training (eval_steps)
+    # a few test sentences printed at the end: source, output, reference
+    for sample in results["samples"]:
+        assert sample["source"] == sources[sample["index"]] and sample["reference"] == references[sample["index"]]
+        assert f"source:    {sample['source']}" in result.stdout
+        assert f"reference: {sample['reference']}" in result.stdout
+
+    # the token reached the Hub (the push worked) but no file, card, table or log line
+    assert "--hub_token REDACTED" in results["run"]["command"]
+    assert SECRET not in result.stdout + result.stderr
+    for path in out.rglob("*"):
+        if path.is_file():
+            assert SECRET.encode() not in path.read_bytes(), path
+    assert {"config.json", "model.safetensors", "results.json", "README.md", "generated_predictions.txt"} <= set(uploaded)
+    assert "training_args.bin" not in uploaded and "trainer_state.json" not in uploaded
+    for name, data in uploaded.items():
+        assert SECRET.encode() not in data, name
+    assert re.search(r"--hub_token \S*redacted", uploaded["README.md"].decode(), re.IGNORECASE)
 
 
 def test_translation_recipe_two_processes(tmp_path):
@@ -428,6 +471,10 @@ def check_lm_run(out: Path, processes: int, model_type: str) -> dict:
         assert math.isfinite(results[key]) and results[key] > 0, (key, results[key])
     assert results["test_perplexity"] == pytest.approx(math.exp(results["test_loss"]), rel=1e-3)
     assert results["train"]["processes"] == processes and results["model"]["type"] == model_type
+    # the from-scratch defaults (no --learning_rate/--logging_steps given): a log every step, and it learns
+    losses = [entry["loss"] for entry in json.loads((out / "trainer_state.json").read_text())["log_history"]
+              if "loss" in entry]
+    assert len(losses) == 6 and losses[-1] < losses[0] - 0.1, losses  # at the stock lr 5e-5 it barely moves
     model = AutoModelForCausalLM.from_pretrained(out)
     tokenizer = AutoTokenizer.from_pretrained(out)
     record = model.config.nm_sparsity
@@ -473,18 +520,115 @@ def test_language_modeling_recipe_llama_two_processes(tmp_path):
     check_lm_run(out, processes=2, model_type="llama")
 
 
-def test_recipe_refuses_bad_flags_before_loading_anything(tmp_path, capsys):
-    translation, lm = load_recipe("translation"), load_recipe("language_modeling")
+# --------------------------------------------------------------------------------------------- refusals
+
+
+def run_main(recipe: str, argv: list[str], capsys) -> str:
+    """`main(argv)` in this process; it must exit with status 2 and a last line `prog: error: ...`."""
     with pytest.raises(SystemExit) as info:
-        translation.main(["--sparsity", "2:5:1", "--output_dir", str(tmp_path / "never")])
-    assert str(info.value) == "recipes/translation.py: error: --sparsity must look like N:M (e.g. 2:4), got '2:5:1'"
-    assert not (tmp_path / "never").exists()
-    with pytest.raises(SystemExit, match="recipes/language_modeling.py: error: --push_to_hub needs --hub_model_id"):
-        lm.main(["--push_to_hub", "--output_dir", str(tmp_path / "never")])
+        load_recipe(recipe).main(argv)
+    assert info.value.code == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]  # after any log lines of the stages that ran
+    assert line.startswith(f"recipes/{recipe}.py: error: "), line
+    return line
+
+
+def test_recipe_refuses_bad_flags_before_loading_anything(tmp_path, capsys):
+    never = str(tmp_path / "never")
+    assert run_main("translation", ["--sparsity", "2:5:1", "--output_dir", never], capsys) == \
+        "recipes/translation.py: error: --sparsity must look like N:M (e.g. 2:4), got '2:5:1'"
+    assert "--push_to_hub needs --hub_model_id" in run_main("language_modeling",
+                                                            ["--push_to_hub", "--output_dir", never], capsys)
     config = write(tmp_path / "c.yaml", "block_sise: 64\n")
-    with pytest.raises(SystemExit, match="c.yaml: unknown key.*'block_sise' .did you mean 'block_size'"):
-        lm.main([str(config)])
+    assert re.search(r"c.yaml: unknown key.*'block_sise' .did you mean 'block_size'",
+                     run_main("language_modeling", [str(config)], capsys))
     assert not (tmp_path / "never").exists()
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--max_steps", "0"], "--max_steps 0: give a positive number of optimizer steps, or -1"),
+    (["--max_steps", "-5"], "--max_steps -5: give a positive number"),
+    (["--max_steps", "-1", "--num_train_epochs", "0"], "--num_train_epochs 0.0: must be > 0"),
+    (["--do_train", "false"], "--do_train false is not supported: the recipes always train"),
+    (["--do_eval", "false"], "--do_eval false is not supported"),
+])
+def test_training_flags_that_would_run_differently_are_refused(tmp_path, capsys, argv, message):
+    for recipe in ("translation", "language_modeling"):
+        assert message in run_main(recipe, [*argv, "--output_dir", str(tmp_path / "never")], capsys)
+    assert not (tmp_path / "never").exists()
+
+
+def test_help_prints_every_flag_and_exits_0(capsys):
+    for recipe in ("translation", "language_modeling"):
+        with pytest.raises(SystemExit) as info:
+            load_recipe(recipe).main(["--help"])
+        assert info.value.code == 0
+        text = capsys.readouterr().out
+        assert "--sparsity" in text and "--validation_split_size" in text and "from scratch" in text
+
+
+def saved_model(out: Path) -> dict[str, bytes]:
+    """A previous run's outputs (stand-ins) in `out`."""
+    out.mkdir(parents=True)
+    files = {"config.json": b'{"model_type": "gpt2"}', "model.safetensors": b"weights",
+             "tokenizer.json": b'{"original": true}', "results.json": b"{}"}
+    for name, data in files.items():
+        (out / name).write_bytes(data)
+    return files
+
+
+def contents(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in out.iterdir()}
+
+
+@pytest.mark.parametrize(("recipe", "argv", "message"), [
+    ("language_modeling", ["--block_size", "64", "--max_position_embeddings", "32"],
+     "--block_size 64 is longer than --max_position_embeddings 32"),
+    ("language_modeling", ["--sparsity", "2:3"], "not divisible by m=3"),
+    ("language_modeling", ["--target_modules", "nothing"], "--target_modules/--exclude_modules on GPT2LMHeadModel"),
+    ("language_modeling", ["--exclude_modules", ".*"], "no layer left to sparsify"),
+    ("translation", ["--sparsity", "2:3"], "not divisible by m=3"),
+    ("translation", ["--max_position_embeddings", "16"], "--max_position_embeddings 16 is shorter than"),
+    ("translation", ["--config_overrides", "d_modle=3"], "--config_overrides: MBartConfig has no attribute 'd_modle'"),
+])
+def test_a_failed_rerun_leaves_the_saved_model_untouched(tmp_path, capsys, recipe, argv, message):
+    """Model and layer-selection problems are found before the data is loaded or anything written: a
+    re-run into a directory holding a model must not replace its tokenizer.json and then fail."""
+    write_parallel(tmp_path / "train", 40, seed=0)
+    out = tmp_path / "out"
+    before = saved_model(out)
+    tiny = TINY_LM if recipe == "language_modeling" else [*TINY_TRANSLATION, "--train_file", str(tmp_path / "train")]
+    line = run_main(recipe, [*tiny, *argv, "--output_dir", str(out)], capsys)
+    assert message in line
+    assert contents(out) == before
+
+
+def test_data_problems_found_after_the_tokenizer_leave_the_output_directory_untouched(tmp_path, capsys):
+    (tmp_path / "short.txt").write_text("print('hello')\n" * 3, encoding="utf-8")
+    out = tmp_path / "out"
+    before = saved_model(out)
+    line = run_main("language_modeling", [*TINY_LM, "--train_file", str(tmp_path / "short.txt"),
+                                          "--validation_split_size", "1", "--test_split_size", "1",
+                                          "--output_dir", str(out)], capsys)
+    assert "has fewer than --block_size 32 tokens" in line
+    assert contents(out) == before
+
+
+def test_data_file_errors_are_one_line_naming_the_file(tmp_path, capsys):
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes("def f():\n    return 'Größe'\n".encode("latin-1"))
+    line = run_main("language_modeling", [*TINY_LM, "--train_file", str(bad), "--output_dir", str(tmp_path / "o")],
+                    capsys)
+    assert line.endswith(f"--train_file {bad}: not UTF-8 text (byte 0xf6 on line 2); convert it to UTF-8, "
+                         "e.g. iconv -f latin1 -t utf-8")
+    write_parallel(tmp_path / "train", 40, seed=0)
+    (tmp_path / "valid.en").write_text("", encoding="utf-8")
+    (tmp_path / "valid.de").write_text("", encoding="utf-8")
+    line = run_main("translation", [*TINY_TRANSLATION, "--train_file", str(tmp_path / "train"),
+                                    "--validation_file", str(tmp_path / "valid.en"),
+                                    "--output_dir", str(tmp_path / "o")], capsys)
+    assert line.endswith(f"--validation_file {tmp_path / 'valid.en'}: the file is empty (no text)")
+    assert not (tmp_path / "o").exists()
 
 
 def test_training_arguments_from_recipe_defaults_use_cpu_without_accelerator():
@@ -493,3 +637,35 @@ def test_training_arguments_from_recipe_defaults_use_cpu_without_accelerator():
     assert isinstance(training, TrainingArguments)
     assert training.use_cpu is (not torch.cuda.is_available())
     assert training.save_strategy == "no" and training.output_dir == "runs/language_modeling"
+
+
+def parse_cli(recipe: str, argv: list[str]):
+    module = load_recipe(recipe)
+    from nm_hf.recipe import parse_recipe_args_or_exit
+
+    parsed, _ = parse_recipe_args_or_exit(module.ARGUMENT_TYPES, argv, module.RECIPE_DEFAULTS, module.PROG,
+                                          adaptive_defaults=module.adaptive_defaults)
+    return parsed
+
+
+def test_from_scratch_defaults_that_learn_unless_the_user_set_them(tmp_path):
+    """Without a config file the stock TrainingArguments (lr 5e-5, no warm-up, a log every 50 steps) left a
+    20-step from-scratch run with empty translations and no sparsity metric in the logs."""
+    model, *_, training = parse_cli("translation", ["--max_steps", "20"])
+    assert (training.learning_rate, training.warmup_steps, training.logging_steps) == (2e-3, 3, 2)
+    assert (training.adam_beta2, training.label_smoothing_factor) == (0.98, 0.1)
+    assert str(training.lr_scheduler_type.value) == "inverse_sqrt"
+    *_, training = parse_cli("language_modeling", ["--max_steps", "20"])
+    assert (training.learning_rate, training.warmup_steps, training.logging_steps) == (2e-3, 2, 2)
+    assert (training.adam_beta2, training.weight_decay) == (0.95, 0.1)
+    *_, training = parse_cli("language_modeling", ["--max_steps", "4000"])
+    assert (training.warmup_steps, training.logging_steps) == (400, 50)
+    *_, training = parse_cli("language_modeling", [])  # epochs: a warm-up ratio
+    assert (training.warmup_steps, training.logging_steps) == (0.1, 50)
+    # whatever the user sets, in a flag or the config file, wins
+    config = write(tmp_path / "c.yaml", "learning_rate: 1.0e-4\nlogging_steps: 7\n")
+    *_, training = parse_cli("translation", [str(config), "--max_steps", "20", "--warmup_steps", "0"])
+    assert (training.learning_rate, training.warmup_steps, training.logging_steps) == (1e-4, 0, 7)
+    # fine-tuning a pretrained model keeps the stock optimisation, with a log interval sized to the run
+    *_, training = parse_cli("language_modeling", ["--model_name_or_path", "some/model", "--max_steps", "20"])
+    assert (training.learning_rate, training.warmup_steps, training.logging_steps) == (5e-5, 0, 2)

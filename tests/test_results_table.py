@@ -106,3 +106,27 @@ def test_main_table_only_and_flag_errors(tmp_path, capsys):
     with pytest.raises(SystemExit):
         rt.main(["language_modeling", "c.yaml", "--runs", "ste:2:4,decay", "--table_only"])
     assert "must look like flag=value" in capsys.readouterr().err
+
+
+def test_unknown_method_is_refused_before_any_run():
+    with pytest.raises(ValueError, match=r"'sr_ste:2:4': unknown method 'sr_ste'; the methods are sr-ste"):
+        rt.parse_run_spec("sr_ste:2:4")
+
+
+def test_printed_commands_hide_secrets(tmp_path, capsys, monkeypatch):
+    started = []
+
+    class FakeRun:
+        def __init__(self, cmd, **kwargs):
+            started.append(cmd)
+
+        def wait(self):
+            return 0
+
+    monkeypatch.setattr(rt.subprocess, "Popen", FakeRun)
+    spec = rt.parse_run_spec("ste:2:4")
+    rt.run_all("translation", "c.yaml", [(spec, None, tmp_path / "ste-2x4")],
+               ["--push_to_hub", "--hub_model_id", "me/m", "--hub_token", "hf_SECRETsecret0123456789"], 1, 1)
+    printed = capsys.readouterr().out
+    assert "--hub_token REDACTED" in printed and "hf_SECRET" not in printed
+    assert "hf_SECRETsecret0123456789" in started[0]  # the run itself still gets the token

@@ -12,7 +12,10 @@
      and ``run_clm.py``; since rows are concatenated by :func:`group_texts` anyway the granularity only
      matters for the validation/test carving. ``"paragraph"`` (blank-line separated) and ``"document"``
      (one row per file) are accepted too;
-   * ``.json``/``.jsonl`` (optionally ``.gz``): JSON lines with a ``text_column`` string field.
+   * ``.json``/``.jsonl`` (optionally ``.gz``): JSON lines with a ``text_column`` string field (every
+     record is checked first: an error names the file and line of a bad one).
+
+   Files must be UTF-8 and hold some text; an error names the flag, the file and the line of a bad byte.
 
    Missing validation/test splits are carved out of train deterministically by a stable MD5 hash of the
    row text (identical rows stay together; blank rows are keyed by position so they spread evenly),
@@ -36,6 +39,8 @@
 from __future__ import annotations
 
 import ast
+import gzip
+import json
 import os
 import re
 import sysconfig
@@ -46,6 +51,7 @@ from typing import Any
 
 import datasets
 
+from nm_hf.data._checks import scan_text_file
 from nm_hf.data._split import SplitSize, hash_split, resolve_size, truncate
 
 SPLITS = ("train", "validation", "test")
@@ -186,10 +192,49 @@ def _select_text_column(ds: datasets.Dataset, text_column: str, where: str) -> d
         raise ValueError(
             f"{where}: no column {text_column!r} (columns found: {ds.column_names}); set --text_column"
         )
+    feature = ds.features.get(text_column)
+    if not (isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")):
+        raise ValueError(f"{where}: column {text_column!r} does not hold text (its type: {feature}); "
+                         "set --text_column")
     ds = ds.select_columns([text_column])
     if text_column != "text":
         ds = ds.rename_column(text_column, "text")
     return ds
+
+
+def validate_text_jsonl(path: str, text_column: str = "text", flag: str = "--train_file") -> int:
+    """Check every record of a JSON lines file has a string ``text_column``; return the number of records.
+
+    ``datasets`` would fail deep inside pyarrow, or build a column of numbers the tokenizer chokes on
+    later; this pass names the flag, the file and the (1-based) line instead. Blank lines are skipped;
+    a file without records is refused.
+    """
+    scan_text_file(path, flag)
+    count = 0
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8") as handle:
+        for lineno, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{flag} {path}, line {lineno}: invalid JSON ({err.msg}); expected one "
+                                 f'object per line, e.g. {{"{text_column}": "..."}}') from None
+            if not isinstance(record, dict):
+                raise ValueError(f"{flag} {path}, line {lineno}: expected an object, found "
+                                 f"{type(record).__name__}")
+            if text_column not in record:
+                raise ValueError(f"{flag} {path}, line {lineno}: no {text_column!r} key (keys found: "
+                                 f"{sorted(record)}); set --text_column")
+            if not isinstance(record[text_column], str):
+                value = record[text_column]
+                raise ValueError(f"{flag} {path}, line {lineno}: {text_column!r} is "
+                                 f"{'null' if value is None else type(value).__name__} ({value!r}), not a string")
+            count += 1
+    if count == 0:
+        raise ValueError(f"{flag} {path}: the file is empty (no JSON record)")
+    return count
 
 
 def _load_text_file(
@@ -197,6 +242,8 @@ def _load_text_file(
 ) -> datasets.Dataset:
     fmt = _detect_text_format(path, flag)
     if fmt == "text":
+        if not scan_text_file(path, flag):
+            raise ValueError(f"{flag} {path}: the file is empty (no text)")
         return datasets.load_dataset(
             "text",
             data_files=path,
@@ -205,6 +252,7 @@ def _load_text_file(
             keep_linebreaks=True,
             cache_dir=cache_dir,
         )
+    validate_text_jsonl(path, text_column, flag)
     try:
         ds = datasets.load_dataset("json", data_files=path, split="train", cache_dir=cache_dir)
     except Exception as err:  # pyarrow/datasets errors do not name the flag

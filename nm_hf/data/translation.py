@@ -23,6 +23,9 @@ need one preprocessing function for every source. Sources, first match wins:
      not make an extra line; ``\\r`` is stripped) and kept as they are, empty ones included, so line
      ``i`` of both files stays aligned with line ``i`` of any reference file.
 
+   Every file must be UTF-8 text and hold something: a bad byte, an empty file or a bad JSON record is
+   reported with the flag, the file and (where it applies) the line, before ``datasets`` reads it.
+
    ``validation``/``test`` splits whose file is not given are carved out of the training file
    deterministically: by a stable MD5 hash of the source sentence (so identical source sentences stay in
    one split), ``validation_size``/``test_size`` rows each (an int, or a float fraction; default 5% of
@@ -44,6 +47,7 @@ from collections.abc import Iterator
 
 import datasets
 
+from nm_hf.data._checks import scan_text_file
 from nm_hf.data._split import SplitSize, hash_split, resolve_size, truncate
 from nm_hf.data.ding import DING_PATH, load_ding
 
@@ -148,8 +152,14 @@ def read_lines(path: str) -> list[str]:
 def read_parallel_text(
     path: str, source_lang: str, target_lang: str, flag: str = "--train_file"
 ) -> list[dict[str, str]]:
-    """Read a line-aligned parallel pair into ``[{source_lang: ..., target_lang: ...}, ...]``."""
+    """Read a line-aligned parallel pair into ``[{source_lang: ..., target_lang: ...}, ...]``.
+
+    Both files must be UTF-8 and hold some text (errors name the flag, the file and the line).
+    """
     source_path, target_path = resolve_parallel_files(path, source_lang, target_lang, flag)
+    for side in (source_path, target_path):
+        if not scan_text_file(side, flag):
+            raise ValueError(f"{flag} {side}: the file is empty (no text)")
     source_lines = read_lines(source_path)
     target_lines = read_lines(target_path)
     if len(source_lines) != len(target_lines):
@@ -166,8 +176,10 @@ def validate_translation_jsonl(
     """Check every record of a JSON lines file has ``translation.<source_lang>`` and ``<target_lang>``.
 
     ``datasets`` would either fail deep inside pyarrow or silently fill missing keys with ``None``; this
-    pass names the file, the (1-based) line and the keys found instead. Returns the number of records.
+    pass names the file, the (1-based) line and the keys found instead; a file that is not UTF-8 or holds
+    no record is refused the same way. Returns the number of records.
     """
+    scan_text_file(path, flag)
     count = 0
     with _open_text(path) as f:
         for lineno, line in enumerate(f, start=1):
@@ -193,6 +205,8 @@ def validate_translation_jsonl(
                     f"'translation'; keys found: {sorted(translation)} (check --source_lang/--target_lang)"
                 )
             count += 1
+    if count == 0:
+        raise ValueError(f"{flag} {path}: the file is empty (no JSON record)")
     return count
 
 

@@ -1,0 +1,345 @@
+"""Starting a recipe run: parsing with recipe defaults, launch checks, logging, the command and its secrets.
+
+- `parse_recipe_args_or_exit`: the CLI entry (config file + flags, run-length-aware defaults, checks of
+  the training flags and of the launch); bad input prints `prog: error: ...` and exits with status 2
+  (argparse's convention) before anything is loaded or written;
+- `user_errors`: the same one-line exit for errors of the user's data and settings found later;
+- `launch_command` / `redact_command`: the command line as recorded in results.json, the model card
+  and the printed table, with every secret-bearing flag's value replaced by `REDACTED`;
+- `process_elapsed_seconds`: time since the process started (imports included), for `run/total_time_s`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import re
+import shlex
+import sys
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any, NoReturn
+
+import torch
+
+from .config_files import ArgumentsError, parse_recipe_args_full
+
+__all__ = [
+    "HubTarget",
+    "REDACTED",
+    "check_launch",
+    "check_training_arguments",
+    "common_training_defaults",
+    "exit_with_error",
+    "is_secret_flag",
+    "launch_command",
+    "one_line",
+    "parse_recipe_args_or_exit",
+    "process_elapsed_seconds",
+    "redact_command",
+    "run_length_defaults",
+    "setup_logging",
+    "take_over_hub_push",
+    "user_errors",
+]
+
+logger = logging.getLogger(__name__)
+
+_IMPORTED_AT = time.monotonic()  # fallback start time where /proc is missing
+
+
+# ---------------------------------------------------------------------------------------------------------
+# errors
+
+
+def one_line(err: BaseException | str) -> str:
+    """An error message on one line: continuation lines (`  - problem`) joined with `; `."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    if not lines:
+        return type(err).__name__ if isinstance(err, BaseException) else ""
+    rest = [line[2:] if line.startswith("- ") else line for line in lines[1:]]
+    return lines[0] + (" " + "; ".join(rest) if rest else "")
+
+
+def exit_with_error(prog: str, message: BaseException | str) -> NoReturn:
+    """Print `prog: error: message` (one line) to stderr and exit with status 2, like argparse."""
+    print(f"{prog}: error: {one_line(message)}", file=sys.stderr, flush=True)
+    raise SystemExit(2)
+
+
+@contextmanager
+def user_errors(prog: str, kinds: tuple[type[BaseException], ...] = (ValueError, OSError)) -> Iterator[None]:
+    """Turn the errors a user's data or settings cause (`ValueError`, `OSError`) into `exit_with_error`."""
+    try:
+        yield
+    except kinds as err:
+        exit_with_error(prog, err)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# defaults
+
+
+def _has_accelerator() -> bool:
+    accelerator = getattr(torch, "accelerator", None)
+    if accelerator is not None and hasattr(accelerator, "is_available"):
+        return bool(accelerator.is_available())
+    return torch.cuda.is_available()
+
+
+def common_training_defaults() -> dict[str, Any]:
+    """TrainingArguments defaults both recipes start from (below their config file and flags).
+
+    No checkpoints unless asked for (the final model is always saved), a log every 50 steps (fewer for
+    short runs, see `run_length_defaults`), and DDP without the unused-parameter search (every
+    parameter of the recipes' models gets a gradient). Without an accelerator: `use_cpu`
+    (transformers only sets up multi-process CPU training, gloo DDP under `accelerate launch
+    --multi_gpu`, when it is set; otherwise every rank trains alone as rank 0 of 1) and no pinned
+    memory (it only triggers a warning on CPU).
+    """
+    accelerator = _has_accelerator()
+    return {"save_strategy": "no", "logging_steps": 50, "use_cpu": not accelerator,
+            "dataloader_pin_memory": accelerator, "ddp_find_unused_parameters": False}
+
+
+def run_length_defaults(max_steps: int, *, warmup_fraction: float | None = None, warmup_cap: int = 0,
+                        logging_cap: int = 50) -> dict[str, Any]:
+    """`logging_steps` (and `warmup_steps` when `warmup_fraction` is given) sized to the run.
+
+    About 10 logs per run (at most every `logging_cap` steps), so a 20-step run still logs its loss and
+    sparsity metrics; a warm-up of `warmup_fraction` of the steps, at most `warmup_cap`. With
+    `max_steps` -1 (epochs) the step count is unknown here: every `logging_cap` steps, and the warm-up
+    as a ratio (transformers reads a `warmup_steps` below 1 as a fraction of the run).
+    """
+    out: dict[str, Any] = {}
+    if max_steps > 0:
+        out["logging_steps"] = max(1, min(logging_cap, max_steps // 10))
+        if warmup_fraction is not None:
+            out["warmup_steps"] = max(1, min(warmup_cap, round(warmup_fraction * max_steps)))
+    else:
+        out["logging_steps"] = logging_cap
+        if warmup_fraction is not None:
+            out["warmup_steps"] = warmup_fraction
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# checks
+
+
+def check_training_arguments(training_args: Any, explicit: frozenset[str] | set[str] = frozenset()) -> None:
+    """Refuse training flags the recipes would otherwise run differently from what they say.
+
+    - `--max_steps 0` trains 1 step and a negative value other than -1 trains `--num_train_epochs`;
+    - `--do_train/--do_eval/--do_predict false`: the recipes always train, then evaluate on the
+      validation and test splits; a flag saying otherwise would be ignored.
+    """
+    steps = training_args.max_steps
+    if steps == 0 or steps < -1:
+        raise ArgumentsError(f"--max_steps {steps}: give a positive number of optimizer steps, or -1 (the "
+                             "default) to train for --num_train_epochs")
+    if steps == -1 and not training_args.num_train_epochs > 0:
+        raise ArgumentsError(f"--num_train_epochs {training_args.num_train_epochs}: must be > 0 (or set "
+                             "--max_steps)")
+    for flag in ("do_train", "do_eval", "do_predict"):
+        if flag in explicit and not getattr(training_args, flag):
+            raise ArgumentsError(f"--{flag} false is not supported: the recipes always train, then evaluate "
+                                 "on the validation and test splits (remove the flag)")
+
+
+def check_launch(training_args: Any) -> None:
+    """Refuse launches that would silently run differently from what was asked.
+
+    - started as several processes (`WORLD_SIZE` > 1) but transformers set up a one-process run: on a
+      machine without GPU that happens with `--use_cpu false`; every rank would then train alone and
+      write the same output directory;
+    - FSDP asked for (accelerate FSDP config or `--fsdp`) but not set up: on CPU transformers builds a
+      gloo DDP run (MULTI_CPU) and drops the FSDP settings. (Where FSDP is set up, the sparse trainers
+      refuse it themselves: N:M masks need whole weight matrices.)
+    """
+    launched = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if launched > 1 and training_args.world_size != launched:
+        raise ArgumentsError(
+            f"started as {launched} processes, but transformers set up a {training_args.world_size}-process run "
+            f"({training_args.distributed_state.distributed_type}); every process would train alone. Without a GPU "
+            "pass --use_cpu true (the recipes' default when no accelerator is found)")
+    fsdp_asked = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true") or bool(training_args.fsdp)
+    distributed_type = str(getattr(training_args.distributed_state, "distributed_type", ""))
+    if fsdp_asked and "FSDP" not in distributed_type:
+        raise ArgumentsError(
+            f"FSDP was requested (accelerate config or --fsdp), but this run is set up as {distributed_type}, "
+            "without sharding: on CPU, transformers builds a gloo DDP (MULTI_CPU) run and ignores the FSDP "
+            "settings. nm_hf's sparse trainers do not support FSDP anyway (N:M masks need whole weight "
+            "matrices); use DDP: accelerate launch --config_file recipes/accelerate/multi_cpu.yaml (CPU) "
+            "or --multi_gpu (GPUs)")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# hub
+
+
+@dataclasses.dataclass
+class HubTarget:
+    repo_id: str
+    token: str | None
+    private: bool
+
+    def __repr__(self) -> str:  # never print the token
+        return f"HubTarget(repo_id={self.repo_id!r}, token={'REDACTED' if self.token else None}, " \
+               f"private={self.private})"
+
+
+def take_over_hub_push(training_args: Any) -> HubTarget | None:
+    """Read `--push_to_hub/--hub_model_id/--hub_token/--hub_private_repo` and switch the Trainer's own push off.
+
+    The recipe pushes once at the end with `nm_hf.hub.push_to_hub` (finalized model, model card,
+    results) instead of the Trainer pushing every checkpoint. The token is taken out of the
+    TrainingArguments, so it is not pickled into the training_args.bin the Trainer saves. Call before
+    building the Trainer.
+    """
+    if not training_args.push_to_hub:
+        return None
+    if not training_args.hub_model_id:
+        raise ArgumentsError("--push_to_hub needs --hub_model_id (e.g. --hub_model_id your-name/model-2of4)")
+    target = HubTarget(repo_id=training_args.hub_model_id, token=training_args.hub_token,
+                       private=bool(training_args.hub_private_repo))
+    training_args.push_to_hub = False
+    training_args.hub_token = None
+    return target
+
+
+# ---------------------------------------------------------------------------------------------------------
+# entry
+
+
+def parse_recipe_args_or_exit(
+    dataclass_types: Sequence[type],
+    args: Sequence[str] | None,
+    defaults: Mapping[str, Any],
+    prog: str,
+    adaptive_defaults: Callable[[tuple[Any, ...]], Mapping[str, Any]] | None = None,
+    description: str | None = None,
+) -> tuple[tuple[Any, ...], HubTarget | None]:
+    """Parse, apply the recipe's run-dependent defaults, check the training flags and the launch.
+
+    `adaptive_defaults(parsed)` returns defaults that depend on other values (e.g. a learning rate
+    for a model trained from scratch, a logging interval sized to `--max_steps`); they apply only to
+    fields the user set neither in the config file nor as a flag. The last dataclass must be the
+    TrainingArguments. Bad input exits with `prog: error: ...` (status 2) and no traceback, before
+    anything is loaded.
+    """
+    try:
+        parsed = parse_recipe_args_full(dataclass_types, args, defaults, prog, description)
+        if adaptive_defaults is not None:
+            extra = {k: v for k, v in adaptive_defaults(parsed.values).items() if k not in parsed.explicit}
+            if extra:
+                logger.debug(f"recipe defaults for this run: {extra}")
+                parsed = parse_recipe_args_full(dataclass_types, args, {**defaults, **extra}, prog, description)
+        training_args = parsed.values[-1]
+        check_training_arguments(training_args, parsed.explicit)
+        hub = take_over_hub_push(training_args)
+        check_launch(training_args)
+    except ValueError as err:  # ArgumentsError and the dataclasses' own checks
+        exit_with_error(prog, err)
+    return parsed.values, hub
+
+
+def setup_logging(training_args: Any) -> None:
+    """Log like the transformers examples: info on the main process, warnings on the replicas.
+
+    `--log_level`/`--log_level_replica` override it. nm_hf's own loggers follow the same level.
+    """
+    import datasets
+    import transformers
+
+    logging.basicConfig(
+        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
+        datefmt="%m/%d/%Y %H:%M:%S",
+        handlers=[logging.StreamHandler(sys.stdout)],
+    )
+    if training_args.should_log:
+        transformers.utils.logging.set_verbosity_info()
+    level = training_args.get_process_log_level()
+    for name in ("nm_hf", "__main__"):
+        logging.getLogger(name).setLevel(level)
+    datasets.utils.logging.set_verbosity(level)
+    transformers.utils.logging.set_verbosity(level)
+    transformers.utils.logging.enable_default_handler()
+    transformers.utils.logging.enable_explicit_format()
+    logger.info(f"process {training_args.process_index} of {training_args.world_size}, "
+                f"device {training_args.device}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the command line and its secrets
+
+REDACTED = "REDACTED"
+_SECRET_WORDS = ("token", "password", "passwd", "secret", "key", "auth", "credential")
+# "tokens"/"tokenizer" name token counts and tokenizers (--include_tokens_per_second, --tokenizer_name)
+_NOT_SECRET = re.compile(r"token(?:s|izer)")
+_HUB_TOKEN_VALUE = re.compile(r"hf_[A-Za-z0-9]{16,}")
+
+
+def is_secret_flag(option: str) -> bool:
+    """Whether a flag (`--hub_token`, `--api-key`) carries a secret: its name mentions a token, password,
+    secret, key or auth(entication)."""
+    name = _NOT_SECRET.sub("", option.lstrip("-").lower())
+    return any(word in name for word in _SECRET_WORDS)
+
+
+def redact_command(argv: Sequence[str]) -> list[str]:
+    """`argv` with the values of secret-bearing flags (`--flag value` and `--flag=value`) replaced by
+    `REDACTED`, and anything shaped like a Hugging Face token (`hf_...`) too."""
+    out: list[str] = []
+    hide_next = False
+    for arg in map(str, argv):
+        if hide_next and not arg.startswith("--"):
+            out.append(REDACTED)
+            hide_next = False
+            continue
+        hide_next = False
+        if arg.startswith("-") and len(arg) > 1 and not arg[1:2].isdigit():
+            option, sep, _ = arg.partition("=")
+            if is_secret_flag(option):
+                if sep:
+                    out.append(f"{option}={REDACTED}")
+                    continue
+                hide_next = True
+        out.append(_HUB_TOKEN_VALUE.sub(REDACTED, arg))
+    return out
+
+
+def launch_command(argv: Sequence[str] | None = None) -> str:
+    """The command line of this run (secrets redacted), as `accelerate launch ...` when started by
+    accelerate/torchrun."""
+    argv = list(sys.argv if argv is None else argv)
+    script = os.path.relpath(argv[0]) if argv and os.path.isabs(argv[0]) else (argv[0] if argv else "")
+    parts = redact_command([script, *argv[1:]])
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if "ACCELERATE_MIXED_PRECISION" in os.environ or "LOCAL_RANK" in os.environ:
+        prefix = ["accelerate", "launch"]
+        if world > 1:
+            prefix += ["--num_processes", str(world)]
+        return shlex.join(prefix + parts)
+    return shlex.join(["python", *parts])
+
+
+def process_elapsed_seconds() -> float:
+    """Seconds since this process started, imports included.
+
+    On Linux from the kernel's record of the start (`/proc/self/stat` starttime against the boot
+    clock); elsewhere, since `nm_hf.recipe` was imported.
+    """
+    try:
+        with open("/proc/self/stat", "rb") as handle:
+            stat = handle.read()
+        fields = stat[stat.rindex(b")") + 2:].split()  # the command name may hold spaces and parentheses
+        started = int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22: starttime, in clock ticks
+        elapsed = time.clock_gettime(time.CLOCK_BOOTTIME) - started
+        if elapsed >= 0:
+            return elapsed
+    except (OSError, ValueError, IndexError, AttributeError):
+        pass
+    return time.monotonic() - _IMPORTED_AT
