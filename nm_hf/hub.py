@@ -41,6 +41,7 @@ from .checkpoint.directory import (
     read_json,
     refuse_overlap,
 )
+from .injection import unwrap_model
 from .record import is_compressed, read_record, record_group_dims
 
 __all__ = ["prepare_upload", "push_to_hub", "check_repo_id"]
@@ -124,7 +125,7 @@ def prepare_upload(
         config, record = read_config(src)
         refuse_overlap(src, out, "the upload folder")
     elif isinstance(model_or_dir, nn.Module):
-        model = model_or_dir
+        model = unwrap_model(model_or_dir)  # compiled / DDP wrappers: the model inside
         record, group_dims = finalized_record(model)
     else:
         raise TypeError(f"model_or_dir must be a model or a directory, got {type(model_or_dir).__name__}")

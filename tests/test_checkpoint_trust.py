@@ -301,3 +301,16 @@ def test_written_files_follow_the_umask(tmp_path):
         assert directory.stat().st_mode & 0o777 == 0o755
         for path in directory.iterdir():
             assert path.stat().st_mode & 0o777 == 0o644, path.name
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.compile's own imports
+def test_compiled_models_are_saved_and_uploaded_under_their_own_names(tmp_path):
+    model = sparse_model()
+    compiled = torch.compile(model)  # never run: only the wrapper matters
+    out = prepare_upload(compiled, tmp_path / "u", compressed=True)
+    record = json.loads((out / "config.json").read_text())["nm_sparsity"]
+    assert record["targeted_modules"] == model.config.nm_sparsity["targeted_modules"]
+    assert "_orig_mod" not in (out / "README.md").read_text()
+    nm_hf.save_compressed(compiled, tmp_path / "c")
+    assert all(torch.equal(nm_hf.load_compressed(tmp_path / "c").state_dict()[k], v)
+               for k, v in model.state_dict().items())
