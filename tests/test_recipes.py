@@ -38,7 +38,6 @@ from nm_hf.recipe import (
     apply_config_overrides,
     batch_token_count,
     format_results_table,
-    launch_command,
     load_config_file,
     parse_recipe_args,
 )
@@ -235,16 +234,6 @@ def test_recipe_trainer_evaluates_in_dataset_order_with_length_grouping(tmp_path
     expected = [len(r["input_ids"]) for r in rows]
     assert order(with_token_throughput(Seq2SeqTrainer, count_label_tokens=True)) == expected
     assert order(Seq2SeqTrainer) != expected  # what the stock Trainer does: length-grouped evaluation
-
-
-def test_launch_command(monkeypatch):
-    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
-    monkeypatch.delenv("LOCAL_RANK", raising=False)
-    assert launch_command(["recipes/translation.py", "c.yaml", "--x", "a b"]) == \
-        "python recipes/translation.py c.yaml --x 'a b'"
-    monkeypatch.setenv("LOCAL_RANK", "0")
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    assert launch_command(["recipes/translation.py"]) == "accelerate launch --num_processes 2 recipes/translation.py"
 
 
 def test_bleu_metric_scores_against_raw_references():
