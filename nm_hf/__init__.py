@@ -17,10 +17,13 @@ from .injection import (
     find_target_modules,
     is_sparsified,
     iter_sparse_layers,
+    load_sparse_training_state,
+    set_training_step,
+    sparse_training_state,
     sparsify,
 )
 from .layers import SparseConv1D, SparseLinear, mark_weights_updated
-from .masks import check_nm, nm_mask
+from .masks import check_nm, nm_mask, nm_mask_transposable
 from .report import SparsityReport, sparsity_report
 from .semi_structured import to_semi_structured
 from .tracker import HISTORY_FILE, SparsityTracker
@@ -72,6 +75,10 @@ __all__ = [
     "find_target_modules",
     "is_sparsified",
     "iter_sparse_layers",
+    "nm_mask_transposable",
+    "load_sparse_training_state",
+    "set_training_step",
+    "sparse_training_state",
     "nm_mask",
     "sparsify",
     "sparsity_report",

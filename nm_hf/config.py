@@ -9,7 +9,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from .methods import get_method
+from .masks import check_transposable
+from .methods import available_methods, get_method
 
 __all__ = ["SparsityConfig", "DECAY_MODES", "TARGET_PRESETS"]
 
@@ -26,8 +27,9 @@ class SparsityConfig:
         n, m: keep `n` weights in every group of `m` consecutive weights along the input dimension.
         method: a registered method (`nm_hf.methods.available_methods()`): "sr-ste" (mask recomputed
             from dense weights each step, pruned weights decayed), "ste" (same, no decay), "fixed"
-            (one-shot magnitude mask at `sparsify` time, frozen) or "dense" (layers patched but not
-            masked, for fair comparisons).
+            (one-shot magnitude mask at `sparsify` time, frozen), "dense" (layers patched but not
+            masked, for fair comparisons), "s-ste" (soft-thresholded, rescaled weights) or
+            "decaying-mask" (pruned weights fade out over a schedule); see docs/concepts.md.
         decay: SR-STE's lambda_w, the strength pulling pruned weights towards zero. The default is
             the paper's (tuned with SGD); Adam normalises each weight's update, so with Adam the
             gradient-mode decay only acts once `decay * |w|` outweighs a pruned weight's data gradient
@@ -38,6 +40,12 @@ class SparsityConfig:
             regex string (full match on the module name).
         exclude_modules: same forms as `target_modules`; removed from the targets.
         method_args: the method's own hyperparameters (checked by the method; defaults filled in).
+        transposable: choose masks that are N:M along both the rows and the columns of every m x m
+            block (Hu et al., ICML 2024), so the transposed weight of the backward pass is N:M too.
+            Supported for 1:2, 1:4, 2:4 and 3:4, with methods that re-choose their mask.
+        mask_update_interval: re-choose the masks once every this many optimizer steps (counted by
+            `nm_hf.after_optimizer_step`) instead of after every step; 2by4-pretrain uses 40. Only
+            for methods that re-choose their mask.
     """
 
     n: int = 2
@@ -48,6 +56,8 @@ class SparsityConfig:
     target_modules: str | tuple[str, ...] = "all-linear"
     exclude_modules: str | tuple[str, ...] | None = None
     method_args: dict[str, Any] = field(default_factory=dict)
+    transposable: bool = False
+    mask_update_interval: int = 1
 
     def __post_init__(self) -> None:
         for name in ("n", "m"):
@@ -75,6 +85,25 @@ class SparsityConfig:
         except ValueError as err:
             raise ValueError(f"SparsityConfig.method_args: {err}") from None
         object.__setattr__(self, "method_args", args)
+        self._check_mask_options(method)
+
+    def _check_mask_options(self, method: Any) -> None:
+        if not isinstance(self.transposable, bool):
+            raise ValueError(f"SparsityConfig.transposable must be True or False, got {self.transposable!r}")
+        interval = self.mask_update_interval
+        if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
+            raise ValueError(f"SparsityConfig.mask_update_interval must be a positive integer, got {interval!r}")
+        options = [name for name, on in (("transposable=True", self.transposable),
+                                          (f"mask_update_interval={interval}", interval != 1)) if on]
+        if options and not method.recomputes_mask:
+            moving = ", ".join(m for m in available_methods() if get_method(m).recomputes_mask)
+            raise ValueError(f"SparsityConfig.{' and '.join(options)} needs a method that re-chooses its mask during "
+                             f"training ({moving}); method {self.method!r} does not")
+        if self.transposable:
+            try:
+                check_transposable(self.n, self.m)
+            except ValueError as err:
+                raise ValueError(f"SparsityConfig.transposable: {err}") from None
 
     def __hash__(self) -> int:  # method_args is a dict: hash the JSON form
         return hash(repr(sorted(self.to_dict().items())))

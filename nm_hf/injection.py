@@ -32,7 +32,8 @@ from .record import (
 
 __all__ = ["sparsify", "finalize", "iter_sparse_layers", "find_target_modules", "is_sparsified",
            "after_optimizer_step", "apply_decoupled_decay", "SparsifyError", "sparsity_config_of",
-           "baked_weights", "unwrap_model", "model_group_dims", "ignored_layers", "current_record"]
+           "baked_weights", "unwrap_model", "model_group_dims", "ignored_layers", "current_record",
+           "set_training_step", "training_step", "sparse_training_state", "load_sparse_training_state"]
 
 #: name components of task heads that "all-linear" leaves dense (their outputs are logits/labels)
 HEAD_NAMES = frozenset({"lm_head", "classifier", "classification_head", "score", "qa_outputs",
@@ -311,20 +312,20 @@ def sparsity_config_of(model: nn.Module) -> SparsityConfig:
         return config_from_record(record)
     _, layer = next(iter_sparse_layers(model))
     return SparsityConfig(n=layer.nm_n, m=layer.nm_m, method=layer.nm_method, decay=layer.nm_decay,
-                          decay_mode=layer.nm_decay_mode, method_args=layer.nm_method_args)
+                          decay_mode=layer.nm_decay_mode, method_args=layer.nm_method_args,
+                          transposable=layer.nm_transposable, mask_update_interval=layer.nm_mask_interval)
 
 
 @torch.no_grad()
 def baked_weights(model: nn.Module, weights: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-    """`{state-dict key: weight * mask}` for every sparse layer, without touching the model.
+    """`{state-dict key: N:M weight}` for every sparse layer (its method's `bake`), without touching the model.
 
-    `weights` (state-dict key -> tensor) replaces the layers' own weights, e.g. a state dict gathered
-    elsewhere; the mask is then recomputed from it exactly as the layer would. Unmasked methods give
-    the weight unchanged. Used by `finalize` and by the trainer's baked saves.
+    The baked weight is `weight * mask` for most methods (`beta * S(W)` for S-STE). `weights` (state-dict
+    key -> tensor) replaces the layers' own weights, e.g. a state dict gathered elsewhere; the mask is
+    then chosen from it exactly as the layer would, except with `mask_update_interval > 1`, where the
+    layer's mask in use (chosen at its last refresh, which these weights cannot reproduce) is applied.
+    Unmasked methods give the weight unchanged. Used by `finalize` and by the trainer's baked saves.
     """
-    from .layers import apply_mask
-    from .masks import nm_mask
-
     baked = {}
     for name, layer in iter_sparse_layers(model):
         key = weight_key(name)
@@ -335,8 +336,10 @@ def baked_weights(model: nn.Module, weights: dict[str, torch.Tensor] | None = No
             raise KeyError(f"sparse layer {name!r}: no {key!r} in the state dict to bake")
         weight = weights[key].detach()
         if layer.is_masked:
-            ranking = layer.method.ranking_weight(layer, weight)
-            weight = apply_mask(weight.contiguous(), nm_mask(ranking, layer.nm_n, layer.nm_m, dim=layer.group_dim))
+            mask = layer.current_mask() if layer.mask_is_periodic else None
+            if mask is None or mask.shape != weight.shape or mask.device != weight.device:
+                mask = layer.compute_mask(weight)
+            weight = layer.method.bake(layer, weight.contiguous(), mask)
         baked[key] = weight
     return baked
 
@@ -349,7 +352,7 @@ def measured_sparsity(tensors: list[torch.Tensor]) -> float:
 
 @torch.no_grad()
 def finalize(model: nn.Module) -> nn.Module:
-    """Bake `weight * mask` into the weights and put plain `nn.Linear`/`Conv1D` back, in place.
+    """Bake the N:M weights (`weight * mask`; S-STE: `beta * S(W)`) in and put plain `nn.Linear`/`Conv1D` back.
 
     Afterwards `save_pretrained` + plain `AutoModel*.from_pretrained` reload the model bit-exactly,
     and config.json records the pattern, the targeted layers and the measured sparsity.
@@ -374,13 +377,107 @@ def finalize(model: nn.Module) -> nn.Module:
 
 @torch.no_grad()
 def after_optimizer_step(model: nn.Module, lr: float) -> int:
-    """Run every sparse layer's method hook after an optimizer step (e.g. SR-STE decoupled decay).
+    """Count one optimizer step on every sparse layer and run its method's hook (e.g. SR-STE's decoupled decay).
 
-    Call it right after each optimizer step in a plain loop (SparseTrainer does it for you). Returns
-    the number of layers the hooks changed.
+    Call it right after each optimizer step in a plain loop (SparseTrainer does it for you): the step
+    count drives `mask_update_interval` and scheduled methods ("decaying-mask"). Returns the number of
+    layers the hooks changed.
     """
-    return sum(bool(layer.method.after_optimizer_step(layer, lr)) for _, layer in iter_sparse_layers(model))
+    changed = 0
+    for _, layer in iter_sparse_layers(model):
+        layer.nm_step += 1
+        changed += bool(layer.method.after_optimizer_step(layer, lr))
+    return changed
 
 
-#: the documented name for SR-STE's decoupled decay (it is the only after-step hook so far)
+#: the documented name for SR-STE's decoupled decay (it is the same call)
 apply_decoupled_decay = after_optimizer_step
+
+
+def _check_step(step: Any, what: str) -> int:
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ValueError(f"{what} must be an integer >= 0 (optimizer steps taken), got {step!r}")
+    return step
+
+
+def set_training_step(model: nn.Module, step: int) -> None:
+    """Set every sparse layer's count of optimizer steps, e.g. to the checkpoint's step on resume.
+
+    Scheduled methods ("decaying-mask") and `mask_update_interval` follow this count, which
+    `after_optimizer_step` advances; a fresh `sparsify` starts it at 0.
+    """
+    step = _check_step(step, "set_training_step: step")
+    layers = list(iter_sparse_layers(model))
+    if not layers:
+        raise ValueError(f"{type(unwrap_model(model)).__name__} has no sparse layers (call nm_hf.sparsify first)")
+    for _, layer in layers:
+        layer.set_step(step)
+
+
+def training_step(model: nn.Module) -> int:
+    """The optimizer steps the sparse layers have counted (ValueError if they disagree)."""
+    steps = {layer.nm_step for _, layer in iter_sparse_layers(model)}
+    if len(steps) != 1:
+        raise ValueError("the sparse layers have counted different numbers of steps: "
+                         f"{sorted(steps) if steps else 'no sparse layers'}")
+    return steps.pop()
+
+
+#: version of the dict `sparse_training_state` returns
+TRAINING_STATE_FORMAT = 1
+
+
+def sparse_training_state(model: nn.Module) -> dict[str, Any]:
+    """What a resume needs beyond the weights: the step count, each layer's method state, periodic masks.
+
+    `{"format", "step", "layers": {name: {"method_state": {...}, "mask": bool tensor (only with
+    mask_update_interval > 1: the mask in use cannot be recomputed from the weights)}}}`. Plain
+    Python and tensors: save it with `torch.save`, restore it with `load_sparse_training_state`.
+    """
+    layers = list(iter_sparse_layers(model))
+    if not layers:
+        raise ValueError(f"{type(unwrap_model(model)).__name__} has no sparse layers (call nm_hf.sparsify first)")
+    state: dict[str, Any] = {"format": TRAINING_STATE_FORMAT, "step": training_step(model), "layers": {}}
+    for name, layer in layers:
+        entry: dict[str, Any] = {"method_state": dict(layer.nm_method_state)}
+        if layer.mask_is_periodic:
+            entry["mask"] = layer.current_mask().detach().cpu().clone()
+        state["layers"][name] = entry
+    return state
+
+
+def load_sparse_training_state(model: nn.Module, state: dict[str, Any]) -> None:
+    """Restore `sparse_training_state(...)` into a model sparsified with the same config (after its weights).
+
+    Everything is checked first (layer names, method states, mask shapes); on a mismatch a ValueError
+    names the layer and the model is unchanged.
+    """
+    if not isinstance(state, dict) or state.get("format") != TRAINING_STATE_FORMAT or "layers" not in state:
+        raise ValueError(f"not a sparse training state of format {TRAINING_STATE_FORMAT} (from "
+                         "nm_hf.sparse_training_state)")
+    step = _check_step(state.get("step"), "sparse training state: step")
+    layers = dict(iter_sparse_layers(model))
+    saved = state["layers"]
+    missing, extra = sorted(set(layers) - set(saved)), sorted(set(saved) - set(layers))
+    if missing or extra:
+        raise ValueError(f"sparse training state does not match the model's sparse layers: missing {missing}, "
+                         f"unexpected {extra}")
+    checked: dict[str, tuple[dict[str, Any], torch.Tensor | None]] = {}
+    for name, layer in layers.items():
+        entry = saved[name]
+        try:
+            method_state = layer.method.check_state(layer, entry.get("method_state") or {})
+        except ValueError as err:
+            raise ValueError(f"sparse training state, layer {name!r}: {err}") from None
+        mask = entry.get("mask")
+        if layer.mask_is_periodic and mask is not None:
+            if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.shape != layer.weight.shape:
+                raise ValueError(f"sparse training state, layer {name!r}: the mask must be a bool tensor of shape "
+                                 f"{tuple(layer.weight.shape)}")
+        checked[name] = (method_state, mask if layer.mask_is_periodic else None)
+    for name, layer in layers.items():
+        method_state, mask = checked[name]
+        layer.nm_method_state = method_state
+        layer.set_step(step)
+        if mask is not None:
+            layer.restore_mask(mask.to(layer.weight.device))

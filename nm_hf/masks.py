@@ -5,6 +5,10 @@ weights after each optimizer update), so it avoids `topk`/`argsort`. Each elemen
 group is counted from the m*(m-1)/2 pairwise comparisons of integer magnitude keys, in cache-sized
 chunks that run on a small thread pool on CPU. `benchmarks/mask_speed.py` measures it.
 
+`nm_mask_transposable` (Hu et al., ICML 2024) makes every m x m block N:M along its rows and its
+columns, so the transposed weight used in the backward pass is N:M too. It enumerates the valid
+block patterns once and scores every block against all of them with one matrix product.
+
 Ordering rules (also what the tests pin down):
 - magnitude |w| decides; among equal magnitudes the lower index wins (so -0.0 and 0.0 tie);
 - NaN ranks above every number, +-inf above every finite number: a NaN weight is kept, so it shows
@@ -13,6 +17,8 @@ Ordering rules (also what the tests pin down):
 
 from __future__ import annotations
 
+import functools
+import itertools
 import math
 import os
 import threading
@@ -20,7 +26,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-__all__ = ["nm_mask", "check_nm", "nm_group_counts", "magnitude_key"]
+__all__ = ["apply_mask", "nm_mask", "nm_mask_transposable", "transposable_patterns", "check_transposable", "check_nm",
+           "nm_group_counts", "magnitude_key", "TRANSPOSABLE_PATTERNS"]
 
 # Pairwise counting costs m*(m-1)/2 comparisons per group: fine up to m=16, topk is cheaper beyond.
 _MAX_PAIRWISE_M = 16
@@ -69,6 +76,26 @@ def magnitude_key(weight: torch.Tensor) -> tuple[torch.Tensor, int]:
         weight = weight.float()
     int_dtype, sign_clear = _KEY_DTYPES[weight.dtype]
     return weight.contiguous().view(int_dtype), sign_clear
+
+
+_INT_VIEW = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16,
+             torch.float64: torch.int64}
+
+
+def apply_mask(weight: torch.Tensor, mask: torch.Tensor, keep: bool = True) -> torch.Tensor:
+    """`weight` where `mask` (keep=True) or where not `mask` (keep=False), exact +0.0 elsewhere.
+
+    Done on the bits (AND with all-ones/all-zeros words): on CPU this runs at a few elementwise passes,
+    where `torch.where`/`masked_fill` with a bool mask cost 10-16. A pruned inf becomes 0, not NaN.
+    """
+    int_dtype = _INT_VIEW.get(weight.dtype)
+    if weight.ndim == 2 and not weight.is_contiguous() and weight.t().is_contiguous():
+        return apply_mask(weight.t(), mask.t(), keep).t()  # Conv1D weights arrive transposed
+    if int_dtype is None or not weight.is_contiguous() or not mask.is_contiguous():
+        return torch.where(mask, weight, 0) if keep else torch.where(mask, 0, weight)
+    bits = mask.to(int_dtype)
+    bits = bits.neg_() if keep else bits.sub_(1)  # -1 (all ones) where the value stays
+    return weight.view(int_dtype).bitwise_and(bits).view(weight.dtype)
 
 
 def _check_nm(n: int, m: int) -> None:
@@ -177,6 +204,176 @@ def nm_mask(weight: torch.Tensor, n: int, m: int, dim: int = -1) -> torch.Tensor
         for f in futures:
             f.result()
     return out.reshape(weight.shape)
+
+
+# --------------------------------------------------------------------------- transposable masks
+
+#: n:m patterns `nm_mask_transposable` supports besides n == m (2:4 has 90 block patterns; 2:8 has ~10**11)
+TRANSPOSABLE_PATTERNS = ((1, 2), (1, 4), (2, 4), (3, 4))
+# Block scores per chunk: on CPU about 2**18 (1 MiB of float32) stay in cache between the product and
+# the max; on accelerators chunks only bound the memory of the scores (64 MiB).
+_SCORES_PER_CHUNK = 1 << 18
+_SCORES_PER_CHUNK_DEVICE = 1 << 24
+# Chunks holding NaN/inf are scored again in float64 with (finite cap, inf, NaN) magnitudes such that
+# one NaN outweighs 16 infs and one inf 16 finite values, and no sum overflows.
+_NONFINITE_SCALE = {torch.float32: (2.0 ** 128, 2.0 ** 140, 2.0 ** 150),
+                    torch.float64: (2.0 ** 900, 2.0 ** 950, 2.0 ** 1000)}
+#: an integer as wide as m bools: a block row of the chosen pattern is copied as one word
+_WORD = {2: torch.int16, 4: torch.int32}
+#: bit patterns of +inf: integer-viewed scores at or above it are inf or NaN
+_INF_BITS = {torch.int32: 0x7F800000, torch.int64: 0x7FF0000000000000}
+
+
+def check_transposable(n: int, m: int) -> None:
+    """ValueError unless `nm_mask_transposable` supports n:m (1:2, 1:4, 2:4, 3:4, or n == m)."""
+    _check_nm(n, m)
+    if n != m and (n, m) not in TRANSPOSABLE_PATTERNS:
+        supported = ", ".join(f"{a}:{b}" for a, b in TRANSPOSABLE_PATTERNS)
+        raise ValueError(f"transposable masks support {supported} (and n == m); got {n}:{m}: its {m}x{m} block "
+                         "patterns cannot be enumerated cheaply")
+
+
+@functools.cache
+def transposable_patterns(n: int, m: int) -> torch.Tensor:
+    """Every m x m 0/1 pattern with exactly n ones per row and per column, flattened row-major: bool [P, m*m].
+
+    Ordered by the rows' choices (row 0's column set first, each in `itertools.combinations` order);
+    2:4 has 90. A pattern with fewer than n in some row or column never keeps more: it fits inside
+    one of these, and magnitudes are not negative.
+    """
+    check_transposable(n, m)
+    found = []
+    for rows in itertools.product(itertools.combinations(range(m), n), repeat=m):
+        counts = [0] * m
+        for chosen in rows:
+            for column in chosen:
+                counts[column] += 1
+        if all(count == n for count in counts):
+            found.append([column in chosen for chosen in rows for column in range(m)])
+    return torch.tensor(found, dtype=torch.bool)
+
+
+@functools.cache
+def _pattern_tables(n: int, m: int, dtype: torch.dtype, device: torch.device,
+                    transposed: bool) -> tuple[torch.Tensor, ...]:
+    """(patterns as scores table [P, m*m], patterns as words [P, m], index codes [P, 1], bits kept)."""
+    patterns = transposable_patterns(n, m)
+    count = patterns.shape[0]
+    int_dtype = torch.int32 if dtype == torch.float32 else torch.int64
+    # Scores are >= 0 or NaN: viewed as integers with the sign bit cleared they order like the floats.
+    # Their low 7 bits are replaced by (127 - pattern index), so one integer max gives the best pattern
+    # and, among scores equal to within those bits, the first one.
+    keep_bits = 0x7FFFFF80 if int_dtype == torch.int32 else 0x7FFFFFFFFFFFFF80
+    codes = (127 - torch.arange(count, dtype=int_dtype, device=device)).reshape(count, 1)
+    layout = patterns.reshape(count, m, m)
+    if transposed:  # blocks read from a weight stored [cols, rows]: pattern p, transposed, keeps index p
+        layout = layout.transpose(1, 2)
+    layout = layout.contiguous()
+    words = layout.view(_WORD[m]).reshape(count, m)
+    return (layout.reshape(count, m * m).to(device=device, dtype=dtype), words.to(device), codes,
+            torch.tensor(keep_bits, dtype=int_dtype, device=device))
+
+
+def _best_patterns(blocks: torch.Tensor, out: torch.Tensor, n: int, m: int, score_dtype: torch.dtype,
+                   transposed: bool) -> None:
+    """Pattern of every block of `blocks` ([m, m, block rows, block cols] view) into `out` ([rows, cols, m] words).
+
+    A few block rows at a time, so the magnitudes and the scores stay in cache.
+    """
+    table, words, codes, keep_bits = _pattern_tables(n, m, score_dtype, blocks.device, transposed)
+    int_dtype = codes.dtype
+    per_row = max(1, blocks.shape[3])
+    per_chunk = _SCORES_PER_CHUNK if blocks.device.type == "cpu" else _SCORES_PER_CHUNK_DEVICE
+    step = max(1, per_chunk // (table.shape[0] * per_row))
+    buffer = torch.empty((m, m, min(step, blocks.shape[2]), blocks.shape[3]), dtype=score_dtype,
+                         device=blocks.device)
+    for start in range(0, blocks.shape[2], step):
+        part = blocks[:, :, start:start + step]
+        magnitudes = buffer[:, :, :part.shape[2]]
+        if part.dtype == score_dtype:
+            torch.abs(part, out=magnitudes)
+        else:  # 16-bit and float8 weights are scored in float32
+            magnitudes.copy_(part).abs_()
+        magnitudes = magnitudes.view(m * m, -1)
+        packed = (table @ magnitudes).view(int_dtype).bitwise_and_(keep_bits).bitwise_or_(codes).amax(0)
+        if bool(packed.max() >= _INF_BITS[int_dtype]):  # NaN/inf in this chunk (or an overflow): redo it
+            table64, _, codes64, keep64 = _pattern_tables(n, m, torch.float64, blocks.device, transposed)
+            packed = (table64 @ _sanitised(magnitudes)).view(torch.int64).bitwise_and_(keep64)
+            packed = packed.bitwise_or_(codes64).amax(0)
+        index = packed.bitwise_and_(127).neg_().add_(127)
+        torch.index_select(words, 0, index, out=out[start:start + step].view(-1, m))
+
+
+def _sanitised(magnitudes: torch.Tensor) -> torch.Tensor:
+    """float64 magnitudes where one NaN outweighs m*m infs and one inf outweighs m*m finite values."""
+    cap, inf_value, nan_value = _NONFINITE_SCALE[magnitudes.dtype]
+    wide = magnitudes.double()
+    clean = torch.where(torch.isinf(wide), inf_value, wide.clamp(max=cap))
+    return torch.where(torch.isnan(wide), nan_value, clean)
+
+
+def _best_patterns_in_mode(inference: bool, *args) -> None:
+    with torch.inference_mode(inference), torch.no_grad():
+        _best_patterns(*args)
+
+
+def nm_mask_transposable(weight: torch.Tensor, n: int, m: int, dim: int = -1) -> torch.Tensor:
+    """Boolean mask whose every m x m block keeps at most `n` entries in each row and each column.
+
+    With such a mask the transposed weight (used for the input gradient) is N:M too (Hu et al., ICML
+    2024). The blocks tile the last two dimensions (leading ones are a batch of matrices), `dim` (one
+    of the last two) is the group dimension, and both sizes must be divisible by m. Every block gets
+    the valid pattern (exactly n per row and column, see `transposable_patterns`) that keeps the most
+    magnitude. Scores are float sums; patterns within about 2**-17 of each other (relative; 2**-46 for
+    float64 weights) tie and the first in enumeration order wins. NaN counts above inf and inf above
+    any number (a pattern covering more NaN, then more inf, wins). A matrix and its transpose get
+    transposed masks. Supported: 1:2, 1:4, 2:4, 3:4 and n == m; others raise ValueError.
+    """
+    _check_nm(n, m)
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
+    if not weight.dtype.is_floating_point:
+        raise TypeError(f"nm_mask_transposable needs a floating-point tensor, got {weight.dtype}")
+    if weight.ndim < 2:
+        raise ValueError(f"nm_mask_transposable needs a matrix (or a batch of them), got shape {tuple(weight.shape)}")
+    if not -weight.ndim <= dim < weight.ndim:
+        raise ValueError(f"dim={dim} is out of range for a tensor of shape {tuple(weight.shape)}")
+    d = dim % weight.ndim
+    if d < weight.ndim - 2:
+        raise ValueError(f"nm_mask_transposable: dim={dim} must be one of the last two dimensions (the blocks tile "
+                         f"them), got shape {tuple(weight.shape)}")
+    check_transposable(n, m)
+    for which in (-2, -1):
+        if weight.shape[which] % m:
+            raise ValueError(f"size {weight.shape[which]} along dim {weight.ndim + which} (shape "
+                             f"{tuple(weight.shape)}) is not divisible by m={m}: transposable blocks are {m}x{m}")
+    if n == m:
+        return torch.ones(weight.shape, dtype=torch.bool, device=weight.device)
+
+    # Blocks are read in the stored layout (fast, rows of the storage); when the groups run along dim -2
+    # the weight is the transpose of the [rows, cols] matrix the patterns are written for, so the tables
+    # are transposed instead (the valid patterns are closed under transposition).
+    transposed = d != weight.ndim - 1
+    rows, cols = weight.shape[-2:]
+    batch = math.prod(weight.shape[:-2])
+    block_rows, block_cols = batch * (rows // m), cols // m
+    # [m (row in block), m (col in block), block row, block col]: a view of the weight (if contiguous)
+    blocks = weight.reshape(batch * (rows // m), m, block_cols, m).permute(1, 3, 0, 2)
+    score_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    # out[block row, block col, i]: row i of the block's chosen pattern (stored layout) as one word
+    out = torch.empty((block_rows, block_cols, m), dtype=_WORD[m], device=weight.device)
+    workers = max(1, min(4, torch.get_num_threads())) if weight.device.type == "cpu" else 1
+    if workers == 1 or block_rows * block_cols * m * m < 2 * _CHUNK_ELEMENTS:
+        _best_patterns(blocks, out, n, m, score_dtype, transposed)
+    else:  # grad/inference mode is thread-local: run the workers in the caller's mode
+        inference = torch.is_inference_mode_enabled()
+        per = -(-block_rows // workers)
+        futures = [_thread_pool().submit(_best_patterns_in_mode, inference, blocks[:, :, s:s + per], out[s:s + per],
+                                         n, m, score_dtype, transposed) for s in range(0, block_rows, per)]
+        for future in futures:
+            future.result()
+    # [block row, i, block col] of words is the stored layout, m bools per word
+    return out.permute(0, 2, 1).contiguous().view(torch.bool).reshape(weight.shape)
 
 
 def nm_group_counts(weight: torch.Tensor, m: int, dim: int = -1) -> torch.Tensor:

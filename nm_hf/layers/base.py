@@ -6,6 +6,10 @@ do not bump version counters), `load_state_dict` or a new Parameter invalidates 
 forwards with unchanged weights (eval, gradient accumulation, the tracker right after a step) reuse
 it. The key needs nothing stored on the Parameter, so `copy.deepcopy(model)` and
 `load_state_dict(..., assign=True)` keep training with fresh masks.
+
+With `SparsityConfig.mask_update_interval = k > 1` the key is instead the layer's step counter
+divided by k (and the Parameter's identity): the mask is re-chosen from the weights once every k
+optimizer steps counted by `nm_hf.after_optimizer_step`, whatever else changes the weights.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from torch.autograd.graph import increment_version
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from ..config import SparsityConfig
-from ..masks import nm_mask
+from ..masks import nm_mask, nm_mask_transposable
 from ..methods import SparsityMethod, get_method
 
 __all__ = ["SparseLayerMixin", "mark_weights_updated", "optimizer_steps"]
@@ -85,10 +89,19 @@ class SparseLayerMixin:
     nm_decay_mode: str
     #: multiplies the gradient-mode decay; SparseTrainer sets 1/gradient_accumulation_steps
     nm_decay_scale: float
+    #: masks N:M along rows and columns of every m x m block (`nm_mask_transposable`)
+    nm_transposable: bool
+    #: the mask is re-chosen every this many counted optimizer steps
+    nm_mask_interval: int
+    #: optimizer steps counted by `nm_hf.after_optimizer_step` (restore with `nm_hf.set_training_step`)
+    nm_step: int
+    #: per-layer state a method keeps (e.g. S-STE's scale); saved by `nm_hf.sparse_training_state`
+    nm_method_state: dict[str, Any]
 
     _NM_ATTRIBUTES = ("nm_n", "nm_m", "nm_method", "nm_method_args", "nm_decay", "nm_decay_mode",
-                      "nm_decay_scale", "_nm_mask_cache", "_nm_mask_key", "_nm_eval_weight", "_nm_eval_key",
-                      "_nm_dense_class")
+                      "nm_decay_scale", "nm_transposable", "nm_mask_interval", "nm_step", "nm_method_state",
+                      "_nm_mask_cache", "_nm_mask_key", "_nm_eval_weight", "_nm_eval_key", "_nm_dense_class",
+                      "_nm_steps_at_setup", "_nm_warned_uncounted")
 
     def nm_setup(self, config: SparsityConfig) -> None:
         """Attach `config`'s settings to this layer (called by `sparsify` after the class swap)."""
@@ -98,10 +111,16 @@ class SparseLayerMixin:
         self.nm_decay = config.effective_decay
         self.nm_decay_mode = config.decay_mode
         self.nm_decay_scale = 1.0
+        self.nm_transposable = config.transposable
+        self.nm_mask_interval = config.mask_update_interval
+        self.nm_step = 0
+        self.nm_method_state = {}
         self._nm_mask_cache: torch.Tensor | None = None
         self._nm_mask_key: tuple | None = None
         self._nm_eval_weight: torch.Tensor | None = None
         self._nm_eval_key: tuple | None = None
+        self._nm_steps_at_setup = _STEPS[0]
+        self._nm_warned_uncounted = False
         self._tag_weight()
 
     def _tag_weight(self) -> None:
@@ -124,6 +143,13 @@ class SparseLayerMixin:
             return None
         return (_STEPS[0], w._version, w.data_ptr(), w.device, w.dtype, tuple(w.shape))
 
+    def _mask_key(self) -> tuple | None:
+        interval = self.nm_mask_interval
+        if interval == 1:
+            return self._weight_key()
+        w = self.weight  # the mask moves only every `interval` counted steps, not with the weights
+        return ("interval", self.nm_step // interval, w.data_ptr(), w.device, w.dtype, tuple(w.shape))
+
     @property
     def pattern(self) -> str:
         return f"{self.nm_n}:{self.nm_m}"
@@ -138,15 +164,55 @@ class SparseLayerMixin:
         return self.__dict__.get("_nm_mask_cache")
 
     def current_mask(self) -> torch.Tensor:
-        """N:M mask of the current weights (for unmasked methods: the mask it would have)."""
-        key = self._weight_key()
+        """The N:M mask in use (for unmasked methods: the mask the weights would have)."""
+        key = self._mask_key()
         if key is None or self._nm_mask_key != key or self._nm_mask_cache is None:
             # never cache an inference tensor: a later training forward could not save it for backward
             with torch.inference_mode(False):
-                ranking = self.method.ranking_weight(self, self.weight.detach())
-                self._nm_mask_cache = nm_mask(ranking, self.nm_n, self.nm_m, dim=self.group_dim)
+                self._nm_mask_cache = self.compute_mask(self.weight.detach())
             self._nm_mask_key = key
         return self._nm_mask_cache
+
+    def compute_mask(self, weight: torch.Tensor) -> torch.Tensor:
+        """The mask this layer chooses for `weight` (its own or one from a state dict), uncached."""
+        ranking = self.method.ranking_weight(self, weight)
+        if self.nm_transposable:
+            return nm_mask_transposable(ranking, self.nm_n, self.nm_m, dim=self.group_dim)
+        return nm_mask(ranking, self.nm_n, self.nm_m, dim=self.group_dim)
+
+    @property
+    def mask_is_periodic(self) -> bool:
+        """True when the mask is re-chosen only every `nm_mask_interval` steps (it lags the weights)."""
+        return self.nm_mask_interval > 1
+
+    def restore_mask(self, mask: torch.Tensor) -> None:
+        """Use `mask` (a saved periodic mask) until the next refresh of a periodic mask."""
+        self._nm_mask_cache = mask.contiguous()
+        self._nm_mask_key = self._mask_key()
+        self.forget_eval_weight()
+
+    def set_step(self, step: int) -> None:
+        """Set the counted optimizer steps (`nm_hf.set_training_step`); the schedule and masks follow."""
+        self.nm_step = int(step)
+        self.forget_eval_weight()
+
+    def forget_eval_weight(self) -> None:
+        """Drop the cached eval weight (after a change it cannot see: step, method state)."""
+        self._nm_eval_weight, self._nm_eval_key = None, None
+
+    def warn_if_steps_uncounted(self) -> None:
+        """Warn once when optimizer steps happen but `nm_hf.after_optimizer_step` never counts them.
+
+        Only layers whose behaviour follows the counted steps call this (a periodic mask, a
+        scheduled method); it costs two integer comparisons per training forward.
+        """
+        if self.nm_step == 0 and not self._nm_warned_uncounted and _STEPS[0] - self._nm_steps_at_setup >= 2:
+            self._nm_warned_uncounted = True
+            what = (f"mask_update_interval={self.nm_mask_interval}" if self.mask_is_periodic
+                    else f"method {self.nm_method!r}")
+            warnings.warn(f"optimizer steps are being taken but nm_hf.after_optimizer_step(model, lr) has not been "
+                          f"called: {what} counts steps through it, so the mask/schedule is not moving; call it "
+                          "after every optimizer step (SparseTrainer does)", UserWarning, stacklevel=4)
 
     def restamp_mask(self) -> None:
         """Declare the cached mask still valid after an in-place change that cannot alter it."""
@@ -155,16 +221,16 @@ class SparseLayerMixin:
 
     @torch.no_grad()
     def effective_weight(self) -> torch.Tensor:
-        """The weight the forward pass uses (`weight * mask`), detached."""
-        from .functional import apply_mask
-
+        """The N:M weight the layer computes with outside training (`method.bake`: `weight * mask` for
+        most methods), detached; what `finalize` writes. The dense weight for unmasked methods."""
         if not self.is_masked:
             return self.weight.detach()
-        return apply_mask(self.weight.detach(), self.current_mask())
+        return self.method.bake(self, self.weight.detach(), self.current_mask())
 
     def cached_eval_weight(self) -> torch.Tensor:
-        """`effective_weight()`, cached while the weights do not change (eval without gradients)."""
-        key = self._weight_key()
+        """`effective_weight()`, cached while the weights and the mask do not change (eval without gradients)."""
+        weight_key = self._weight_key()
+        key = None if weight_key is None else (weight_key, self._mask_key())
         if key is None or self._nm_eval_key != key or self._nm_eval_weight is None:
             self._nm_eval_weight = self.effective_weight()
             self._nm_eval_key = key
@@ -176,4 +242,7 @@ class SparseLayerMixin:
         return super().train(mode)
 
     def nm_extra_repr(self) -> str:
-        return f", n:m={self.pattern}, method={self.nm_method}" + self.method.extra_repr(self)
+        options = ", transposable" if self.nm_transposable else ""
+        if self.mask_is_periodic:
+            options += f", mask every {self.nm_mask_interval} steps"
+        return f", n:m={self.pattern}, method={self.nm_method}{options}" + self.method.extra_repr(self)

@@ -1,4 +1,4 @@
-"""The autograd function behind every masked 2-D layer, and bit-level masking.
+"""The fused autograd function behind the masked 2-D layers of the `W * mask` methods.
 
 y = x @ (W * mask)^T + b, with the weight gradient chosen by the method: dense (straight-through),
 plus `decay * (1 - mask) * W` (SR-STE in gradient mode), or multiplied by the mask (pruned weights
@@ -11,26 +11,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["apply_mask", "nm_linear"]
+from ..masks import apply_mask
 
-_INT_VIEW = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16,
-             torch.float64: torch.int64}
-
-
-def apply_mask(weight: torch.Tensor, mask: torch.Tensor, keep: bool = True) -> torch.Tensor:
-    """`weight` where `mask` (keep=True) or where not `mask` (keep=False), exact +0.0 elsewhere.
-
-    Done on the bits (AND with all-ones/all-zeros words): on CPU this runs at a few elementwise passes,
-    where `torch.where`/`masked_fill` with a bool mask cost 10-16. A pruned inf becomes 0, not NaN.
-    """
-    int_dtype = _INT_VIEW.get(weight.dtype)
-    if weight.ndim == 2 and not weight.is_contiguous() and weight.t().is_contiguous():
-        return apply_mask(weight.t(), mask.t(), keep).t()  # Conv1D weights arrive transposed
-    if int_dtype is None or not weight.is_contiguous() or not mask.is_contiguous():
-        return torch.where(mask, weight, 0) if keep else torch.where(mask, 0, weight)
-    bits = mask.to(int_dtype)
-    bits = bits.neg_() if keep else bits.sub_(1)  # -1 (all ones) where the value stays
-    return weight.view(int_dtype).bitwise_and(bits).view(weight.dtype)
+__all__ = ["apply_mask", "nm_linear"]  # apply_mask lives in nm_hf.masks (the methods use it too)
 
 
 class _NMLinearFunction(torch.autograd.Function):

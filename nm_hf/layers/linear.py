@@ -2,7 +2,8 @@
 
 They own the very same `weight`/`bias` Parameters as the layer they replace (no wrapper, no
 `base_layer`), so state-dict keys and layouts are unchanged and tied weights stay tied. The dense
-weight is what the optimizer updates; the forward pass uses `weight * mask`.
+weight is what the optimizer updates; the forward pass uses `weight * mask` through the fused
+`nm_linear`, or the method's own `forward_weight` for methods that define one (e.g. S-STE).
 """
 
 from __future__ import annotations
@@ -32,8 +33,14 @@ class Sparse2DLayer(SparseLayerMixin):
         if not self.training and not torch.is_grad_enabled():
             return F.linear(x, self._linear_layout(self.cached_eval_weight()), bias)
         method = self.method
-        return nm_linear(x, self._linear_layout(weight), bias, self._linear_layout(self.current_mask()),
-                         decay=method.gradient_decay(self), freeze_pruned=method.freezes_pruned(self))
+        if method.fused_forward:
+            if self.nm_mask_interval > 1:
+                self.warn_if_steps_uncounted()
+            return nm_linear(x, self._linear_layout(weight), bias, self._linear_layout(self.current_mask()),
+                             decay=method.gradient_decay(self), freeze_pruned=method.freezes_pruned(self))
+        if method.uses_step or self.nm_mask_interval > 1:
+            self.warn_if_steps_uncounted()
+        return F.linear(x, self._linear_layout(method.forward_weight(self, weight, self.current_mask())), bias)
 
 
 def _build(layer: Sparse2DLayer, config: SparsityConfig | None) -> None:

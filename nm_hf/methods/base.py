@@ -8,21 +8,50 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
+from ..masks import apply_mask
+
 if TYPE_CHECKING:  # the layers call the methods, never the other way round at import time
     from ..layers.base import SparseLayerMixin
 
-__all__ = ["SparsityMethod", "register_method", "get_method", "available_methods", "UnknownMethodError"]
+__all__ = ["SparsityMethod", "MaskedWeight", "register_method", "get_method", "available_methods",
+           "UnknownMethodError"]
 
 
 class UnknownMethodError(ValueError):
     """A method name that is not registered."""
 
 
+class MaskedWeight(torch.autograd.Function):
+    """`W * mask` with the default methods' weight gradient: straight-through, plus `decay * (1 - mask) * W`,
+    or times the mask (`freeze_pruned`)."""
+
+    @staticmethod
+    def forward(ctx, weight, mask, decay, freeze_pruned):  # noqa: D401
+        ctx.save_for_backward(weight if decay and not freeze_pruned else None, mask)
+        ctx.decay, ctx.freeze_pruned = decay, freeze_pruned
+        return apply_mask(weight, mask)
+
+    @staticmethod
+    def backward(ctx, grad):
+        weight, mask = ctx.saved_tensors
+        if ctx.freeze_pruned:
+            return apply_mask(grad, mask), None, None, None
+        if ctx.decay:
+            return grad + ctx.decay * apply_mask(weight, mask, keep=False), None, None, None
+        return grad, None, None, None
+
+
 class SparsityMethod:
     """Hooks a method overrides; the defaults describe plain STE (mask recomputed, dense gradient).
 
-    Methods are stateless singletons: per-layer state (the mask cache, the method's arguments)
-    lives on the layer, so one object serves every layer and every model.
+    Methods are stateless singletons: per-layer state (the mask cache, the method's arguments, the
+    step counter, `layer.nm_method_state`) lives on the layer, so one object serves every layer and
+    every model.
+
+    The forward weight: methods that keep the defaults of `forward_weight` and `bake` compute with
+    `W * mask` through the layers' fused autograd function, with the weight gradient set by
+    `gradient_decay` / `freezes_pruned`. A method whose forward weight is something else overrides
+    `forward_weight` (autograd-aware) and `bake` (the same weight, without grad).
     """
 
     #: registry key, e.g. "sr-ste"
@@ -35,6 +64,17 @@ class SparsityMethod:
     uses_decay: ClassVar[bool] = False
     #: defaults of the method's own hyperparameters (`SparsityConfig.method_args`)
     arg_defaults: ClassVar[Mapping[str, Any]] = {}
+    #: True: the mask is re-chosen from the weights as training goes, so the mask options
+    #: (`SparsityConfig.transposable`, `mask_update_interval`) mean something for this method
+    recomputes_mask: ClassVar[bool] = True
+    #: True: the method reads `layer.nm_step` (optimizer steps counted by `nm_hf.after_optimizer_step`)
+    uses_step: ClassVar[bool] = False
+    #: set for each subclass: True when it keeps the default `forward_weight` (the fused `W * mask` path)
+    fused_forward: ClassVar[bool] = True
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.fused_forward = cls.forward_weight is SparsityMethod.forward_weight
 
     # ------------------------------------------------------------------ configuration
 
@@ -73,8 +113,39 @@ class SparsityMethod:
         return False
 
     def after_optimizer_step(self, layer: SparseLayerMixin, lr: float) -> bool:
-        """Runs after each optimizer step (`nm_hf.after_optimizer_step`); True if it changed the layer."""
+        """Runs after each optimizer step (`nm_hf.after_optimizer_step`); True if it changed the layer.
+
+        `layer.nm_step` already counts this step when the hook runs.
+        """
         return False
+
+    def forward_weight(self, layer: SparseLayerMixin, weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The weight the training forward pass uses, autograd-aware, in the stored layout of `weight`.
+
+        The layers call it only for methods that override it. With this default they run the fused
+        `nm_linear` instead (same maths, but it saves the boolean mask rather than a masked copy of the
+        weight); this body is that maths as a weight, for callers outside the layers.
+        """
+        return MaskedWeight.apply(weight, mask, self.gradient_decay(layer), self.freezes_pruned(layer))
+
+    @torch.no_grad()
+    def bake(self, layer: SparseLayerMixin, weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The N:M weight the layer computes with outside training and `finalize` writes (no grad).
+
+        `weight` may be the layer's own or one from a state dict (`nm_hf.injection.baked_weights`);
+        `mask` is its mask. Default: `weight * mask` with exact +0.0 for pruned entries.
+        """
+        return apply_mask(weight, mask)
+
+    def check_state(self, layer: SparseLayerMixin, state: Mapping[str, Any]) -> dict[str, Any]:
+        """Validated per-layer method state being restored (`nm_hf.load_sparse_training_state`).
+
+        Methods that keep state in `layer.nm_method_state` (e.g. S-STE's scale) check it here; the
+        default accepts only an empty state.
+        """
+        if state:
+            raise ValueError(f"method {self.name!r} keeps no per-layer state, got keys {sorted(state)}")
+        return {}
 
     def extra_repr(self, layer: SparseLayerMixin) -> str:
         return ""

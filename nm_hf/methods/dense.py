@@ -9,3 +9,4 @@ class DenseMethod(SparsityMethod):
     name = "dense"
     summary = "Dense: no mask is applied (a baseline trained through the same code path)."
     masks_forward = False
+    recomputes_mask = False  # the would-be mask is tracked, but no mask is used

@@ -18,6 +18,7 @@ class FixedMethod(SparsityMethod):
     name = "fixed"
     summary = ("Fixed mask: the N:M mask is chosen once by weight magnitude when the model is sparsified and "
                "stays frozen; pruned weights are zero and receive no gradient.")
+    recomputes_mask = False
 
     @torch.no_grad()
     def prepare(self, layer) -> None:
