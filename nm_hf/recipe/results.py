@@ -135,12 +135,13 @@ def pick_samples(sources: Sequence[str], outputs: Sequence[str], references: Seq
 
 
 def format_samples(samples: Sequence[Mapping[str, Any]], title: str = "samples") -> str:
-    """Source / output / reference blocks, one per sample."""
+    """Source / output / reference blocks, one per sample (an empty output says so: a model early in
+    training often generates the end-of-sentence token first)."""
     out = [title]
     for sample in samples:
         out += ["", f"[{sample['index']}]",
                 f"  source:    {sample['source']}",
-                f"  output:    {sample['output']}",
+                f"  output:    {sample['output'] or '(empty: the model ends the sentence at once)'}",
                 f"  reference: {sample['reference']}"]
     return "\n".join(out)
 

@@ -57,6 +57,8 @@ def test_pick_samples_spreads_over_the_set():
     assert pick_samples([], [], []) == []
     text = format_samples(samples[:1], title="samples")
     assert text.splitlines() == ["samples", "", "[0]", "  source:    s0", "  output:    o0", "  reference: r0"]
+    empty = format_samples([{"index": 3, "source": "s", "output": "", "reference": "r"}])
+    assert "  output:    (empty: the model ends the sentence at once)" in empty.splitlines()
 
 
 def test_results_table_flattens_nested_results_and_leaves_records_out():
