@@ -8,10 +8,10 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from nm_hf.config import SparsityConfig
-from nm_hf.record import CONFIG_KEY
 from nm_hf.injection import finalize, is_sparsified, iter_sparse_layers, sparsify
 from nm_hf.layers import SparseLayerMixin
 from nm_hf.masks import check_nm, nm_group_counts
+from nm_hf.record import CONFIG_KEY
 from nm_hf.report import sparsity_report
 from tiny_models import ARCHITECTURES, output_tensor, tiny_inputs, tiny_model
 
