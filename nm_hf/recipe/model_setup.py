@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from ..injection import SparsifyError, find_target_modules
 from .config_files import ArgumentsError
 
 __all__ = ["apply_config_overrides", "check_sparsity_targets", "resume_dirs", "shared_tokenizer", "skeleton"]
@@ -78,8 +79,6 @@ def check_sparsity_targets(model: torch.nn.Module, sparsity_config: Any) -> list
     """The layers the sparse trainer will convert; `ArgumentsError` (one line, naming the flags) if the
     selection is empty or a selected layer cannot be N:M sparse (e.g. its input size is not a multiple
     of M)."""
-    from nm_hf import find_target_modules
-    from nm_hf.injection import SparsifyError
 
     try:
         return find_target_modules(model, sparsity_config)
