@@ -215,9 +215,10 @@ TRANSPOSABLE_PATTERNS = ((1, 2), (1, 4), (2, 4), (3, 4))
 _SCORES_PER_CHUNK = 1 << 18
 _SCORES_PER_CHUNK_DEVICE = 1 << 24
 # Chunks holding NaN/inf are scored again in float64 with (finite cap, inf, NaN) magnitudes such that
-# one NaN outweighs 16 infs and one inf 16 finite values, and no sum overflows.
-_NONFINITE_SCALE = {torch.float32: (2.0 ** 128, 2.0 ** 140, 2.0 ** 150),
-                    torch.float64: (2.0 ** 900, 2.0 ** 950, 2.0 ** 1000)}
+# one NaN outweighs 16 infs and one inf 16 finite values, no sum overflows, and the steps stay within
+# the 46 bits the packed scores resolve (so a NaN does not hide the infs next to it).
+_NONFINITE_SCALE = {torch.float32: (2.0 ** 128, 2.0 ** 136, 2.0 ** 144),
+                    torch.float64: (2.0 ** 1000, 2.0 ** 1008, 2.0 ** 1016)}
 #: an integer as wide as m bools: a block row of the chosen pattern is copied as one word
 _WORD = {2: torch.int16, 4: torch.int32}
 #: bit patterns of +inf: integer-viewed scores at or above it are inf or NaN
@@ -238,8 +239,10 @@ def transposable_patterns(n: int, m: int) -> torch.Tensor:
     """Every m x m 0/1 pattern with exactly n ones per row and per column, flattened row-major: bool [P, m*m].
 
     Ordered by the rows' choices (row 0's column set first, each in `itertools.combinations` order);
-    2:4 has 90. A pattern with fewer than n in some row or column never keeps more: it fits inside
-    one of these, and magnitudes are not negative.
+    2:4 has 90. These are the patterns Hu et al. (ICML 2024) search, and N:M hardware formats store
+    exactly n per group. Patterns with fewer than n in some row or column are not considered: a few
+    of them cannot be completed to one of these (for 2:4, rows {0,1}, {0,2}, {1,2} leave row 3 only
+    column 3) and can keep more magnitude in rare blocks.
     """
     check_transposable(n, m)
     found = []
@@ -323,7 +326,7 @@ def nm_mask_transposable(weight: torch.Tensor, n: int, m: int, dim: int = -1) ->
     With such a mask the transposed weight (used for the input gradient) is N:M too (Hu et al., ICML
     2024). The blocks tile the last two dimensions (leading ones are a batch of matrices), `dim` (one
     of the last two) is the group dimension, and both sizes must be divisible by m. Every block gets
-    the valid pattern (exactly n per row and column, see `transposable_patterns`) that keeps the most
+    the pattern with exactly n per row and column (`transposable_patterns`) that keeps the most
     magnitude. Scores are float sums; patterns within about 2**-17 of each other (relative; 2**-46 for
     float64 weights) tie and the first in enumeration order wins. NaN counts above inf and inf above
     any number (a pattern covering more NaN, then more inf, wins). A matrix and its transpose get
@@ -373,7 +376,8 @@ def nm_mask_transposable(weight: torch.Tensor, n: int, m: int, dim: int = -1) ->
         for future in futures:
             future.result()
     # [block row, i, block col] of words is the stored layout, m bools per word
-    return out.permute(0, 2, 1).contiguous().view(torch.bool).reshape(weight.shape)
+    words = out.permute(0, 2, 1).reshape(block_rows, m * block_cols)
+    return words.view(torch.bool).reshape(weight.shape)
 
 
 def nm_group_counts(weight: torch.Tensor, m: int, dim: int = -1) -> torch.Tensor:

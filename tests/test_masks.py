@@ -9,7 +9,14 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nm_hf.masks import check_nm, nm_group_counts, nm_mask
+from nm_hf.masks import (
+    check_nm,
+    check_transposable,
+    nm_group_counts,
+    nm_mask,
+    nm_mask_transposable,
+    transposable_patterns,
+)
 
 PATTERNS = [(1, 2), (2, 4), (4, 8), (1, 4), (2, 8), (3, 4), (2, 2), (4, 4), (1, 1)]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
@@ -225,3 +232,147 @@ def test_check_nm_and_group_counts():
     assert not check_nm(torch.zeros(4, 6), 2, 4)  # 6 is not divisible by 4: cannot be 2:4
     with pytest.raises(ValueError, match="not divisible"):
         nm_group_counts(torch.zeros(4, 6), 4)
+
+
+# --------------------------------------------------------------------------- transposable masks
+
+TRANSPOSABLE = [(1, 2), (1, 4), (2, 4), (3, 4)]
+
+
+def _all_block_patterns(n: int, m: int, exact: bool = True) -> torch.Tensor:
+    """Brute force, independent of the library: every m x m 0/1 matrix with n (or at most n) ones per row and column."""
+    cells = torch.arange(2 ** (m * m))
+    bits = ((cells.unsqueeze(1) >> torch.arange(m * m)) & 1).bool().reshape(-1, m, m)
+    rows, cols = bits.sum(2), bits.sum(1)
+    valid = ((rows == n) & (cols == n)).all(1) if exact else ((rows <= n) & (cols <= n)).all(1)
+    return bits[valid]
+
+
+def _best_kept(block: torch.Tensor, patterns: torch.Tensor) -> float:
+    return float((patterns.double() * block.double().abs()).sum((1, 2)).max())
+
+
+def _blocks(t: torch.Tensor, m: int) -> torch.Tensor:
+    """[..., R, C] -> [k, m, m] blocks."""
+    rows, cols = t.shape[-2:]
+    return t.reshape(-1, rows // m, m, cols // m, m).permute(0, 1, 3, 2, 4).reshape(-1, m, m)
+
+
+@pytest.mark.parametrize(("n", "m", "count"), [(1, 2, 2), (1, 4, 24), (2, 4, 90), (3, 4, 24)])
+def test_transposable_patterns_are_all_the_exact_ones(n, m, count):
+    patterns = transposable_patterns(n, m)
+    brute = _all_block_patterns(n, m).reshape(-1, m * m)
+    assert patterns.shape[0] == count == brute.shape[0]
+    assert {tuple(p.tolist()) for p in patterns} == {tuple(p.tolist()) for p in brute}
+
+
+def test_a_loose_pattern_that_no_exact_pattern_contains():
+    """Why the docs say "exactly n": for 2:4 some at-most-2 patterns cannot be completed."""
+    loose = torch.zeros(4, 4, dtype=torch.bool)
+    loose[0, [0, 1]] = loose[1, [0, 2]] = loose[2, [1, 2]] = loose[3, 3] = True
+    exact = transposable_patterns(2, 4)
+    assert not ((loose.flatten() & ~exact) .sum(1) == 0).any()
+    assert any(torch.equal(p, loose) for p in _all_block_patterns(2, 4, exact=False))
+
+
+@st.composite
+def transposable_weights(draw):
+    n, m = draw(st.sampled_from(TRANSPOSABLE))
+    batch = draw(st.sampled_from([(), (2,)]))
+    rows, cols = m * draw(st.integers(1, 3)), m * draw(st.integers(1, 3))
+    shape = (*batch, rows, cols)
+    element = st.one_of(st.sampled_from([0.0, -0.0, 1.0, -1.0, 0.5, 2.0, -3.0]),
+                        st.floats(-100, 100, allow_nan=False, width=32))
+    values = draw(st.lists(element, min_size=math.prod(shape), max_size=math.prod(shape)))
+    dtype = draw(st.sampled_from([torch.float32, torch.float64, torch.bfloat16]))
+    weight = torch.tensor(values, dtype=torch.float64).to(dtype).reshape(shape)
+    dim = draw(st.sampled_from([-1, -2]))
+    return weight, n, m, dim
+
+
+@settings(max_examples=80, deadline=None)
+@given(transposable_weights())
+def test_transposable_mask_is_valid_and_keeps_the_most_magnitude(case):
+    weight, n, m, dim = case
+    before = raw_bytes(weight)
+    mask = nm_mask_transposable(weight, n, m, dim=dim)
+    assert mask.dtype == torch.bool and mask.shape == weight.shape and mask.is_contiguous()
+    assert torch.equal(raw_bytes(weight), before), "nm_mask_transposable modified its input"
+    blocks, kept = _blocks(weight.double(), m), _blocks(mask, m)
+    assert (kept.sum(1) == n).all() and (kept.sum(2) == n).all()  # exactly n per row and column
+    patterns = _all_block_patterns(n, m)  # every valid (exactly n per row and column) pattern
+    for block, chosen in zip(blocks, kept, strict=True):
+        best = _best_kept(block, patterns)
+        got = float((chosen.double() * block.abs()).sum())
+        assert got >= best * (1 - 1e-4) - 1e-12, (block, chosen)
+    # N:M along both dimensions, so check_nm holds for either group dimension
+    pruned = weight.double() * mask
+    assert check_nm(pruned, n, m, dim=-1) and check_nm(pruned, n, m, dim=-2)
+
+
+def test_transposable_mask_follows_a_transposed_layout():
+    torch.manual_seed(0)
+    for n, m in TRANSPOSABLE:
+        w = torch.randn(4 * m, 6 * m)
+        mask = nm_mask_transposable(w, n, m, dim=1)
+        stored_transposed = nm_mask_transposable(w.t().contiguous(), n, m, dim=0)
+        assert torch.equal(stored_transposed, mask.t()) and stored_transposed.is_contiguous()
+        experts = torch.randn(3, 2 * m, 4 * m)
+        batched = nm_mask_transposable(experts, n, m, dim=-1)
+        for e in range(3):
+            assert torch.equal(batched[e], nm_mask_transposable(experts[e], n, m, dim=-1))
+
+
+def test_transposable_large_tensor_uses_threads_and_agrees():
+    torch.manual_seed(1)
+    w = torch.randn(1024, 1032)
+    mask = nm_mask_transposable(w, 2, 4)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert torch.equal(nm_mask_transposable(w, 2, 4), mask)  # one worker, one pass
+    finally:
+        torch.set_num_threads(threads)
+    kept = _blocks(mask, 4)
+    assert (kept.sum(1) == 2).all() and (kept.sum(2) == 2).all()
+    with torch.inference_mode():
+        assert torch.equal(nm_mask_transposable(w, 2, 4), mask)
+
+
+def test_transposable_nan_and_inf_are_kept():
+    w = torch.ones(4, 4) * 0.5
+    w[0, 0], w[1, 2], w[2, 1], w[3, 3] = NAN, INF, -INF, 1e38
+    for dtype in (torch.float32, torch.float64, torch.bfloat16):
+        mask = nm_mask_transposable(w.to(dtype), 2, 4)
+        assert mask[0, 0] and mask[1, 2] and mask[2, 1] and mask[3, 3], dtype
+    big = torch.full((4, 4), 3e38)  # sums overflow float32: rescored without overflow
+    big[0, 1] = 3.3e38
+    assert nm_mask_transposable(big, 1, 4)[0, 1]
+
+
+def test_transposable_n_equals_m_and_empty():
+    assert nm_mask_transposable(torch.randn(8, 8), 4, 4).all()
+    assert nm_mask_transposable(torch.randn(8, 16), 8, 8, dim=0).all()  # n == m: any m
+    assert nm_mask_transposable(torch.empty(0, 8), 2, 4).shape == (0, 8)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        (dict(weight=torch.randn(8, 8), n=2, m=8), ValueError, "support 1:2, 1:4, 2:4, 3:4.*got 2:8"),
+        (dict(weight=torch.randn(6, 6), n=1, m=3), ValueError, "got 1:3"),
+        (dict(weight=torch.randn(8, 6), n=2, m=4), ValueError, "size 6 along dim 1.*not divisible by m=4"),
+        (dict(weight=torch.randn(6, 8), n=2, m=4), ValueError, "size 6 along dim 0.*not divisible by m=4"),
+        (dict(weight=torch.randn(8), n=2, m=4), ValueError, "needs a matrix"),
+        (dict(weight=torch.randn(4, 8, 8), n=2, m=4, dim=0), ValueError, "one of the last two dimensions"),
+        (dict(weight=torch.randn(8, 8), n=2, m=4, dim=2), ValueError, "out of range"),
+        (dict(weight=torch.ones(8, 8, dtype=torch.int32), n=2, m=4), TypeError, "floating-point"),
+        (dict(weight=torch.randn(8, 8), n=0, m=4), ValueError, "1 <= n <= m"),
+    ],
+)
+def test_transposable_errors(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        nm_mask_transposable(**kwargs)
+    if error is ValueError and "support" in match:
+        with pytest.raises(ValueError, match=match):
+            check_transposable(kwargs["n"], kwargs["m"])

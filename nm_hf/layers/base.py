@@ -101,7 +101,7 @@ class SparseLayerMixin:
     _NM_ATTRIBUTES = ("nm_n", "nm_m", "nm_method", "nm_method_args", "nm_decay", "nm_decay_mode",
                       "nm_decay_scale", "nm_transposable", "nm_mask_interval", "nm_step", "nm_method_state",
                       "_nm_mask_cache", "_nm_mask_key", "_nm_eval_weight", "_nm_eval_key", "_nm_dense_class",
-                      "_nm_steps_at_setup", "_nm_warned_uncounted")
+                      "_nm_steps_seen", "_nm_step_changes", "_nm_warned_uncounted")
 
     def nm_setup(self, config: SparsityConfig) -> None:
         """Attach `config`'s settings to this layer (called by `sparsify` after the class swap)."""
@@ -119,7 +119,8 @@ class SparseLayerMixin:
         self._nm_mask_key: tuple | None = None
         self._nm_eval_weight: torch.Tensor | None = None
         self._nm_eval_key: tuple | None = None
-        self._nm_steps_at_setup = _STEPS[0]
+        self._nm_steps_seen: int | None = None
+        self._nm_step_changes = 0
         self._nm_warned_uncounted = False
         self._tag_weight()
 
@@ -203,10 +204,19 @@ class SparseLayerMixin:
     def warn_if_steps_uncounted(self) -> None:
         """Warn once when optimizer steps happen but `nm_hf.after_optimizer_step` never counts them.
 
-        Only layers whose behaviour follows the counted steps call this (a periodic mask, a
-        scheduled method); it costs two integer comparisons per training forward.
+        Only layers whose behaviour follows the counted steps call this (a periodic mask, a scheduled
+        method), in training forwards. It fires when this layer's training forwards have seen the
+        process's optimizer step count change twice while its own count stayed 0 (steps of other
+        models between its forwards alone do not).
         """
-        if self.nm_step == 0 and not self._nm_warned_uncounted and _STEPS[0] - self._nm_steps_at_setup >= 2:
+        if self.nm_step or self._nm_warned_uncounted:
+            return
+        seen = _STEPS[0]
+        if seen == self._nm_steps_seen:
+            return
+        self._nm_steps_seen = seen
+        self._nm_step_changes += 1
+        if self._nm_step_changes >= 3:  # the first forward, then two optimizer steps later
             self._nm_warned_uncounted = True
             what = (f"mask_update_interval={self.nm_mask_interval}" if self.mask_is_periodic
                     else f"method {self.nm_method!r}")

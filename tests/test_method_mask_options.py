@@ -1,0 +1,180 @@
+"""SparsityConfig mask options on real layers: transposable masks and mask_update_interval.
+
+Covers every method that re-chooses its mask: N:M along both dims of every block (transposable),
+masks that move only every k counted optimizer steps, the tracker counting exactly the masks used,
+baking, the record, and an exact resume through `sparse_training_state`.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import nm_hf
+from nm_hf.config import SparsityConfig
+from nm_hf.injection import baked_weights
+from nm_hf.masks import check_nm, nm_mask, nm_mask_transposable
+from nm_hf.methods import available_methods, get_method
+from nm_hf.record import config_from_record
+from tiny_models import tiny_inputs, tiny_model
+
+MOVING = [m for m in available_methods() if get_method(m).recomputes_mask]
+KIND_MODELS = ["llama", "gpt2"]  # nn.Linear (groups along dim 1) and GPT-2 Conv1D (groups along dim 0)
+
+
+def train(model, steps: int, tracker=None, lr: float = 0.05, masks: list | None = None) -> None:
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    inputs = tiny_inputs(model)
+    for _ in range(steps):
+        model(**inputs, labels=inputs["input_ids"]).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        nm_hf.after_optimizer_step(model, lr)
+        if tracker is not None:
+            tracker.step()
+        if masks is not None:  # (mask in use, mask the weights have now)
+            layers = list(nm_hf.iter_sparse_layers(model))
+            masks.append(({name: layer.current_mask().clone() for name, layer in layers},
+                          {name: nm_mask(layer.weight.detach(), 2, 4, dim=layer.group_dim) for name, layer in layers}))
+
+
+def test_the_methods_that_move_their_mask():
+    assert {"sr-ste", "ste", "s-ste", "decaying-mask"} <= set(MOVING)
+    assert not {"fixed", "dense"} & set(MOVING)
+
+
+@pytest.mark.parametrize("model_type", KIND_MODELS)
+@pytest.mark.parametrize("method", MOVING)
+def test_transposable_masks_through_training_and_finalize(model_type, method):
+    model = tiny_model(model_type)
+    nm_hf.sparsify(model, SparsityConfig(method=method, transposable=True, decay=0.5))
+    layers = dict(nm_hf.iter_sparse_layers(model))
+    train(model, 2)
+    for name, layer in layers.items():
+        mask = layer.current_mask()
+        assert torch.equal(mask, nm_mask_transposable(layer.weight.detach(), 2, 4, dim=layer.group_dim)), name
+        baked = layer.effective_weight()
+        assert check_nm(baked, 2, 4, dim=0) and check_nm(baked, 2, 4, dim=1), name  # rows and columns
+    assert model.config.nm_sparsity["transposable"] is True
+    nm_hf.finalize(model)
+    for name in layers:
+        weight = model.get_submodule(name).weight.detach()
+        assert check_nm(weight, 2, 4, dim=0) and check_nm(weight, 2, 4, dim=1), name
+
+
+def test_transposable_is_the_same_mask_for_both_layouts():
+    """A Conv1D stores the transpose of a Linear weight: its mask is the transpose too."""
+    llama = tiny_model("llama")
+    nm_hf.sparsify(llama, SparsityConfig(transposable=True, target_modules=["up_proj"]))
+    layer = llama.model.layers[0].mlp.up_proj
+    stored_transposed = layer.weight.detach().t().contiguous()
+    assert torch.equal(nm_mask_transposable(stored_transposed, 2, 4, dim=0).t(), layer.current_mask())
+
+
+@pytest.mark.parametrize("model_type", KIND_MODELS)
+@pytest.mark.parametrize("method", ["sr-ste", "s-ste"])
+def test_masks_move_only_every_k_steps_and_the_tracker_counts_exactly(model_type, method):
+    k = 3
+    model = tiny_model(model_type)
+    nm_hf.sparsify(model, SparsityConfig(method=method, mask_update_interval=k, decay=0.5))
+    tracker = nm_hf.SparsityTracker(model)
+    initial = {name: layer.current_mask().clone() for name, layer in nm_hf.iter_sparse_layers(model)}
+    masks: list[tuple[dict, dict]] = []
+    train(model, 7, tracker=tracker, masks=masks)  # tracker.step() marks the weights updated: no effect
+    history = [initial, *(used for used, _ in masks)]
+    for step in range(1, 8):
+        used, fresh = masks[step - 1]
+        if step % k:
+            assert all(torch.equal(used[n], history[step - 1][n]) for n in initial), f"mask moved at step {step}"
+            assert any(not torch.equal(used[n], fresh[n]) for n in initial)  # it lags the weights
+        else:  # refreshed: the mask of the weights after this step
+            assert all(torch.equal(used[n], fresh[n]) for n in initial), f"no refresh at step {step}"
+    assert any((history[3][n] != initial[n]).any() for n in initial)  # the lr is large: masks did move
+    flips = sum(int((history[s][n] != history[s - 1][n]).sum()) for s in range(1, 8) for n in initial)
+    metrics = tracker.log_metrics(7)
+    assert metrics["sparsity/sad"] == sum(int((history[7][n] != initial[n]).sum()) for n in initial)
+    assert metrics["sparsity/flip_rate"] == pytest.approx(flips / (7 * tracker.num_masked_weights))
+    assert model.config.nm_sparsity["mask_update_interval"] == k
+
+
+def test_baking_a_state_dict_uses_the_mask_in_use():
+    model = tiny_model("llama")
+    nm_hf.sparsify(model, SparsityConfig(method="ste", mask_update_interval=5))
+    train(model, 2)  # weights moved, the mask is still the initial one
+    state = model.state_dict()
+    baked = baked_weights(model, state)
+    for name, layer in nm_hf.iter_sparse_layers(model):
+        key = f"{name}.weight"
+        assert torch.equal(baked[key], layer.effective_weight())
+        assert torch.equal(baked[key] != 0, layer.current_mask() & (state[key] != 0))
+
+
+def test_resume_with_the_training_state_is_exact():
+    config = SparsityConfig(method="sr-ste", mask_update_interval=3, decay=0.5)
+    torch.manual_seed(0)
+    straight = tiny_model("llama")
+    initial = {k: v.clone() for k, v in straight.state_dict().items()}
+    nm_hf.sparsify(straight, config)
+    train(straight, 4)
+    saved_weights = {k: v.clone() for k, v in straight.state_dict().items()}
+    saved_state = nm_hf.sparse_training_state(straight)
+    assert saved_state["step"] == 4 and all("mask" in e for e in saved_state["layers"].values())
+
+    resumed = tiny_model("llama")
+    resumed.load_state_dict(initial)
+    nm_hf.sparsify(resumed, config)
+    resumed.load_state_dict(saved_weights)
+    nm_hf.load_sparse_training_state(resumed, saved_state)
+    for name, layer in nm_hf.iter_sparse_layers(resumed):
+        # step 4: the mask is the one chosen at step 3, not the one of the loaded weights
+        assert torch.equal(layer.current_mask(), straight.get_submodule(name).current_mask()), name
+    inputs = tiny_inputs(straight)
+    with torch.no_grad():
+        assert torch.equal(resumed(**inputs).logits, straight(**inputs).logits)
+
+
+def test_training_state_mismatches_are_refused_before_anything_changes():
+    model = tiny_model("llama")
+    nm_hf.sparsify(model, SparsityConfig(method="ste", mask_update_interval=2))
+    state = nm_hf.sparse_training_state(model)
+    other = tiny_model("llama")
+    nm_hf.sparsify(other, SparsityConfig(method="ste", mask_update_interval=2, target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match="missing .*unexpected"):
+        nm_hf.load_sparse_training_state(other, state)
+    name = next(iter(state["layers"]))
+    broken = {**state, "layers": {**state["layers"], name: {"method_state": {}, "mask": torch.zeros(3)}}}
+    with pytest.raises(ValueError, match=f"layer {name!r}: the mask must be a bool tensor"):
+        nm_hf.load_sparse_training_state(model, {**broken, "step": 7})
+    assert nm_hf.injection.training_step(model) == 0  # nothing was applied
+    with pytest.raises(ValueError, match="not a sparse training state"):
+        nm_hf.load_sparse_training_state(model, {"step": 1})
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    (dict(method="dense", transposable=True), "transposable=True needs a method that re-chooses its mask"),
+    (dict(method="fixed", transposable=True), "method 'fixed' does not"),
+    (dict(method="fixed", mask_update_interval=40), "mask_update_interval=40 needs a method"),
+    (dict(n=2, m=8, transposable=True), "transposable: transposable masks support 1:2, 1:4, 2:4, 3:4"),
+    (dict(transposable=1), "transposable must be True or False"),
+    (dict(mask_update_interval=0), "mask_update_interval must be a positive integer"),
+    (dict(mask_update_interval=2.0), "mask_update_interval must be a positive integer"),
+    (dict(mask_update_interval=True), "mask_update_interval must be a positive integer"),
+])
+def test_config_refusals(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SparsityConfig(**kwargs)
+
+
+def test_options_round_trip_through_the_record():
+    config = SparsityConfig(method="ste", transposable=True, mask_update_interval=40)
+    data = config.to_dict()
+    assert data["transposable"] is True and data["mask_update_interval"] == 40
+    assert SparsityConfig.from_dict(data) == config
+    assert config_from_record({**data, "targeted_modules": ["a"], "state": "training"}) == config
+    # records written before these options existed read as the defaults
+    old = {k: v for k, v in data.items() if k not in ("transposable", "mask_update_interval")}
+    assert SparsityConfig.from_dict(old) == SparsityConfig(method="ste")
+    model = tiny_model("llama")
+    nm_hf.sparsify(model, config)
+    assert "transposable" in repr(model.model.layers[0].mlp.up_proj)
+    assert nm_hf.injection.sparsity_config_of(model) == config
