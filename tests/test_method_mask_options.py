@@ -178,3 +178,17 @@ def test_options_round_trip_through_the_record():
     nm_hf.sparsify(model, config)
     assert "transposable" in repr(model.model.layers[0].mlp.up_proj)
     assert nm_hf.injection.sparsity_config_of(model) == config
+
+
+def test_decoupled_decay_does_not_refresh_a_periodic_mask():
+    """Regression: SR-STE's decoupled decay re-stamps the mask after shrinking pruned weights; with
+    mask_update_interval > 1 that re-stamp must keep the periodic key (it refreshed the mask every step)."""
+    model = tiny_model("llama")
+    nm_hf.sparsify(model, SparsityConfig(method="sr-ste", decay=0.5, decay_mode="decoupled", mask_update_interval=3))
+    initial = {name: layer.current_mask().clone() for name, layer in nm_hf.iter_sparse_layers(model)}
+    masks: list[tuple[dict, dict]] = []
+    train(model, 6, masks=masks)
+    after = [initial, *(used for used, _ in masks)]  # after[s]: the mask in use after step s
+    for step in (1, 2, 4, 5):
+        assert all(torch.equal(after[step][n], after[step - 1][n]) for n in initial), step
+    assert any(not torch.equal(after[3][n], after[2][n]) for n in initial)  # refreshed at step 3

@@ -227,7 +227,7 @@ class SparseLayerMixin:
     def restamp_mask(self) -> None:
         """Declare the cached mask still valid after an in-place change that cannot alter it."""
         if self._nm_mask_cache is not None and self._nm_mask_key is not None:
-            self._nm_mask_key = self._weight_key()
+            self._nm_mask_key = self._mask_key()
 
     @torch.no_grad()
     def effective_weight(self) -> torch.Tensor:
