@@ -1,7 +1,7 @@
 """`decaying-mask`: pruned weights fade out of the forward pass over a schedule, then exact N:M.
 
 "Pruning mask decay" (Kao et al., 2022, "Training Recipe for N:M Structured Sparsity with Decaying
-Pruned Mask") and MDGF, mask-decay gradient flow (Bambhaniya et al., 2024, "Progressive Gradient
+Pruning Mask") and MDGF, mask-decay gradient flow (Bambhaniya et al., 2024, "Progressive Gradient
 Flow for Robust N:M Sparsity Training in Transformers"). The training forward pass uses
 `W * (M + alpha * (1 - M))`: kept weights as they are, pruned weights scaled by `alpha`, which goes
 from 1 (dense) to 0 (exact N:M) between `decay_start` and `decay_start + decay_steps` optimizer steps.
