@@ -283,6 +283,12 @@ def _best_patterns(blocks: torch.Tensor, out: torch.Tensor, n: int, m: int, scor
 
     A few block rows at a time, so the magnitudes and the scores stay in cache.
     """
+    with torch.autocast(blocks.device.type, enabled=False):  # scores must stay in score_dtype (bit tricks)
+        _best_patterns_exact(blocks, out, n, m, score_dtype, transposed)
+
+
+def _best_patterns_exact(blocks: torch.Tensor, out: torch.Tensor, n: int, m: int, score_dtype: torch.dtype,
+                         transposed: bool) -> None:
     table, words, codes, keep_bits = _pattern_tables(n, m, score_dtype, blocks.device, transposed)
     int_dtype = codes.dtype
     per_row = max(1, blocks.shape[3])
@@ -352,6 +358,8 @@ def nm_mask_transposable(weight: torch.Tensor, n: int, m: int, dim: int = -1) ->
                              f"{tuple(weight.shape)}) is not divisible by m={m}: transposable blocks are {m}x{m}")
     if n == m:
         return torch.ones(weight.shape, dtype=torch.bool, device=weight.device)
+    if weight.is_meta:
+        return torch.empty(weight.shape, dtype=torch.bool, device=weight.device)
 
     # Blocks are read in the stored layout (fast, rows of the storage); when the groups run along dim -2
     # the weight is the transpose of the [rows, cols] matrix the patterns are written for, so the tables

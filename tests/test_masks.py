@@ -350,6 +350,17 @@ def test_transposable_nan_and_inf_are_kept():
     assert nm_mask_transposable(big, 1, 4)[0, 1]
 
 
+def test_transposable_under_autocast_and_on_meta():
+    """Regression: under bf16 autocast the block scores came out in bf16 and their bits were misread."""
+    torch.manual_seed(2)
+    w = torch.randn(32, 96)
+    expected = nm_mask_transposable(w, 2, 4, dim=0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(nm_mask_transposable(w, 2, 4, dim=0), expected)
+    meta = nm_mask_transposable(torch.empty(8, 16, device="meta"), 2, 4)
+    assert meta.device.type == "meta" and meta.shape == (8, 16) and meta.dtype == torch.bool
+
+
 def test_transposable_n_equals_m_and_empty():
     assert nm_mask_transposable(torch.randn(8, 8), 4, 4).all()
     assert nm_mask_transposable(torch.randn(8, 16), 8, 8, dim=0).all()  # n == m: any m
