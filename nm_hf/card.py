@@ -5,7 +5,8 @@ the nm_sparsity record, the weights, results.json, sparsity_history.json, sparsi
 trainer_state.json) and writes README.md there: the sparsity facts, results, training
 hyperparameters, the per-layer table, a usage snippet that runs with the installed transformers
 (tokenizer + `generate` for generative models) and the framework versions. The card never holds a
-secret: tokens in the training command are redacted here too.
+secret: tokens in the training command are redacted here too (`nm_hf.redact`, the rules and
+`REDACTED` marker the recipes use; `redact_secrets` is re-exported here).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from .checkpoint.directory import CONFIG_NAME, CheckpointError, read_config, rea
 from .checkpoint.inspect import inspect_checkpoint
 from .methods import UnknownMethodError, get_method
 from .record import is_compressed, read_record, require_record
+from .redact import redact_secrets
 from .report import SparsityReport, sparsity_report
 
 __all__ = ["write_model_card", "card_metrics", "redact_secrets", "is_dataset_id", "pipeline_tag_for",
@@ -63,23 +65,12 @@ _HYPERPARAMETERS = ("learning_rate", "per_device_train_batch_size", "per_device_
 #: trainer_state.json fields shown when no TrainingArguments are given
 _STATE_FIELDS = ("train_batch_size", "max_steps", "num_train_epochs", "global_step")
 
-_REDACTED = "<redacted>"
-_SECRET_FLAG = re.compile(r"(--[\w-]*token)(=|\s+)(?!<redacted>)\S+", re.IGNORECASE)
-_SECRET_ASSIGNMENT = re.compile(r"\b(\w*token)(\s*=\s*)(['\"]?)(?!<redacted>)[^\s'\",)]+\3", re.IGNORECASE)
-_HF_TOKEN = re.compile(r"\bhf_[A-Za-z0-9]{16,}\b")
 _DATASET_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 _DATA_SUFFIXES = (".txt", ".json", ".jsonl", ".csv", ".tsv", ".parquet", ".arrow", ".gz", ".zip", ".xz", ".bz2")
 
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def redact_secrets(text: str) -> str:
-    """`text` with `--hub_token X`, `--token=X`, `token=...`, `HF_TOKEN=...` and `hf_...` tokens redacted."""
-    text = _SECRET_FLAG.sub(lambda m: f"{m[1]}{m[2]}{_REDACTED}", text)
-    text = _SECRET_ASSIGNMENT.sub(lambda m: f"{m[1]}{m[2]}{_REDACTED}", text)
-    return _HF_TOKEN.sub(_REDACTED, text)
 
 
 def is_dataset_id(name: str | None) -> bool:

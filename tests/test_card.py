@@ -125,11 +125,30 @@ def test_dataset_ids_are_real_ids(tmp_path):
     "HF_TOKEN=hf_abcdefghijklmnopqrstuv python train.py --lr 1",
     "python -c 'push(token=\"hf_abcdefghijklmnopqrstuv\")' --lr 1",
     "python train.py --password-free hf_abcdefghijklmnopqrstuv --lr 1",
+    "python train.py --api-key=abcdefghijklmnopqrstuv --lr 1",
+    "python train.py --client_secret abcdefghijklmnopqrstuv --lr 1",
+    "HF_TOKEN=abcdefghijklmnopqrstuv python train.py --lr 1",
+    "python -c 'push(token=\"abcdefghijklmnopqrstuv\")' --lr 1",
 ])
 def test_card_never_holds_a_token(tmp_path, command):
     sparse_model("llama").save_pretrained(tmp_path)
     text = str(write_model_card(tmp_path, command=command))
-    assert "abcdefghijklmnopqrstuv" not in text and "<redacted>" in text and "--lr 1" in text
-    assert redact_secrets("--max_new_tokens 5 --tokenizer_name t5 max_tokens=3") == \
-        "--max_new_tokens 5 --tokenizer_name t5 max_tokens=3"
+    assert "abcdefghijklmnopqrstuv" not in text and "REDACTED" in text and "--lr 1" in text
+    kept = "--max_new_tokens 5 --tokenizer_name t5 max_tokens=3 --num_key_value_heads 2 --push_to_hub --lr 1"
+    assert redact_secrets(kept) == kept
+
+
+@pytest.mark.parametrize("argv", [
+    ["train.py", "--hub_token", "abc", "--lr", "1"],
+    ["train.py", "--api-key=abc", "--wandb_api_key", "k1", "--credentials_file", "c.json"],
+    ["train.py", "--password", "--max_steps", "-1", "--run_name", "hf_abcdefghijklmnopqrstuvwxyz"],
+    ["HF_TOKEN=abc", "train.py", "--env", "MY_SECRET=x", "--num_key_value_heads", "2"],
+    ["train.py", "--include_tokens_per_second", "true", "--tokenizer_name", "t5", "--auth", "a"],
+])
+def test_card_redacts_with_the_recipes_rules_and_marker(argv):
+    """The card's redaction of a command string hides what the recipes' `redact_command` hides, as `REDACTED`."""
+    from nm_hf.recipe import REDACTED, redact_command
+
+    assert redact_secrets(" ".join(argv)) == " ".join(redact_command(argv))
+    assert REDACTED == "REDACTED"
 

@@ -1,7 +1,7 @@
 """The package's import structure: imports run downward only, no cycles, no private names across modules.
 
 Levels (a module may import from its own level or below; `nm_hf/__init__.py` re-exports and is exempt):
-core (masks, files, methods) -> config -> record -> layers -> injection -> report / tracker / plot ->
+core (masks, files, methods, redact) -> config -> record -> layers -> injection -> report / tracker / plot ->
 trainer / arguments -> checkpoint, hub, card, CUDA path, CLI -> recipe support. Data loaders and
 tokenizers stand apart (only recipe support uses them). Imports inside functions count too; imports
 under `if TYPE_CHECKING:` do not.
@@ -17,7 +17,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parent.parent / "nm_hf"
 
 LEVELS = [
-    {"nm_hf._files", "nm_hf.masks", "nm_hf.methods", "nm_hf.data", "nm_hf.tokenization"},
+    {"nm_hf._files", "nm_hf.masks", "nm_hf.methods", "nm_hf.data", "nm_hf.tokenization", "nm_hf.redact"},
     {"nm_hf.config"},
     {"nm_hf.record"},
     {"nm_hf.layers"},

@@ -4,8 +4,8 @@
   the training flags and of the launch); bad input prints `prog: error: ...` and exits with status 2
   (argparse's convention) before anything is loaded or written;
 - `user_errors`: the same one-line exit for errors of the user's data and settings found later;
-- `launch_command` / `redact_command`: the command line as recorded in results.json, the model card
-  and the printed table, with every secret-bearing flag's value replaced by `REDACTED`;
+- `launch_command`: the command line as recorded in results.json, the model card and the printed
+  table, its secrets replaced by `REDACTED` (`redact_command`, from `nm_hf.redact`, re-exported here);
 - `process_elapsed_seconds`: time since the process started (imports included), for `run/total_time_s`.
 """
 
@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import re
 import shlex
 import sys
 import time
@@ -23,6 +22,8 @@ from contextlib import contextmanager
 from typing import Any, NoReturn
 
 import torch
+
+from nm_hf.redact import REDACTED, is_secret_flag, redact_command
 
 from .config_files import ArgumentsError, parse_recipe_args_full
 
@@ -187,7 +188,7 @@ class HubTarget:
     private: bool
 
     def __repr__(self) -> str:  # never print the token
-        return f"HubTarget(repo_id={self.repo_id!r}, token={'REDACTED' if self.token else None}, " \
+        return f"HubTarget(repo_id={self.repo_id!r}, token={REDACTED if self.token else None}, " \
                f"private={self.private})"
 
 
@@ -274,41 +275,6 @@ def setup_logging(training_args: Any) -> None:
 
 # ---------------------------------------------------------------------------------------------------------
 # the command line and its secrets
-
-REDACTED = "REDACTED"
-_SECRET_WORDS = ("token", "password", "passwd", "secret", "key", "auth", "credential")
-# "tokens"/"tokenizer" name token counts and tokenizers (--include_tokens_per_second, --tokenizer_name)
-_NOT_SECRET = re.compile(r"token(?:s|izer)")
-_HUB_TOKEN_VALUE = re.compile(r"hf_[A-Za-z0-9]{16,}")
-
-
-def is_secret_flag(option: str) -> bool:
-    """Whether a flag (`--hub_token`, `--api-key`) carries a secret: its name mentions a token, password,
-    secret, key or auth(entication)."""
-    name = _NOT_SECRET.sub("", option.lstrip("-").lower())
-    return any(word in name for word in _SECRET_WORDS)
-
-
-def redact_command(argv: Sequence[str]) -> list[str]:
-    """`argv` with the values of secret-bearing flags (`--flag value` and `--flag=value`) replaced by
-    `REDACTED`, and anything shaped like a Hugging Face token (`hf_...`) too."""
-    out: list[str] = []
-    hide_next = False
-    for arg in map(str, argv):
-        if hide_next and not arg.startswith("--"):
-            out.append(REDACTED)
-            hide_next = False
-            continue
-        hide_next = False
-        if arg.startswith("-") and len(arg) > 1 and not arg[1:2].isdigit():
-            option, sep, _ = arg.partition("=")
-            if is_secret_flag(option):
-                if sep:
-                    out.append(f"{option}={REDACTED}")
-                    continue
-                hide_next = True
-        out.append(_HUB_TOKEN_VALUE.sub(REDACTED, arg))
-    return out
 
 
 def launch_command(argv: Sequence[str] | None = None) -> str:

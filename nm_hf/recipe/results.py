@@ -241,7 +241,8 @@ def finish_run(
     """On the main process: results.json, model card, results table (and samples), then the optional Hub push.
 
     Must be called by every process (it only waits for the others at the end). The command recorded
-    in the card and pushed is `launch_command()`: secrets redacted.
+    in the card and pushed is `launch_command()`: secrets redacted. The card's training hyperparameters
+    are the run's own `training_args` (the pushed card too).
     """
     output_dir = Path(training_args.output_dir)
     if training_args.should_save:
@@ -252,7 +253,7 @@ def finish_run(
         from nm_hf.card import write_model_card
 
         write_model_card(output_dir, model=model, results=safe, dataset_name=dataset_name, task=task,
-                         command=command, base_model=base_model, repo_id=repo_id)
+                         command=command, base_model=base_model, repo_id=repo_id, training_args=training_args)
         print("\n" + format_results_table(results, title=title), flush=True)
         if results.get("samples"):
             print("\n" + format_samples(results["samples"], title="samples from the test set"), flush=True)
@@ -262,7 +263,8 @@ def finish_run(
 
             info = push_to_hub(output_dir, hub.repo_id, token=hub.token, private=hub.private,
                                commit_message=f"nm_hf {task} recipe", results=safe,
-                               dataset_name=dataset_name, task=task, command=command, base_model=base_model)
+                               dataset_name=dataset_name, task=task, command=command, base_model=base_model,
+                               training_args=training_args)
             logger.info(f"pushed {output_dir} to {getattr(info, 'commit_url', hub.repo_id)}")
     if training_args.world_size > 1:
         _barrier()

@@ -30,7 +30,8 @@ def test_secret_flags(flag):
 
 
 @pytest.mark.parametrize("flag", ["--hub_model_id", "--include_tokens_per_second", "--include_num_input_tokens_seen",
-                                  "--tokenizer_name", "--max_steps", "--output_dir", "--push_to_hub"])
+                                  "--tokenizer_name", "--max_steps", "--output_dir", "--push_to_hub",
+                                  "--num_key_value_heads", "--hub_model_author"])
 def test_not_secret_flags(flag):
     assert not is_secret_flag(flag)
 

@@ -1,4 +1,4 @@
-"""nm_hf.recipe.results: atomic result files with the umask's mode, NaN-safe JSON, samples, the table."""
+"""nm_hf.recipe.results: atomic result files with the umask's mode, NaN-safe JSON, samples, the table, the card."""
 
 from __future__ import annotations
 
@@ -6,11 +6,18 @@ import json
 import os
 import stat
 
+import huggingface_hub.constants
 import numpy as np
 import pytest
 import torch
+from hub_server import HubServer
+from transformers import TrainingArguments
 
+from nm_hf.config import SparsityConfig
+from nm_hf.injection import finalize, sparsify
 from nm_hf.recipe import (
+    HubTarget,
+    finish_run,
     format_results_table,
     format_samples,
     json_safe,
@@ -18,6 +25,7 @@ from nm_hf.recipe import (
     write_predictions,
     write_results_json,
 )
+from tiny_models import tiny_model
 
 
 @pytest.fixture
@@ -70,3 +78,23 @@ def test_results_table_flattens_nested_results_and_leaves_records_out():
     assert any(line.split() == ["train/steps", "1,200"] for line in lines)
     assert any(line.split() == ["l", "a,", "b"] for line in lines)
     assert not any(line.startswith("samples") for line in lines)
+
+
+def test_finish_run_card_and_pushed_card_list_the_runs_learning_rate(tmp_path, monkeypatch):
+    """The card's "Training hyperparameters" come from the run's TrainingArguments, locally and on the Hub."""
+    token = "hf_FinishRunSecret0123456789"
+    out = tmp_path / "out"
+    model = finalize(sparsify(tiny_model("llama"), SparsityConfig()))
+    model.save_pretrained(out)
+    args = TrainingArguments(output_dir=str(out), learning_rate=1.25e-3, seed=11, max_steps=7, use_cpu=True,
+                             report_to=[])
+    with HubServer(token=token) as hub:
+        monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", hub.url)
+        finish_run(args, {"test_loss": 1.5}, model=model, task="text-generation", dataset_name=None,
+                   base_model=None, hub=HubTarget("tester/finish-run", token, False))
+        pushed = hub.repos["tester/finish-run"].files["README.md"].decode()
+    for card in ((out / "README.md").read_text(encoding="utf-8"), pushed):
+        assert "## Training hyperparameters" in card
+        for row in ("| learning_rate | 0.00125 |", "| seed | 11 |", "| max_steps | 7 |"):
+            assert row in card, row
+        assert token not in card
