@@ -36,7 +36,7 @@ def parse_module_selector(value: str | None, flag: str) -> str | list[str] | Non
     text = value.strip()
     if not text:
         raise ValueError(f"{flag} is empty; use 'all-linear', a comma-separated list of module names or a regex")
-    if text == "all-linear":
+    if text in ("all-linear", "all"):
         return text
     if _REGEX_CHARS.intersection(text):
         try:
@@ -85,8 +85,8 @@ class SparsityArguments:
     target_modules: str = field(
         default="all-linear",
         metadata={
-            "help": "Layers to sparsify: 'all-linear' (every nn.Linear/Conv1D except heads and tied output "
-            "embeddings), a comma-separated list of module names (exact or dotted suffix: 'q_proj,v_proj') "
+            "help": "Layers to sparsify: 'all-linear' (every nn.Linear/Conv1D and expert weight except heads and "
+            "tied output embeddings), 'all' (those plus dense convolutions), a comma-separated list of module names (exact or dotted suffix: 'q_proj,v_proj') "
             "or a regex matched against full module names ('.*decoder.*fc[12]')."
         },
     )

@@ -16,7 +16,7 @@ __all__ = ["SparsityConfig", "DECAY_MODES", "TARGET_PRESETS"]
 
 DECAY_MODES = ("gradient", "decoupled")
 #: `target_modules` strings that are presets rather than regexes
-TARGET_PRESETS = ("all-linear",)
+TARGET_PRESETS = ("all-linear", "all")
 
 
 @dataclass(frozen=True)
@@ -36,8 +36,10 @@ class SparsityConfig:
             (the docs' small-GPT-2 results use 1). Only methods that use a decay read it.
         decay_mode: "gradient" (the paper's: `decay * (1 - mask) * W` added to the gradient in
             backward) or "decoupled" (`W -= lr * decay * (1 - mask) * W` after each optimizer step).
-        target_modules: "all-linear", a list of module names (exact or dotted-suffix match) or a
-            regex string (full match on the module name).
+        target_modules: "all-linear" (every linear map: nn.Linear, GPT-2 Conv1D, mixture-of-experts
+            expert weights; not heads or tied output embeddings), "all" (those plus dense convolutions;
+            layers whose input size is not divisible by m are left dense and listed), a list of module
+            names (exact or dotted-suffix match) or a regex string (full match on the module name).
         exclude_modules: same forms as `target_modules`; removed from the targets.
         method_args: the method's own hyperparameters (checked by the method; defaults filled in).
         transposable: choose masks that are N:M along both the rows and the columns of every m x m

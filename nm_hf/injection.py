@@ -10,6 +10,7 @@ business (`nm_hf.layers.kinds`); what the method does is the method registry's (
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Iterator
 from typing import Any
@@ -18,7 +19,15 @@ import torch
 from torch import nn
 
 from .config import SparsityConfig
-from .layers import SparseLayerMixin, family_kind, layer_kind_for, layer_kind_of_sparse
+from .layers import (
+    SparseLayerMixin,
+    Target,
+    family_kind,
+    iter_targets,
+    layer_kind_for,
+    layer_kind_of_sparse,
+    sparse_layers_of,
+)
 from .record import (
     STATE_FINALIZED,
     STATE_TRAINING,
@@ -33,7 +42,10 @@ from .record import (
 __all__ = ["sparsify", "finalize", "iter_sparse_layers", "find_target_modules", "is_sparsified",
            "after_optimizer_step", "apply_decoupled_decay", "SparsifyError", "sparsity_config_of",
            "baked_weights", "unwrap_model", "model_group_dims", "ignored_layers", "current_record",
-           "set_training_step", "training_step", "sparse_training_state", "load_sparse_training_state"]
+           "set_training_step", "training_step", "sparse_training_state", "load_sparse_training_state",
+           "ignored_reasons", "parameter_targets"]
+
+logger = logging.getLogger(__name__)
 
 #: name components of task heads that "all-linear" leaves dense (their outputs are logits/labels)
 HEAD_NAMES = frozenset({"lm_head", "classifier", "classification_head", "score", "qa_outputs",
@@ -58,10 +70,13 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 
 
 def iter_sparse_layers(model: nn.Module) -> Iterator[tuple[str, SparseLayerMixin]]:
-    """(name, layer) for every sparse layer in `model` (wrappers unwrapped), in module order."""
+    """(name, layer) for every sparse layer in `model` (wrappers unwrapped), in module order.
+
+    The name is the targeted name: the module's, or `<module>.<parameter>` for parameter kinds
+    (mixture-of-experts expert weights, whose layer object is owned by the experts module).
+    """
     for name, module in unwrap_model(model).named_modules():
-        if isinstance(module, SparseLayerMixin):
-            yield name, module
+        yield from sparse_layers_of(name, module)
 
 
 def is_sparsified(model: nn.Module) -> bool:
@@ -71,6 +86,18 @@ def is_sparsified(model: nn.Module) -> bool:
 def _is_layer(module: nn.Module) -> bool:
     """A layer of a registered kind (subclasses included): what selectors and records talk about."""
     return family_kind(module) is not None
+
+
+def _targets_by_name(model: nn.Module) -> dict[str, Target]:
+    """Every weight of a registered kind, by targeted name (module name, or `<module>.<parameter>`)."""
+    return {target.name: target for target in iter_targets(model)}
+
+
+def _entry_hits(units: dict[str, Target], name: str) -> list[str]:
+    """Targeted names a selected module name stands for: itself, or the Parameters it owns (experts)."""
+    if name in units:
+        return [name]
+    return [u for u, target in units.items() if target.parameter is not None and target.module_name == name]
 
 
 def _name_matches(name: str, entry: str) -> bool:
@@ -98,24 +125,26 @@ def _select(model: nn.Module, selector: str | tuple[str, ...], field: str) -> tu
     """Names of layers matched by `selector`, plus problems (unknown names, non-layer hits)."""
     problems: list[str] = []
     named = dict(model.named_modules())
+    units = _targets_by_name(model)
     if isinstance(selector, str):
         pattern = re.compile(selector)
-        hits = [n for n, mod in named.items() if n and _is_layer(mod) and pattern.fullmatch(n)]
+        hits = [n for n, target in units.items()
+                if pattern.fullmatch(n) or (target.parameter is not None and pattern.fullmatch(target.module_name))]
         if not hits:
             problems.append(f"{field}={selector!r} (regex, full match) matched no linear layer")
         return hits, problems
     hits: list[str] = []
     for entry in selector:
-        matched = [n for n in named if n and _name_matches(n, entry)]
+        matched = [n for n in [*named, *(u for u in units if u not in named)] if n and _name_matches(n, entry)]
         if not matched:
             problems.append(f"{field} entry {entry!r} matched no module (names look like {_example_names(model)})")
             continue
         for n in matched:
-            if not _is_layer(named[n]):
+            found = _entry_hits(units, n)
+            if not found and n in named:
                 problems.append(f"{field} entry {entry!r} matched {n!r}, a {type(named[n]).__name__}, "
                                 "not a linear layer")
-            elif n not in hits:
-                hits.append(n)
+            hits += [h for h in found if h not in hits]
     return hits, problems
 
 
@@ -133,18 +162,49 @@ def find_target_modules(model: nn.Module, config: SparsityConfig) -> list[str]:
     return targets
 
 
+def _is_sparse_target(target: Target) -> bool:
+    parts = target.module.__dict__.get("nm_parts") or {}
+    return isinstance(target.module, SparseLayerMixin) or target.parameter in parts
+
+
+def _preset_targets(model: nn.Module, config: SparsityConfig, units: dict[str, Target]) -> list[str]:
+    """Targets of "all-linear" (linear kinds) / "all" (every kind, input sizes divisible by m only)."""
+    heads = _head_module_ids(model)
+    tied = _embedding_weights(model)
+    every = config.target_modules == "all"
+    return [
+        n for n, target in units.items()
+        if target.kind.matches(target.module) and not _is_sparse_target(target)
+        and (every or target.kind.linear)
+        and not (every and target.input_features % config.m)
+        and id(target.module) not in heads
+        and id(target.weight) not in tied
+        and not HEAD_NAMES.intersection(target.module_name.split("."))
+    ]
+
+
+def ignored_reasons(model: nn.Module, config: SparsityConfig, targets: list[str]) -> dict[str, str]:
+    """Under `target_modules="all"`: why layers that are not targeted were left dense, for those with a
+    reason beyond being a head or excluded (a grouped convolution, an input size not divisible by m)."""
+    if config.target_modules != "all":
+        return {}
+    chosen = set(targets)
+    reasons = {}
+    for name, target in _targets_by_name(unwrap_model(model)).items():
+        if name in chosen:
+            continue
+        refusal = target.refusal
+        if refusal is not None:
+            reasons[name] = refusal
+        elif target.input_features % config.m:
+            reasons[name] = f"{target.input_features} input features are not divisible by m={config.m}"
+    return reasons
+
+
 def _resolve_targets(model: nn.Module, config: SparsityConfig) -> tuple[list[str], list[str]]:
-    named = dict(model.named_modules())
-    if config.target_modules == "all-linear":
-        heads = _head_module_ids(model)
-        tied = _embedding_weights(model)
-        targets = [
-            n for n, mod in named.items()
-            if n and layer_kind_for(mod) is not None and not isinstance(mod, SparseLayerMixin)
-            and id(mod) not in heads
-            and id(mod.weight) not in tied
-            and not HEAD_NAMES.intersection(n.split("."))
-        ]
+    units = _targets_by_name(model)
+    if config.target_modules in ("all-linear", "all"):
+        targets = _preset_targets(model, config, units)
         problems: list[str] = []
     else:
         targets, problems = _select(model, config.target_modules, "target_modules")
@@ -152,24 +212,28 @@ def _resolve_targets(model: nn.Module, config: SparsityConfig) -> tuple[list[str
         excluded, exclude_problems = _select(model, config.exclude_modules, "exclude_modules")
         problems += exclude_problems
         targets = [n for n in targets if n not in set(excluded)]
-    order = {n: i for i, n in enumerate(named)}
+    order = {n: i for i, n in enumerate(units)}
     targets = sorted(targets, key=order.__getitem__)
     if not targets and not problems:
         problems.append("no layer left to sparsify (target_modules/exclude_modules selected nothing)")
 
     embedding_weights = _embedding_weights(model)
     for name in targets:
-        mod = named[name]
+        target = units[name]
+        mod = target.module
         hint = f"add {name.rsplit('.', 1)[-1]!r} or {name!r} to exclude_modules"
-        if isinstance(mod, SparseLayerMixin):
+        if _is_sparse_target(target):
             problems.append(f"{name!r} is already sparse (the model was sparsified before)")
             continue
-        kind = layer_kind_for(mod)
-        if kind is None:
-            problems.append(f"{name!r} is a {type(mod).__name__}, a subclass with its own behaviour, "
-                            f"not a plain nn.Linear/Conv1D; {hint}")
+        if target.refusal is not None:
+            problems.append(f"{name!r} is {target.refusal}; {hint}")
             continue
-        weight = mod.weight
+        kind = layer_kind_for(mod) if target.parameter is None else target.kind
+        if kind is None or not kind.matches(mod):
+            problems.append(f"{name!r} is a {type(mod).__name__}, a subclass with its own behaviour, "
+                            f"not a plain {target.kind.dense_class.__name__}; {hint}")
+            continue
+        weight = target.weight
         if weight.is_meta or weight.device.type == "meta":
             problems.append(f"{name!r} has its weight on the meta device; load real weights first "
                             "(sparsify after from_pretrained, without init_empty_weights)")
@@ -178,7 +242,7 @@ def _resolve_targets(model: nn.Module, config: SparsityConfig) -> tuple[list[str
             problems.append(f"{name!r} has {weight.dtype} weights (quantized?); N:M needs floating-point "
                             f"weights; {hint}")
             continue
-        in_features = kind.input_features(mod)
+        in_features = target.input_features
         if in_features % config.m:
             problems.append(f"{name!r} has {in_features} input features, not divisible by m={config.m}; {hint}")
         if id(weight) in embedding_weights:
@@ -196,21 +260,28 @@ def _format_problems(model: nn.Module, problems: list[str]) -> str:
 
 def model_group_dims(model: nn.Module, names: list[str]) -> dict[str, int]:
     """Input dimension of each named layer's weight, from the layer-kind registry."""
-    modules = dict(unwrap_model(model).named_modules())
+    model = unwrap_model(model)
+    units = _targets_by_name(model)
+    modules = dict(model.named_modules())
     dims = {}
     for name in names:
-        kind = family_kind(modules[name]) if name in modules else None
-        if kind is None:
+        if name not in units:
             what = type(modules[name]).__name__ if name in modules else "missing"
             raise ValueError(f"layer {name!r} is {what} in {type(model).__name__}, not a layer kind nm_hf knows")
-        dims[name] = kind.group_dim
+        dims[name] = units[name].group_dim
     return dims
+
+
+def parameter_targets(model: nn.Module, names: list[str]) -> list[str]:
+    """Which of `names` are Parameters (parameter kinds: expert weights) rather than modules."""
+    units = _targets_by_name(unwrap_model(model))
+    return [name for name in names if name in units and units[name].parameter is not None]
 
 
 def ignored_layers(model: nn.Module, targets: list[str]) -> list[str]:
     """Layers of a registered kind that are not targeted (heads, exclusions): left dense."""
     target_set = set(targets)
-    return [n for n, mod in unwrap_model(model).named_modules() if n and _is_layer(mod) and n not in target_set]
+    return [n for n in _targets_by_name(unwrap_model(model)) if n not in target_set]
 
 
 def current_record(model: nn.Module, config: SparsityConfig, targets: list[str], state: str,
@@ -218,7 +289,8 @@ def current_record(model: nn.Module, config: SparsityConfig, targets: list[str],
     """The record describing `model` sparsified with `config` on `targets`, in `state`."""
     model = unwrap_model(model)
     return build_record(config, targets, model_group_dims(model, targets), ignored_layers(model, targets),
-                        state, **extra)
+                        state, parameters=parameter_targets(model, targets),
+                        ignored_reasons=ignored_reasons(model, config, targets), **extra)
 
 
 def _as_config(config: SparsityConfig | dict[str, Any] | None) -> SparsityConfig:
@@ -254,7 +326,7 @@ def sparsify(model: nn.Module, config: SparsityConfig | dict[str, Any] | None = 
     if problems:
         raise SparsifyError(_format_problems(inner, problems))
 
-    named = dict(inner.named_modules())
+    units = _targets_by_name(inner)
     previous_record = read_record(inner)
     snapshots: dict[str, torch.Tensor] = {}
     try:
@@ -265,33 +337,32 @@ def sparsify(model: nn.Module, config: SparsityConfig | dict[str, Any] | None = 
             except (AttributeError, TypeError) as err:
                 raise SparsifyError(f"cannot sparsify {type(inner).__name__}: model.config does not accept the "
                                     f"nm_sparsity record ({err}); the model was not modified") from err
+        layers: dict[str, SparseLayerMixin] = {}
         for name in targets:
-            module = named[name]
-            kind = layer_kind_for(module)
-            dense_class = type(module)
-            module.__class__ = kind.sparse_class
-            module._nm_dense_class = dense_class
-            module.nm_setup(config)
+            target = units[name]
+            layers[name] = target.kind.convert(target.module, target.parameter, config)
         # method hooks (e.g. "fixed" zeroes its pruned weights): keep copies so an interrupt can undo them
-        for name in targets:
-            layer = named[name]
+        for name, layer in layers.items():
             snapshots[name] = layer.weight.detach().clone()
             layer.method.prepare(layer)
     except BaseException:
-        _undo_conversion(inner, named, targets, previous_record, snapshots)
+        _undo_conversion(inner, units, targets, previous_record, snapshots)
         raise
+    for name, reason in ignored_reasons(inner, config, targets).items():
+        logger.warning("nm_hf.sparsify: %s left dense: %s", name, reason)
     return model
 
 
 @torch.no_grad()
-def _undo_conversion(model: nn.Module, named: dict, targets: list[str], previous_record: Any,
+def _undo_conversion(model: nn.Module, units: dict[str, Target], targets: list[str], previous_record: Any,
                      snapshots: dict[str, torch.Tensor]) -> None:
     for name in targets:
-        module = named[name]
+        target = units[name]
         if name in snapshots:
-            module.weight.copy_(snapshots[name])
-        if isinstance(module, SparseLayerMixin):
-            _restore_dense_class(module)
+            target.weight.copy_(snapshots[name])
+        layer = dict(sparse_layers_of(target.module_name, target.module)).get(name)
+        if layer is not None:
+            _restore_dense_class(layer)
     if getattr(model, "config", None) is not None:
         if previous_record is None:
             remove_record(model)
@@ -300,9 +371,7 @@ def _undo_conversion(model: nn.Module, named: dict, targets: list[str], previous
 
 
 def _restore_dense_class(layer: SparseLayerMixin) -> None:
-    dense_class = layer.__dict__.get("_nm_dense_class") or layer_kind_of_sparse(layer).dense_class
-    layer.nm_teardown()
-    layer.__class__ = dense_class
+    layer_kind_of_sparse(layer).restore(layer)
 
 
 def sparsity_config_of(model: nn.Module) -> SparsityConfig:
@@ -328,7 +397,7 @@ def baked_weights(model: nn.Module, weights: dict[str, torch.Tensor] | None = No
     """
     baked = {}
     for name, layer in iter_sparse_layers(model):
-        key = weight_key(name)
+        key = weight_key(name, layer.is_parameter_target)
         if weights is None:
             baked[key] = layer.effective_weight()
             continue
@@ -367,7 +436,7 @@ def finalize(model: nn.Module) -> nn.Module:
     record = current_record(inner, config, names, STATE_FINALIZED,
                             sparsity=measured_sparsity(list(baked.values())))
     for name, layer in layers:
-        layer.weight.copy_(baked[weight_key(name)])
+        layer.weight.copy_(baked[weight_key(name, layer.is_parameter_target)])
     for _, layer in layers:
         _restore_dense_class(layer)
     if getattr(inner, "config", None) is not None:

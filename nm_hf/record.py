@@ -7,6 +7,13 @@ model knows:
 - `targeted_modules`: names of the targeted layers (module names; a parameter name for kinds that
   are not a module swap), in model order;
 - `ignored_modules`: linear-like layers left dense (heads, exclusions, sizes not divisible by m);
+- `ignored_reasons` (only when some have one): `{name: why}` for ignored layers that could not be
+  sparse as they are (an input size not divisible by m under `target_modules="all"`, a grouped
+  convolution);
+- `parameter_targets` (only when there are some): the targeted names that are Parameters rather than
+  modules (mixture-of-experts expert weights such as `model.layers.0.mlp.experts.gate_up_proj`): their
+  state-dict key is the name itself, a module's is `<name>.weight` (`weight_key`). Records without it
+  target modules only;
 - `group_dims`: for each targeted name, the dimension of its stored weight that holds the input
   features (the N:M groups run along it). Older records have `conv1d_modules` instead (layers
   whose groups run along dim 0); the oldest have neither and are read by model type;
@@ -39,6 +46,8 @@ __all__ = [
     "config_from_record",
     "record_group_dims",
     "weight_key",
+    "record_parameters",
+    "record_weight_keys",
     "is_compressed",
     "with_compressed_marker",
     "without_compressed_marker",
@@ -51,8 +60,8 @@ STATE_FINALIZED = "finalized"
 #: key of the compressed-format marker inside the record
 COMPRESSED_KEY = "compressed"
 #: keys that describe a saved model rather than user settings (never part of a SparsityConfig)
-RECORD_ONLY_KEYS = ("targeted_modules", "ignored_modules", "group_dims", "conv1d_modules", "state", "sparsity",
-                    COMPRESSED_KEY)
+RECORD_ONLY_KEYS = ("targeted_modules", "ignored_modules", "ignored_reasons", "parameter_targets", "group_dims",
+                    "conv1d_modules", "state", "sparsity", COMPRESSED_KEY)
 #: keys every record must have
 _REQUIRED = ("n", "m", "targeted_modules")
 
@@ -118,19 +127,29 @@ def remove_record(model: Any) -> None:
 
 
 def build_record(config: SparsityConfig, targeted: Iterable[str], group_dims: Mapping[str, int],
-                 ignored: Iterable[str], state: str, **extra: Any) -> dict[str, Any]:
-    """A complete record from the user's settings and what the model says about its layers."""
+                 ignored: Iterable[str], state: str, *, parameters: Iterable[str] = (),
+                 ignored_reasons: Mapping[str, str] | None = None, **extra: Any) -> dict[str, Any]:
+    """A complete record from the user's settings and what the model says about its layers.
+
+    `parameters`: the targeted names that are Parameters (parameter kinds), see `weight_key`.
+    """
     if state not in (STATE_TRAINING, STATE_FINALIZED):
         raise ValueError(f"record state must be {STATE_TRAINING!r} or {STATE_FINALIZED!r}, got {state!r}")
     targeted = list(targeted)
-    return {
+    chosen = set(targeted)
+    parameters = [name for name in parameters if name in chosen]
+    record = {
         **config.to_dict(),
         "targeted_modules": targeted,
         "ignored_modules": list(ignored),
         "group_dims": {name: int(group_dims[name]) for name in targeted},
         "state": state,
-        **extra,
     }
+    if ignored_reasons:
+        record["ignored_reasons"] = dict(ignored_reasons)
+    if parameters:
+        record["parameter_targets"] = parameters
+    return {**record, **extra}
 
 
 def config_from_record(record: Mapping[str, Any]) -> SparsityConfig:
@@ -166,9 +185,22 @@ def record_group_dims(record: Mapping[str, Any], config: Mapping[str, Any] | Non
     return {name: 0 if name.rsplit(".", 1)[-1] in _CONV1D_LAYER_NAMES else 1 for name in targeted}
 
 
-def weight_key(name: str) -> str:
-    """State-dict key of a targeted name's weight (module kinds store it as `<module>.weight`)."""
-    return f"{name}.weight"
+def weight_key(name: str, parameter: bool = False) -> str:
+    """State-dict key of a targeted name's weight: `<module>.weight` for module kinds, the name itself
+    for a targeted Parameter (`parameter=True`; see `record_weight_keys` to read it off a record)."""
+    return name if parameter else f"{name}.weight"
+
+
+def record_parameters(record: Mapping[str, Any]) -> frozenset[str]:
+    """The record's targeted names that are Parameters (none in records written before parameter kinds)."""
+    names = record.get("parameter_targets")
+    return frozenset(names) if isinstance(names, list) else frozenset()
+
+
+def record_weight_keys(record: Mapping[str, Any]) -> dict[str, str]:
+    """`{targeted name: state-dict key of its weight}` for a record of any version."""
+    parameters = record_parameters(record)
+    return {name: weight_key(name, name in parameters) for name in record["targeted_modules"]}
 
 
 def is_compressed(record: Mapping[str, Any]) -> bool:

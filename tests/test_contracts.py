@@ -8,18 +8,51 @@ SAD counts match masks compared by hand, and the compressed format round-trips.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from test_layers_conv import images, tiny_resnet, tiny_wav2vec2
+from transformers import AutoModel, AutoModelForCausalLM, AutoModelForImageClassification
 
 import nm_hf
 from nm_hf.layers import available_layer_kinds, layer_kind_of_sparse
 from nm_hf.masks import check_nm
 from nm_hf.methods import available_methods, get_method
-from tiny_models import tiny_inputs, tiny_model
+from tiny_models import output_tensor, tiny_inputs, tiny_model
 
-#: a tiny model whose "all-linear" targets are all of the given kind
-MODEL_FOR_KIND = {"linear": "llama", "conv1d-gpt2": "gpt2"}
+
+@dataclass(frozen=True)
+class ContractModel:
+    """A tiny model whose targets (`target_modules`) are all of one layer kind."""
+
+    build: Callable[[], torch.nn.Module]
+    #: inputs for a forward pass of the built model
+    inputs: Callable[[torch.nn.Module], dict[str, Any]]
+    #: the class that reloads it with plain transformers
+    auto_class: Any
+    target_modules: Any = "all-linear"
+
+    def loss(self, model: torch.nn.Module) -> torch.Tensor:
+        return output_tensor(model(**self.inputs(model))).float().pow(2).mean()
+
+
+def _audio(model) -> dict[str, Any]:
+    return {"input_values": torch.randn(2, 400, generator=torch.Generator().manual_seed(0))}
+
+
+CAUSAL = {"auto_class": AutoModelForCausalLM, "inputs": tiny_inputs}
+
+#: a tiny model whose targets are all of the given kind
+MODEL_FOR_KIND = {
+    "linear": ContractModel(lambda: tiny_model("llama"), **CAUSAL),
+    "conv1d-gpt2": ContractModel(lambda: tiny_model("gpt2"), **CAUSAL),
+    "conv2d": ContractModel(tiny_resnet, lambda model: {"pixel_values": images()}, AutoModelForImageClassification,
+                            target_modules="all"),
+    "conv1d": ContractModel(tiny_wav2vec2, _audio, AutoModel, target_modules=["feature_extractor.conv_layers.1.conv"]),
+}
 
 PAIRS = [(method, kind.name) for method in available_methods() for kind in available_layer_kinds()]
 
@@ -29,11 +62,11 @@ def test_every_layer_kind_has_a_contract_model():
     assert not missing, f"add a tiny model for layer kind(s) {missing} to MODEL_FOR_KIND"
 
 
-def _train(model, steps: int = 3, tracker=None):
+def _train(case: ContractModel, model, steps: int = 3, tracker=None):
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.05)
-    inputs = tiny_inputs(model)
+    model.train()
     for _ in range(steps):
-        model(**inputs, labels=inputs["input_ids"]).loss.backward()
+        case.loss(model).backward()
         optimizer.step()
         optimizer.zero_grad()
         nm_hf.after_optimizer_step(model, 0.05)
@@ -43,8 +76,9 @@ def _train(model, steps: int = 3, tracker=None):
 
 @pytest.mark.parametrize(("method", "kind"), PAIRS)
 def test_method_and_kind_contract(method, kind, tmp_path):
-    model = tiny_model(MODEL_FOR_KIND[kind])
-    config = nm_hf.SparsityConfig(n=2, m=4, method=method, decay=0.5)
+    case = MODEL_FOR_KIND[kind]
+    model = case.build()
+    config = nm_hf.SparsityConfig(n=2, m=4, method=method, decay=0.5, target_modules=case.target_modules)
     nm_hf.sparsify(model, config)
     layers = list(nm_hf.iter_sparse_layers(model))
     assert layers and all(layer_kind_of_sparse(layer).name == kind for _, layer in layers)
@@ -52,7 +86,7 @@ def test_method_and_kind_contract(method, kind, tmp_path):
 
     tracker = nm_hf.SparsityTracker(model)
     before = {name: layer.current_mask().clone() for name, layer in layers}
-    _train(model, tracker=tracker)
+    _train(case, model, tracker=tracker)
     metrics = tracker.log_metrics(3)
     after = {name: layer.current_mask() for name, layer in layers}
     expected_sad = sum(int((before[name] != after[name]).sum()) for name in before)
@@ -62,16 +96,16 @@ def test_method_and_kind_contract(method, kind, tmp_path):
             assert check_nm(layer.effective_weight(), 2, 4, dim=layer.group_dim), name
 
     model.eval()
-    inputs = tiny_inputs(model)
+    inputs = case.inputs(model)
     with torch.no_grad():
-        logits = model(**inputs).logits
+        logits = output_tensor(model(**inputs))
     nm_hf.finalize(model)
     with torch.no_grad():
-        torch.testing.assert_close(model(**inputs).logits, logits, rtol=0, atol=0)
+        torch.testing.assert_close(output_tensor(model(**inputs)), logits, rtol=0, atol=0)
     model.save_pretrained(tmp_path / "plain")
-    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "plain").eval()
+    reloaded = case.auto_class.from_pretrained(tmp_path / "plain").eval()
     with torch.no_grad():
-        assert torch.equal(reloaded(**inputs).logits, logits)
+        assert torch.equal(output_tensor(reloaded(**inputs)), logits)
     record = reloaded.config.nm_sparsity
     assert record["state"] == "finalized" and record["method"] == method
     report = nm_hf.sparsity_report(reloaded)
@@ -79,7 +113,7 @@ def test_method_and_kind_contract(method, kind, tmp_path):
 
     if masked:  # the compressed format stores N:M weights only
         nm_hf.save_compressed(model, tmp_path / "compressed")
-        restored = nm_hf.load_compressed(tmp_path / "compressed").eval()
+        restored = nm_hf.load_compressed(tmp_path / "compressed", case.auto_class).eval()
         for (key, value), (key2, value2) in zip(model.state_dict().items(), restored.state_dict().items(),
                                                 strict=True):
             assert key == key2 and torch.equal(value, value2), key

@@ -80,6 +80,9 @@ class SparseLayerMixin:
 
     #: dimension of `weight` that holds the layer's input features (groups of m run along it)
     group_dim: int = 1
+    #: True for layers that stand for a Parameter of another module (expert weights): their targeted
+    #: name is the Parameter's, and its state-dict key is that name (`nm_hf.record.weight_key`)
+    is_parameter_target: bool = False
     nm_n: int
     nm_m: int
     #: name of the registered method (see `method` for the object)

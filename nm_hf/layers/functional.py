@@ -22,6 +22,10 @@ class _NMLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, mask, decay, freeze_pruned):  # noqa: D401
         out = F.linear(x, apply_mask(weight, mask), bias)
+        if out._is_view():  # F.linear with a bias on a 3-D input returns a view of its 2-D result; callers
+            # may write into the output in place (wav2vec2's SpecAugment), which autograd forbids on a view
+            # made inside a custom Function: the same storage, not tracked as a view
+            out = torch.ops.aten._unsafe_view(out, out.shape)
         ctx.save_for_backward(x, weight, mask)
         ctx.decay = decay
         ctx.freeze_pruned = freeze_pruned

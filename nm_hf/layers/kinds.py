@@ -10,16 +10,19 @@ whole module (a 3-D expert parameter inside an experts module) subclass `LayerKi
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .base import SparseLayerMixin
+from .conv import SparseConv1d, SparseConv2d
 from .linear import SparseConv1D, SparseLinear
 
-__all__ = ["LayerKind", "register_layer_kind", "layer_kind_for", "layer_kind_of_sparse", "available_layer_kinds",
+__all__ = ["LayerKind", "ConvKind", "Target", "iter_targets", "sparse_layers_of", "register_layer_kind", "layer_kind_for", "layer_kind_of_sparse", "available_layer_kinds",
            "group_dim_of", "as_out_in", "family_kind"]
 
 
@@ -36,23 +39,73 @@ class LayerKind:
     group_dim: int
     #: names of dense_class subclasses that only re-implement the same map (safe to convert)
     plain_subclasses: frozenset[str] = field(default_factory=frozenset)
+    #: selected by `target_modules="all-linear"` (False: only by "all" or by name, e.g. convolutions)
+    linear: bool = True
 
     def matches(self, module: nn.Module) -> bool:
         """True if `module` is this kind's dense module (a plain one, not a subclass with its own behaviour)."""
         cls = type(module)
-        return cls is self.dense_class or (isinstance(module, self.dense_class)
-                                           and cls.__name__ in self.plain_subclasses)
+        return (cls is self.dense_class or (isinstance(module, self.dense_class)
+                                            and cls.__name__ in self.plain_subclasses)) and self.refusal(module) is None
+
+    def refusal(self, module: nn.Module) -> str | None:
+        """Why a module of this kind's class cannot be made N:M (None: it can, as far as its form goes)."""
+        return None
 
     def is_family(self, module: nn.Module) -> bool:
         """True for any instance of the dense class (subclasses too): "a layer of this sort"."""
         return isinstance(module, self.dense_class)
 
-    def input_features(self, module: nn.Module) -> int:
-        return int(module.weight.shape[self.group_dim])
+    #: the targets are Parameters of a module (named `<module>.<parameter>`), not the module itself
+    parameter_targets: ClassVar[bool] = False
+
+    def target_parameters(self, module: nn.Module) -> list[str]:
+        """Names of the targetable Parameters of a family module (parameter kinds; module kinds: none)."""
+        return []
+
+    def weight_of(self, module: nn.Module, parameter: str | None = None) -> torch.Tensor:
+        """The targeted weight: the module's `weight`, or its Parameter `parameter` (parameter kinds)."""
+        return module.weight if parameter is None else module._parameters[parameter]
+
+    def group_dim_for(self, module: nn.Module, parameter: str | None = None) -> int:
+        """Dimension of the targeted weight that holds the input features."""
+        return self.group_dim
+
+    def input_features(self, module: nn.Module, parameter: str | None = None) -> int:
+        return int(self.weight_of(module, parameter).shape[self.group_dim_for(module, parameter)])
+
+    def convert(self, module: nn.Module, parameter: str | None, config: Any) -> SparseLayerMixin:
+        """Make the target sparse in place (same Parameters) and return its sparse layer (not yet prepared)."""
+        dense_class = type(module)
+        module.__class__ = self.sparse_class
+        module._nm_dense_class = dense_class
+        module.nm_setup(config)
+        return module
+
+    def restore(self, layer: SparseLayerMixin) -> None:
+        """Undo `convert`: the layer's module computes densely with its plain class again."""
+        dense_class = layer.__dict__.get("_nm_dense_class") or self.dense_class
+        layer.nm_teardown()
+        layer.__class__ = dense_class
 
     def as_out_in(self, weight: torch.Tensor) -> torch.Tensor:
         """The weight viewed as [out, in] (a view, no copy)."""
         return weight if self.group_dim == weight.ndim - 1 else weight.transpose(self.group_dim, -1)
+
+
+@dataclass(frozen=True)
+class ConvKind(LayerKind):
+    """`nn.Conv1d` / `nn.Conv2d`: only dense convolutions (groups == 1) convert; N:M along input channels."""
+
+    linear: bool = False
+
+    def refusal(self, module: nn.Module) -> str | None:
+        groups = getattr(module, "groups", 1)
+        if groups != 1:
+            what = "depthwise" if groups == getattr(module, "in_channels", None) else "grouped"
+            return (f"a {what} convolution (groups={groups}): only dense convolutions (groups=1) can be N:M "
+                    "along their input channels; grouped and depthwise convolutions stay dense")
+        return None
 
 
 _KINDS: dict[str, LayerKind] = {}
@@ -62,7 +115,8 @@ def register_layer_kind(kind: LayerKind, *, replace: bool = False) -> LayerKind:
     """Add a layer kind (an existing name needs `replace=True`)."""
     if kind.name in _KINDS and not replace:
         raise ValueError(f"a layer kind named {kind.name!r} is already registered (pass replace=True)")
-    if not issubclass(kind.sparse_class, SparseLayerMixin) or not issubclass(kind.sparse_class, kind.dense_class):
+    if not issubclass(kind.sparse_class, SparseLayerMixin) or not (
+            kind.parameter_targets or issubclass(kind.sparse_class, kind.dense_class)):
         raise TypeError(f"layer kind {kind.name!r}: sparse_class must subclass SparseLayerMixin and "
                         f"{kind.dense_class.__name__}")
     _KINDS[kind.name] = kind
@@ -98,6 +152,69 @@ def family_kind(module: nn.Module) -> LayerKind | None:
     return None
 
 
+@dataclass(frozen=True)
+class Target:
+    """One weight a config can target: a module's `weight`, or a Parameter of a parameter kind's module."""
+
+    #: targeted name (the record's): the module name, or `<module>.<parameter>`
+    name: str
+    kind: LayerKind
+    #: the module that owns the weight
+    module: nn.Module
+    module_name: str
+    #: the Parameter's name in `module` (parameter kinds), else None (the module's `weight`)
+    parameter: str | None = None
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.kind.weight_of(self.module, self.parameter)
+
+    @property
+    def group_dim(self) -> int:
+        return self.kind.group_dim_for(self.module, self.parameter)
+
+    @property
+    def input_features(self) -> int:
+        return self.kind.input_features(self.module, self.parameter)
+
+    @property
+    def refusal(self) -> str | None:
+        """Why it cannot convert as far as its form goes (a grouped conv, an unknown expert layout), or None."""
+        return self.kind.refusal(self.module)
+
+    @property
+    def convertible(self) -> bool:
+        """A plain layer of its kind (not a subclass with its own behaviour, no refusal)."""
+        return self.kind.matches(self.module) or isinstance(self.module, SparseLayerMixin) \
+            or bool(getattr(self.module, "nm_parts", None))
+
+
+def iter_targets(model: nn.Module) -> Iterator[Target]:
+    """Every weight of a registered kind in `model` (sparse ones and non-convertible family members too)."""
+    for name, module in model.named_modules():
+        if not name:
+            continue
+        kind = family_kind(module)
+        if kind is None:
+            continue
+        if kind.parameter_targets:
+            for parameter in kind.target_parameters(module):
+                yield Target(f"{name}.{parameter}", kind, module, name, parameter)
+        else:
+            yield Target(name, kind, module, name)
+
+
+def sparse_layers_of(name: str, module: nn.Module) -> Iterator[tuple[str, SparseLayerMixin]]:
+    """(targeted name, sparse layer) of one module: itself, or the sparse Parameters it owns (`nm_parts`)."""
+    if isinstance(module, SparseLayerMixin):
+        yield name, module
+        return
+    parts = module.__dict__.get("nm_parts")
+    if parts:
+        for parameter, layer in parts.items():
+            yield f"{name}.{parameter}" if name else parameter, layer
+
+
 def group_dim_of(module: nn.Module) -> int:
     """Input dimension of `module`'s weight; TypeError for modules of no registered kind."""
     kind = family_kind(module)
@@ -118,3 +235,5 @@ def as_out_in(module: nn.Module, weight: torch.Tensor | None = None) -> torch.Te
 register_layer_kind(LayerKind("linear", nn.Linear, SparseLinear, group_dim=1,
                               plain_subclasses=frozenset({"FalconLinear"})))
 register_layer_kind(LayerKind("conv1d-gpt2", Conv1D, SparseConv1D, group_dim=0))
+register_layer_kind(ConvKind("conv2d", nn.Conv2d, SparseConv2d, group_dim=1))
+register_layer_kind(ConvKind("conv1d", nn.Conv1d, SparseConv1d, group_dim=1))
