@@ -17,9 +17,13 @@ Everything a `Trainer` user relies on keeps working (report_to, gradient accumul
 - `save_model(dir)` (called by you, or by `push_to_hub`) writes weights with the masks baked in and a
   "finalized" sparsity record, loadable by plain transformers, without touching the live model. It is
   staged and moved into `dir` file by file, so a crash never leaves a truncated model where one was;
-- checkpoints keep the dense weights plus `sparsity_tracker.pt`, so resuming is exact. A resume is
-  refused when the checkpoint was trained with another sparsity config; `resume_from_checkpoint=True`
-  skips half-written checkpoints (a run killed while saving).
+- checkpoints keep the dense weights plus `sparsity_tracker.pt` and `sparse_training_state.pt` (the
+  layers' step counter, method state such as S-STE's scale or STEP's phase, masks in use with
+  `mask_update_interval > 1`), so resuming is exact. A resume is refused when the checkpoint was
+  trained with another sparsity config; `resume_from_checkpoint=True` skips half-written checkpoints
+  (a run killed while saving);
+- a method that needs its own optimizer (`method="step"`: `nm_hf.optim.StepAdamW`) gets it built from
+  the TrainingArguments (lr, Adam betas and epsilon, weight decay groups, max_steps).
 
 `SparseTrainerMixin` carries all of it, so any `Trainer` subclass gets it by listing the mixin first:
 `class MyTrainer(SparseTrainerMixin, SomeTrainer)`. The metric logic lives in
@@ -60,17 +64,22 @@ from .injection import (
     current_record,
     is_sparsified,
     iter_sparse_layers,
+    load_sparse_training_state,
     measured_sparsity,
+    set_training_step,
+    sparse_training_state,
     sparsify,
     sparsity_config_of,
     unwrap_model,
 )
+from .methods import get_method
 from .plot import PLOT_FILE
 from .record import CONFIG_KEY, STATE_FINALIZED, config_from_record, read_record, write_record
 from .tracker import HISTORY_FILE, TRACKER_STATE_FILE, SparsityTracker
 
 __all__ = ["SparseTrainer", "SparseSeq2SeqTrainer", "SparseTrainerMixin", "prepare_sparse_model",
-           "last_complete_checkpoint", "ResumeError", "HISTORY_FILE", "PLOT_FILE", "TRACKER_STATE_FILE"]
+           "last_complete_checkpoint", "ResumeError", "HISTORY_FILE", "PLOT_FILE", "TRACKER_STATE_FILE",
+           "SPARSE_STATE_FILE", "create_sparse_optimizer"]
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +91,8 @@ _WEIGHT_FILES = (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_NAME, WEIGH
 #: weight files of a previous save that a new save_model must not leave behind (a single file vs shards)
 _WEIGHT_FILE_PATTERN = re.compile(r"(model|pytorch_model)(-\d{5}-of-\d{5})?\.(safetensors|bin)(\.index\.json)?")
 _CHECKPOINT_PATTERN = re.compile(rf"{PREFIX_CHECKPOINT_DIR}-(\d+)")
+#: `nm_hf.sparse_training_state(model)` in each checkpoint (step counter, method state, periodic masks)
+SPARSE_STATE_FILE = "sparse_training_state.pt"
 
 
 class ResumeError(ValueError):
@@ -139,6 +150,47 @@ def prepare_sparse_model(model: nn.Module, config: SparsityConfig | dict[str, An
         logger.info("sparsifying %s with the %s record found in its config", type(model).__name__, CONFIG_KEY)
     sparsify(model, config)
     return config
+
+
+def create_sparse_optimizer(model: nn.Module, params: Any = None, *, lr: float = 1e-3,
+                            betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
+                            total_steps: int | None = None) -> torch.optim.Optimizer:
+    """The optimizer a sparsified `model` trains with: its method's own, else `torch.optim.AdamW`.
+
+    For `method="step"` that is `nm_hf.optim.StepAdamW`, wired to the model's sparse layers (AutoSwitch
+    watches their weights and tells them when the mask phase starts); it needs `total_steps`, the
+    optimizer steps of the whole run, which its switch is clipped to (10%-50% by default). `params`
+    (parameters or groups) defaults to `model.parameters()`. A plain loop calls
+    `nm_hf.after_optimizer_step(model, lr)` after each `optimizer.step()` as with any optimizer.
+    """
+    layers = [layer for _, layer in iter_sparse_layers(model)]
+    if not layers:
+        raise ValueError(f"{type(unwrap_model(model)).__name__} has no sparse layers (call nm_hf.sparsify first)")
+    params = model.parameters() if params is None else params
+    method = layers[0].method
+    optimizer_class = getattr(method, "optimizer_class", None)
+    if optimizer_class is None:
+        return torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+    if total_steps is None:
+        raise ValueError(f"create_sparse_optimizer: method {method.name!r} needs total_steps (the optimizer steps of "
+                         "the run, which its phase switch is clipped to)")
+    return optimizer_class(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, total_steps=total_steps,
+                           **method.optimizer_kwargs(layers))
+
+
+def _method_optimizer_class(config: SparsityConfig | None) -> type | None:
+    """The optimizer class the config's method asks for (None: any optimizer will do)."""
+    return None if config is None else getattr(get_method(config.method), "optimizer_class", None)
+
+
+def _intended_config(model: nn.Module | None, config: SparsityConfig | None) -> SparsityConfig | None:
+    """The config `prepare_sparse_model(model, config)` will use, without touching the model (None if unknown)."""
+    if config is not None or model is None:
+        return config
+    if is_sparsified(model):
+        return sparsity_config_of(model)
+    record = read_record(model) if getattr(model, "config", None) is not None else None
+    return config_from_record(record) if record is not None else None
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -240,9 +292,13 @@ class SparseTrainerMixin:
         self.sparsity_tracker = None
         self._nm_resume_dir: str | None = None
         self._nm_tracker_state: dict[str, Any] | None = None
+        self._nm_sparse_state: dict[str, Any] | None = None
         self._nm_decay_scale: float | None = None
         self._nm_bake = False
         model = kwargs.get("model", args[0] if args else None)
+        optimizer = (kwargs.get("optimizers") or (None, None))[0]
+        optimizer_cls = (kwargs.get("optimizer_cls_and_kwargs") or (None, None))[0]
+        self._check_optimizer(_intended_config(model, self._nm_config_arg), optimizer, optimizer_cls)
         if model is not None:
             self.sparsity_config = prepare_sparse_model(model, self._nm_config_arg)
         super().__init__(*args, **kwargs)
@@ -256,8 +312,47 @@ class SparseTrainerMixin:
             raise NotImplementedError(
                 f"{type(self).__name__} does not support sharded parameters (FSDP / DeepSpeed ZeRO-3): N:M masks "
                 "and the sparsity tracker need whole weight matrices; use DDP (accelerate --multi_gpu) or ZeRO-1/2")
+        optimizer_cls = (self.optimizer_cls_and_kwargs or (None, None))[0]
+        self._check_optimizer(self.sparsity_config, self.optimizer, optimizer_cls)
+
+    @staticmethod
+    def _check_optimizer(config: SparsityConfig | None, optimizer: Any, optimizer_cls: Any) -> None:
+        """A method with its own optimizer (STEP) refuses another one passed to the Trainer."""
+        wanted = _method_optimizer_class(config)
+        if wanted is None:
+            return
+        inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer
+        if optimizer_cls is not None or (optimizer is not None and not isinstance(inner, wanted)):
+            given = (f"optimizers=({type(inner).__name__}, ...)" if optimizer is not None
+                     else f"optimizer_cls_and_kwargs=({getattr(optimizer_cls, '__name__', optimizer_cls)}, ...)")
+            raise ValueError(f"method {config.method!r} trains with {wanted.__module__}.{wanted.__name__} wired to the "
+                             f"sparse layers (it decides when the mask phase starts), got {given}; leave both unset, "
+                             "or pass optimizers=(nm_hf.create_sparse_optimizer(model, ...), None)")
 
     # ------------------------------------------------------------------ model set-up
+
+    def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
+        """`Trainer.create_optimizer`, with the method's own optimizer class when it has one (STEP's StepAdamW).
+
+        The parameter groups (weight decay or not) are the Trainer's; lr, Adam betas and epsilon come
+        from the TrainingArguments, `total_steps` is the run's max_steps.
+        """
+        wanted = _method_optimizer_class(self.sparsity_config)
+        if wanted is None or self.optimizer is not None or self.optimizer_cls_and_kwargs is not None:
+            return super().create_optimizer(model)
+        if "adamw" not in str(getattr(self.args.optim, "value", self.args.optim)):
+            logger.warning("method %r trains with %s (AdamW); --optim %s is not used", self.sparsity_config.method,
+                           wanted.__name__, getattr(self.args.optim, "value", self.args.optim))
+        layers = [layer for _, layer in iter_sparse_layers(self.model)]
+        method = get_method(self.sparsity_config.method)
+        kwargs = {"lr": self.args.learning_rate, "betas": (self.args.adam_beta1, self.args.adam_beta2),
+                  "eps": self.args.adam_epsilon, "total_steps": self.state.max_steps or self.args.max_steps,
+                  **method.optimizer_kwargs(layers)}
+        self.optimizer_cls_and_kwargs = (wanted, kwargs)
+        try:
+            return super().create_optimizer(model)
+        finally:
+            self.optimizer_cls_and_kwargs = None
 
     def call_model_init(self, trial=None):
         model = super().call_model_init(trial)
@@ -287,7 +382,9 @@ class SparseTrainerMixin:
 
         `resume_from_checkpoint=True` takes the newest *complete* checkpoint in `output_dir` (half-written
         ones are skipped with a warning). A checkpoint trained with another sparsity config, or whose
-        `sparsity_tracker.pt` is unreadable, raises `ResumeError` before anything is loaded.
+        `sparsity_tracker.pt` or `sparse_training_state.pt` is unreadable or describes other layers,
+        raises `ResumeError` before anything is loaded. The sparse training state is restored after the
+        Trainer has loaded the weights and the optimizer (when training begins).
         """
         resume_dir: str | None = None
         if resume_from_checkpoint is True:
@@ -297,6 +394,7 @@ class SparseTrainerMixin:
         elif isinstance(resume_from_checkpoint, (str, os.PathLike)):
             resume_dir = os.fspath(resume_from_checkpoint)
         self._nm_tracker_state = self._check_resume(resume_dir) if resume_dir is not None else None
+        self._nm_sparse_state = self._read_sparse_state(resume_dir) if resume_dir is not None else None
         self._nm_resume_dir = resume_dir
         self._nm_decay_scale = None
         self._set_decay_scale(1.0 / self.args.gradient_accumulation_steps)
@@ -344,7 +442,46 @@ class SparseTrainerMixin:
         except ValueError as err:
             raise ResumeError(f"cannot resume from {checkpoint}: {err}") from err
 
+    def _read_sparse_state(self, checkpoint: str) -> dict[str, Any] | None:
+        """The checkpoint's `sparse_training_state.pt`, checked to describe this model's sparse layers."""
+        path = os.path.join(checkpoint, SPARSE_STATE_FILE)
+        if not os.path.isfile(path) or not is_sparsified(self.model):
+            return None
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # EOFError, RuntimeError, UnpicklingError, ... from a damaged file
+            first = str(err).splitlines()[0] if str(err) else "empty or truncated file"
+            raise ResumeError(f"cannot resume from {checkpoint}: {path} is not a readable sparse training state "
+                              f"({type(err).__name__}: {first})") from err
+        layers = state.get("layers") if isinstance(state, dict) else None
+        names = [name for name, _ in iter_sparse_layers(self.model)]
+        if not isinstance(layers, dict) or sorted(layers) != sorted(names):
+            raise ResumeError(f"cannot resume from {checkpoint}: {path} is not a sparse training state of this "
+                              "model's sparse layers")
+        return state
+
+    def _restore_sparse_state(self) -> None:
+        """On resume: the layers' step counter, method state and periodic masks, after the weights loaded."""
+        resume_dir, state = self._nm_resume_dir, self._nm_sparse_state
+        self._nm_sparse_state = None
+        if resume_dir is None or not is_sparsified(self.model):
+            return
+        if state is not None:
+            try:
+                load_sparse_training_state(self.model, state)
+            except ValueError as err:
+                raise ResumeError(f"{os.path.join(resume_dir, SPARSE_STATE_FILE)}: {err}") from err
+            return
+        # an older or plain-Trainer checkpoint: the step count is the best guess (skipped fp16 steps aside)
+        set_training_step(self.model, self.state.global_step)
+        if any(layer.method.uses_step or layer.mask_is_periodic or layer.nm_method_state
+               for _, layer in iter_sparse_layers(self.model)):
+            logger.warning("%s has no %s: the sparse layers' step counter is set to the global step %d; method state "
+                           "and masks in use start afresh, so this resume is not exact", resume_dir,
+                           SPARSE_STATE_FILE, self.state.global_step)
+
     def _start_tracker(self) -> None:
+        self._restore_sparse_state()
         tracker = SparsityTracker(self.model)
         resume_dir, state = self._nm_resume_dir, self._nm_tracker_state
         if state is not None:
@@ -427,6 +564,9 @@ class SparseTrainerMixin:
                 super().save_model(output_dir, _internal_call)
             finally:
                 self._nm_bake = False
+            if checkpoint and self.args.should_save:
+                state = sparse_training_state(self.model)
+                atomic_write(os.path.join(target, SPARSE_STATE_FILE), lambda handle: torch.save(state, handle))
             if checkpoint and self.sparsity_tracker is not None and self.args.should_save:
                 self.sparsity_tracker.save_state(os.path.join(target, TRACKER_STATE_FILE))
                 # keep the run directory's history current too (a crashed run still has it)

@@ -23,9 +23,11 @@ from .fixed import FixedMethod
 from .s_ste import SSTEMethod
 from .sr_ste import SRSTEMethod
 from .ste import STEMethod
+from .step import STEPMethod
 
 __all__ = ["SparsityMethod", "MaskedWeight", "register_method", "get_method", "available_methods",
            "UnknownMethodError"]
 
-for _method in (SRSTEMethod(), STEMethod(), FixedMethod(), DenseMethod(), SSTEMethod(), DecayingMaskMethod()):
+for _method in (SRSTEMethod(), STEMethod(), FixedMethod(), DenseMethod(), SSTEMethod(), DecayingMaskMethod(),
+                STEPMethod()):
     register_method(_method)

@@ -1,0 +1,238 @@
+"""`StepAdamW`: AdamW with STEP's AutoSwitch and frozen second moment (the optimizer of `method="step"`).
+
+STEP (Lu et al., ICML 2023, "STEP: Learning N:M Structured Sparsity Masks from Scratch with
+Precondition") trains in two phases. Precondition phase: plain AdamW on the dense model, while
+AutoSwitch watches how much the second-moment estimate `v` of the masked weights still moves. After
+optimizer step t it computes `Z_t = mean |v_t - v_{t-1}|` over every element of the masked weights,
+and switches once the mean of the last `window` values of `Z` (fewer at the start) falls below
+`switch_threshold`, but not before step `T_min` and at step `T_max` at the latest (by default 10% and
+50% of `total_steps`). Mask-learning phase: the masked weights' `v` is frozen at its value at the switch
+(with its bias correction of that step) and used as a fixed preconditioner, `m` keeps moving with the
+(straight-through) gradients of the N:M forward pass. Parameters that are not masked keep plain AdamW.
+
+Before the switch every step is exactly `torch.optim.AdamW`'s (single-tensor form, no amsgrad).
+
+The layers learn the phase through `on_phase(switch_step)`: called with None when the optimizer is
+built, with t at the switch, and with the saved value by `load_state_dict`, so the model's forward
+pass always follows the optimizer it trains with. `state_dict()` carries the AutoSwitch state, so a
+resume (e.g. the Trainer's `optimizer.pt`) continues exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+
+__all__ = ["StepAdamW", "autoswitch_bounds", "autoswitch_window"]
+
+#: key of the AutoSwitch state in `StepAdamW.state_dict()`
+AUTOSWITCH_KEY = "autoswitch"
+
+
+def autoswitch_window(beta2: float, window: int | None = None) -> int:
+    """Steps AutoSwitch averages over: `window`, or `1 / (1 - beta2)` rounded (1000 for beta2 = 0.999)."""
+    if window is not None:
+        return window
+    return max(1, round(1.0 / (1.0 - beta2)))
+
+
+def autoswitch_bounds(total_steps: int | None, min_fraction: float, max_fraction: float) -> tuple[int, float]:
+    """(T_min, T_max): the switch happens after step t only if `t >= T_min`, and at `t = T_max` at the latest.
+
+    Both are the fractions of `total_steps` rounded to whole steps (T_max at least 1); without
+    `total_steps` there is no clipping: `(0, inf)`.
+    """
+    if total_steps is None:
+        return 0, math.inf
+    return round(min_fraction * total_steps), max(1, round(max_fraction * total_steps))
+
+
+def _number(value: Any, what: str, low: float, high: float = math.inf, *, low_open: bool = False) -> float:
+    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+    if ok:
+        ok = (value > low if low_open else value >= low) and value <= high
+    if not ok:
+        bound = f"{'>' if low_open else '>='} {low:g}" + (f" and <= {high:g}" if math.isfinite(high) else "")
+        raise ValueError(f"StepAdamW: {what} must be a finite number {bound}, got {value!r}")
+    return float(value)
+
+
+def _whole(value: Any, what: str, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"StepAdamW: {what} must be an integer >= {low}, got {value!r}")
+    return value
+
+
+class StepAdamW(torch.optim.Optimizer):
+    """AdamW whose masked weights switch to a frozen second moment when AutoSwitch says `v` has settled.
+
+    Args:
+        params: parameters or parameter groups, as for `torch.optim.AdamW`.
+        lr, betas, eps, weight_decay: AdamW's (decoupled weight decay, per group as usual).
+        total_steps: optimizer steps in the whole run; sets the clipping bounds (see module docstring).
+            None: no clipping.
+        switch_threshold: AutoSwitch switches once the windowed mean of `mean |v_t - v_{t-1}|` is below it.
+        window: steps in AutoSwitch's window; None: `1 / (1 - beta2)`.
+        min_switch_fraction, max_switch_fraction: the clipping bounds as fractions of `total_steps`.
+        masked_params: the weights AutoSwitch watches and whose `v` is frozen (the sparse layers'
+            weights); None: every parameter.
+        on_phase: called with the switch step (None while dense) whenever the phase is set.
+
+    With `method="step"`, `SparseTrainer` builds it for you; in a plain loop use
+    `nm_hf.create_sparse_optimizer(model, lr=..., total_steps=...)`, which wires `masked_params` and
+    `on_phase` to the model's sparse layers.
+    """
+
+    def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 1e-2, *, total_steps: int | None = None,
+                 switch_threshold: float = 1e-8, window: int | None = None, min_switch_fraction: float = 0.1,
+                 max_switch_fraction: float = 0.5, masked_params: Iterable[torch.Tensor] | None = None,
+                 on_phase: Callable[[int | None], None] | None = None) -> None:
+        _number(lr, "lr", 0.0)
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise ValueError(f"StepAdamW: betas must be a pair (beta1, beta2), got {betas!r}")
+        for i, beta in enumerate(betas):
+            _number(beta, f"betas[{i}]", 0.0, math.nextafter(1.0, 0.0))
+        _number(eps, "eps", 0.0)
+        _number(weight_decay, "weight_decay", 0.0)
+        if total_steps is not None:
+            _whole(total_steps, "total_steps", 1)
+        _number(switch_threshold, "switch_threshold", 0.0)
+        if window is not None:
+            _whole(window, "window", 1)
+        low = _number(min_switch_fraction, "min_switch_fraction", 0.0, 1.0)
+        high = _number(max_switch_fraction, "max_switch_fraction", 0.0, 1.0, low_open=True)
+        if low > high:
+            raise ValueError(f"StepAdamW: min_switch_fraction ({low:g}) must be <= max_switch_fraction ({high:g})")
+        if on_phase is not None and not callable(on_phase):
+            raise TypeError(f"StepAdamW: on_phase must be callable, got {type(on_phase).__name__}")
+        super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay})
+        own = {id(p) for group in self.param_groups for p in group["params"]}
+        masked = own if masked_params is None else {id(p) for p in masked_params}
+        if not masked <= own:
+            raise ValueError("StepAdamW: masked_params must be parameters this optimizer updates")
+        self.masked_ids = frozenset(masked)
+        self.total_steps = total_steps
+        self.switch_threshold = float(switch_threshold)
+        self.window = autoswitch_window(float(betas[1]), window)
+        self.min_step, self.max_step = autoswitch_bounds(total_steps, low, high)
+        self.on_phase = on_phase
+        #: optimizer steps taken, the AutoSwitch values in the window, the step after which it switched
+        self.steps = 0
+        self.window_values: deque[float] = deque(maxlen=self.window)
+        self.switch_step: int | None = None
+        self._announce()
+
+    # ------------------------------------------------------------------ AutoSwitch
+
+    @property
+    def switched(self) -> bool:
+        """True once the masked weights train with the frozen second moment."""
+        return self.switch_step is not None
+
+    @property
+    def autoswitch_statistic(self) -> float | None:
+        """The mean of the window AutoSwitch compares with `switch_threshold` (None before the first step)."""
+        return sum(self.window_values) / len(self.window_values) if self.window_values else None
+
+    def _announce(self) -> None:
+        if self.on_phase is not None:
+            self.on_phase(self.switch_step)
+
+    def _should_switch(self) -> bool:
+        if self.steps >= self.max_step:
+            return True
+        statistic = self.autoswitch_statistic
+        return self.steps >= self.min_step and statistic is not None and statistic < self.switch_threshold
+
+    def _switch(self) -> None:
+        """Freeze the masked weights' second moment (with the bias correction of their step count now)."""
+        self.switch_step = self.steps
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self.state.get(p)
+                if id(p) in self.masked_ids and state:  # never stepped: plain AdamW (nothing to freeze)
+                    state["frozen_step"] = state["step"]
+        self._announce()
+
+    # ------------------------------------------------------------------ the step
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """One AdamW step; before the switch, AutoSwitch measures the masked weights' change of `v`."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self.steps += 1
+        watching = self.switch_step is None
+        change: torch.Tensor | None = None
+        count = 0
+        for group in self.param_groups:
+            lr, (beta1, beta2), eps, weight_decay = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+            for p in group["params"]:
+                grad = p.grad
+                if grad is None:
+                    continue
+                if grad.is_sparse:
+                    raise RuntimeError("StepAdamW does not support sparse gradients")
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["step"] += 1
+                step = state["step"]
+                exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+                p.mul_(1 - lr * weight_decay)
+                exp_avg.lerp_(grad, 1 - beta1)
+                frozen = state.get("frozen_step")
+                if frozen is None:
+                    if watching and id(p) in self.masked_ids:
+                        # |v_t - v_{t-1}| = (1 - beta2) * |g^2 - v_{t-1}|
+                        moved = (grad * grad - exp_avg_sq).abs_().sum(dtype=torch.float64) * (1 - beta2)
+                        change = moved if change is None else change + moved.to(change.device)
+                        count += p.numel()
+                    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+                    bias_correction2 = 1 - beta2 ** step
+                else:
+                    bias_correction2 = 1 - beta2 ** frozen
+                denom = (exp_avg_sq.sqrt() / math.sqrt(bias_correction2)).add_(eps)
+                p.addcdiv_(exp_avg, denom, value=-lr / (1 - beta1 ** step))
+        if watching:
+            if change is not None and count:
+                self.window_values.append(float(change) / count)
+            if self._should_switch():
+                self._switch()
+        return loss
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def state_dict(self) -> dict[str, Any]:
+        """`torch.optim.Optimizer.state_dict()` plus the AutoSwitch state (step count, window, switch step)."""
+        state = super().state_dict()
+        state[AUTOSWITCH_KEY] = {"steps": self.steps, "switch_step": self.switch_step,
+                                 "window_values": list(self.window_values)}
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore a `state_dict()`; the layers are told the restored phase (`on_phase`)."""
+        auto = state_dict.get(AUTOSWITCH_KEY) if isinstance(state_dict, dict) else None
+        if not isinstance(auto, dict) or set(auto) != {"steps", "switch_step", "window_values"}:
+            raise ValueError("StepAdamW.load_state_dict: the state has no valid 'autoswitch' entry (not saved by "
+                             "StepAdamW?)")
+        steps, switch_step, values = auto["steps"], auto["switch_step"], auto["window_values"]
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0 or (
+                switch_step is not None and (isinstance(switch_step, bool) or not isinstance(switch_step, int)
+                                             or not 0 <= switch_step <= steps)) \
+                or not isinstance(values, (list, tuple)) or len(values) > self.window:
+            raise ValueError(f"StepAdamW.load_state_dict: inconsistent autoswitch state {auto!r} (window "
+                             f"{self.window})")
+        super().load_state_dict({key: value for key, value in state_dict.items() if key != AUTOSWITCH_KEY})
+        self.steps, self.switch_step = steps, switch_step
+        self.window_values = deque((float(v) for v in values), maxlen=self.window)
+        self._announce()
