@@ -25,6 +25,7 @@ from .injection import (
 from .layers import SparseConv1D, SparseLinear, mark_weights_updated
 from .masks import check_nm, nm_mask, nm_mask_transposable
 from .report import SparsityReport, sparsity_report
+from .save_warning import DenseSaveWarning  # importing it installs the dense-save warning
 from .semi_structured import to_semi_structured
 from .tracker import HISTORY_FILE, SparsityTracker
 
@@ -57,6 +58,7 @@ __all__ = [
     "mark_weights_updated",
     "plot_runs",
     "CheckpointError",
+    "DenseSaveWarning",
     "load_compressed",
     "load_compressed_state_dict",
     "load_sparse",

@@ -75,6 +75,7 @@ from .injection import (
 from .methods import get_method
 from .plot import PLOT_FILE
 from .record import CONFIG_KEY, STATE_FINALIZED, config_from_record, read_record, write_record
+from .save_warning import dense_save_intended
 from .tracker import HISTORY_FILE, TRACKER_STATE_FILE, SparsityTracker
 
 __all__ = ["SparseTrainer", "SparseSeq2SeqTrainer", "SparseTrainerMixin", "prepare_sparse_model",
@@ -561,7 +562,8 @@ class SparseTrainerMixin:
         if checkpoint or not self.args.should_save:
             self._nm_bake = not checkpoint
             try:
-                super().save_model(output_dir, _internal_call)
+                with dense_save_intended():  # checkpoints keep the dense weights to resume from
+                    super().save_model(output_dir, _internal_call)
             finally:
                 self._nm_bake = False
             if checkpoint and self.args.should_save:

@@ -1,8 +1,8 @@
 """The package's import structure: imports run downward only, no cycles, no private names across modules.
 
 Levels (a module may import from its own level or below; `nm_hf/__init__.py` re-exports and is exempt):
-core (masks, files, methods, redact) -> config -> record -> layers -> injection -> report / tracker / plot ->
-trainer / arguments -> checkpoint, hub, card, CUDA path, CLI -> recipe support. Data loaders and
+core (masks, files, methods, redact) -> config -> record -> layers -> injection -> report / tracker / plot /
+save_warning / peft / prune -> trainer / arguments -> checkpoint, hub, card, CUDA path, CLI -> recipe support. Data loaders and
 tokenizers stand apart (only recipe support uses them). Imports inside functions count too; imports
 under `if TYPE_CHECKING:` do not.
 """
@@ -23,7 +23,7 @@ LEVELS = [
     {"nm_hf.record"},
     {"nm_hf.layers"},
     {"nm_hf.injection"},
-    {"nm_hf.report", "nm_hf.tracker", "nm_hf.plot"},
+    {"nm_hf.report", "nm_hf.tracker", "nm_hf.plot", "nm_hf.save_warning", "nm_hf.peft", "nm_hf.prune"},
     {"nm_hf.trainer", "nm_hf.arguments"},
     {"nm_hf.checkpoint", "nm_hf.compressed", "nm_hf.hub", "nm_hf.card", "nm_hf.cuda", "nm_hf.semi_structured",
      "nm_hf.cli"},
