@@ -167,9 +167,32 @@ def _is_sparse_target(target: Target) -> bool:
     return isinstance(target.module, SparseLayerMixin) or target.parameter in parts
 
 
+def _adapter_layers(model: nn.Module) -> dict[str, str]:
+    """PEFT adapter modules (LoRA's lora_A / lora_B, modules_to_save copies, ...) by name, with what they are.
+
+    PEFT trains them; they are never N:M targets (`nm_hf.peft.preserve_sparsity` keeps merged LoRA deltas
+    N:M instead). Found without importing peft: a PEFT tuner layer lists them in `adapter_layer_names`.
+    """
+    prefixes: dict[str, str] = {}
+    for name, module in model.named_modules():
+        attrs = getattr(module, "adapter_layer_names", None)
+        if isinstance(attrs, tuple):
+            for attr in attrs:
+                prefixes[f"{name}.{attr}" if name else attr] = f"{attr} of the PEFT {type(module).__name__} {name!r}"
+    found = {}
+    for name, _ in model.named_modules():
+        parts = name.split(".")
+        owner = next((prefixes[p] for p in (".".join(parts[:k]) for k in range(1, len(parts) + 1)) if p in prefixes),
+                     None)
+        if owner is not None:
+            found[name] = owner
+    return found
+
+
 def _preset_targets(model: nn.Module, config: SparsityConfig, units: dict[str, Target]) -> list[str]:
     """Targets of "all-linear" (linear kinds) / "all" (every kind, input sizes divisible by m only)."""
     heads = _head_module_ids(model)
+    adapters = _adapter_layers(model)
     tied = _embedding_weights(model)
     every = config.target_modules == "all"
     return [
@@ -180,6 +203,7 @@ def _preset_targets(model: nn.Module, config: SparsityConfig, units: dict[str, T
         and id(target.module) not in heads
         and id(target.weight) not in tied
         and not HEAD_NAMES.intersection(target.module_name.split("."))
+        and target.module_name not in adapters
     ]
 
 
@@ -218,10 +242,16 @@ def _resolve_targets(model: nn.Module, config: SparsityConfig) -> tuple[list[str
         problems.append("no layer left to sparsify (target_modules/exclude_modules selected nothing)")
 
     embedding_weights = _embedding_weights(model)
+    adapters = _adapter_layers(model)
     for name in targets:
         target = units[name]
         mod = target.module
         hint = f"add {name.rsplit('.', 1)[-1]!r} or {name!r} to exclude_modules"
+        if target.module_name in adapters:
+            problems.append(f"{name!r} is {adapters[target.module_name]}, a PEFT adapter layer: sparsify the base "
+                            "model before adding adapters, and keep merged LoRA deltas N:M with "
+                            "nm_hf.peft.preserve_sparsity")
+            continue
         if _is_sparse_target(target):
             problems.append(f"{name!r} is already sparse (the model was sparsified before)")
             continue
