@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import io
 import json
 import os
 import re
@@ -11,11 +12,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from accelerate import Accelerator
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForSeq2SeqLM,
     Seq2SeqTrainingArguments,
     Trainer,
+    TrainerCallback,
     TrainingArguments,
 )
 from transformers.pytorch_utils import Conv1D
@@ -23,11 +26,13 @@ from transformers.pytorch_utils import Conv1D
 from nm_hf.config import SparsityConfig
 from nm_hf.injection import SparsifyError, finalize, iter_sparse_layers, sparsify
 from nm_hf.layers import SparseLayerMixin
-from nm_hf.masks import nm_group_counts, nm_mask
+from nm_hf.masks import check_nm, nm_group_counts, nm_mask
+from nm_hf.methods import available_methods, get_method
 from nm_hf.plot import PLOT_FILE
 from nm_hf.record import CONFIG_KEY
 from nm_hf.tracker import HISTORY_FILE, TRACKER_STATE_FILE, SparsityTracker
 from nm_hf.trainer import (
+    SPARSE_STATE_FILE,
     ResumeError,
     SparseSeq2SeqTrainer,
     SparseTrainer,
@@ -332,16 +337,31 @@ def test_decoupled_decay_shrinks_pruned_weights_after_the_step(tmp_path):
 # --------------------------------------------------------------------------- resume
 
 
-@pytest.mark.parametrize("method,trainer_class", [("sr-ste", SparseTrainer), ("fixed", SparseTrainer),
-                                                  ("sr-ste", CountingSparseTrainer)])
-def test_resume_from_checkpoint_is_exact(tmp_path, method, trainer_class):
-    cfg = SparsityConfig(method=method, decay=0.05)
+#: method_args that make each method's schedule move within the 10 steps of the resume test
+RESUME_METHOD_ARGS = {"decaying-mask": {"decay_start": 2, "decay_steps": 6},
+                      "step": {"switch_threshold": 0.0}}  # switch at max_switch_fraction of the run
+#: (method, extra SparsityConfig fields, trainer class): every registered method, the mask options, the mixin
+RESUME_CASES = (
+    [(method, {}, SparseTrainer) for method in available_methods()]
+    + [("sr-ste", {"transposable": True}, SparseTrainer), ("sr-ste", {"mask_update_interval": 3}, SparseTrainer),
+       ("step", {"method_args": {"max_switch_fraction": 0.8}}, SparseTrainer),  # switches after the resume
+       ("sr-ste", {}, CountingSparseTrainer)]
+)
+
+
+@pytest.mark.parametrize("method,options,trainer_class", RESUME_CASES,
+                         ids=[f"{m}-{'-'.join(map(str, o)) or 'plain'}-{c.__name__}" for m, o, c in RESUME_CASES])
+def test_resume_from_checkpoint_is_exact(tmp_path, method, options, trainer_class):
+    options = {**options, "method_args": {**RESUME_METHOD_ARGS.get(method, {}), **options.get("method_args", {})}}
+    cfg = SparsityConfig(method=method, decay=0.05, **options)
     overrides = dict(max_steps=10, logging_steps=2, save_strategy="steps", save_steps=5)
     full = trainer_class(model=gpt2(), args=lm_args(tmp_path / "full", **overrides), train_dataset=lm_data(48),
                          sparsity_config=cfg)
     full.train()
+    assert (tmp_path / "full" / "checkpoint-5" / SPARSE_STATE_FILE).is_file()
 
-    resumed_model = gpt2()
+    # another initialisation: everything the run depends on must come from the checkpoint (S-STE's scale too)
+    resumed_model = gpt2(seed=1)
     resumed = trainer_class(model=resumed_model, args=lm_args(tmp_path / "resumed", **overrides),
                             train_dataset=lm_data(48), sparsity_config=cfg)
     resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-5"))
@@ -350,6 +370,10 @@ def test_resume_from_checkpoint_is_exact(tmp_path, method, trainer_class):
         assert torch.equal(resumed_model.state_dict()[key], value), key
     for (name, a), (_, b) in zip(iter_sparse_layers(full.model), iter_sparse_layers(resumed_model), strict=True):
         assert torch.equal(a.current_mask(), b.current_mask()), name
+        assert a.nm_method_state == b.nm_method_state and a.nm_step == b.nm_step == 10, name
+    if method == "step":  # at the checkpoint (5) or after the resume (8)
+        switch = round(10 * cfg.method_args["max_switch_fraction"])
+        assert all(layer.nm_method_state == {"switch_step": switch} for _, layer in iter_sparse_layers(resumed_model))
     assert resumed.sparsity_tracker.history == full.sparsity_tracker.history
     assert [r["step"] for r in resumed.sparsity_tracker.history] == [2, 4, 6, 8, 10]
     # the tracker state restores the window since the last log (step 4), so even the first log after
@@ -363,6 +387,51 @@ def test_resume_from_checkpoint_is_exact(tmp_path, method, trainer_class):
     assert a == b and len(a) == 2
     doc = SparsityTracker.load_history(tmp_path / "resumed" / HISTORY_FILE)
     assert [r["step"] for r in doc["records"]] == [2, 4, 6, 8, 10]
+
+    # the saved model: plain transformers loads it, with the N:M pattern in every targeted layer
+    resumed.save_model(str(tmp_path / "final"))
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "final")
+    modules = dict(reloaded.named_modules())
+    for name, layer in iter_sparse_layers(resumed_model):
+        weight = modules[name].weight
+        assert type(modules[name]) is Conv1D and torch.equal(weight, layer.effective_weight()), name
+        if get_method(method).masks_forward:
+            assert check_nm(weight, 2, 4, dim=group_dim(modules[name])), name
+            if cfg.transposable:
+                assert check_nm(weight, 2, 4, dim=1 - group_dim(modules[name])), name
+
+
+def test_a_skipped_optimizer_step_is_not_counted(tmp_path, monkeypatch):
+    """fp16 overflow: the Trainer skips the update; the layers' step counter (schedules) must not move."""
+    skipped = {3, 4}
+
+    class Skipping(TrainerCallback):
+        def on_pre_optimizer_step(self, args, state, control, **kwargs):
+            flags["skip"] = state.global_step + 1 in skipped
+
+    flags = {"skip": False}
+    monkeypatch.setattr(Accelerator, "optimizer_step_was_skipped", property(lambda self: flags["skip"]))
+    cfg = SparsityConfig(method="decaying-mask", method_args={"decay_steps": 4})
+    model = gpt2()
+    trainer = SparseTrainer(model=model, args=lm_args(tmp_path, max_steps=6), train_dataset=lm_data(),
+                            sparsity_config=cfg, callbacks=[Skipping()])
+    trainer.train()
+    assert trainer.state.global_step == 6
+    assert all(layer.nm_step == 4 for _, layer in iter_sparse_layers(model))
+
+
+def test_resume_from_a_checkpoint_without_sparse_state_sets_the_step_with_a_warning(tmp_path, caplog):
+    cfg = SparsityConfig(method="decaying-mask", method_args={"decay_steps": 8})
+    args = lm_args(tmp_path, max_steps=4, logging_steps=2, save_strategy="steps", save_steps=4)
+    SparseTrainer(model=gpt2(), args=args, train_dataset=lm_data(), sparsity_config=cfg).train()
+    (tmp_path / "checkpoint-4" / SPARSE_STATE_FILE).unlink()  # written before nm_hf saved it
+    model = gpt2(seed=1)
+    trainer = SparseTrainer(model=model, args=lm_args(tmp_path, max_steps=6, logging_steps=2), train_dataset=lm_data(),
+                            sparsity_config=cfg)
+    with caplog.at_level("WARNING", logger="nm_hf.trainer"):
+        trainer.train(resume_from_checkpoint=True)
+    assert f"has no {SPARSE_STATE_FILE}: the sparse layers' step counter is set to the global step 4" in caplog.text
+    assert all(layer.nm_step == 6 for _, layer in iter_sparse_layers(model))
 
 
 def test_resume_true_uses_last_checkpoint_and_tolerates_a_missing_tracker_state(tmp_path, caplog):
@@ -437,6 +506,19 @@ def test_resume_with_an_unreadable_tracker_state_names_the_file(srste_checkpoint
     for data in (b"", good[: len(good) // 2], b"\x80\x04 not a tracker state" * 4):
         state.write_bytes(data)
         _refused_resume(srste_checkpoint, SparsityConfig(), True, re.escape(str(state)))
+
+
+def test_resume_with_an_unreadable_or_foreign_sparse_state_names_the_file(srste_checkpoint):
+    path = srste_checkpoint / SPARSE_STATE_FILE
+    good = path.read_bytes()
+    for data in (b"", good[: len(good) // 2]):
+        path.write_bytes(data)
+        _refused_resume(srste_checkpoint, SparsityConfig(), True,
+                        f"{re.escape(str(path))} is not a readable sparse training state")
+    state = torch.load(io.BytesIO(good), weights_only=True)
+    del state["layers"][next(iter(state["layers"]))]
+    torch.save(state, path)
+    _refused_resume(srste_checkpoint, SparsityConfig(), True, "not a sparse training state of this model's sparse layers")
 
 
 # --------------------------------------------------------------------------- the public mixin
