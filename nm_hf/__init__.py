@@ -24,6 +24,7 @@ from .injection import (
 )
 from .layers import SparseConv1D, SparseLinear, mark_weights_updated
 from .masks import check_nm, nm_mask, nm_mask_transposable
+from .prune import PruneError, prune
 from .report import SparsityReport, sparsity_report
 from .save_warning import DenseSaveWarning  # importing it installs the dense-save warning
 from .semi_structured import to_semi_structured
@@ -59,6 +60,8 @@ __all__ = [
     "plot_runs",
     "CheckpointError",
     "DenseSaveWarning",
+    "PruneError",
+    "prune",
     "load_compressed",
     "load_compressed_state_dict",
     "load_sparse",
