@@ -7,7 +7,11 @@ Each run is `accelerate launch --num_processes 1 --num_cpu_threads_per_process T
 CONFIG --method M --sparsity N:M --output_dir ROOT/<name> [entry flags] [--seed S] [extra flags]`.
 
 A `--runs` entry is `METHOD:N:M`, optionally followed by flags of its own for that run only, written
-`,flag=value`: `sr-ste:2:4,decay=1` runs SR-STE with `--decay 1` (output dir `sr-ste-2x4_decay1`).
+`,flag=value`: `sr-ste:2:4,decay=1` runs SR-STE with `--decay 1` (output dir `sr-ste-2x4_decay1`),
+`sr-ste:2:4,transposable=true` and `sr-ste:2:4,mask_update_interval=40` the mask options. A method's
+own arguments go in `method_args=KEY=VALUE` items, one pair each, joined into one `--method_args`:
+`decaying-mask:2:4,method_args=decay_steps=500,method_args=schedule=exponential`. The sparsity flags
+of every entry are checked (as the recipes would) before any run starts.
 Flags after `--` go to every run (the printed commands hide the values of secret-bearing flags such as
 `--hub_token`). `--seeds 1 2 3` runs every entry once per seed (`--seed S`, output dir
 `<name>-seed<S>`) and the table shows the mean and standard deviation over the seeds, plus the headline
@@ -24,6 +28,7 @@ as a ratio to the dense entry of the same invocation.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -63,6 +68,8 @@ COMMON = [
     ("train s", ("train_runtime_s",), "{:,.0f}"),
 ]
 _FLAG_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+#: the flag whose `key=value` pairs an entry may give in several items
+METHOD_ARGS = "method_args"
 
 
 @dataclass(frozen=True)
@@ -100,15 +107,39 @@ def parse_run_spec(entry: str) -> RunSpec:
     if method not in available_methods():
         raise ValueError(f"--runs entry {entry!r}: unknown method {method!r}; the methods are "
                          f"{', '.join(available_methods())}")
-    flags = []
+    flags: list[tuple[str, str]] = []
     for item in flag_items:
         key, sep, value = item.partition("=")
         if not sep or not _FLAG_NAME.fullmatch(key) or not value:
             raise ValueError(f"--runs entry {entry!r}: {item!r} must look like flag=value (e.g. decay=1)")
         if key in ("method", "sparsity", "output_dir", "seed"):
             raise ValueError(f"--runs entry {entry!r}: --{key} is set by results_table.py itself")
-        flags.append((key, value))
-    return RunSpec(method, pattern, tuple(flags))
+        earlier = [i for i, (k, _) in enumerate(flags) if k == key]
+        if earlier and key == METHOD_ARGS:  # one key=value pair per item: join them into one flag
+            flags[earlier[0]] = (key, f"{flags[earlier[0]][1]},{value}")
+        elif earlier:
+            raise ValueError(f"--runs entry {entry!r}: {key} is given twice")
+        else:
+            flags.append((key, value))
+    spec = RunSpec(method, pattern, tuple(flags))
+    check_sparsity_flags(spec, entry)
+    return spec
+
+
+def check_sparsity_flags(spec: RunSpec, entry: str) -> None:
+    """Parse the entry's sparsity flags as the recipes will (`nm_hf.arguments.SparsityArguments`): bad ones fail now."""
+    from transformers import HfArgumentParser  # a heavy import: only when entries are parsed
+
+    from nm_hf.arguments import SparsityArguments
+
+    names = {f.name for f in dataclasses.fields(SparsityArguments)}
+    argv = ["--method", spec.method, "--sparsity", spec.pattern]
+    argv += [item for key, value in spec.flags if key in names for item in (f"--{key}", value)]
+    parser = HfArgumentParser(SparsityArguments, exit_on_error=False)
+    try:
+        parser.parse_args_into_dataclasses(args=argv)
+    except (ValueError, argparse.ArgumentError) as err:
+        raise ValueError(f"--runs entry {entry!r}: {err}") from None
 
 
 def run_dir(root: Path, spec: RunSpec, seed: int | None) -> Path:

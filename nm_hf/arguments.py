@@ -12,13 +12,16 @@ This module deliberately does not use `from __future__ import annotations`: `HfA
 real type objects to pick argparse types and choices.
 """
 
+import json
+import math
 import re
 from dataclasses import dataclass, field
+from typing import Any
 
 from .config import DECAY_MODES, SparsityConfig
 from .methods import available_methods
 
-__all__ = ["SparsityArguments", "parse_module_selector"]
+__all__ = ["SparsityArguments", "parse_module_selector", "parse_method_args"]
 
 # A selector value containing one of these characters is a regex; otherwise a comma-separated name list.
 _REGEX_CHARS = set("^$*+?()[]{}|\\")
@@ -53,6 +56,56 @@ def parse_module_selector(value: str | None, flag: str) -> str | list[str] | Non
     return names
 
 
+def _typed(text: str) -> Any:
+    """A `--method_args` value with its type inferred: bool, None, int, float, else the string itself."""
+    lowered = text.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    if lowered in ("none", "null"):
+        return None
+    if re.fullmatch(r"[+-]?\d+", text):
+        return int(text)
+    try:
+        number = float(text)
+    except ValueError:
+        return text
+    return number if math.isfinite(number) else text
+
+
+def parse_method_args(value: str | dict[str, Any] | None, flag: str = "--method_args") -> dict[str, Any]:
+    """`"decay_steps=500,schedule=linear"` (or a JSON object, which a YAML config's mapping becomes) -> dict.
+
+    Values get their type inferred: `true`/`false` -> bool, `none`/`null` -> None, integers -> int,
+    other numbers (`1e-8`, `0.5`) -> float, anything else stays a string. Which keys and values are
+    valid is the method's business (checked by `SparsityConfig`).
+    """
+    if value is None:
+        return {}
+    if isinstance(value, dict):
+        return dict(value)
+    text = str(value).strip()
+    if not text:
+        return {}
+    if text.startswith("{"):
+        try:
+            parsed = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{flag} {text!r} is not a valid JSON object: {err}") from None
+        if not isinstance(parsed, dict):
+            raise ValueError(f"{flag} {text!r} must be a JSON object or key=value pairs")
+        return parsed
+    args: dict[str, Any] = {}
+    for item in text.split(","):
+        key, sep, raw = (part.strip() for part in item.partition("="))
+        if not sep or not re.fullmatch(r"[A-Za-z_]\w*", key) or not raw:
+            raise ValueError(f"{flag}: {item.strip()!r} must look like key=value (e.g. decay_steps=500); separate "
+                             "pairs with commas")
+        if key in args:
+            raise ValueError(f"{flag}: {key!r} is given twice")
+        args[key] = _typed(raw)
+    return args
+
+
 @dataclass
 class SparsityArguments:
     """How to sparsify: the N:M pattern, the training method and which layers."""
@@ -65,7 +118,9 @@ class SparsityArguments:
         default="sr-ste",
         metadata={
             "help": "sr-ste (mask from dense weights each step, pruned weights decayed), ste (same, no decay), "
-            "fixed (one-shot magnitude mask, frozen) or dense (layers patched but unmasked: baseline).",
+            "fixed (one-shot magnitude mask, frozen), dense (layers patched but unmasked: baseline), s-ste "
+            "(soft-thresholded, rescaled weights), decaying-mask (pruned weights fade out over a schedule) or "
+            "step (dense AdamW until the second moment settles, then STE with it frozen); see docs/concepts.md.",
             "choices": available_methods(),
         },
     )
@@ -93,6 +148,23 @@ class SparsityArguments:
     exclude_modules: str | None = field(
         default=None, metadata={"help": "Layers to leave dense; same forms as --target_modules."}
     )
+    method_args: str | None = field(
+        default=None,
+        metadata={"help": "The method's own hyperparameters as key=value pairs separated by commas, e.g. "
+                  "'decay_steps=500,schedule=exponential' (decaying-mask; steps are optimizer steps) or "
+                  "'switch_threshold=1e-7' (step); values are read as bool (true/false), none, int, float or "
+                  "text. Unknown keys and bad values are refused (see docs/concepts.md for each method's)."},
+    )
+    transposable: bool = field(
+        default=False,
+        metadata={"help": "Masks N:M along the rows and the columns of every MxM block, so the transposed weight "
+                  "is N:M too (1:2, 1:4, 2:4, 3:4; methods that re-choose their mask)."},
+    )
+    mask_update_interval: int = field(
+        default=1,
+        metadata={"help": "Re-choose the masks once every this many optimizer steps instead of every step "
+                  "(2by4-pretrain uses 40; methods that re-choose their mask)."},
+    )
 
     def __post_init__(self) -> None:
         self.to_config()  # fail at parse time, naming the flag
@@ -115,5 +187,15 @@ class SparsityArguments:
             raise ValueError(f"--decay must be a number >= 0, got {self.decay!r}")
         target = parse_module_selector(self.target_modules, "--target_modules")
         exclude = parse_module_selector(self.exclude_modules, "--exclude_modules")
-        return SparsityConfig(n=n, m=m, method=self.method, decay=float(self.decay), decay_mode=self.decay_mode,
-                              target_modules=target, exclude_modules=exclude)
+        method_args = parse_method_args(self.method_args)
+        interval = self.mask_update_interval
+        if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
+            raise ValueError(f"--mask_update_interval must be a positive integer, got {interval!r}")
+        if not isinstance(self.transposable, bool):
+            raise ValueError(f"--transposable must be true or false, got {self.transposable!r}")
+        try:
+            return SparsityConfig(n=n, m=m, method=self.method, decay=float(self.decay), decay_mode=self.decay_mode,
+                                  target_modules=target, exclude_modules=exclude, method_args=method_args,
+                                  transposable=self.transposable, mask_update_interval=interval)
+        except ValueError as err:  # name the flag, not the config field
+            raise ValueError(re.sub(r"^SparsityConfig\.(\w+)", r"--\1", str(err))) from None

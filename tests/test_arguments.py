@@ -6,10 +6,11 @@ from __future__ import annotations
 import pytest
 from transformers import HfArgumentParser, Seq2SeqTrainingArguments, TrainingArguments
 
-from nm_hf.arguments import SparsityArguments, parse_module_selector
+from nm_hf.arguments import SparsityArguments, parse_method_args, parse_module_selector
 from nm_hf.config import SparsityConfig
 from nm_hf.injection import iter_sparse_layers, sparsify
 from nm_hf.methods import available_methods
+from nm_hf.recipe import parse_recipe_args
 from nm_hf.recipe.args import (
     CausalLMModelArguments,
     TextDataArguments,
@@ -138,3 +139,64 @@ def test_every_help_text_formats():
                   (CausalLMModelArguments, TextDataArguments, SparsityArguments, TrainingArguments)):
         text = HfArgumentParser(types).format_help()
         assert "--validation_split_size" in text and "--sparsity" in text
+
+
+# --------------------------------------------------------------------------- method options
+
+
+@pytest.mark.parametrize(("value", "expected"), [
+    (None, {}),
+    ("", {}),
+    ("decay_steps=500", {"decay_steps": 500}),
+    ("decay_steps=500, schedule=exponential,end_factor=0.05", {"decay_steps": 500, "schedule": "exponential",
+                                                              "end_factor": 0.05}),
+    ("switch_threshold=1e-7,window=none", {"switch_threshold": 1e-7, "window": None}),
+    ("flag=True,other=false,neg=-3,text=1e-3x", {"flag": True, "other": False, "neg": -3, "text": "1e-3x"}),
+    ('{"decay_steps": 500, "schedule": "linear"}', {"decay_steps": 500, "schedule": "linear"}),  # a YAML mapping
+])
+def test_method_args_are_parsed_with_types(value, expected):
+    parsed = parse_method_args(value)
+    assert parsed == expected
+    assert [type(v) for v in parsed.values()] == [type(v) for v in expected.values()]
+
+
+def test_method_options_reach_the_config():
+    config = parse("--method", "decaying-mask", "--method_args", "decay_steps=500,schedule=exponential",
+                   "--transposable", "--mask_update_interval", "40").to_config()
+    assert config.method_args == {"decay_start": 0, "decay_steps": 500, "schedule": "exponential", "end_factor": 0.01}
+    assert config.transposable is True and config.mask_update_interval == 40
+    config = parse("--method", "step", "--method_args", "max_switch_fraction=0.3", "--transposable", "false")
+    assert config.to_config().method_args["max_switch_fraction"] == 0.3 and not config.to_config().transposable
+    default = parse().to_config()
+    assert (default.transposable, default.mask_update_interval) == (False, 1)
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--method", "decaying-mask", "--method_args", "decay_step=10"],
+     "--method_args: method 'decaying-mask' has no argument(s) 'decay_step' (did you mean 'decay_steps'?)"),
+    (["--method", "decaying-mask", "--method_args", "decay_steps=0"],
+     "--method_args: method 'decaying-mask': decay_steps must be an integer >= 1, got 0"),
+    (["--method", "sr-ste", "--method_args", "decay_steps=10"], "--method_args: method 'sr-ste' has no argument(s)"),
+    (["--method_args", "decay_steps"], "--method_args: 'decay_steps' must look like key=value"),
+    (["--method_args", "a=1,a=2"], "--method_args: 'a' is given twice"),
+    (["--method_args", "{oops"], "--method_args '{oops' is not a valid JSON object"),
+    (["--method", "fixed", "--transposable"], "--transposable=True needs a method that re-chooses its mask"),
+    (["--sparsity", "2:8", "--transposable"], "--transposable: transposable masks support"),
+    (["--mask_update_interval", "0"], "--mask_update_interval must be a positive integer"),
+    (["--method", "dense", "--mask_update_interval", "3"], "--mask_update_interval=3 needs a method"),
+])
+def test_bad_method_options_name_the_flag_in_one_line(argv, message):
+    with pytest.raises(ValueError) as info:
+        parse(*argv)
+    assert message in str(info.value) and "\n" not in str(info.value)
+    assert "SparsityConfig" not in str(info.value)
+
+
+def test_method_options_in_a_recipe_config_file(tmp_path):
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text("method: decaying-mask\nmethod_args:\n  decay_steps: 300\n  schedule: exponential\n"
+                           "transposable: true\nmask_update_interval: 4\n")
+    (sparsity,) = parse_recipe_args([SparsityArguments], [str(config_file)])
+    config = sparsity.to_config()
+    assert (config.method_args["decay_steps"], config.method_args["schedule"]) == (300, "exponential")
+    assert config.transposable and config.mask_update_interval == 4

@@ -9,6 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from transformers import HfArgumentParser
+
+from nm_hf.arguments import SparsityArguments
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -130,3 +133,40 @@ def test_printed_commands_hide_secrets(tmp_path, capsys, monkeypatch):
     printed = capsys.readouterr().out
     assert "--hub_token REDACTED" in printed and "hf_SECRET" not in printed
     assert "hf_SECRETsecret0123456789" in started[0]  # the run itself still gets the token
+
+
+def test_run_specs_with_the_method_options():
+    spec = rt.parse_run_spec("sr-ste:2:4,transposable=true")
+    assert spec.argv() == ["--transposable", "true"] and spec.label == "sr-ste (transposable=true)"
+    spec = rt.parse_run_spec("sr-ste:2:4,mask_update_interval=40")
+    assert spec.argv() == ["--mask_update_interval", "40"] and spec.name == "sr-ste-2x4_mask_update_interval40"
+    spec = rt.parse_run_spec("decaying-mask:2:4,method_args=decay_steps=500,learning_rate=1e-3,"
+                             "method_args=schedule=exponential")
+    assert spec.argv() == ["--method_args", "decay_steps=500,schedule=exponential", "--learning_rate", "1e-3"]
+    # what the recipe gets: the same flags parse into the config the entry describes
+    for entry, check in (
+        ("sr-ste:2:4,transposable=true", lambda c: c.transposable and c.method == "sr-ste"),
+        ("sr-ste:2:4,mask_update_interval=40", lambda c: c.mask_update_interval == 40),
+        ("decaying-mask:2:4,method_args=decay_steps=500,method_args=schedule=exponential",
+         lambda c: (c.method_args["decay_steps"], c.method_args["schedule"]) == (500, "exponential")),
+        ("step:2:4,method_args=max_switch_fraction=0.3", lambda c: c.method_args["max_switch_fraction"] == 0.3),
+    ):
+        spec = rt.parse_run_spec(entry)
+        argv = ["--method", spec.method, "--sparsity", spec.pattern, *spec.argv()]
+        (args, _) = HfArgumentParser(SparsityArguments).parse_args_into_dataclasses(args=argv,
+                                                                                   return_remaining_strings=True)
+        assert check(args.to_config()), entry
+
+
+@pytest.mark.parametrize("entry, message", [
+    ("decaying-mask:2:4,method_args=decay_step=5", "--method_args: method 'decaying-mask' has no argument(s) "
+                                                   "'decay_step' (did you mean 'decay_steps'?)"),
+    ("fixed:2:4,transposable=true", "--transposable=True needs a method that re-chooses its mask"),
+    ("sr-ste:2:4,transposable=maybe", "argument --transposable"),
+    ("sr-ste:2:4,mask_update_interval=0", "--mask_update_interval must be a positive integer"),
+    ("sr-ste:2:4,decay=1,decay=2", "decay is given twice"),
+])
+def test_bad_sparsity_flags_of_an_entry_fail_before_any_run(entry, message):
+    with pytest.raises(ValueError) as info:
+        rt.parse_run_spec(entry)
+    assert str(info.value).startswith(f"--runs entry {entry!r}: ") and message in str(info.value)

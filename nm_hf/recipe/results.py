@@ -208,6 +208,8 @@ def train_and_save(trainer: Any, training_args: Any, sparsity_config: Any) -> di
         "sparsity_config": {
             "pattern": sparsity_config.pattern, "method": sparsity_config.method,
             "decay": sparsity_config.decay, "decay_mode": sparsity_config.decay_mode,
+            "method_args": dict(sparsity_config.method_args), "transposable": sparsity_config.transposable,
+            "mask_update_interval": sparsity_config.mask_update_interval,
             "target_modules": sparsity_config.target_modules, "exclude_modules": sparsity_config.exclude_modules,
             "layers": len(report.layers),
         },
