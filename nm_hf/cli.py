@@ -28,7 +28,8 @@ __all__ = ["main", "build_parser"]
 #: exit status after the reader of stdout went away (128 + SIGPIPE)
 EXIT_BROKEN_PIPE = 141
 #: the layer kinds `inspect --pattern` checks by default, for messages ("Linear/Conv1D")
-_KINDS = "/".join(kind.dense_class.__name__ for kind in available_layer_kinds())
+_KINDS = "/".join(kind.dense_class.__name__ for kind in available_layer_kinds()
+                  if kind.linear and not kind.parameter_targets)
 
 
 def _inspect(args: argparse.Namespace) -> int:

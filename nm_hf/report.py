@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from .injection import iter_sparse_layers
-from .layers import group_dim_of
+from .layers import iter_targets
 from .masks import nm_group_counts
 from .record import CONFIG_KEY
 
@@ -123,10 +123,15 @@ def sparsity_report(
         n, m = n or record["n"], m or record["m"]
     elif n is None or m is None:
         raise ValueError("without a sparsity record in the model config, pass n= and m= with names=")
+    targets = {target.name: target for target in iter_targets(model)}
     modules = dict(model.named_modules())
     for name in names:
-        if name not in modules:
+        if name in targets:
+            target = targets[name]
+            report.layers.append(layer_sparsity(name, target.weight, n, m, target.group_dim))
+        elif name in modules:
+            raise ValueError(f"layer {name!r} from the sparsity record is a {type(modules[name]).__name__} in "
+                             f"{type(model).__name__}, not a layer kind nm_hf knows")
+        else:
             raise ValueError(f"layer {name!r} from the sparsity record is not in {type(model).__name__}")
-        module = modules[name]
-        report.layers.append(layer_sparsity(name, module.weight, n, m, group_dim_of(module)))
     return report

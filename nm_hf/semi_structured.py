@@ -15,12 +15,12 @@ import torch
 from torch import nn
 
 from .injection import finalize, is_sparsified, iter_sparse_layers, unwrap_model
-from .layers import as_out_in, family_kind
+from .layers import as_out_in, family_kind, iter_targets
 from .masks import nm_group_counts
 from .record import CONFIG_KEY, read_record
 
 __all__ = ["SemiStructuredError", "semi_structured_problems", "check_semi_structured", "to_semi_structured",
-           "SEMI_STRUCTURED_DTYPES"]
+           "SEMI_STRUCTURED_DTYPES", "left_dense"]
 
 SEMI_STRUCTURED_DTYPES = (torch.float16, torch.bfloat16)
 #: (rows, cols) every sparse weight dimension must be a multiple of, per backend (torch 2.x values;
@@ -85,12 +85,36 @@ def semi_structured_problems(
     return problems
 
 
+def _is_2d(layer: Any) -> bool:
+    return isinstance(layer, nn.Module) and getattr(layer, "weight", None) is not None and layer.weight.ndim == 2
+
+
+def left_dense(model: nn.Module) -> dict[str, str]:
+    """`{name: why}` for the sparse targets `to_semi_structured` leaves as they are: PyTorch's semi-structured
+    tensors are 2-D, so convolutions and 3-D mixture-of-experts expert weights keep their (N:M) dense weights."""
+    model = unwrap_model(model)
+    if is_sparsified(model):
+        layers = dict(iter_sparse_layers(model))
+    else:
+        record = read_record(model) or {}
+        targets = {target.name: target for target in iter_targets(model)}
+        layers = {name: targets[name].weight for name in record.get("targeted_modules", []) if name in targets}
+    out = {}
+    for name, layer in layers.items():
+        weight = layer.weight if hasattr(layer, "weight") else layer
+        if weight.ndim != 2:
+            out[name] = f"{weight.ndim}-D weight; semi-structured sparse tensors are 2-D (left dense, still N:M)"
+    return out
+
+
 def _candidates(model: nn.Module) -> list[tuple[str, nn.Module, torch.Tensor]]:
-    """(name, module, effective weight in [out, in] layout) for every layer to convert."""
+    """(name, module, effective weight in [out, in] layout) for every 2-D layer to convert."""
+    skipped = left_dense(model)
     if is_sparsified(model):
         out = []
         for name, layer in iter_sparse_layers(model):
-            out.append((name, layer, as_out_in(layer, layer.effective_weight())))
+            if name not in skipped:
+                out.append((name, layer, as_out_in(layer, layer.effective_weight())))
         return out
     record = read_record(model)
     if record is None:
@@ -99,6 +123,8 @@ def _candidates(model: nn.Module) -> list[tuple[str, nn.Module, torch.Tensor]]:
     modules = dict(model.named_modules())
     out = []
     for name in record.get("targeted_modules", []):
+        if name in skipped:
+            continue
         module = modules.get(name)
         if module is None or family_kind(module) is None:
             kind = "missing" if module is None else type(module).__name__
@@ -193,10 +219,11 @@ def to_semi_structured(model: nn.Module, *, backend: str | None = None) -> nn.Mo
 
 
 def describe(model: nn.Module) -> dict[str, Any]:
-    """Counts of semi-structured and dense linear weights (for logs and the benchmark)."""
+    """Counts of semi-structured and dense linear weights, and the N:M targets left dense (not 2-D), for logs
+    and the benchmark."""
     from torch.sparse import SparseSemiStructuredTensor
 
     sparse = sum(1 for mod in model.modules()
                  if isinstance(mod, nn.Linear) and isinstance(mod.weight, SparseSemiStructuredTensor))
-    dense = sum(1 for mod in model.modules() if family_kind(mod) is not None) - sparse
-    return {"semi_structured_layers": sparse, "dense_linear_layers": dense}
+    dense = sum(1 for mod in model.modules() if family_kind(mod) is not None and _is_2d(mod)) - sparse
+    return {"semi_structured_layers": sparse, "dense_linear_layers": dense, "left_dense": left_dense(model)}

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 import torch
 from test_layers_conv import images, tiny_resnet, tiny_wav2vec2
+from test_layers_experts import tiny_moe
 from transformers import AutoModel, AutoModelForCausalLM, AutoModelForImageClassification
 
 import nm_hf
@@ -52,6 +53,7 @@ MODEL_FOR_KIND = {
     "conv2d": ContractModel(tiny_resnet, lambda model: {"pixel_values": images()}, AutoModelForImageClassification,
                             target_modules="all"),
     "conv1d": ContractModel(tiny_wav2vec2, _audio, AutoModel, target_modules=["feature_extractor.conv_layers.1.conv"]),
+    "experts": ContractModel(lambda: tiny_moe("qwen3_moe"), **CAUSAL, target_modules=["experts"]),
 }
 
 PAIRS = [(method, kind.name) for method in available_methods() for kind in available_layer_kinds()]

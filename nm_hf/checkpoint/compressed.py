@@ -58,8 +58,8 @@ from ..record import (
     STATE_TRAINING,
     is_compressed,
     record_group_dims,
+    record_weight_keys,
     require_record,
-    weight_key,
     with_compressed_marker,
     without_compressed_marker,
     write_record,
@@ -88,6 +88,7 @@ from .directory import (
     read_json,
     refuse_overlap,
 )
+from .layout import record_layout, resolve_model_class
 
 __all__ = [
     "FORMAT",
@@ -166,24 +167,34 @@ def finalized_record(model: nn.Module) -> tuple[dict[str, Any], dict[str, int]]:
 
 
 def compress_state_dict(tensors: dict[str, torch.Tensor], record: dict[str, Any], group_dims: dict[str, int],
-                        where: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """(tensors to store, header) for a dense state dict whose targeted weights obey the record's pattern."""
+                        where: str, layout: dict[str, dict[str, int | None]] | None = None
+                        ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(tensors to store, header) for a dense state dict whose targeted weights obey the record's pattern.
+
+    `layout` (`nm_hf.checkpoint.layout.record_layout`) says under which keys and along which
+    dimension each target lies in `tensors`; by default every target under its own state-dict key.
+    """
     n, m = int(record["n"]), int(record["m"])
     if not record_masks_forward(record):
         raise CheckpointError(f"{where}: the model was trained with method={record.get('method')!r} (no N:M "
                               "mask), so its weights are not N:M sparse and cannot be stored compressed")
-    targeted = {weight_key(name): name for name in record["targeted_modules"]}
-    missing = [key for key in targeted if key not in tensors]
+    layout = layout if layout is not None else record_layout(record, group_dims, set(tensors))
+    missing = [key for name, key in record_weight_keys(record).items() if not layout.get(name)]
     if missing:
         raise CheckpointError(f"{where}: targeted weights missing from the checkpoint: {', '.join(missing[:5])}"
                               + (f" (+{len(missing) - 5} more)" if len(missing) > 5 else ""))
+    targeted = {key: dim for keys in layout.values() for key, dim in keys.items()}
     out: dict[str, torch.Tensor] = {}
     entries: dict[str, dict[str, Any]] = {}
     problems: list[str] = []
     for key, tensor in _progress(tensors.items(), len(tensors), "Compressing"):
         if key in targeted:
+            if targeted[key] is None:
+                problems.append(f"{key}: saved in a layout whose rows do not hold whole groups of {m} "
+                                "(the model's save conversion mixes them)")
+                continue
             try:
-                values, packed, entry = compress_tensor(tensor, n, m, group_dims[targeted[key]], name=key)
+                values, packed, entry = compress_tensor(tensor, n, m, targeted[key], name=key)
             except ValueError as err:
                 problems.append(str(err))
                 continue
@@ -207,10 +218,15 @@ def _marker() -> dict[str, Any]:
 
 
 def write_compressed(src: Path, stage: Path, config: dict[str, Any], record: dict[str, Any],
-                     group_dims: dict[str, int]) -> None:
-    """Write the compressed form of the normal checkpoint in `src` into the (staging) directory `stage`."""
+                     group_dims: dict[str, int], model: nn.Module | None = None) -> None:
+    """Write the compressed form of the normal checkpoint in `src` into the (staging) directory `stage`.
+
+    Targets saved in another layout than in memory (per-expert matrices of fused experts) are found
+    with `model` (the live model that was saved) or else a meta skeleton of `src`'s config.json.
+    """
     tensors = read_dense_tensors(src)
-    out, header = compress_state_dict(tensors, record, group_dims, str(src))
+    layout = record_layout(record, group_dims, set(tensors), model=model, directory=src)
+    out, header = compress_state_dict(tensors, record, group_dims, str(src), layout)
     metadata = {"format": "pt", META_FORMAT: FORMAT, META_VERSION: str(FORMAT_VERSION),
                 META_HEADER: json.dumps(header, sort_keys=True)}
     save_file(out, str(stage / WEIGHTS_NAME), metadata=metadata)
@@ -279,7 +295,7 @@ def write_compressed_model(model: nn.Module, stage: Path, record: dict[str, Any]
     dense = stage / ".dense"
     unwrap_model(model).save_pretrained(dense)
     config = read_json(dense / CONFIG_NAME, "the model config")
-    write_compressed(dense, stage, config, record, group_dims)
+    write_compressed(dense, stage, config, record, group_dims, model=unwrap_model(model))
     shutil.rmtree(dense)
 
 
@@ -409,19 +425,6 @@ def load_compressed_state_dict(path: str | os.PathLike) -> dict[str, torch.Tenso
 
 
 # ----------------------------------------------------------------------------- building the model
-
-
-def resolve_model_class(config: Any, model_class: Any = None) -> Any:
-    """`model_class`, else the first class of config.json's `architectures` transformers knows, else AutoModel."""
-    import transformers
-
-    if model_class is not None:
-        return model_class
-    for name in getattr(config, "architectures", None) or []:
-        cls = getattr(transformers, str(name), None)
-        if isinstance(cls, type):
-            return cls
-    return transformers.AutoModel
 
 
 def build_model(cls: Any, config: Any, state_dict: dict[str, torch.Tensor], where: str | os.PathLike,

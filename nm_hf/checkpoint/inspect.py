@@ -16,13 +16,19 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from ..layers import family_kind
-from ..record import is_compressed, read_record, record_group_dims, require_record, weight_key
+from ..record import (
+    is_compressed,
+    read_record,
+    record_group_dims,
+    record_weight_keys,
+    require_record,
+    weight_key,
+)
 from ..report import SparsityReport, layer_sparsity
-from .compressed import iter_compressed_tensors, resolve_model_class
+from .compressed import compressed_file, iter_compressed_tensors, read_header
 from .directory import (
     CONFIG_NAME,
     CheckpointError,
@@ -32,6 +38,7 @@ from .directory import (
     open_safetensors,
     read_json,
 )
+from .layout import record_layout, skeleton
 
 __all__ = ["inspect_checkpoint", "parse_pattern"]
 
@@ -52,17 +59,7 @@ def parse_pattern(pattern: str | tuple[int, int]) -> tuple[int, int]:
 
 def _skeleton(directory: Path) -> nn.Module | None:
     """The model of config.json built on the meta device (no memory), or None if transformers cannot build it."""
-    from transformers import AutoConfig, PreTrainedModel
-
-    try:
-        config = AutoConfig.from_pretrained(directory)
-        cls = resolve_model_class(config)
-        with torch.device("meta"):
-            if isinstance(cls, type) and issubclass(cls, PreTrainedModel):
-                return cls(config)
-            return cls.from_config(config)
-    except (ValueError, KeyError, TypeError, AttributeError, OSError, ImportError):
-        return None
+    return skeleton(directory)
 
 
 def _key_in(name: str, keys: set[str], prefix: str) -> str | None:
@@ -92,7 +89,7 @@ def _select(entries: Sequence[str], keys: set[str], directory: Path) -> list[str
 
 
 def _default_layers(skeleton: nn.Module | None, keys: set[str], directory: Path) -> tuple[list[str], dict[str, int]]:
-    """Every layer of a registered kind but the output head, with its group dim (from the skeleton)."""
+    """Every linear layer (module kinds selected by "all-linear") but the output head, with its group dim."""
     if skeleton is None:
         raise CheckpointError(f"{directory}: transformers cannot build the model of {CONFIG_NAME} to find its "
                               "linear layers; name them with layers=[...] (nm-hf inspect --layers ...)")
@@ -101,8 +98,8 @@ def _default_layers(skeleton: nn.Module | None, keys: set[str], directory: Path)
     names, dims = [], {}
     for name, module in skeleton.named_modules():
         kind = family_kind(module)
-        if not name or kind is None or module is head:
-            continue
+        if not name or kind is None or module is head or not kind.linear or kind.parameter_targets:
+            continue  # the linear module kinds, as "all-linear" (expert weights need a record: see layout)
         key = _key_in(name, keys, prefix)
         if key is not None:
             layer = key.removesuffix(".weight")
@@ -151,7 +148,9 @@ def inspect_checkpoint(path: str | os.PathLike, *, pattern: str | tuple[int, int
     report = SparsityReport()
 
     if record is not None and is_compressed(record):
-        targeted = [weight_key(name) for name in record["targeted_modules"]]
+        # the targets as stored: their state-dict keys, or the keys save_pretrained wrote them under
+        # (per-expert matrices of fused experts), which the header marks as N:M with their group dim
+        targeted = _compressed_nm_keys(directory)
         wanted = [weight_key(x) for x in _select(layers, set(targeted), directory)] if layers else targeted
         rows: dict[str, Any] = {}
         for key, tensor, entry in iter_compressed_tensors(directory):  # every tensor is verified
@@ -180,11 +179,31 @@ def inspect_checkpoint(path: str | os.PathLike, *, pattern: str | tuple[int, int
         dims = record_group_dims(record, config)
     else:
         names, dims = _default_layers(_skeleton(directory), keys, directory)
+    keys_of = record_weight_keys(record) if record is not None else {}
+    disk: dict[str, dict[str, int | None]] = {}
+    saved_elsewhere = {name: dims[name] for name in names if keys_of.get(name, weight_key(name)) not in located}
+    if saved_elsewhere and record is not None:
+        disk = record_layout({**record, "targeted_modules": list(saved_elsewhere)}, saved_elsewhere, keys,
+                             directory=directory)
     for name in names:
-        key = weight_key(name)
-        if key not in located:
-            raise CheckpointError(f"{directory}: targeted weight {key!r} is not in the checkpoint files")
-        with open_safetensors(located[key]) as handle:
-            tensor = handle.get_tensor(key)
-        report.layers.append(layer_sparsity(name, tensor, n, m, dims[name]))
+        stored = disk.get(name) or {keys_of.get(name, weight_key(name)): dims[name]}
+        for key, dim in stored.items():
+            if key not in located:
+                raise CheckpointError(f"{directory}: targeted weight {key!r} is not in the checkpoint files")
+            with open_safetensors(located[key]) as handle:
+                tensor = handle.get_tensor(key)
+            row = name if len(stored) == 1 and key == keys_of.get(name, weight_key(name)) else key.removesuffix(".weight")
+            if dim is None:
+                raise CheckpointError(f"{directory}: {key!r} ({name!r} as saved) does not hold whole groups of {m} "
+                                      "along any dimension")
+            report.layers.append(layer_sparsity(row, tensor, n, m, dim))
     return report, record
+
+
+def _compressed_nm_keys(directory: Path) -> list[str]:
+    """Keys a compressed file stores N:M (its header's "nm" entries), in file order."""
+    path = compressed_file(directory)
+    with open_safetensors(path) as handle:
+        _, _, _, entries = read_header(path, handle)
+    return [key for key, entry in entries.items() if entry.group_dim is not None]
+

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..injection import is_sparsified, iter_sparse_layers, sparsify
-from ..layers import group_dim_of
+from ..layers import iter_targets
 from ..masks import nm_group_counts
 from ..record import (
     STATE_TRAINING,
@@ -39,7 +39,7 @@ HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revis
 
 def _resolve_names(model: nn.Module, names: list[str], where: str) -> list[str]:
     """Map recorded layer names onto `model`, allowing for a base-model prefix added or dropped."""
-    modules = dict(model.named_modules())
+    modules = {**dict(model.named_modules()), **{target.name: target for target in iter_targets(model)}}
     prefix = getattr(model, "base_model_prefix", "") or ""
     resolved, missing = [], []
     for name in names:
@@ -61,14 +61,14 @@ def _resolve_names(model: nn.Module, names: list[str], where: str) -> list[str]:
 
 @torch.no_grad()
 def _pattern_problems(model: nn.Module, names: list[str], n: int, m: int, where: str) -> list[str]:
-    modules = dict(model.named_modules())
+    targets = {target.name: target for target in iter_targets(model)}
     problems = []
     for name in names:
-        try:
-            dim = group_dim_of(modules[name])
-        except TypeError as err:
-            raise CheckpointError(f"{where}: layer {name!r} of the sparsity record: {err}") from None
-        weight = modules[name].weight
+        if name not in targets:
+            raise CheckpointError(f"{where}: layer {name!r} of the sparsity record is a "
+                                  f"{type(dict(model.named_modules()).get(name)).__name__}, not a layer kind nm_hf knows")
+        dim = targets[name].group_dim
+        weight = targets[name].weight
         if weight.shape[dim] % m:
             problems.append(f"layer {name!r}: {weight.shape[dim]} input features are not divisible by m={m}")
             continue

@@ -2,9 +2,11 @@
 
 from .base import SparseLayerMixin, mark_weights_updated, optimizer_steps
 from .conv import SparseConv, SparseConv1d, SparseConv2d
+from .experts import ExpertWeight, SparseExpertsMixin
 from .functional import apply_mask, nm_linear
 from .kinds import (
     ConvKind,
+    ExpertsKind,
     LayerKind,
     Target,
     as_out_in,
@@ -21,6 +23,9 @@ from .linear import Sparse2DLayer, SparseConv1D, SparseLinear
 
 __all__ = [
     "ConvKind",
+    "ExpertWeight",
+    "ExpertsKind",
+    "SparseExpertsMixin",
     "LayerKind",
     "SparseConv",
     "SparseConv1d",

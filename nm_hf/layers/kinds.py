@@ -20,9 +20,17 @@ from transformers.pytorch_utils import Conv1D
 
 from .base import SparseLayerMixin
 from .conv import SparseConv1d, SparseConv2d
+from .experts import (
+    ExpertWeight,
+    SparseExpertsMixin,
+    expert_parameters,
+    experts_transposed,
+    sparse_experts_class,
+)
 from .linear import SparseConv1D, SparseLinear
 
-__all__ = ["LayerKind", "ConvKind", "Target", "iter_targets", "sparse_layers_of", "register_layer_kind", "layer_kind_for", "layer_kind_of_sparse", "available_layer_kinds",
+__all__ = ["LayerKind", "ConvKind", "ExpertsKind", "Target", "iter_targets", "sparse_layers_of",
+           "register_layer_kind", "layer_kind_for", "layer_kind_of_sparse", "available_layer_kinds",
            "group_dim_of", "as_out_in", "family_kind"]
 
 
@@ -106,6 +114,60 @@ class ConvKind(LayerKind):
             return (f"a {what} convolution (groups={groups}): only dense convolutions (groups=1) can be N:M "
                     "along their input channels; grouped and depthwise convolutions stay dense")
         return None
+
+
+@dataclass(frozen=True)
+class ExpertsKind(LayerKind):
+    """The 3-D expert Parameters of a mixture-of-experts experts module (`nm_hf.layers.experts`).
+
+    Targets are Parameters (`<experts module>.gate_up_proj`, ...), N:M per expert along the input
+    dimension: dim 2 of `[E, out, in]`, dim 1 of `[E, in, out]` (transposed layouts).
+    """
+
+    parameter_targets: ClassVar[bool] = True
+
+    def is_family(self, module: nn.Module) -> bool:
+        return bool(expert_parameters(module))
+
+    def matches(self, module: nn.Module) -> bool:
+        return self.is_family(module) and self.refusal(module) is None
+
+    def refusal(self, module: nn.Module) -> str | None:
+        if experts_transposed(module) is None:
+            return (f"an experts module ({type(module).__name__}) whose layout nm_hf cannot tell ([E, out, in] or "
+                    "[E, in, out]: not decorated with transformers' use_experts_implementation)")
+        return None
+
+    def target_parameters(self, module: nn.Module) -> list[str]:
+        return expert_parameters(module)
+
+    def group_dim_for(self, module: nn.Module, parameter: str | None = None) -> int:
+        return 1 if experts_transposed(module) else 2
+
+    def as_out_in(self, weight: torch.Tensor) -> torch.Tensor:
+        raise TypeError("expert weights are 3-D; there is no single [out, in] matrix")
+
+    def convert(self, module: nn.Module, parameter: str | None, config: Any) -> SparseLayerMixin:
+        if not isinstance(module, SparseExpertsMixin):
+            group_dims = {name: self.group_dim_for(module, name) for name in expert_parameters(module)}
+            dense_class = type(module)
+            module.__class__ = sparse_experts_class(dense_class)
+            module._nm_dense_class = dense_class
+            module._nm_group_dims = group_dims
+            module.nm_parts = {}
+        layer = ExpertWeight(module, parameter, module._nm_group_dims[parameter])
+        layer.nm_setup(config)
+        module.nm_parts[parameter] = layer
+        return layer
+
+    def restore(self, layer: SparseLayerMixin) -> None:
+        module = layer.owner
+        layer.nm_teardown()
+        module.nm_parts.pop(layer.parameter, None)
+        if not module.nm_parts:
+            module.__class__ = module.__dict__.pop("_nm_dense_class")
+            for name in ("nm_parts", "_nm_group_dims"):
+                module.__dict__.pop(name, None)
 
 
 _KINDS: dict[str, LayerKind] = {}
@@ -237,3 +299,4 @@ register_layer_kind(LayerKind("linear", nn.Linear, SparseLinear, group_dim=1,
 register_layer_kind(LayerKind("conv1d-gpt2", Conv1D, SparseConv1D, group_dim=0))
 register_layer_kind(ConvKind("conv2d", nn.Conv2d, SparseConv2d, group_dim=1))
 register_layer_kind(ConvKind("conv1d", nn.Conv1d, SparseConv1d, group_dim=1))
+register_layer_kind(ExpertsKind("experts", nn.Module, ExpertWeight, group_dim=-1))

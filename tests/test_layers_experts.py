@@ -1,0 +1,234 @@
+"""Mixture-of-experts expert weights (fused 3-D Parameters) as a layer kind."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_injection import assert_unchanged, refuse, snapshot
+from transformers import AutoConfig, AutoModelForCausalLM
+
+import nm_hf
+from nm_hf.checkpoint import inspect_checkpoint
+from nm_hf.config import SparsityConfig
+from nm_hf.injection import SparsifyError, baked_weights
+from nm_hf.layers import ExpertWeight
+from nm_hf.masks import check_nm, nm_mask
+from nm_hf.record import record_weight_keys
+
+COMMON = {"vocab_size": 96, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "head_dim": 8,
+          "max_position_embeddings": 64, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
+MOE = {
+    "qwen3_moe": {"num_key_value_heads": 2, "moe_intermediate_size": 16, "intermediate_size": 64, "num_experts": 4,
+                  "num_experts_per_tok": 2, "decoder_sparse_step": 1, "mlp_only_layers": []},
+    "mixtral": {"num_key_value_heads": 2, "intermediate_size": 16, "num_local_experts": 4, "num_experts_per_tok": 2},
+    "gpt_oss": {"num_key_value_heads": 2, "intermediate_size": 16, "num_local_experts": 4, "num_experts_per_tok": 2,
+                "layer_types": None, "sliding_window": 8},
+    "deepseek_v3": {"num_key_value_heads": 4, "intermediate_size": 64, "moe_intermediate_size": 16,
+                    "n_routed_experts": 4, "num_experts_per_tok": 2, "n_shared_experts": 1, "first_k_dense_replace": 1,
+                    "n_group": 1, "topk_group": 1, "kv_lora_rank": 16, "q_lora_rank": 16, "qk_rope_head_dim": 8,
+                    "qk_nope_head_dim": 8, "v_head_dim": 8},
+    "llama4_text": {"num_key_value_heads": 2, "intermediate_size": 16, "intermediate_size_mlp": 64,
+                    "num_local_experts": 4, "num_experts_per_tok": 1, "interleave_moe_layer_step": 1,
+                    "layer_types": None, "attention_chunk_size": 8, "no_rope_layers": None},
+}
+#: experts stored [E, in, out]: the input is dim 1
+TRANSPOSED = {"gpt_oss", "llama4_text"}
+IMPLEMENTATIONS = ("eager", "batched_mm", "grouped_mm")
+
+
+def tiny_moe(model_type: str, seed: int = 0):
+    torch.manual_seed(seed)
+    config = AutoConfig.for_model(model_type, **COMMON, **MOE[model_type])
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+def token_ids(seed: int = 0) -> torch.Tensor:
+    return torch.randint(3, 96, (2, 8), generator=torch.Generator().manual_seed(seed))
+
+
+def experts(model) -> dict[str, ExpertWeight]:
+    return {name: layer for name, layer in nm_hf.iter_sparse_layers(model) if isinstance(layer, ExpertWeight)}
+
+
+def expert_names(model) -> list[str]:
+    return [name for name, p in model.named_parameters() if p.ndim == 3 and ".experts." in name]
+
+
+@pytest.mark.parametrize("model_type", list(MOE))
+def test_all_linear_targets_every_expert_weight_along_its_input(model_type):
+    model = tiny_moe(model_type)
+    keys = list(model.state_dict())
+    nm_hf.sparsify(model, SparsityConfig(n=2, m=4))
+    layers = experts(model)
+    assert sorted(layers) == sorted(expert_names(model)) and layers
+    assert list(model.state_dict()) == keys  # same state-dict keys as the dense model
+    dim = 1 if model_type in TRANSPOSED else 2
+    record = model.config.nm_sparsity
+    for name, layer in layers.items():
+        assert layer.group_dim == dim and record["group_dims"][name] == dim
+        assert check_nm(layer.effective_weight(), 2, 4, dim=dim), name
+    assert set(record["parameter_targets"]) == set(layers)
+    assert record_weight_keys(record)[next(iter(layers))] == next(iter(layers))
+    targeted = set(record["targeted_modules"])
+    assert not any(name.endswith((".gate", ".router")) for name in targeted)  # routers stay dense
+    if model_type == "deepseek_v3":  # shared experts are plain linears; the first layer is dense
+        assert "model.layers.1.mlp.shared_experts.gate_proj" in targeted
+        assert "model.layers.0.mlp.gate_proj" in targeted and not any("layers.0" in n for n in layers)
+
+
+def test_experts_named_or_excluded():
+    model = tiny_moe("qwen3_moe")
+    nm_hf.sparsify(model, SparsityConfig(target_modules=["experts"]))
+    assert sorted(n for n, _ in nm_hf.iter_sparse_layers(model)) == sorted(expert_names(model))
+    model = tiny_moe("qwen3_moe")
+    nm_hf.sparsify(model, SparsityConfig(target_modules=["layers.0.mlp.experts.down_proj"]))
+    assert [n for n, _ in nm_hf.iter_sparse_layers(model)] == ["model.layers.0.mlp.experts.down_proj"]
+    model = tiny_moe("qwen3_moe")
+    nm_hf.sparsify(model, SparsityConfig(exclude_modules=["experts"]))
+    assert not experts(model) and nm_hf.is_sparsified(model)
+    model = tiny_moe("qwen3_moe")
+    nm_hf.sparsify(model, SparsityConfig(target_modules=r".*experts\.gate_up_proj"))
+    assert sorted(experts(model)) == [n for n in sorted(expert_names(model)) if n.endswith("gate_up_proj")]
+
+
+def test_refusals_leave_the_model_untouched():
+    model = tiny_moe("qwen3_moe")
+    refuse(model, SparsityConfig(n=2, m=32, target_modules=["experts"]), "not divisible by m=32")
+    refuse(model, SparsityConfig(target_modules=["experts"], exclude_modules=["experts"]), "no layer left")
+    nm_hf.sparsify(model, SparsityConfig(target_modules=["layers.0.mlp.experts"]))
+    before = snapshot(model)
+    with pytest.raises(SparsifyError, match="already has sparse layers"):
+        nm_hf.sparsify(model, SparsityConfig(target_modules=["experts"]))
+    assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize("model_type", list(MOE))
+def test_every_experts_implementation_sees_the_masked_weights(model_type):
+    model = tiny_moe(model_type)
+    nm_hf.sparsify(model, SparsityConfig(n=2, m=4))
+    ids = token_ids()
+    reference = tiny_moe(model_type)
+    reference.load_state_dict({**model.state_dict(), **baked_weights(model)})
+    outputs = {}
+    for implementation in IMPLEMENTATIONS:
+        if model_type == "llama4_text" and implementation != "eager":
+            continue  # Llama4TextExperts is not decorated: one implementation
+        if implementation != "eager":
+            model.set_experts_implementation(implementation)
+            reference.set_experts_implementation(implementation)
+        with torch.no_grad():
+            outputs[implementation] = model(input_ids=ids).logits
+            torch.testing.assert_close(outputs[implementation], reference(input_ids=ids).logits)
+        model.train()  # the training path (autograd-aware masked weight) gives the same logits
+        logits = model(input_ids=ids).logits
+        torch.testing.assert_close(logits.detach(), outputs[implementation])
+        logits.float().pow(2).mean().backward()
+        model.eval()
+    for logits in outputs.values():
+        torch.testing.assert_close(logits, outputs["eager"], rtol=1e-4, atol=1e-4)
+    assert all(layer.weight.grad is not None for layer in experts(model).values())
+
+
+@pytest.mark.parametrize("method", ["sr-ste", "ste", "fixed", "dense"])
+@pytest.mark.parametrize("model_type", ["mixtral", "gpt_oss"])
+def test_gradient_formula_on_an_expert_tensor(method, model_type):
+    model = tiny_moe(model_type)
+    name = "model.layers.0.mlp.experts.gate_up_proj"
+    dense = model.get_parameter(name).detach().clone()
+    nm_hf.sparsify(model, SparsityConfig(n=2, m=4, method=method, decay=0.3))
+    layer = experts(model)[name]
+    dim = layer.group_dim
+    weight = layer.weight.detach().clone()  # "fixed" zeroed its pruned weights
+    mask = nm_mask(dense, 2, 4, dim=dim)
+    assert torch.equal(layer.current_mask(), mask)
+    model.train()
+    ids = token_ids()
+    model(input_ids=ids).logits.float().pow(2).mean().backward()
+
+    # reference: the same model computing with plain tensors W' (the N:M weights) in place of the sparse ones
+    reference = tiny_moe(model_type).train()
+    reference.load_state_dict({**model.state_dict(), **baked_weights(model)})
+    reference.get_parameter(name).grad = None
+    reference(input_ids=ids).logits.float().pow(2).mean().backward()
+    grad_w_prime = reference.get_parameter(name).grad
+    expected = {"ste": grad_w_prime, "dense": grad_w_prime, "sr-ste": grad_w_prime + 0.3 * weight * ~mask,
+                "fixed": grad_w_prime * mask}[method]
+    torch.testing.assert_close(layer.weight.grad, expected)
+
+
+def test_mask_cache_follows_optimizer_steps_and_decoupled_decay():
+    model = tiny_moe("mixtral")
+    nm_hf.sparsify(model, SparsityConfig(n=2, m=4, decay=0.5, decay_mode="decoupled"))
+    layer = next(iter(experts(model).values()))
+    model.train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    before = layer.current_mask().clone()
+    model(input_ids=token_ids()).logits.float().pow(2).mean().backward()
+    optimizer.step()
+    stepped = layer.weight.detach().clone()
+    assert not torch.equal(stepped * before, stepped * ~before)
+    assert torch.equal(layer.current_mask(), nm_mask(stepped, 2, 4, dim=layer.group_dim))  # recomputed
+    nm_hf.after_optimizer_step(model, 1.0)
+    mask = nm_mask(stepped, 2, 4, dim=layer.group_dim)
+    torch.testing.assert_close(layer.weight.detach(), stepped - 0.5 * stepped * ~mask)
+
+
+@pytest.mark.parametrize("model_type", list(MOE))
+def test_finalize_save_plain_reload_compressed_and_inspect(model_type, tmp_path):
+    model = tiny_moe(model_type)
+    nm_hf.sparsify(model, SparsityConfig(n=2, m=4))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.05)
+    tracker = nm_hf.SparsityTracker(model)
+    masks = {name: layer.current_mask().clone() for name, layer in nm_hf.iter_sparse_layers(model)}
+    model.train()
+    for _ in range(2):
+        model(input_ids=token_ids()).logits.float().pow(2).mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        tracker.step()
+    metrics = tracker.log_metrics(2)
+    expected = sum(int((masks[name] != layer.current_mask()).sum()) for name, layer in nm_hf.iter_sparse_layers(model))
+    assert metrics["sparsity/sad"] == expected
+    model.eval()
+    ids = token_ids(1)
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+    nm_hf.finalize(model)
+    assert not nm_hf.is_sparsified(model)
+    owners = {name.rsplit(".", 1)[0] for name in model.config.nm_sparsity["parameter_targets"]}
+    assert owners and not any("Sparse" in type(model.get_submodule(owner)).__name__ for owner in owners)
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, logits)
+    model.save_pretrained(tmp_path / "plain")
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "plain").eval()
+    with torch.no_grad():
+        assert torch.equal(plain(input_ids=ids).logits, logits)
+    assert nm_hf.sparsity_report(plain).nm_ok
+
+    report, _ = inspect_checkpoint(tmp_path / "plain")  # the per-expert layout on disk
+    assert report.nm_ok and report.total_numel == nm_hf.sparsity_report(plain).total_numel
+
+    reloaded = nm_hf.load_sparse(tmp_path / "plain").eval()
+    assert sorted(experts(reloaded)) == sorted(expert_names(reloaded))
+    with torch.no_grad():
+        assert torch.equal(reloaded(input_ids=ids).logits, logits)
+
+    nm_hf.save_compressed(model, tmp_path / "compressed")
+    restored = nm_hf.load_compressed(tmp_path / "compressed").eval()
+    for (key, value), (key2, value2) in zip(model.state_dict().items(), restored.state_dict().items(), strict=True):
+        assert key == key2 and torch.equal(value, value2), key
+    report, _ = inspect_checkpoint(tmp_path / "compressed")
+    assert report.nm_ok and report.total_numel == nm_hf.sparsity_report(plain).total_numel
+
+
+def test_semi_structured_leaves_experts_and_convs_dense_and_lists_them():
+    from nm_hf.semi_structured import check_semi_structured, describe
+
+    model = tiny_moe("qwen3_moe").half()
+    nm_hf.sparsify(model, SparsityConfig(n=2, m=4))
+    problems = check_semi_structured(model, assume_cuda=True)
+    assert not any(".experts." in problem for problem in problems)  # only 2-D linears are checked
+    listed = describe(model)["left_dense"]
+    assert sorted(listed) == sorted(expert_names(model)) and "3-D weight" in next(iter(listed.values()))
+    nm_hf.finalize(model)
+    assert sorted(describe(model)["left_dense"]) == sorted(expert_names(model))
