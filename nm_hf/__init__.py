@@ -33,6 +33,7 @@ from .tracker import HISTORY_FILE, SparsityTracker
 # Trainer classes import `transformers.Trainer` (slow); `nm_hf.plot` is also `python -m nm_hf.plot`, which
 # warns if importing the package already imported it: both load on first use.
 _LAZY = {"SparseTrainer": "trainer", "SparseSeq2SeqTrainer": "trainer", "SparseTrainerMixin": "trainer",
+         "create_sparse_optimizer": "trainer",
          "SparsityArguments": "arguments", "PLOT_FILE": "plot", "plot_runs": "plot"}
 _LAZY_MODULES = ("plot", "trainer")
 
@@ -54,6 +55,7 @@ __all__ = [
     "SparseSeq2SeqTrainer",
     "SparseTrainer",
     "SparseTrainerMixin",
+    "create_sparse_optimizer",
     "SparsityArguments",
     "SparsityTracker",
     "mark_weights_updated",
