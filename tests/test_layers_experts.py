@@ -207,6 +207,15 @@ def test_finalize_save_plain_reload_compressed_and_inspect(model_type, tmp_path)
 
     report, _ = inspect_checkpoint(tmp_path / "plain")  # the per-expert layout on disk
     assert report.nm_ok and report.total_numel == nm_hf.sparsity_report(plain).total_numel
+    if model_type == "mixtral":  # saved as experts.{e}.w1/w2/w3 [out, in]: N:M along dim 1 of each
+        rows = {row.name: row for row in report.layers}
+        assert "model.layers.0.block_sparse_moe.experts.3.w1" in rows
+        from safetensors.torch import load_file
+
+        saved = load_file(tmp_path / "plain" / "model.safetensors")
+        for e in range(4):
+            for w in ("w1", "w2", "w3"):
+                assert check_nm(saved[f"model.layers.1.block_sparse_moe.experts.{e}.{w}.weight"], 2, 4, dim=1)
 
     reloaded = nm_hf.load_sparse(tmp_path / "plain").eval()
     assert sorted(experts(reloaded)) == sorted(expert_names(reloaded))
