@@ -50,7 +50,8 @@ def tiny_llama(vocab: int) -> LlamaForCausalLM:
 
 
 def sft_args(out, **overrides) -> trl.SFTConfig:
-    # gradient checkpointing stays at TRL's default (on): the sparse layers are recomputed in backward
+    # gradient checkpointing and bf16 stay at TRL's defaults (on): the sparse layers are recomputed in
+    # backward and run under bf16 autocast
     kwargs = dict(output_dir=str(out), max_steps=4, per_device_train_batch_size=8, logging_steps=2,
                   save_strategy="no", learning_rate=1e-3, report_to="none", use_cpu=True, disable_tqdm=True,
                   max_length=32, seed=0, data_seed=0, optim="adamw_torch")
@@ -105,3 +106,28 @@ def test_sft_trainer_checkpoints_stay_dense_and_resume_exactly(tmp_path):
     for key, value in full.model.state_dict().items():
         assert torch.equal(resumed.model.state_dict()[key], value), key
     assert resumed.sparsity_tracker.history == full.sparsity_tracker.history
+
+
+def test_sft_trainer_with_peft_config_and_preserve_sparsity_merges_into_nm_weights(tmp_path):
+    peft = pytest.importorskip("peft")
+    import nm_hf
+    from nm_hf.peft import preserve_sparsity
+
+    tokenizer = trained_tokenizer()
+    base = tiny_llama(len(tokenizer))
+    nm_hf.prune(base, SparsityConfig(method="fixed"), criterion="magnitude")
+    # bf16=False: TRL's default bf16 wraps model.forward in autocast, and the logits are compared in float32
+    trainer = trl.SFTTrainer(model=base, args=sft_args(tmp_path, learning_rate=5e-2, bf16=False),
+                             train_dataset=datasets.Dataset.from_dict({"text": texts()}), processing_class=tokenizer,
+                             peft_config=peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    preserve_sparsity(trainer.model)
+    trainer.train()
+    model = trainer.model.eval()
+    batch = tokenizer(texts(2, seed=1), return_tensors="pt")
+    with torch.no_grad():
+        before = model(**batch).logits
+        merged = model.merge_and_unload()
+        after = merged(**batch).logits
+    assert torch.allclose(after, before, atol=1e-5, rtol=0)
+    for name, layer in iter_sparse_layers(merged):
+        assert check_nm(layer.weight, 2, 4, dim=group_dim_of(layer)), name
