@@ -2,9 +2,9 @@
 
 Levels (a module may import from its own level or below; `nm_hf/__init__.py` re-exports and is exempt):
 core (masks, files, methods, redact) -> config -> record -> layers -> injection -> report / tracker / plot /
-save_warning / peft / prune -> trainer / arguments -> checkpoint, hub, card, CUDA path, CLI -> recipe support. Data loaders and
-tokenizers stand apart (only recipe support uses them). Imports inside functions count too; imports
-under `if TYPE_CHECKING:` do not.
+save_warning / peft / prune -> trainer / arguments -> checkpoint, hub, card, CUDA path, CLI -> recipe
+support. Data loaders and tokenizers stand apart (only recipe support uses them). Imports inside
+functions count too; imports under `if TYPE_CHECKING:` do not.
 """
 
 from __future__ import annotations
