@@ -169,7 +169,7 @@ def create_sparse_optimizer(model: nn.Module, params: Any = None, *, lr: float =
         raise ValueError(f"{type(unwrap_model(model)).__name__} has no sparse layers (call nm_hf.sparsify first)")
     params = model.parameters() if params is None else params
     method = layers[0].method
-    optimizer_class = getattr(method, "optimizer_class", None)
+    optimizer_class = method.optimizer_class
     if optimizer_class is None:
         return torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
     if total_steps is None:
@@ -181,7 +181,7 @@ def create_sparse_optimizer(model: nn.Module, params: Any = None, *, lr: float =
 
 def _method_optimizer_class(config: SparsityConfig | None) -> type | None:
     """The optimizer class the config's method asks for (None: any optimizer will do)."""
-    return None if config is None else getattr(get_method(config.method), "optimizer_class", None)
+    return None if config is None else get_method(config.method).optimizer_class
 
 
 def _intended_config(model: nn.Module | None, config: SparsityConfig | None) -> SparsityConfig | None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import difflib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -71,6 +71,10 @@ class SparsityMethod:
     uses_step: ClassVar[bool] = False
     #: set for each subclass: True when it keeps the default `forward_weight` (the fused `W * mask` path)
     fused_forward: ClassVar[bool] = True
+    #: the optimizer the method trains with (STEP: `nm_hf.optim.StepAdamW`); None: any optimizer will do.
+    #: `SparseTrainer` and `nm_hf.create_sparse_optimizer` build it with AdamW's arguments (`lr`, `betas`,
+    #: `eps`, `weight_decay`), `total_steps` and `optimizer_kwargs(layers)`, and refuse another optimizer
+    optimizer_class: ClassVar[type[torch.optim.Optimizer] | None] = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -136,6 +140,14 @@ class SparsityMethod:
         `mask` is its mask. Default: `weight * mask` with exact +0.0 for pruned entries.
         """
         return apply_mask(weight, mask)
+
+    def optimizer_kwargs(self, layers: Sequence[SparseLayerMixin]) -> dict[str, Any]:
+        """Keyword arguments of `optimizer_class` beyond AdamW's and `total_steps`, for the model's sparse `layers`.
+
+        Only called when `optimizer_class` is set; lets the optimizer see the layers it must watch or
+        tell (STEP: the masked weights and the phase callback). Default: none.
+        """
+        return {}
 
     def check_state(self, layer: SparseLayerMixin, state: Mapping[str, Any]) -> dict[str, Any]:
         """Validated per-layer method state being restored (`nm_hf.load_sparse_training_state`).
