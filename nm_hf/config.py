@@ -28,8 +28,10 @@ class SparsityConfig:
         method: a registered method (`nm_hf.methods.available_methods()`): "sr-ste" (mask recomputed
             from dense weights each step, pruned weights decayed), "ste" (same, no decay), "fixed"
             (one-shot magnitude mask at `sparsify` time, frozen), "dense" (layers patched but not
-            masked, for fair comparisons), "s-ste" (soft-thresholded, rescaled weights) or
-            "decaying-mask" (pruned weights fade out over a schedule); see docs/concepts.md.
+            masked, for fair comparisons), "s-ste" (soft-thresholded, rescaled weights),
+            "decaying-mask" (pruned weights fade out over a schedule) or "step" (dense AdamW until
+            AutoSwitch, then STE with the second moment frozen; trains with its own optimizer,
+            `nm_hf.optim.StepAdamW`); see docs/concepts.md.
         decay: SR-STE's lambda_w, the strength pulling pruned weights towards zero. The default is
             the paper's (tuned with SGD); Adam normalises each weight's update, so with Adam the
             gradient-mode decay only acts once `decay * |w|` outweighs a pruned weight's data gradient
@@ -41,7 +43,8 @@ class SparsityConfig:
             layers whose input size is not divisible by m are left dense and listed), a list of module
             names (exact or dotted-suffix match) or a regex string (full match on the module name).
         exclude_modules: same forms as `target_modules`; removed from the targets.
-        method_args: the method's own hyperparameters (checked by the method; defaults filled in).
+        method_args: the method's own hyperparameters (checked by the method; defaults filled in),
+            e.g. decaying-mask's `schedule`, step's `switch_threshold`.
         transposable: choose masks that are N:M along both the rows and the columns of every m x m
             block (Hu et al., ICML 2024), so the transposed weight of the backward pass is N:M too.
             Supported for 1:2, 1:4, 2:4 and 3:4, with methods that re-choose their mask.
