@@ -489,7 +489,7 @@ def after_optimizer_step(model: nn.Module, lr: float) -> int:
     return changed
 
 
-#: the documented name for SR-STE's decoupled decay (it is the same call)
+#: the older name of `after_optimizer_step` (the same function, kept importable): call one of them once per step
 apply_decoupled_decay = after_optimizer_step
 
 
