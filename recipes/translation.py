@@ -291,7 +291,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             train_file=data_args.train_file, validation_file=data_args.validation_file,
             test_file=data_args.test_file, dataset=data_args.dataset,
             max_train_samples=data_args.max_train_samples, max_eval_samples=data_args.max_eval_samples,
-            max_test_samples=data_args.max_test_samples, ding_max_words=data_args.ding_max_words,
+            max_test_samples=data_args.max_test_samples, ding_min_words=data_args.ding_min_words,
+            ding_max_words=data_args.ding_max_words,
             ding_sentences_only=data_args.ding_sentences_only, cache_dir=data_args.data_cache_dir,
             **data_args.split_sizes())
     for split in ("train", "validation", "test"):

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from nm_hf.data.ding import count_words
 from nm_hf.data.translation import iter_translation_texts, load_translation_data, resolve_parallel_files
 
 FIXTURE = Path(__file__).parent / "fixtures" / "ding_sample.txt"
@@ -148,6 +149,18 @@ def test_ding_length_and_sentence_filters_reach_the_loader():
     assert 0 < len(rows) < sum(len(split) for split in every.values())
     for row in rows:
         assert all(len(row[lang].split()) <= 6 and row[lang][-1] in ".!?" for lang in ("en", "de"))
+
+
+def test_ding_min_words_reaches_the_loader():
+    """The default minimum (4) leaves out the dictionary's short phrase entries; a lower one adds them."""
+    def rows(**kwargs):
+        dsd = load_translation_data(ding_path=FIXTURE, validation_size=1, test_size=1, **kwargs)
+        return [row for split in dsd.values() for row in split["translation"]]
+
+    default, phrases = rows(), rows(ding_min_words=2, ding_max_words=3)
+    assert all(count_words(row[lang]) >= 4 for row in default for lang in ("en", "de"))
+    assert phrases and all(2 <= count_words(row[lang]) <= 3 for row in phrases for lang in ("en", "de"))
+    assert {"en": "to take leave", "de": "Abschied nehmen"} in phrases
 
 
 # ---- errors name the file or the flag ----------------------------------------------------------------

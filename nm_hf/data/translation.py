@@ -330,6 +330,7 @@ def load_translation_data(
     validation_size: SplitSize | None = None,
     test_size: SplitSize | None = None,
     ding_path: str | os.PathLike[str] = DING_PATH,
+    ding_min_words: int = 4,
     ding_max_words: int | None = 50,
     ding_sentences_only: bool = False,
     cache_dir: str | None = None,
@@ -372,6 +373,7 @@ def load_translation_data(
             )
         result = load_ding(
             ding_path,
+            min_words=ding_min_words,
             max_words=ding_max_words,
             sentences_only=ding_sentences_only,
             validation_size=1500 if validation_size is None else validation_size,

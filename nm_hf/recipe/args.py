@@ -101,6 +101,10 @@ class TranslationDataArguments(DataArguments):
     )
     max_source_length: int = field(default=128, metadata={"help": "Source sentences are truncated to this."})
     max_target_length: int = field(default=128, metadata={"help": "Target sentences are truncated to this."})
+    ding_min_words: int = field(
+        default=4, metadata={"help": "--dataset ding: keep pairs whose sides have at least this many words "
+                             "(1-3 add the dictionary's word and short phrase entries)."}
+    )
     ding_max_words: int = field(
         default=50, metadata={"help": "--dataset ding: keep pairs whose sides have at most this many words."}
     )
@@ -111,7 +115,11 @@ class TranslationDataArguments(DataArguments):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check_positive(self, ("max_source_length", "max_target_length", "ding_max_words"), allow_none=False)
+        _check_positive(self, ("max_source_length", "max_target_length", "ding_min_words", "ding_max_words"),
+                        allow_none=False)
+        if self.ding_min_words > self.ding_max_words:
+            raise ValueError(f"--ding_min_words {self.ding_min_words} is larger than --ding_max_words "
+                             f"{self.ding_max_words}: no Ding pair would be kept")
         if self.source_lang == self.target_lang:
             raise ValueError(f"--source_lang and --target_lang must differ (both are {self.source_lang!r})")
 
