@@ -26,8 +26,11 @@ Cost: `step()` asks every layer for `current_mask()`, which is cached until the 
 next forward reuses it (for method "dense" it is an extra `nm_mask` per layer per step). Memory: three
 masks per layer are kept as packed bits (init, last log, previous step: 3 bits per weight) on the
 weights' device; the flip counters stay on the device too, so `step()` does not synchronise a GPU.
-All computations are local: under DDP the weights (hence masks) are identical on every rank, so no
-collective is needed. Sharded parameters (FSDP, DeepSpeed ZeRO-3) are not supported.
+Under DDP the weights (hence masks) are identical on every rank and everything is local, without any
+collective. With weights sharded by FSDP2 (`DTensor`s sharded over one mesh dimension) each rank
+keeps and counts the masks of its own shards (`SparseLayerMixin.current_mask`), and `log_metrics` /
+`summary` sum the counts over the shards in one all-reduce: every rank must call them, and gets the
+numbers one process would. The state (`state_dict`) of such a tracker is this rank's.
 """
 
 from __future__ import annotations
@@ -39,11 +42,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from ._files import atomic_write, atomic_write_text
 from .injection import iter_sparse_layers
 from .layers import mark_weights_updated
+from .layers.base import is_sharded, local_tensor
 from .record import read_record
 
 __all__ = ["SparsityTracker", "HISTORY_FILE", "TRACKER_STATE_FILE", "METRIC_PREFIX", "pack_bits",
@@ -114,9 +119,13 @@ class SparsityTracker:
         self.pattern = patterns[0] if len(patterns) == 1 else "mixed"
         record = read_record(model) if getattr(model, "config", None) is not None else None
         self.config: dict[str, Any] | None = dict(record) if record is not None else None
+        self._group, self._shard = self._shard_group()
+        self._sharded = [is_sharded(layer.weight) for _, layer in self._layers]
+        self._local_shapes = [tuple(local_tensor(layer.weight).shape) for _, layer in self._layers]
+        self._reduced_total_flips = 0
 
         with torch.no_grad():
-            current = [pack_bits(layer.current_mask()) for _, layer in self._layers]
+            current = [pack_bits(self._local_mask(layer)) for _, layer in self._layers]
         self._init = current
         self._last_log = [p.clone() for p in current]
         self._prev = [p.clone() for p in current]
@@ -126,6 +135,31 @@ class SparsityTracker:
         self.window_steps = 0
         self.total_steps = 0
         self.history: list[dict[str, Any]] = []
+
+    def _shard_group(self) -> tuple[Any, tuple[int, int]]:
+        """The process group the layers' weights are sharded over (None: not sharded), and (rank, size) in it."""
+        sharded = [(name, layer) for name, layer in self._layers if is_sharded(layer.weight)]
+        if not sharded:
+            return None, (0, 1)
+        weight = sharded[0][1].weight
+        mesh, dims = weight.device_mesh, [i for i, p in enumerate(weight.placements) if p.is_shard()]
+        for name, layer in sharded:
+            w = layer.weight
+            layer_dims = [i for i, p in enumerate(w.placements) if p.is_shard()]
+            if w.device_mesh != mesh or layer_dims != dims or len(dims) > 1:
+                raise ValueError(f"SparsityTracker: layer {name!r} is sharded otherwise than the others or over "
+                                 "several mesh dimensions; it supports weights sharded over one mesh dimension")
+            try:
+                layer.check_sharding()
+            except ValueError as err:
+                raise ValueError(f"SparsityTracker: layer {name!r}: {err}") from None
+        if not dims:  # replicated DTensors: every rank holds everything
+            return None, (0, 1)
+        group = mesh.get_group(dims[0])
+        return group, (dist.get_rank(group), dist.get_world_size(group))
+
+    def _local_mask(self, layer: Any) -> torch.Tensor:
+        return local_tensor(layer.current_mask())
 
     # ------------------------------------------------------------------ per step
 
@@ -140,7 +174,7 @@ class SparsityTracker:
         if mark_updated:
             mark_weights_updated(layer for _, layer in self._layers)
         for i, (_, layer) in enumerate(self._layers):
-            packed = pack_bits(layer.current_mask())
+            packed = pack_bits(self._local_mask(layer))
             flips = popcount(packed ^ self._prev[i])
             self._window_flips[i] += flips
             self._total_flips[i] += flips
@@ -158,17 +192,11 @@ class SparsityTracker:
         sad = sad_init = zeros = 0
         pruned_sq = 0.0
         window = max(self.window_steps, 1)
-        for i, (name, layer) in enumerate(self._layers):
-            mask = layer.current_mask()
-            packed = pack_bits(mask)
-            packed_now.append(packed)
-            weight = layer.weight.detach()
-            layer_sad = int(popcount(packed ^ self._last_log[i]))
-            layer_sad_init = int(popcount(packed ^ self._init[i]))
-            flips = int(self._window_flips[i])
-            pruned_norm = float(weight.masked_fill(mask, 0).float().norm())
-            used = weight.masked_fill(~mask, 0) if layer.is_masked else weight
-            layer_zeros = self.numels[i] - int(torch.count_nonzero(used))
+        counts = self._local_counts(packed_now)
+        for i, (name, _) in enumerate(self._layers):
+            layer_sad, layer_sad_init, flips, nonzero, _ = (int(v) for v in counts[i].tolist())
+            pruned_norm = math.sqrt(float(counts[i, 4]))
+            layer_zeros = self.numels[i] - nonzero
             numel = self.numels[i]
             layers[name] = {
                 "sad": layer_sad,
@@ -197,6 +225,30 @@ class SparsityTracker:
             "layers": layers,
         }
         return record, packed_now
+
+    def _local_counts(self, packed_now: list[torch.Tensor]) -> torch.Tensor:
+        """Per layer [sad, sad_from_init, window flips, non-zeros used, pruned squared norm], summed over
+        the shards (one all-reduce for all layers); also sets the summed total flips."""
+        rows = []
+        total_flips = torch.zeros((), dtype=torch.float64)
+        for i, (_, layer) in enumerate(self._layers):
+            mask = self._local_mask(layer)
+            packed = pack_bits(mask)
+            packed_now.append(packed)
+            weight = local_tensor(layer.weight)
+            used = weight.masked_fill(~mask, 0) if layer.is_masked else weight
+            counts = torch.stack([popcount(packed ^ self._last_log[i]), popcount(packed ^ self._init[i]),
+                                  self._window_flips[i], torch.count_nonzero(used)]).cpu().double()
+            pruned_sq = weight.masked_fill(mask, 0).float().norm().cpu().double().square()
+            row = torch.cat([counts, pruned_sq.reshape(1)])
+            own = self._group is None or self._sharded[i] or self._shard[0] == 0  # replicated layers: rank 0's
+            rows.append(row if own else torch.zeros_like(row))
+            total_flips += self._total_flips[i].cpu().double() if own else 0.0
+        counts = torch.cat([torch.stack(rows), total_flips.reshape(1, 1).expand(1, 5)])
+        if self._group is not None:
+            dist.all_reduce(counts, group=self._group)
+        self._reduced_total_flips = int(counts[-1, 0])
+        return counts[:-1]
 
     def log_metrics(self, step: int) -> dict[str, float]:
         """Totals since the last call, as `{"sparsity/sad": ..., ...}`; appends a history record.
@@ -229,7 +281,8 @@ class SparsityTracker:
             record, _ = self._measure()
             record["step"] = None  # not logged: the tracker does not know the global step
         out: dict[str, Any] = {key: record[key] for key in TOTAL_KEYS}
-        total_flips = sum(int(c) for c in self._total_flips)
+        total_flips = (sum(int(c) for c in self._total_flips) if self._group is None
+                       else self._reduced_total_flips)  # sharded: summed at the last measure (no steps since)
         out["mean_flip_rate"] = (total_flips / (self.total_steps * self.num_masked_weights)
                                  if self.total_steps else 0.0)
         out["step"] = record.get("step")
@@ -294,6 +347,7 @@ class SparsityTracker:
             "window_steps": self.window_steps,
             "total_steps": self.total_steps,
             "history": self.history,
+            "shard": list(self._shard),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -306,6 +360,10 @@ class SparsityTracker:
         for name, numel, saved in zip(self.names, self.numels, state["numels"], strict=True):
             if numel != saved:
                 raise ValueError(f"layer {name!r} has {numel} weights but the saved tracker state has {saved}")
+        shard = tuple(state.get("shard", (0, 1)))
+        if shard != self._shard:
+            raise ValueError(f"the saved sparsity tracker holds the masks of shard {shard[0]} of {shard[1]}, this rank "
+                             f"tracks shard {self._shard[0]} of {self._shard[1]}")
         devices = [p.device for p in self._init]
         self._init = [p.to(d) for p, d in zip(state["init"], devices, strict=True)]
         self._last_log = [p.to(d) for p, d in zip(state["last_log"], devices, strict=True)]
@@ -356,8 +414,9 @@ class SparsityTracker:
         return {name: layer.current_mask() for name, layer in self._layers}
 
     def initial_masks(self) -> dict[str, torch.Tensor]:
-        """Masks at tracker creation, unpacked to boolean tensors."""
-        return {name: unpack_bits(p, shape) for name, p, shape in zip(self.names, self._init, self.shapes, strict=True)}
+        """Masks at tracker creation, unpacked to boolean tensors (this rank's shards of sharded weights)."""
+        return {name: unpack_bits(p, shape)
+                for name, p, shape in zip(self.names, self._init, self._local_shapes, strict=True)}
 
 
 _STATE_KEYS = ("names", "numels", "init", "last_log", "prev", "window_flips", "total_flips", "window_steps",

@@ -5,7 +5,15 @@ global count of optimizer steps: an optimizer step (any torch optimizer, fused o
 do not bump version counters), `load_state_dict` or a new Parameter invalidates it; repeated
 forwards with unchanged weights (eval, gradient accumulation, the tracker right after a step) reuse
 it. The key needs nothing stored on the Parameter, so `copy.deepcopy(model)` and
-`load_state_dict(..., assign=True)` keep training with fresh masks.
+`load_state_dict(..., assign=True)` keep training with fresh masks. The key also holds a per-layer
+count of `load_state_dict` / `mark_weights_updated` calls: under FSDP2 the forward sees a freshly
+all-gathered tensor whose version counter stays 0 and whose storage address recurs, so writes to
+the sharded weights outside an optimizer step would not show in that tensor's key otherwise.
+
+Sharded weights (FSDP2 `DTensor`s, outside the forward): `current_mask()` is the mask of this rank's
+shard, as a `DTensor` sharded like the weight, computed locally (no collective). That is the
+corresponding part of the whole weight's mask as long as no group of m is cut by a shard boundary
+(`sharding_problem`); it is cached apart from the forward's mask.
 
 With `SparsityConfig.mask_update_interval = k > 1` the key is instead the layer's step counter
 divided by k (and the Parameter's identity): the mask is re-chosen from the weights once every k
@@ -27,7 +35,25 @@ from ..config import SparsityConfig
 from ..masks import nm_mask, nm_mask_transposable
 from ..methods import SparsityMethod, get_method
 
-__all__ = ["SparseLayerMixin", "mark_weights_updated", "optimizer_steps"]
+__all__ = ["SparseLayerMixin", "mark_weights_updated", "optimizer_steps", "is_sharded", "local_tensor"]
+
+try:  # torch builds without distributed support have no DTensor
+    from torch.distributed.tensor import DTensor
+except ImportError:  # pragma: no cover
+    DTensor = None
+
+
+def is_sharded(tensor: torch.Tensor) -> bool:
+    """True for a `DTensor` (a parameter sharded by FSDP2 / tensor parallelism)."""
+    return DTensor is not None and isinstance(tensor, DTensor)
+
+
+def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a sharded tensor (detached), else the tensor itself detached."""
+    if is_sharded(tensor):
+        with torch.no_grad():
+            return tensor.detach().to_local()
+    return tensor.detach()
 
 _STEPS = [0]
 #: optimizers already checked for a weak gradient-mode decay (each is checked on its first step only)
@@ -73,6 +99,7 @@ def mark_weights_updated(layers: Iterable[SparseLayerMixin]) -> None:
     """
     for layer in layers:
         increment_version(layer.weight)
+        layer._nm_generation = layer.__dict__.get("_nm_generation", 0) + 1
 
 
 class SparseLayerMixin:
@@ -104,7 +131,8 @@ class SparseLayerMixin:
     _NM_ATTRIBUTES = ("nm_n", "nm_m", "nm_method", "nm_method_args", "nm_decay", "nm_decay_mode",
                       "nm_decay_scale", "nm_transposable", "nm_mask_interval", "nm_step", "nm_method_state",
                       "_nm_mask_cache", "_nm_mask_key", "_nm_eval_weight", "_nm_eval_key", "_nm_dense_class",
-                      "_nm_steps_seen", "_nm_step_changes", "_nm_warned_uncounted")
+                      "_nm_steps_seen", "_nm_step_changes", "_nm_warned_uncounted", "_nm_generation",
+                      "_nm_shard_mask", "_nm_shard_key")
 
     def nm_setup(self, config: SparsityConfig) -> None:
         """Attach `config`'s settings to this layer (called by `sparsify` after the class swap)."""
@@ -125,6 +153,9 @@ class SparseLayerMixin:
         self._nm_steps_seen: int | None = None
         self._nm_step_changes = 0
         self._nm_warned_uncounted = False
+        self._nm_generation = 0
+        self._nm_shard_mask: torch.Tensor | None = None
+        self._nm_shard_key: tuple | None = None
         self._tag_weight()
 
     def _tag_weight(self) -> None:
@@ -141,11 +172,19 @@ class SparseLayerMixin:
     def method(self) -> SparsityMethod:
         return get_method(self.nm_method)
 
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self._nm_generation = self.__dict__.get("_nm_generation", 0) + 1  # FSDP2: see the module docstring
+
     def _weight_key(self) -> tuple | None:
         w = self.weight
         if w.is_inference():  # no version counter: in-place changes cannot be seen, never reuse
             return None
-        return (_STEPS[0], w._version, w.data_ptr(), w.device, w.dtype, tuple(w.shape))
+        version = w._version
+        if is_sharded(w):
+            w = local_tensor(w)  # the DTensor's own counter sees in-place updates, its local tensor's does not
+        return (_STEPS[0], self.__dict__.get("_nm_generation", 0), version, w.data_ptr(), w.device, w.dtype,
+                tuple(w.shape))
 
     def _mask_key(self) -> tuple | None:
         interval = self.nm_mask_interval
@@ -167,8 +206,65 @@ class SparseLayerMixin:
         """The last mask computed (possibly stale), or None."""
         return self.__dict__.get("_nm_mask_cache")
 
+    def sharding_problem(self, shape: tuple[int, ...], parts: dict[int, int]) -> str | None:
+        """Why a weight of `shape` split into `parts[d]` chunks along dim d cannot be masked shard by shard.
+
+        None when every shard boundary falls between groups of m (and between m x m blocks for
+        transposable masks): the dims that hold no group are free. Chunks follow `torch.chunk`
+        (FSDP2, DTensor `Shard`): boundaries at multiples of ceil(size / parts).
+        """
+        if self.mask_is_periodic:
+            return (f"mask_update_interval={self.nm_mask_interval} is not supported with sharded weights (the "
+                    "mask in use is chosen from the whole weight at its last refresh); use 1")
+        ndim = len(shape)
+        grouped = {self.group_dim % ndim}
+        if self.nm_transposable:
+            grouped |= {ndim - 2, ndim - 1}
+        for dim, count in parts.items():
+            if count <= 1 or dim % ndim not in grouped:
+                continue
+            chunk = -(-shape[dim] // count)
+            if chunk % self.nm_m:
+                return (f"weight {tuple(shape)} sharded {count} ways along dim {dim % ndim}, which holds its groups "
+                        f"of m={self.nm_m}, gives chunks of {chunk} rows, not a multiple of {self.nm_m}: groups would "
+                        "straddle shard boundaries")
+        return None
+
+    def check_sharding(self, weight: torch.Tensor | None = None) -> None:
+        """Raise ValueError when the (sharded) weight cannot be masked shard by shard (`sharding_problem`)."""
+        weight = self.weight if weight is None else weight
+        if not is_sharded(weight):
+            return
+        parts: dict[int, int] = {}
+        for mesh_dim, placement in enumerate(weight.placements):
+            if placement.is_partial():
+                raise ValueError(f"{type(self).__name__}: a weight with a Partial placement cannot be masked")
+            if placement.is_shard():
+                parts[placement.dim] = parts.get(placement.dim, 1) * weight.device_mesh.size(mesh_dim)
+        problem = self.sharding_problem(tuple(weight.shape), parts)
+        if problem:
+            raise ValueError(f"{type(self).__name__}: {problem}")
+
+    def _sharded_mask(self, weight: torch.Tensor) -> torch.Tensor:
+        """The mask of this rank's shard as a DTensor placed like `weight` (no collective)."""
+        key = self._weight_key()
+        cached = self.__dict__.get("_nm_shard_mask")
+        if key is None or cached is None or self.__dict__.get("_nm_shard_key") != key:
+            self.check_sharding(weight)
+            with torch.inference_mode(False):
+                mask = self.compute_mask(local_tensor(weight))
+            cached = DTensor.from_local(mask, weight.device_mesh, weight.placements, run_check=False,
+                                        shape=weight.shape, stride=weight.stride())
+            self._nm_shard_mask, self._nm_shard_key = cached, key
+        return cached
+
     def current_mask(self) -> torch.Tensor:
-        """The N:M mask in use (for unmasked methods: the mask the weights would have)."""
+        """The N:M mask in use (for unmasked methods: the mask the weights would have).
+
+        For a sharded weight (outside an FSDP2 forward): this rank's part, as a DTensor placed like it.
+        """
+        if is_sharded(self.weight):
+            return self._sharded_mask(self.weight)
         key = self._mask_key()
         if key is None or self._nm_mask_key != key or self._nm_mask_cache is None:
             # never cache an inference tensor: a later training forward could not save it for backward
@@ -229,6 +325,10 @@ class SparseLayerMixin:
 
     def restamp_mask(self) -> None:
         """Declare the cached mask still valid after an in-place change that cannot alter it."""
+        if is_sharded(self.weight):
+            if self.__dict__.get("_nm_shard_mask") is not None and self.__dict__.get("_nm_shard_key") is not None:
+                self._nm_shard_key = self._weight_key()
+            return
         if self._nm_mask_cache is not None and self._nm_mask_key is not None:
             self._nm_mask_key = self._mask_key()
 
@@ -238,7 +338,12 @@ class SparseLayerMixin:
         most methods), detached; what `finalize` writes. The dense weight for unmasked methods."""
         if not self.is_masked:
             return self.weight.detach()
-        return self.method.bake(self, self.weight.detach(), self.current_mask())
+        weight = self.weight
+        if is_sharded(weight):  # bake this rank's shard with its mask: groups lie within shards
+            baked = self.method.bake(self, local_tensor(weight), local_tensor(self.current_mask()))
+            return DTensor.from_local(baked, weight.device_mesh, weight.placements, run_check=False,
+                                      shape=weight.shape, stride=weight.stride())
+        return self.method.bake(self, weight.detach(), self.current_mask())
 
     def cached_eval_weight(self) -> torch.Tensor:
         """`effective_weight()`, cached while the weights and the mask do not change (eval without gradients)."""
