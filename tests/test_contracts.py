@@ -22,7 +22,7 @@ import nm_hf
 from nm_hf.layers import available_layer_kinds, layer_kind_of_sparse
 from nm_hf.masks import check_nm
 from nm_hf.methods import available_methods, get_method
-from tiny_models import output_tensor, tiny_inputs, tiny_model
+from tiny_models import output_tensor, tiny_inputs, tiny_model, train_steps
 
 
 @dataclass(frozen=True)
@@ -64,18 +64,6 @@ def test_every_layer_kind_has_a_contract_model():
     assert not missing, f"add a tiny model for layer kind(s) {missing} to MODEL_FOR_KIND"
 
 
-def _train(case: ContractModel, model, steps: int = 3, tracker=None):
-    optimizer = torch.optim.AdamW(model.parameters(), lr=0.05)
-    model.train()
-    for _ in range(steps):
-        case.loss(model).backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        nm_hf.after_optimizer_step(model, 0.05)
-        if tracker is not None:
-            tracker.step()
-
-
 @pytest.mark.parametrize(("method", "kind"), PAIRS)
 def test_method_and_kind_contract(method, kind, tmp_path):
     case = MODEL_FOR_KIND[kind]
@@ -88,7 +76,8 @@ def test_method_and_kind_contract(method, kind, tmp_path):
 
     tracker = nm_hf.SparsityTracker(model)
     before = {name: layer.current_mask().clone() for name, layer in layers}
-    _train(case, model, tracker=tracker)
+    model.train()
+    train_steps(model, 3, lr=0.05, tracker=tracker, loss=case.loss)
     metrics = tracker.log_metrics(3)
     after = {name: layer.current_mask() for name, layer in layers}
     expected_sad = sum(int((before[name] != after[name]).sum()) for name in before)

@@ -24,7 +24,7 @@ from nm_hf.layers import SparseConv1D, SparseLinear
 from nm_hf.masks import check_nm, nm_group_counts, nm_mask
 from nm_hf.record import CONFIG_KEY, config_from_record
 from nm_hf.report import sparsity_report
-from tiny_models import output_tensor, tiny_inputs, tiny_model
+from tiny_models import output_tensor, tiny_inputs, tiny_model, train_steps
 
 LLAMA_PROJ = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
               "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
@@ -536,14 +536,6 @@ def test_layer_state_follows_config():
 # Regressions: copies, interrupts, wrappers
 
 
-def _train_steps(model, optimizer, steps=3):
-    inputs = tiny_inputs(model)
-    for _ in range(steps):
-        model(**inputs, labels=inputs["input_ids"]).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-
-
 @pytest.mark.parametrize("how", ["deepcopy", "assign"])
 def test_copied_or_reassigned_model_recomputes_masks_under_fused_adamw(how):
     import copy
@@ -558,7 +550,7 @@ def test_copied_or_reassigned_model_recomputes_masks_under_fused_adamw(how):
     layers = dict(iter_sparse_layers(model))
     initial = {name: layer.current_mask().clone() for name, layer in layers.items()}  # fills the caches
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.05, fused=True)
-    _train_steps(model, optimizer)
+    train_steps(model, 3, optimizer=optimizer, call_hook=False)
     for name, layer in layers.items():
         fresh = nm_mask(layer.weight.detach(), 2, 4, dim=layer.group_dim)
         assert torch.equal(layer.current_mask(), fresh), name

@@ -359,17 +359,13 @@ def test_adam_with_a_weak_gradient_decay_warns_once(optimizer, decay, mode, warn
     import warnings
 
     import nm_hf
-    from tiny_models import tiny_inputs, tiny_model
+    from tiny_models import tiny_model, train_steps
 
     model = tiny_model("llama")
     nm_hf.sparsify(model, nm_hf.SparsityConfig(decay=decay, decay_mode=mode))
     opt = getattr(torch.optim, optimizer)(model.parameters(), lr=1e-3)
-    inputs = tiny_inputs(model)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        for _ in range(2):
-            model(**inputs, labels=inputs["input_ids"]).loss.backward()
-            opt.step()
-            opt.zero_grad()
+        train_steps(model, 2, lr=1e-3, optimizer=opt, call_hook=False)
     messages = [str(w.message) for w in caught if "barely acts" in str(w.message)]
     assert len(messages) == (1 if warns else 0), messages

@@ -16,6 +16,7 @@ from nm_hf.checkpoint import inspect_checkpoint
 from nm_hf.config import SparsityConfig
 from nm_hf.layers import SparseConv1d, SparseConv2d
 from nm_hf.masks import check_nm, nm_mask
+from tiny_models import train_steps
 
 RESNET_STEM = "resnet.embedder.embedder.convolution"
 VIT_PATCH = "vit.embeddings.patch_embeddings.projection"
@@ -157,12 +158,8 @@ def test_transposable_conv_masks_tile_every_kernel_position():
 def test_resnet_finalize_reload_and_compressed_round_trip(tmp_path):
     model = tiny_resnet()
     nm_hf.sparsify(model, SparsityConfig(n=2, m=4, target_modules="all"))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=0.05)
     model.train()
-    for _ in range(2):
-        model(pixel_values=images()).logits.sum().backward()
-        optimizer.step()
-        optimizer.zero_grad()
+    train_steps(model, 2, lr=0.05, call_hook=False, loss=lambda m: m(pixel_values=images()).logits.sum())
     model.eval()
     with torch.no_grad():
         logits = model(pixel_values=images()).logits

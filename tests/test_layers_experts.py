@@ -14,6 +14,7 @@ from nm_hf.injection import SparsifyError, baked_weights
 from nm_hf.layers import ExpertWeight
 from nm_hf.masks import check_nm, nm_mask
 from nm_hf.record import record_weight_keys
+from tiny_models import train_steps
 
 COMMON = {"vocab_size": 96, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "head_dim": 8,
           "max_position_embeddings": 64, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
@@ -177,15 +178,11 @@ def test_mask_cache_follows_optimizer_steps_and_decoupled_decay():
 def test_finalize_save_plain_reload_compressed_and_inspect(model_type, tmp_path):
     model = tiny_moe(model_type)
     nm_hf.sparsify(model, SparsityConfig(n=2, m=4))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=0.05)
     tracker = nm_hf.SparsityTracker(model)
     masks = {name: layer.current_mask().clone() for name, layer in nm_hf.iter_sparse_layers(model)}
     model.train()
-    for _ in range(2):
-        model(input_ids=token_ids()).logits.float().pow(2).mean().backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        tracker.step()
+    train_steps(model, 2, lr=0.05, tracker=tracker, call_hook=False,
+                loss=lambda m: m(input_ids=token_ids()).logits.float().pow(2).mean())
     metrics = tracker.log_metrics(2)
     expected = sum(int((masks[name] != layer.current_mask()).sum()) for name, layer in nm_hf.iter_sparse_layers(model))
     assert metrics["sparsity/sad"] == expected

@@ -16,7 +16,7 @@ from nm_hf.layers import SparseConv1D, SparseLinear
 from nm_hf.masks import nm_mask
 from nm_hf.methods import get_method
 from nm_hf.methods.decaying_mask import decay_factor
-from tiny_models import tiny_inputs, tiny_model
+from tiny_models import tiny_inputs, tiny_model, train_steps
 
 IN, OUT = 16, 12
 KINDS = ["linear", "conv1d"]
@@ -89,25 +89,14 @@ def test_eval_and_finalize_use_the_nm_weight(kind):
     assert torch.equal(layer.effective_weight(), layer.weight.detach() * layer.current_mask())
 
 
-def _train(model, steps, lr=0.01, call_hook=True):
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
-    inputs = tiny_inputs(model)
-    for _ in range(steps):
-        model(**inputs, labels=inputs["input_ids"]).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        if call_hook:
-            nm_hf.after_optimizer_step(model, lr)
-
-
 def test_after_optimizer_step_counts_and_set_training_step_restores():
     model = tiny_model("llama")
     nm_hf.sparsify(model, SparsityConfig(method="decaying-mask", method_args={"decay_steps": 4}))
     layer = model.model.layers[0].mlp.up_proj
     method = get_method("decaying-mask")
-    _train(model, 3)
+    train_steps(model, 3, lr=0.01)
     assert nm_hf.injection.training_step(model) == 3 and method.factor(layer) == pytest.approx(0.25)
-    _train(model, 1)
+    train_steps(model, 1, lr=0.01)
     assert method.factor(layer) == 0.0
     nm_hf.set_training_step(model, 2)
     assert all(lay.nm_step == 2 for _, lay in nm_hf.iter_sparse_layers(model))
@@ -128,8 +117,8 @@ def test_a_resumed_run_matches_an_uninterrupted_one():
     resumed.load_state_dict(straight.state_dict())
     nm_hf.sparsify(straight, config)
     nm_hf.sparsify(resumed, config)
-    _train(straight, 3)
-    _train(resumed, 3)
+    train_steps(straight, 3, lr=0.01)
+    train_steps(resumed, 3, lr=0.01)
     # "resume": a fresh process knows the weights and the step only
     fresh = tiny_model("llama")
     fresh.load_state_dict(resumed.state_dict())
@@ -147,7 +136,7 @@ def test_missing_after_optimizer_step_warns_once():
     nm_hf.sparsify(model, SparsityConfig(method="decaying-mask"))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        _train(model, 4, call_hook=False)
+        train_steps(model, 4, lr=0.01, call_hook=False)
     messages = [str(w.message) for w in caught if "after_optimizer_step" in str(w.message)]
     assert messages and "decaying-mask" in messages[0]
     assert len(messages) == len(list(nm_hf.iter_sparse_layers(model)))  # once per layer, not per step
@@ -181,5 +170,5 @@ def test_no_warning_for_steps_of_another_model():
         nm_hf.sparsify(model, SparsityConfig(method="decaying-mask"))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        _train(first, 3)  # the second model's layers see these steps before their own first one
-        _train(second, 3)
+        train_steps(first, 3, lr=0.01)  # the second model's layers see these steps before their own first one
+        train_steps(second, 3, lr=0.01)

@@ -16,26 +16,22 @@ from nm_hf.injection import baked_weights
 from nm_hf.masks import check_nm, nm_mask, nm_mask_transposable
 from nm_hf.methods import available_methods, get_method
 from nm_hf.record import config_from_record
-from tiny_models import tiny_inputs, tiny_model
+from tiny_models import tiny_inputs, tiny_model, train_steps
 
 MOVING = [m for m in available_methods() if get_method(m).recomputes_mask]
 KIND_MODELS = ["llama", "gpt2"]  # nn.Linear (groups along dim 1) and GPT-2 Conv1D (groups along dim 0)
 
 
-def train(model, steps: int, tracker=None, lr: float = 0.05, masks: list | None = None) -> None:
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
-    inputs = tiny_inputs(model)
-    for _ in range(steps):
-        model(**inputs, labels=inputs["input_ids"]).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        nm_hf.after_optimizer_step(model, lr)
-        if tracker is not None:
-            tracker.step()
-        if masks is not None:  # (mask in use, mask the weights have now)
-            layers = list(nm_hf.iter_sparse_layers(model))
-            masks.append(({name: layer.current_mask().clone() for name, layer in layers},
-                          {name: nm_mask(layer.weight.detach(), 2, 4, dim=layer.group_dim) for name, layer in layers}))
+def record_masks(model, masks: list):
+    """An `on_step` for `train_steps`: append (mask in use, mask the weights have now) after each step."""
+
+    def record() -> None:
+        layers = list(nm_hf.iter_sparse_layers(model))
+        masks.append(({name: layer.current_mask().clone() for name, layer in layers},
+                      {name: nm_mask(layer.weight.detach(), 2, 4, dim=layer.group_dim)
+                       for name, layer in layers}))
+
+    return record
 
 
 def test_the_methods_that_move_their_mask():
@@ -49,7 +45,7 @@ def test_transposable_masks_through_training_and_finalize(model_type, method):
     model = tiny_model(model_type)
     nm_hf.sparsify(model, SparsityConfig(method=method, transposable=True, decay=0.5))
     layers = dict(nm_hf.iter_sparse_layers(model))
-    train(model, 2)
+    train_steps(model, 2)
     for name, layer in layers.items():
         mask = layer.current_mask()
         assert torch.equal(mask, nm_mask_transposable(layer.weight.detach(), 2, 4, dim=layer.group_dim)), name
@@ -80,7 +76,8 @@ def test_masks_move_only_every_k_steps_and_the_tracker_counts_exactly(model_type
     tracker = nm_hf.SparsityTracker(model)
     initial = {name: layer.current_mask().clone() for name, layer in nm_hf.iter_sparse_layers(model)}
     masks: list[tuple[dict, dict]] = []
-    train(model, 7, tracker=tracker, masks=masks)  # tracker.step() marks the weights updated: no effect
+    # tracker.step() marks the weights updated: no effect
+    train_steps(model, 7, tracker=tracker, on_step=record_masks(model, masks))
     history = [initial, *(used for used, _ in masks)]
     for step in range(1, 8):
         used, fresh = masks[step - 1]
@@ -100,7 +97,7 @@ def test_masks_move_only_every_k_steps_and_the_tracker_counts_exactly(model_type
 def test_baking_a_state_dict_uses_the_mask_in_use():
     model = tiny_model("llama")
     nm_hf.sparsify(model, SparsityConfig(method="ste", mask_update_interval=5))
-    train(model, 2)  # weights moved, the mask is still the initial one
+    train_steps(model, 2)  # weights moved, the mask is still the initial one
     state = model.state_dict()
     baked = baked_weights(model, state)
     for name, layer in nm_hf.iter_sparse_layers(model):
@@ -115,7 +112,7 @@ def test_resume_with_the_training_state_is_exact():
     straight = tiny_model("llama")
     initial = {k: v.clone() for k, v in straight.state_dict().items()}
     nm_hf.sparsify(straight, config)
-    train(straight, 4)
+    train_steps(straight, 4)
     saved_weights = {k: v.clone() for k, v in straight.state_dict().items()}
     saved_state = nm_hf.sparse_training_state(straight)
     assert saved_state["step"] == 4 and all("mask" in e for e in saved_state["layers"].values())
@@ -187,7 +184,7 @@ def test_decoupled_decay_does_not_refresh_a_periodic_mask():
     nm_hf.sparsify(model, SparsityConfig(method="sr-ste", decay=0.5, decay_mode="decoupled", mask_update_interval=3))
     initial = {name: layer.current_mask().clone() for name, layer in nm_hf.iter_sparse_layers(model)}
     masks: list[tuple[dict, dict]] = []
-    train(model, 6, masks=masks)
+    train_steps(model, 6, on_step=record_masks(model, masks))
     after = [initial, *(used for used, _ in masks)]  # after[s]: the mask in use after step s
     for step in (1, 2, 4, 5):
         assert all(torch.equal(after[step][n], after[step - 1][n]) for n in initial), step

@@ -18,7 +18,7 @@ from nm_hf.config import SparsityConfig
 from nm_hf.layers import SparseConv1D, SparseLinear
 from nm_hf.masks import check_nm, nm_mask_transposable
 from nm_hf.methods import get_method
-from tiny_models import tiny_inputs, tiny_model
+from tiny_models import tiny_inputs, tiny_model, train_steps
 
 IN, OUT = 16, 12
 KINDS = ["linear", "conv1d"]
@@ -167,13 +167,7 @@ def test_sparsify_train_finalize_bakes_scaled_soft_threshold(tmp_path):
     layers = dict(nm_hf.iter_sparse_layers(model))
     scales = {name: layer.nm_method_state["scale"] for name, layer in layers.items()}
     assert all(math.isfinite(v) and v > 1 for v in scales.values())  # shrinking makes S(W) smaller than W
-    optimizer = torch.optim.AdamW(model.parameters(), lr=0.01)
-    inputs = tiny_inputs(model)
-    for _ in range(2):
-        model(**inputs, labels=inputs["input_ids"]).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        nm_hf.after_optimizer_step(model, 0.01)
+    train_steps(model, 2, lr=0.01)
     expected = {name: out_in(layer, layer.weight.detach().double()) for name, layer in layers.items()}
     expected = {name: scales[name] * reference_soft_threshold(w, 2, 4) for name, w in expected.items()}
     nm_hf.finalize(model)

@@ -18,7 +18,7 @@ from nm_hf.masks import nm_mask
 from nm_hf.methods import available_methods, get_method
 from nm_hf.optim import StepAdamW
 from nm_hf.trainer import SparseTrainer, create_sparse_optimizer
-from tiny_models import tiny_inputs, tiny_model
+from tiny_models import tiny_inputs, tiny_model, train_steps
 
 NO_DROPOUT = {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
 IN, OUT = 16, 12
@@ -93,14 +93,10 @@ def gpt2():
     return tiny_model("gpt2", **NO_DROPOUT)
 
 
-def loop(model, optimizer, steps: int, lr: float = 1e-2, inputs=None) -> None:
-    inputs = inputs or tiny_inputs(model, batch=4)
-    for _ in range(steps):
-        model(**inputs, labels=inputs["input_ids"]).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        if nm_hf.is_sparsified(model):
-            nm_hf.after_optimizer_step(model, lr)
+def loop(model, optimizer, steps: int, lr: float = 1e-2) -> None:
+    """`steps` steps on one batch of 4; `after_optimizer_step` only for a sparsified model."""
+    train_steps(model, steps, lr=lr, optimizer=optimizer, inputs=tiny_inputs(model, batch=4),
+                call_hook=nm_hf.is_sparsified(model))
 
 
 def test_plain_loop_is_dense_adamw_until_the_switch_then_masked():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from transformers import (
     AutoConfig,
@@ -84,3 +86,36 @@ def tiny_inputs(model, batch: int = 2, length: int = 8, seed: int = 0) -> dict:
 
 def output_tensor(output) -> torch.Tensor:
     return output.logits if getattr(output, "logits", None) is not None else output.last_hidden_state
+
+
+def train_steps(model, steps: int, lr: float = 0.05, tracker=None, call_hook: bool = True, *,
+                optimizer: torch.optim.Optimizer | None = None, inputs: dict | None = None,
+                loss: Callable | None = None,
+                on_step: Callable[[], None] | None = None) -> torch.optim.Optimizer:
+    """`steps` optimizer steps of a plain training loop, as a user would write it; returns the optimizer.
+
+    Each step: `loss(model).backward()` (default: the LM loss of `inputs`, default `tiny_inputs(model)`,
+    the same batch every step), `optimizer.step()` (default: a new `AdamW(lr=lr)`), `zero_grad()`, then
+    `nm_hf.after_optimizer_step(model, lr)` if `call_hook`, `tracker.step()` if a tracker is given, and
+    `on_step()`. The model's train/eval mode is left as it is.
+    """
+    from nm_hf.injection import after_optimizer_step  # on call: the model builders need only transformers
+
+    optimizer = optimizer if optimizer is not None else torch.optim.AdamW(model.parameters(), lr=lr)
+    if loss is None:
+        batch = inputs if inputs is not None else tiny_inputs(model)
+
+        def loss(m):
+            return m(**batch, labels=batch["input_ids"]).loss
+
+    for _ in range(steps):
+        loss(model).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        if call_hook:
+            after_optimizer_step(model, lr)
+        if tracker is not None:
+            tracker.step()
+        if on_step is not None:
+            on_step()
+    return optimizer
