@@ -28,6 +28,7 @@ from .layers import (
     layer_kind_of_sparse,
     sparse_layers_of,
 )
+from .layers.base import is_sharded
 from .record import (
     STATE_FINALIZED,
     STATE_TRAINING,
@@ -444,9 +445,14 @@ def baked_weights(model: nn.Module, weights: dict[str, torch.Tensor] | None = No
 
 
 def measured_sparsity(tensors: list[torch.Tensor]) -> float:
-    zeros = sum(int((t == 0).sum()) for t in tensors)
+    """Fraction of exact zeros; sharded tensors (DTensor) are counted over all shards (a collective)."""
+    zeros = sum(int(_full((t == 0).sum())) for t in tensors)
     total = sum(t.numel() for t in tensors)
     return round(zeros / max(total, 1), 6)
+
+
+def _full(count: torch.Tensor) -> torch.Tensor:
+    return count.full_tensor() if is_sharded(count) else count
 
 
 @torch.no_grad()
@@ -454,7 +460,9 @@ def finalize(model: nn.Module) -> nn.Module:
     """Bake the N:M weights (`weight * mask`; S-STE: `beta * S(W)`) in and put plain `nn.Linear`/`Conv1D` back.
 
     Afterwards `save_pretrained` + plain `AutoModel*.from_pretrained` reload the model bit-exactly,
-    and config.json records the pattern, the targeted layers and the measured sparsity.
+    and config.json records the pattern, the targeted layers and the measured sparsity. A model sharded
+    with FSDP2: every rank calls it (each bakes its own shards; the sparsity count is one collective), then
+    rank 0 saves the full state dict (docs/distributed.md).
     """
     inner = unwrap_model(model)
     layers = list(iter_sparse_layers(inner))

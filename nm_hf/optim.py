@@ -205,6 +205,8 @@ class StepAdamW(torch.optim.Optimizer):
                 p.addcdiv_(exp_avg, denom, value=-lr / (1 - beta1 ** step))
         if watching:
             if change is not None and count:
+                if hasattr(change, "full_tensor"):  # DTensor (FSDP2): this rank's sum is a partial one
+                    change = change.full_tensor()
                 self.window_values.append(float(change) / count)
             if self._should_switch():
                 self._switch()
