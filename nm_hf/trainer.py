@@ -309,10 +309,17 @@ class SparseTrainerMixin:
     def _check_supported(self) -> None:
         from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
-        if getattr(self, "is_fsdp_enabled", False) or is_deepspeed_zero3_enabled():
+        if getattr(self, "is_fsdp_enabled", False):
+            # FSDP2 below the Trainer is tested (torch's fully_shard + nm_hf); this Trainer path is not: accelerate
+            # and transformers build FSDP only on GPUs (on CPU they build DDP), so it has never run here
             raise NotImplementedError(
-                f"{type(self).__name__} does not support sharded parameters (FSDP / DeepSpeed ZeRO-3): N:M masks "
-                "and the sparsity tracker need whole weight matrices; use DDP (accelerate --multi_gpu) or ZeRO-1/2")
+                f"{type(self).__name__} with FSDP (accelerate's FSDP plugin / --fsdp) is not supported: that path is "
+                "untested (transformers builds FSDP only on GPUs); use DDP (accelerate launch --multi_gpu), or train "
+                "with torch's fully_shard in your own loop as docs/distributed.md shows")
+        if is_deepspeed_zero3_enabled():
+            raise NotImplementedError(
+                f"{type(self).__name__} does not support DeepSpeed ZeRO-3 (sharded parameters outside DTensor, "
+                "untested); use DDP (accelerate launch --multi_gpu)")
         optimizer_cls = (self.optimizer_cls_and_kwargs or (None, None))[0]
         self._check_optimizer(self.sparsity_config, self.optimizer, optimizer_cls)
 
