@@ -158,7 +158,7 @@ def check_launch(training_args: Any) -> None:
       write the same output directory;
     - FSDP asked for (accelerate FSDP config or `--fsdp`) but not set up: on CPU transformers builds a
       gloo DDP run (MULTI_CPU) and drops the FSDP settings. (Where FSDP is set up, the sparse trainers
-      refuse it themselves: N:M masks need whole weight matrices.)
+      refuse it themselves: their FSDP path is untested; docs/distributed.md.)
     """
     launched = int(os.environ.get("WORLD_SIZE", "1") or 1)
     if launched > 1 and training_args.world_size != launched:
@@ -172,9 +172,9 @@ def check_launch(training_args: Any) -> None:
         raise ArgumentsError(
             f"FSDP was requested (accelerate config or --fsdp), but this run is set up as {distributed_type}, "
             "without sharding: on CPU, transformers builds a gloo DDP (MULTI_CPU) run and ignores the FSDP "
-            "settings. nm_hf's sparse trainers do not support FSDP anyway (N:M masks need whole weight "
-            "matrices); use DDP: accelerate launch --config_file recipes/accelerate/multi_cpu.yaml (CPU) "
-            "or --multi_gpu (GPUs)")
+            "settings. nm_hf's sparse trainers refuse FSDP anyway (that path is untested; FSDP2 below the "
+            "Trainer is, see docs/distributed.md); use DDP: accelerate launch --config_file "
+            "recipes/accelerate/multi_cpu.yaml (CPU) or --multi_gpu (GPUs)")
 
 
 # ---------------------------------------------------------------------------------------------------------
