@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime
+import fcntl
 import json
 import math
 import os
@@ -44,6 +46,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script from a checkout
     sys.path.insert(0, str(ROOT))
 
+from nm_hf._files import atomic_write_json  # noqa: E402
 from nm_hf.methods import available_methods  # noqa: E402
 from nm_hf.recipe import redact_command  # noqa: E402
 
@@ -70,6 +73,16 @@ COMMON = [
 _FLAG_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 #: the flag whose `key=value` pairs an entry may give in several items
 METHOD_ARGS = "method_args"
+#: where each recipe's finished runs are appended (`--results_file` overrides)
+RESULTS_FILES = {
+    "translation": ROOT / "benchmarks" / "results" / "translation.json",
+    "language_modeling": ROOT / "benchmarks" / "results" / "language_modeling.json",
+}
+#: training schedules an entry may name in place of a method: (the recipe's --method, the flags it implies).
+#: `asp` is NVIDIA ASP's recipe: dense for half the steps, one-shot magnitude prune, the rest with that mask.
+SCHEDULES: dict[str, tuple[str, tuple[tuple[str, str], ...]]] = {
+    "asp": ("fixed", (("dense_warmup_fraction", "0.5"),)),
+}
 
 
 @dataclass(frozen=True)
@@ -93,8 +106,19 @@ class RunSpec:
             return self.method
         return f"{self.method} ({', '.join(f'{key}={value}' for key, value in self.flags)})"
 
+    @property
+    def recipe_method(self) -> str:
+        """The recipe's --method: the entry's method, or the method a schedule (`asp`) trains with."""
+        return SCHEDULES[self.method][0] if self.method in SCHEDULES else self.method
+
+    def schedule_flags(self) -> tuple[tuple[str, str], ...]:
+        """A schedule's implied flags, less those the entry sets itself."""
+        given = {key for key, _ in self.flags}
+        implied = SCHEDULES[self.method][1] if self.method in SCHEDULES else ()
+        return tuple((key, value) for key, value in implied if key not in given)
+
     def argv(self) -> list[str]:
-        return [item for key, value in self.flags for item in (f"--{key}", value)]
+        return [item for key, value in (*self.schedule_flags(), *self.flags) for item in (f"--{key}", value)]
 
 
 def parse_run_spec(entry: str) -> RunSpec:
@@ -104,9 +128,10 @@ def parse_run_spec(entry: str) -> RunSpec:
     if not method or not re.fullmatch(r"\d+:\d+", pattern):
         raise ValueError(f"--runs entry {entry!r} must look like METHOD:N:M[,flag=value...], e.g. sr-ste:2:4 "
                          "or sr-ste:2:4,decay=1")
-    if method not in available_methods():
+    if method not in available_methods() and method not in SCHEDULES:
         raise ValueError(f"--runs entry {entry!r}: unknown method {method!r}; the methods are "
-                         f"{', '.join(available_methods())}")
+                         f"{', '.join(available_methods())} (and the schedule{'s' if len(SCHEDULES) > 1 else ''} "
+                         f"{', '.join(SCHEDULES)})")
     flags: list[tuple[str, str]] = []
     for item in flag_items:
         key, sep, value = item.partition("=")
@@ -133,7 +158,7 @@ def check_sparsity_flags(spec: RunSpec, entry: str) -> None:
     from nm_hf.arguments import SparsityArguments
 
     names = {f.name for f in dataclasses.fields(SparsityArguments)}
-    argv = ["--method", spec.method, "--sparsity", spec.pattern]
+    argv = ["--method", spec.recipe_method, "--sparsity", spec.pattern]
     argv += [item for key, value in spec.flags if key in names for item in (f"--{key}", value)]
     parser = HfArgumentParser(SparsityArguments, exit_on_error=False)
     try:
@@ -212,13 +237,111 @@ def table(recipe: str, runs: list[tuple[RunSpec, list[Path]]]) -> str:
     return "\n".join(lines)
 
 
+# ---------------------------------------------------------------------------------------------------------
+# the results files
+
+
+def _split_metrics(results: dict, prefix: str) -> dict:
+    """Top-level `eval_*` (validation) or `test_*` numbers of a results.json, without the prefix."""
+    return {key[len(prefix):]: value for key, value in results.items()
+            if key.startswith(prefix) and isinstance(value, (int, float)) and not isinstance(value, bool)}
+
+
+def _relative(path: Path) -> str:
+    path = Path(path).resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
+def run_record(spec: RunSpec, out_dir: Path, results: dict, extra: list[str] | None = None) -> dict:
+    """One results-file entry from a finished run's results.json: what ran (method, pattern, learning rate,
+    seed, the flags and the redacted command) and what it measured (validation and test metrics, curve,
+    throughput, SAD, flip rate)."""
+    train = results.get("train") if isinstance(results.get("train"), dict) else {}
+    flags = dict(spec.schedule_flags()) | dict(spec.flags)
+    return {
+        "method": spec.method,
+        "pattern": None if spec.method == "dense" else spec.pattern,
+        "label": spec.label,
+        "learning_rate": train.get("learning_rate", _float_or_none(flags.get("learning_rate"))),
+        "seed": train.get("seed"),
+        "validation": _split_metrics(results, "eval_"),
+        "test": _split_metrics(results, "test_"),
+        "curve": results.get("curve", []),
+        "output_dir": _relative(out_dir),
+        "command": _pick(results, ("run/command",)),
+        "flags": flags,
+        "extra_flags": list(redact_command(extra or [])),
+        "throughput": {"tokens_per_second": results.get("tokens_per_second"),
+                       "train_runtime_s": results.get("train_runtime_s")},
+        "sparsity": results.get("sparsity"),
+        "nm_ok": results.get("nm_ok"),
+        "sad": {"sad": results.get("sad"), "sad_from_init": results.get("sad_from_init"),
+                "sad_from_init_rate": _pick(results, ("mask_stats/sad_from_init_rate",))},
+        "flip_rate": _pick(results, ("mask_stats/mean_flip_rate",)),
+        "steps": train.get("steps"),
+        "finished_at": datetime.datetime.fromtimestamp((out_dir / "results.json").stat().st_mtime,
+                                                       datetime.UTC).isoformat(timespec="seconds")
+        if (out_dir / "results.json").exists() else None,
+    }
+
+
+def _float_or_none(value: str | None) -> float | None:
+    try:
+        return float(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+def load_results_file(path: Path) -> dict:
+    """The file's `{"runs": [...]}` (empty when it does not exist yet); a malformed file is an error."""
+    if not path.exists():
+        return {"runs": []}
+    data = json.loads(path.read_text())
+    if not isinstance(data, dict) or not isinstance(data.get("runs"), list):
+        raise ValueError(f"{path}: a results file must be a JSON object with a \"runs\" list")
+    return data
+
+
+def append_run(path: Path, record: dict) -> bool:
+    """Add `record` to the results file at `path`, replacing an entry of the same output directory and
+    command (a rerun); returns False when an identical entry is already there. Read-modify-write under an
+    exclusive lock on `<path>.lock`, so runs finishing together in parallel jobs lose nothing; the write
+    is atomic."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.parent / f"{path.name}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            data = load_results_file(path)
+            key = (record.get("output_dir"), record.get("command"))
+            same = [i for i, run in enumerate(data["runs"]) if (run.get("output_dir"), run.get("command")) == key]
+            if same and data["runs"][same[0]] == record:
+                return False
+            if same:
+                data["runs"][same[0]] = record
+            else:
+                data["runs"].append(record)
+            atomic_write_json(path, data)
+            return True
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def record_run(results_file: Path | None, spec: RunSpec, out_dir: Path, extra: list[str]) -> None:
+    """Append a finished run (its results.json) to the results file, if one is in use."""
+    if results_file is None or not (out_dir / "results.json").exists():
+        return
+    results = json.loads((out_dir / "results.json").read_text())
+    if append_run(results_file, run_record(spec, out_dir, results, extra)):
+        print(f"recorded {out_dir} in {results_file}", flush=True)
+
+
 def launch(recipe: str, config: str, spec: RunSpec, out_dir: Path, seed: int | None, extra: list[str],
            threads: int) -> subprocess.Popen:
     """Start one run in the background, its output in ``<out_dir>.log``."""
     seed_args = [] if seed is None else ["--seed", str(seed)]
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1",
            "--num_cpu_threads_per_process", str(threads), str(ROOT / "recipes" / f"{recipe}.py"), config,
-           "--method", spec.method, "--sparsity", spec.pattern, "--output_dir", str(out_dir), *spec.argv(),
+           "--method", spec.recipe_method, "--sparsity", spec.pattern, "--output_dir", str(out_dir), *spec.argv(),
            *seed_args, *extra]
     log = out_dir.parent / f"{out_dir.name}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
@@ -229,12 +352,18 @@ def launch(recipe: str, config: str, spec: RunSpec, out_dir: Path, seed: int | N
 
 
 def run_all(recipe: str, config: str, todo: list[tuple[RunSpec, int | None, Path]], extra: list[str],
-            jobs: int, threads: int) -> None:
-    """Run ``todo`` ``jobs`` at a time (each batch starts together and is awaited together)."""
+            jobs: int, threads: int, results_file: Path | None = None) -> None:
+    """Run ``todo`` ``jobs`` at a time (each batch starts together and is awaited together); each run is
+    appended to ``results_file`` as soon as it has finished."""
     for start in range(0, len(todo), jobs):
-        batch = [(out_dir, launch(recipe, config, spec, out_dir, seed, extra, threads))
+        batch = [(spec, out_dir, launch(recipe, config, spec, out_dir, seed, extra, threads))
                  for spec, seed, out_dir in todo[start:start + jobs]]
-        failed = [str(out_dir) for out_dir, proc in batch if proc.wait() != 0]
+        failed = []
+        for spec, out_dir, proc in batch:
+            if proc.wait() != 0:
+                failed.append(str(out_dir))
+            else:
+                record_run(results_file, spec, out_dir, extra)
         if failed:
             raise SystemExit(f"run failed: {', '.join(failed)} (see the .log next to each)")
 
@@ -258,6 +387,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads per run (default: all cores divided by --jobs)")
     parser.add_argument("--table_only", action="store_true", help="only print the table of existing runs")
+    parser.add_argument("--results_file", default=None,
+                        help="append every finished run here (default: benchmarks/results/<recipe>.json)")
+    parser.add_argument("--no_results_file", action="store_true", help="append the runs to no results file")
     args = parser.parse_args(argv)
 
     try:
@@ -274,14 +406,16 @@ def main(argv: list[str] | None = None) -> None:
     root = Path(args.output_root)
     seeds: list[int | None] = list(args.seeds) if args.seeds else [None]
     planned = [(spec, seed, run_dir(root, spec, seed)) for seed in seeds for spec in specs]
+    results_file = None if args.no_results_file else Path(args.results_file or RESULTS_FILES[args.recipe])
     if not args.table_only:
         todo = []
         for spec, seed, out_dir in planned:
             if (out_dir / "results.json").exists() and not args.force:
                 print(f"skip {out_dir} (results.json exists; --force reruns it)", flush=True)
+                record_run(results_file, spec, out_dir, extra)  # a run finished before it was recorded
             else:
                 todo.append((spec, seed, out_dir))
-        run_all(args.recipe, args.config, todo, extra, args.jobs, threads)
+        run_all(args.recipe, args.config, todo, extra, args.jobs, threads, results_file)
     print()
     print(table(args.recipe, [(spec, [run_dir(root, spec, seed) for seed in seeds]) for spec in specs]))
 

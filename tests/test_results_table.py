@@ -170,3 +170,108 @@ def test_bad_sparsity_flags_of_an_entry_fail_before_any_run(entry, message):
     with pytest.raises(ValueError) as info:
         rt.parse_run_spec(entry)
     assert str(info.value).startswith(f"--runs entry {entry!r}: ") and message in str(info.value)
+
+
+# --------------------------------------------------------------------------------------------- results files
+
+
+def fake_results(ppl: float, lr: float = 4e-3, seed: int = 42, command: str = "python recipes/lm.py") -> dict:
+    return {"test_perplexity": ppl, "test_loss": 4.0, "eval_perplexity": ppl + 1, "eval_loss": 4.1,
+            "sparsity": 0.5, "nm_ok": True, "sad": 5, "sad_from_init": 10, "tokens_per_second": 900.0,
+            "train_runtime_s": 100.0, "mask_stats": {"sad_from_init_rate": 0.25, "mean_flip_rate": 0.001},
+            "curve": [{"step": 50, "epoch": 0.2, "loss": 6.0}, {"step": 100, "epoch": 0.4, "eval_loss": 5.0}],
+            "train": {"steps": 100, "learning_rate": lr, "seed": seed}, "run": {"command": command}}
+
+
+def write_results(out_dir: Path, results: dict) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "results.json").write_text(json.dumps(results))
+    return out_dir
+
+
+def test_run_record_from_results_json(tmp_path):
+    spec = rt.parse_run_spec("sr-ste:2:4,decay=1")
+    out = write_results(tmp_path / "sr-ste-2x4_decay1", fake_results(90.0, lr=2e-3, seed=3))
+    record = rt.run_record(spec, out, json.loads((out / "results.json").read_text()),
+                           ["--hub_token", "hf_SECRETsecret0123456789"])
+    assert (record["method"], record["pattern"], record["learning_rate"], record["seed"]) == ("sr-ste", "2:4", 2e-3, 3)
+    assert record["validation"] == {"perplexity": 91.0, "loss": 4.1}
+    assert record["test"] == {"perplexity": 90.0, "loss": 4.0}
+    assert record["curve"][1] == {"step": 100, "epoch": 0.4, "eval_loss": 5.0}
+    assert record["flags"] == {"decay": "1"} and record["command"] == "python recipes/lm.py"
+    assert "hf_SECRET" not in json.dumps(record)
+    assert record["throughput"]["tokens_per_second"] == 900.0 and record["flip_rate"] == 0.001
+    assert record["sad"]["sad_from_init"] == 10 and record["finished_at"]
+    dense = rt.run_record(rt.parse_run_spec("dense:2:4"), out, fake_results(95.0))
+    assert dense["pattern"] is None  # dense runs are patched but unmasked
+
+
+def test_append_run_adds_replaces_and_does_not_duplicate(tmp_path):
+    path = tmp_path / "results" / "language_modeling.json"
+    first = {"output_dir": "runs/a", "command": "c1", "test": {"perplexity": 1.0}}
+    assert rt.append_run(path, first) is True
+    assert rt.append_run(path, dict(first)) is False  # the same run again: nothing added
+    assert rt.append_run(path, {"output_dir": "runs/b", "command": "c1"}) is True
+    rerun = {**first, "test": {"perplexity": 2.0}}  # --force reran runs/a: its entry is replaced
+    assert rt.append_run(path, rerun) is True
+    runs = json.loads(path.read_text())["runs"]
+    assert [r["output_dir"] for r in runs] == ["runs/a", "runs/b"] and runs[0]["test"]["perplexity"] == 2.0
+    path.write_text('{"not runs": 1}')
+    with pytest.raises(ValueError, match=r"language_modeling.json: a results file must be a JSON object"):
+        rt.append_run(path, first)
+
+
+def _append_many(path: str, worker: int) -> None:
+    for i in range(15):
+        rt.append_run(Path(path), {"output_dir": f"w{worker}-{i}", "command": "c"})
+
+
+def test_parallel_appends_lose_no_entry(tmp_path):
+    import multiprocessing
+
+    path = tmp_path / "r.json"
+    context = multiprocessing.get_context("fork")
+    workers = [context.Process(target=_append_many, args=(str(path), w)) for w in range(3)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+        assert worker.exitcode == 0
+    assert len(json.loads(path.read_text())["runs"]) == 45
+
+
+def test_finished_runs_are_appended_as_they_finish(tmp_path, monkeypatch):
+    """run_all records each successful run in the results file; a skipped run (results.json already
+    there) is recorded once by main, not twice."""
+    specs = [rt.parse_run_spec("dense:2:4"), rt.parse_run_spec("sr-ste:2:4")]
+    dirs = [tmp_path / "runs" / s.name for s in specs]
+
+    class FakeRun:
+        def __init__(self, cmd, **kwargs):
+            out = Path(cmd[cmd.index("--output_dir") + 1])
+            write_results(out, fake_results(80.0 if "dense" in out.name else 85.0, command=" ".join(cmd)))
+
+        def wait(self):
+            return 0
+
+    monkeypatch.setattr(rt.subprocess, "Popen", FakeRun)
+    results_file = tmp_path / "lm.json"
+    argv = ["language_modeling", "c.yaml", "--runs", "dense:2:4", "sr-ste:2:4", "--jobs", "2", "--threads", "1",
+            "--output_root", str(tmp_path / "runs"), "--results_file", str(results_file)]
+    rt.main(argv)
+    runs = json.loads(results_file.read_text())["runs"]
+    assert [r["method"] for r in runs] == ["dense", "sr-ste"]
+    assert [r["output_dir"] for r in runs] == [str(d.resolve()) for d in dirs]
+    assert runs[0]["test"]["perplexity"] == 80.0 and runs[1]["learning_rate"] == 4e-3
+    rt.main(argv)  # both skipped: already recorded
+    assert len(json.loads(results_file.read_text())["runs"]) == 2
+
+
+def test_asp_entry_is_the_fixed_method_after_a_dense_warmup():
+    spec = rt.parse_run_spec("asp:2:4")
+    assert (spec.method, spec.recipe_method, spec.name, spec.label) == ("asp", "fixed", "asp-2x4", "asp")
+    assert spec.argv() == ["--dense_warmup_fraction", "0.5"]
+    shorter = rt.parse_run_spec("asp:2:4,dense_warmup_fraction=0.25")
+    assert shorter.argv() == ["--dense_warmup_fraction", "0.25"]
+    with pytest.raises(ValueError, match=r"unknown method 'aspx'.*schedule asp"):
+        rt.parse_run_spec("aspx:2:4")

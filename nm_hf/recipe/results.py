@@ -36,6 +36,7 @@ __all__ = [
     "pick_samples",
     "safe_perplexity",
     "train_and_save",
+    "training_curve",
     "write_predictions",
     "write_results_json",
 ]
@@ -173,6 +174,26 @@ def model_summary(model: torch.nn.Module, model_name_or_path: str | None) -> dic
     }
 
 
+#: log_history keys left out of the curve: timings and totals, not quantities that evolve with training
+_CURVE_SKIP_SUFFIXES = ("_runtime", "_per_second", "total_flos")
+
+
+def training_curve(log_history: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The run's curve from `trainer.state.log_history`: one point per training log (loss, learning rate,
+    mask metrics) and per evaluation (`eval_*`), each with its step, in order; timings and the end-of-training
+    summary are left out, so a results file can show whether a model still improves or overfits."""
+    curve: list[dict[str, Any]] = []
+    for entry in log_history:
+        if "train_runtime" in entry or "step" not in entry:
+            continue  # the summary Trainer.train() logs at the end
+        point = {key: value for key, value in entry.items()
+                 if isinstance(value, (int, float)) and not isinstance(value, bool)
+                 and not key.endswith(_CURVE_SKIP_SUFFIXES)}
+        if len(point) > 2:  # more than step and epoch
+            curve.append(point)
+    return curve
+
+
 def train_and_save(trainer: Any, training_args: Any, sparsity_config: Any) -> dict[str, Any]:
     """Train, measure, save the finalized model; returns the "train" and "sparsity" result blocks.
 
@@ -204,6 +225,7 @@ def train_and_save(trainer: Any, training_args: Any, sparsity_config: Any) -> di
         "sad_from_init": summary.get("sad_from_init"),
         "train_runtime_s": round(runtime, 2),
         "tokens_per_second": round(throughput["tokens_per_second"], 1),
+        "curve": training_curve(trainer.state.log_history),
         # details
         "sparsity_config": {
             "pattern": sparsity_config.pattern, "method": sparsity_config.method,
@@ -221,6 +243,8 @@ def train_and_save(trainer: Any, training_args: Any, sparsity_config: Any) -> di
             "tokens": throughput["train_tokens"],
             "eval_seconds_during_training": throughput["train_eval_seconds"],
             "processes": training_args.world_size,
+            "learning_rate": training_args.learning_rate,
+            "seed": training_args.seed,
         },
     }
 
