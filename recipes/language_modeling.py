@@ -64,6 +64,7 @@ from nm_hf.recipe import (
     user_errors,
     with_token_throughput,
 )
+from nm_hf.recipe.schedule import attach_dense_warmup, check_dense_warmup, dense_warmup_config
 from nm_hf.tokenization import train_causal_lm_tokenizer
 from nm_hf.trainer import SparseTrainer
 
@@ -198,6 +199,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     sparsity_config = sparsity_args.to_config()
     block_size = data_args.block_size
     with user_errors(PROG):
+        check_dense_warmup(model_args.dense_warmup_fraction, sparsity_config, training_args.max_steps,
+                           training_args.resume_from_checkpoint)
         check_model_settings(model_args, block_size, sparsity_config)
     setup_logging(training_args)
     set_seed(training_args.seed)
@@ -242,10 +245,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # ---- training
     trainer_cls = with_token_throughput(SparseTrainer)
     trainer = trainer_cls(
-        model=model, args=training_args, sparsity_config=sparsity_config,
+        model=model, args=training_args,
+        sparsity_config=dense_warmup_config(model_args.dense_warmup_fraction, sparsity_config),
         train_dataset=blocks["train"], eval_dataset=blocks["validation"],
         data_collator=default_data_collator, processing_class=tokenizer)
+    warmup = attach_dense_warmup(trainer, model_args.dense_warmup_fraction, sparsity_config, training_args.max_steps)
     result_blocks = train_and_save(trainer, training_args, sparsity_config)
+    if warmup is not None:  # --dense_warmup_fraction: dense until the switch, then --method
+        result_blocks["sparsity_config"]["dense_warmup"] = {"fraction": model_args.dense_warmup_fraction,
+                                                         **warmup.summary()}
 
     # ---- evaluation
     val_metrics = trainer.evaluate(metric_key_prefix="eval")

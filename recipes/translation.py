@@ -67,6 +67,7 @@ from nm_hf.recipe import (
     with_token_throughput,
     write_predictions,
 )
+from nm_hf.recipe.schedule import attach_dense_warmup, check_dense_warmup, dense_warmup_config
 from nm_hf.tokenization import train_translation_tokenizer
 from nm_hf.trainer import SparseSeq2SeqTrainer
 
@@ -277,6 +278,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         description=DESCRIPTION)
     sparsity_config = sparsity_args.to_config()
     with user_errors(PROG):
+        check_dense_warmup(model_args.dense_warmup_fraction, sparsity_config, training_args.max_steps,
+                           training_args.resume_from_checkpoint)
         check_model_settings(model_args, data_args, sparsity_config)
     setup_logging(training_args)
     output_dir = Path(training_args.output_dir)
@@ -333,10 +336,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # ---- training
     trainer_cls = with_token_throughput(SparseSeq2SeqTrainer, count_label_tokens=True)
     trainer = trainer_cls(
-        model=model, args=training_args, sparsity_config=sparsity_config,
+        model=model, args=training_args,
+        sparsity_config=dense_warmup_config(model_args.dense_warmup_fraction, sparsity_config),
         train_dataset=tokenized["train"], eval_dataset=tokenized["validation"],
         data_collator=collator, processing_class=tokenizer, compute_metrics=metric)
+    warmup = attach_dense_warmup(trainer, model_args.dense_warmup_fraction, sparsity_config, training_args.max_steps)
     blocks = train_and_save(trainer, training_args, sparsity_config)
+    if warmup is not None:  # --dense_warmup_fraction: dense until the switch, then --method
+        blocks["sparsity_config"]["dense_warmup"] = {"fraction": model_args.dense_warmup_fraction,
+                                                     **warmup.summary()}
 
     # ---- evaluation (generation)
     metric.references = references["validation"]

@@ -159,10 +159,18 @@ class ModelArguments:
     dropout: float = field(default=0.1, metadata={"help": "Dropout on residual branches and embeddings."})
     attention_dropout: float = field(default=0.0, metadata={"help": "Dropout on attention probabilities."})
     max_position_embeddings: int = field(default=512, metadata={"help": "Longest sequence the model accepts."})
+    dense_warmup_fraction: float = field(
+        default=0.0,
+        metadata={"help": "Train dense for this fraction of --max_steps, then switch the layers to --method with "
+                  "masks chosen from the warmed-up weights (with --method fixed: NVIDIA ASP's magnitude prune, "
+                  "frozen mask); same total steps. 0: sparse from the start."},
+    )
 
     def __post_init__(self) -> None:
         _check_positive(self, ("vocab_size", "min_frequency", "d_model", "num_attention_heads", "ffn_dim",
                                "max_position_embeddings"), allow_none=False)
+        if not 0.0 <= self.dense_warmup_fraction < 1.0:
+            raise ValueError(f"--dense_warmup_fraction must be in [0, 1), got {self.dense_warmup_fraction}")
         _check_probability(self, ("dropout", "attention_dropout"))
         if self.d_model % self.num_attention_heads:
             raise ValueError(f"--d_model {self.d_model} must be divisible by --num_attention_heads "
