@@ -46,7 +46,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script from a checkout
     sys.path.insert(0, str(ROOT))
 
-from nm_hf._files import atomic_write_json  # noqa: E402
+from nm_hf._files import atomic_write_json, atomic_write_text  # noqa: E402
 from nm_hf.methods import available_methods  # noqa: E402
 from nm_hf.recipe import redact_command  # noqa: E402
 
@@ -335,6 +335,134 @@ def record_run(results_file: Path | None, spec: RunSpec, out_dir: Path, extra: l
         print(f"recorded {out_dir} in {results_file}", flush=True)
 
 
+# ---------------------------------------------------------------------------------------------------------
+# rendering the results files as markdown (docs/results.md)
+
+#: per recipe: (validation key, test keys with titles and formats, True when higher is better)
+HEADLINES = {
+    "language_modeling": ("perplexity", [("test ppl", "perplexity", "{:.2f}"), ("test loss", "loss", "{:.4f}")],
+                          False),
+    "translation": ("bleu", [("test BLEU", "bleu", "{:.2f}"), ("test chrF", "chrf", "{:.2f}")], True),
+}
+#: flags that vary inside one table row (the grid's and the seeds' axes), not part of its label
+ROW_AXES = ("learning_rate",)
+MARKER = "<!-- results_table.py {} {} -->"  # begin/end, recipe: the generated region of a markdown file
+
+
+def row_label(run: dict) -> str:
+    """A run's row: its method and the flags that are not the grid's axes or its schedule's defaults."""
+    implied = dict(SCHEDULES[run["method"]][1]) if run.get("method") in SCHEDULES else {}
+    flags = [(key, value) for key, value in (run.get("flags") or {}).items()
+             if key not in ROW_AXES and implied.get(key) != value]
+    label = run["method"] + (f" {run['pattern']}" if run.get("pattern") else "")
+    return label + (f" ({', '.join(f'{key}={value}' for key, value in flags)})" if flags else "")
+
+
+def _mean_sd(values: list[float], fmt: str) -> str:
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return _cell(values[0], fmt)
+    return f"{_cell(statistics.fmean(values), fmt)} ± {_cell(statistics.stdev(values), fmt)}"
+
+
+def _lr(value) -> str:
+    return "-" if value is None else f"{float(value):g}"
+
+
+def chosen_learning_rates(recipe: str, runs: list[dict]) -> dict[str, float]:
+    """Per row: the learning rate with the best mean validation metric (lower perplexity, higher BLEU)."""
+    key, _, higher = HEADLINES[recipe]
+    by_row: dict[str, dict[float, list[float]]] = {}
+    for run in runs:
+        value = (run.get("validation") or {}).get(key)
+        if run.get("learning_rate") is not None and _numbers([value]):
+            by_row.setdefault(row_label(run), {}).setdefault(float(run["learning_rate"]), []).append(float(value))
+    pick = max if higher else min
+    return {row: pick(grid, key=lambda lr: statistics.fmean(grid[lr])) for row, grid in by_row.items()}
+
+
+def grid_table(recipe: str, runs: list[dict]) -> str:
+    """Validation metric per learning rate (rows: method and pattern), the chosen rate in bold."""
+    key, _, _ = HEADLINES[recipe]
+    rates = sorted({float(r["learning_rate"]) for r in runs if r.get("learning_rate") is not None})
+    chosen = chosen_learning_rates(recipe, runs)
+    rows = sorted({row_label(r) for r in runs}, key=lambda row: [row_label(r) for r in runs].index(row))
+    lines = [f"| validation {key} | " + " | ".join(f"lr {_lr(lr)}" for lr in rates) + " |",
+             "|" + "---|" * (len(rates) + 1)]
+    for row in rows:
+        cells = []
+        for lr in rates:
+            values = _numbers([(r.get("validation") or {}).get(key) for r in runs
+                               if row_label(r) == row and r.get("learning_rate") is not None
+                               and float(r["learning_rate"]) == lr])
+            cell = "-" if not values else _cell(statistics.fmean(values), "{:.2f}")
+            if values and len(values) > 1:
+                cell += f" ({len(values)} seeds)"
+            cells.append(f"**{cell}**" if values and chosen.get(row) == lr else cell)
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def seeds_table(recipe: str, runs: list[dict]) -> str:
+    """Per row, at its chosen learning rate: test metrics as mean ± sd over the seeds, and the run details."""
+    key, tests, _ = HEADLINES[recipe]
+    chosen = chosen_learning_rates(recipe, runs)
+    titles = ["method", "lr", *[title for title, _, _ in tests], f"val {key}", "seeds", "sparsity",
+              "SAD from init", "mean flip rate", "train tokens/s"]
+    lines = ["| " + " | ".join(titles) + " |", "|" + "---|" * len(titles)]
+    rows = sorted({row_label(r) for r in runs}, key=lambda row: [row_label(r) for r in runs].index(row))
+    for row in rows:
+        if row not in chosen:
+            continue
+        picked = [r for r in runs if row_label(r) == row and r.get("learning_rate") is not None
+                  and float(r["learning_rate"]) == chosen[row]]
+        seeds = sorted({r.get("seed") for r in picked}, key=str)
+        cells = [row, _lr(chosen[row])]
+        cells += [_mean_sd(_numbers([(r.get("test") or {}).get(name) for r in picked]), fmt) for _, name, fmt in tests]
+        cells.append(_mean_sd(_numbers([(r.get("validation") or {}).get(key) for r in picked]), "{:.2f}"))
+        cells.append(f"{len(picked)} ({', '.join(map(str, seeds))})")
+        cells.append(_aggregate([r.get("sparsity") for r in picked], "{:.2%}", with_sd=False))
+        cells.append(_aggregate([(r.get("sad") or {}).get("sad_from_init") for r in picked], "{:,.0f}", with_sd=False))
+        cells.append(_aggregate([r.get("flip_rate") for r in picked], "{:.5f}", with_sd=False))
+        cells.append(_aggregate([(r.get("throughput") or {}).get("tokens_per_second") for r in picked], "{:,.0f}",
+                                with_sd=False))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def render_section(recipe: str, runs: list[dict], source: Path) -> str:
+    """The generated markdown of one results file: the seeds table at the chosen rates and the lr grid."""
+    if not runs:
+        return f"_No runs recorded yet in `{_relative(source)}`._"
+    return "\n".join([
+        f"{len(runs)} runs recorded in `{_relative(source)}`. Test metrics at each row's "
+        "chosen learning rate (best mean validation metric), mean ± sd over the seeds run so far:",
+        "", seeds_table(recipe, runs), "",
+        "Learning-rate grid (validation metric; the chosen rate in bold):", "", grid_table(recipe, runs)])
+
+
+def render(path: Path, files: dict[str, Path]) -> list[str]:
+    """Replace the generated region of each recipe in the markdown file `path` (between its begin and end
+    markers) with the tables of that recipe's results file; returns the recipes rendered. A file without
+    a recipe's markers is left alone for that recipe; a begin marker without its end is an error."""
+    text = path.read_text(encoding="utf-8")
+    done = []
+    for recipe, results_file in files.items():
+        begin, end = MARKER.format("begin", recipe), MARKER.format("end", recipe)
+        if begin not in text:
+            continue
+        if end not in text.split(begin, 1)[1]:
+            raise ValueError(f"{path}: {begin} has no {end} after it")
+        head, rest = text.split(begin, 1)
+        tail = rest.split(end, 1)[1]
+        body = render_section(recipe, load_results_file(results_file)["runs"], results_file)
+        text = f"{head}{begin}\n{body}\n{end}{tail}"
+        done.append(recipe)
+    atomic_write_text(path, text)
+    return done
+
+
 def launch(recipe: str, config: str, spec: RunSpec, out_dir: Path, seed: int | None, extra: list[str],
            threads: int) -> subprocess.Popen:
     """Start one run in the background, its output in ``<out_dir>.log``."""
@@ -375,8 +503,8 @@ def main(argv: list[str] | None = None) -> None:
         cut = argv.index("--")
         argv, extra = argv[:cut], argv[cut + 1:]
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("recipe", choices=sorted(COLUMNS))
-    parser.add_argument("config")
+    parser.add_argument("recipe", nargs="?", choices=sorted(COLUMNS))
+    parser.add_argument("config", nargs="?")
     parser.add_argument("--runs", nargs="+", default=["dense:2:4", "fixed:2:4", "ste:2:4", "sr-ste:2:4"],
                         help="METHOD:N:M[,flag=value...] entries, run in this order")
     parser.add_argument("--seeds", nargs="+", type=int, default=None,
@@ -390,7 +518,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--results_file", default=None,
                         help="append every finished run here (default: benchmarks/results/<recipe>.json)")
     parser.add_argument("--no_results_file", action="store_true", help="append the runs to no results file")
+    parser.add_argument("--render", nargs="+", default=None, metavar="MARKDOWN",
+                        help="only rewrite the generated tables of these markdown files (docs/results.md) from "
+                             "the results files (--results_file: the given recipe's), then exit")
     args = parser.parse_args(argv)
+    if args.render:
+        files = dict(RESULTS_FILES)
+        if args.results_file and args.recipe:
+            files[args.recipe] = Path(args.results_file)
+        for markdown in args.render:
+            try:
+                done = render(Path(markdown), files)
+            except (OSError, ValueError) as err:
+                parser.error(str(err))
+            print(f"{markdown}: {', '.join(done) or 'no results_table.py markers'}")
+        return
+    if args.recipe is None or args.config is None:
+        parser.error("the recipe and the config are required (except with --render)")
 
     try:
         specs = [parse_run_spec(entry) for entry in args.runs]

@@ -275,3 +275,56 @@ def test_asp_entry_is_the_fixed_method_after_a_dense_warmup():
     assert shorter.argv() == ["--dense_warmup_fraction", "0.25"]
     with pytest.raises(ValueError, match=r"unknown method 'aspx'.*schedule asp"):
         rt.parse_run_spec("aspx:2:4")
+
+
+# --------------------------------------------------------------------------------------------- rendering
+
+
+def lm_run(method: str, lr: float, seed: int, val: float, test: float, **flags) -> dict:
+    return {"method": method, "pattern": None if method == "dense" else "2:4", "learning_rate": lr, "seed": seed,
+            "validation": {"perplexity": val}, "test": {"perplexity": test, "loss": 4.0},
+            "flags": {"learning_rate": str(lr), **flags}, "sparsity": 0.5, "sad": {"sad_from_init": 10},
+            "flip_rate": 0.001, "throughput": {"tokens_per_second": 1000.0}}
+
+
+def test_render_chooses_the_lr_on_validation_and_reports_seeds_at_it(tmp_path):
+    runs = [lm_run("dense", 1e-3, 42, 80.0, 81.0), lm_run("dense", 4e-3, 42, 75.0, 76.0),
+            lm_run("sr-ste", 1e-3, 42, 70.0, 71.0), lm_run("sr-ste", 4e-3, 42, 72.0, 73.0),
+            lm_run("sr-ste", 1e-3, 1, 70.0, 72.0), lm_run("sr-ste", 1e-3, 2, 70.0, 74.0),
+            lm_run("sr-ste", 1e-3, 1, 60.0, 60.0, decay="2e-4"),
+            {**lm_run("asp", 1e-3, 42, 65.0, 66.0, dense_warmup_fraction="0.5"), "pattern": "2:4"}]
+    assert rt.chosen_learning_rates("language_modeling", runs) == {
+        "dense": 4e-3, "sr-ste 2:4": 1e-3, "sr-ste 2:4 (decay=2e-4)": 1e-3, "asp 2:4": 1e-3}
+    grid = rows(rt.grid_table("language_modeling", runs))
+    assert grid["dense"] == {"validation perplexity": "dense", "lr 0.001": "80.00", "lr 0.004": "**75.00**"}
+    assert grid["sr-ste 2:4"]["lr 0.001"] == "**70.00 (3 seeds)**" and grid["sr-ste 2:4"]["lr 0.004"] == "72.00"
+    table = rows(rt.seeds_table("language_modeling", runs))
+    assert table["sr-ste 2:4"]["test ppl"] == f"72.33 ± {statistics.stdev([71.0, 72.0, 74.0]):.2f}"
+    assert table["sr-ste 2:4"]["seeds"] == "3 (1, 2, 42)" and table["sr-ste 2:4"]["lr"] == "0.001"
+    assert table["dense"]["test ppl"] == "76.00" and table["dense"]["lr"] == "0.004"
+    assert table["asp 2:4"]["test ppl"] == "66.00"  # the schedule's own flag is not part of the label
+
+    path = tmp_path / "lm.json"
+    for run in runs:
+        rt.append_run(path, {**run, "output_dir": f"{run['method']}-{run['learning_rate']}-{run['seed']}-"
+                             f"{run['flags'].get('decay')}", "command": "c"})
+    doc = tmp_path / "results.md"
+    begin, end = rt.MARKER.format("begin", "language_modeling"), rt.MARKER.format("end", "language_modeling")
+    doc.write_text(f"# Results\n\nhand-written text\n\n{begin}\nold table\n{end}\n\nmore text\n")
+    rt.main(["language_modeling", "--render", str(doc), "--results_file", str(path)])
+    text = doc.read_text()
+    assert text.startswith("# Results\n\nhand-written text\n\n" + begin) and text.endswith(f"{end}\n\nmore text\n")
+    assert "old table" not in text and "| sr-ste 2:4 | 0.001 | 72.33 ±" in text and "8 runs recorded" in text
+    rt.main(["language_modeling", "--render", str(doc), "--results_file", str(path)])
+    assert doc.read_text() == text  # rendering twice changes nothing
+
+
+def test_render_refuses_a_begin_marker_without_its_end(tmp_path, capsys):
+    doc = tmp_path / "results.md"
+    doc.write_text(rt.MARKER.format("begin", "translation") + "\nno end\n")
+    with pytest.raises(SystemExit):
+        rt.main(["--render", str(doc)])
+    assert "has no <!-- results_table.py end translation -->" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        rt.main(["--runs", "dense:2:4"])
+    assert "the recipe and the config are required" in capsys.readouterr().err
