@@ -46,7 +46,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script from a checkout
     sys.path.insert(0, str(ROOT))
 
-from nm_hf._files import atomic_write_json, atomic_write_text  # noqa: E402
+from nm_hf._files import atomic_write, atomic_write_json, atomic_write_text  # noqa: E402
 from nm_hf.methods import available_methods  # noqa: E402
 from nm_hf.recipe import redact_command  # noqa: E402
 
@@ -463,6 +463,65 @@ def render(path: Path, files: dict[str, Path]) -> list[str]:
     return done
 
 
+#: the validation metric of a curve point per recipe: (title, function of the point or None)
+CURVE_METRICS = {
+    "language_modeling": ("validation perplexity",
+                          lambda p: safe_exp(p["eval_loss"]) if _numbers([p.get("eval_loss")]) else None),
+    "translation": ("validation BLEU", lambda p: p.get("eval_bleu")),
+}
+#: the rows a task's curve figure compares
+CURVE_ROWS = ("dense", "sr-ste 2:4")
+
+
+def safe_exp(value: float) -> float:
+    try:
+        return math.exp(value)
+    except OverflowError:
+        return math.inf
+
+
+def curve_figure(recipe: str, runs: list[dict], path: Path, rows: tuple[str, ...] = CURVE_ROWS) -> int:
+    """A PNG of training loss and validation metric against steps for the runs of `rows` at each row's
+    chosen learning rate (one colour per row, one line per seed); returns the number of runs drawn."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    chosen = chosen_learning_rates(recipe, runs)
+    title, metric = CURVE_METRICS[recipe]
+    fig, (loss_ax, metric_ax) = plt.subplots(1, 2, figsize=(10, 4))
+    drawn = 0
+    for colour, row in zip(("tab:gray", "tab:blue", "tab:orange", "tab:green", "tab:red"), rows, strict=False):
+        picked = [r for r in runs if row_label(r) == row and r.get("learning_rate") is not None
+                  and row in chosen and float(r["learning_rate"]) == chosen[row]]
+        for i, run in enumerate(picked):
+            curve = run.get("curve") or []
+            label = f"{row} (lr {_lr(chosen[row])})" if i == 0 else None
+            losses = [(p["step"], p["loss"]) for p in curve if _numbers([p.get("loss")])]
+            metrics = [(p["step"], metric(p)) for p in curve if metric(p) is not None]
+            if losses:
+                loss_ax.plot(*zip(*losses, strict=True), color=colour, alpha=0.8, label=label)
+            if metrics:
+                metric_ax.plot(*zip(*metrics, strict=True), color=colour, alpha=0.8, marker="o", label=label)
+            drawn += 1
+    for ax, name in ((loss_ax, "training loss"), (metric_ax, title)):
+        ax.set_xlabel("step")
+        ax.set_title(name)
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
+    fig.suptitle(f"{recipe.replace('_', ' ')}: {' vs '.join(rows)}, every seed at the chosen learning rate")
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    plt.close(fig)
+    atomic_write(path, lambda handle: handle.write(buffer.getvalue()))
+    return drawn
+
+
 def launch(recipe: str, config: str, spec: RunSpec, out_dir: Path, seed: int | None, extra: list[str],
            threads: int) -> subprocess.Popen:
     """Start one run in the background, its output in ``<out_dir>.log``."""
@@ -521,6 +580,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--render", nargs="+", default=None, metavar="MARKDOWN",
                         help="only rewrite the generated tables of these markdown files (docs/results.md) from "
                              "the results files (--results_file: the given recipe's), then exit")
+    parser.add_argument("--figures", default=None, metavar="DIR",
+                        help="with --render: also draw DIR/<recipe>_curves.png (dense vs sr-ste 2:4 curves)")
     args = parser.parse_args(argv)
     if args.render:
         files = dict(RESULTS_FILES)
@@ -532,6 +593,11 @@ def main(argv: list[str] | None = None) -> None:
             except (OSError, ValueError) as err:
                 parser.error(str(err))
             print(f"{markdown}: {', '.join(done) or 'no results_table.py markers'}")
+        for recipe, results_file in files.items() if args.figures else ():
+            runs = load_results_file(results_file)["runs"]
+            if runs:
+                figure = Path(args.figures) / f"{recipe}_curves.png"
+                print(f"{figure}: {curve_figure(recipe, runs, figure)} runs drawn")
         return
     if args.recipe is None or args.config is None:
         parser.error("the recipe and the config are required (except with --render)")

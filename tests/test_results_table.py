@@ -328,3 +328,14 @@ def test_render_refuses_a_begin_marker_without_its_end(tmp_path, capsys):
     with pytest.raises(SystemExit):
         rt.main(["--runs", "dense:2:4"])
     assert "the recipe and the config are required" in capsys.readouterr().err
+
+
+def test_curve_figure_draws_the_compared_rows_at_their_chosen_rate(tmp_path):
+    curve = [{"step": 50, "loss": 6.0}, {"step": 100, "loss": 5.0, "eval_loss": 4.5}, {"step": 150, "eval_loss": 4.4}]
+    runs = [{**lm_run("dense", 1e-3, 42, 80.0, 81.0), "curve": curve},
+            {**lm_run("dense", 4e-3, 42, 75.0, 76.0), "curve": curve},
+            {**lm_run("sr-ste", 1e-3, 42, 70.0, 71.0), "curve": curve},
+            {**lm_run("ste", 1e-3, 42, 70.0, 71.0), "curve": curve}]
+    path = tmp_path / "figures" / "lm.png"
+    assert rt.curve_figure("language_modeling", runs, path) == 2  # dense at 4e-3 and sr-ste; not ste
+    assert path.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
