@@ -269,7 +269,10 @@ def _dataset_label(data_args: TranslationDataArguments) -> str:
                                          else "")
     if data_args.train_file:
         return f"local files ({Path(data_args.train_file).name})"
-    return "ding (Debian trans-de-en example sentences)" if data_args.dataset == "ding" else data_args.dataset
+    if data_args.dataset != "ding":
+        return data_args.dataset
+    entries = "example sentences" if data_args.ding_sentences_only else "phrases and example sentences"
+    return (f"ding (Debian trans-de-en {entries}, {data_args.ding_min_words}-{data_args.ding_max_words} words)")
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
