@@ -12,11 +12,10 @@ from torch import nn
 
 import nm_hf
 from nm_hf.config import SparsityConfig
-from nm_hf.layers import SparseConv1D, SparseLinear
 from nm_hf.masks import nm_mask
 from nm_hf.methods import get_method
 from nm_hf.methods.decaying_mask import decay_factor
-from tiny_models import tiny_inputs, tiny_model, train_steps
+from tiny_models import out_in, random_sparse_layer, tiny_inputs, tiny_model, train_steps
 
 IN, OUT = 16, 12
 KINDS = ["linear", "conv1d"]
@@ -24,17 +23,8 @@ ARGS = {"decay_start": 10, "decay_steps": 100, "schedule": "linear"}
 
 
 def make_layer(kind: str, seed: int = 0, **method_args):
-    torch.manual_seed(seed)
     config = SparsityConfig(method="decaying-mask", method_args={**ARGS, **method_args})
-    layer = SparseLinear(IN, OUT, config=config) if kind == "linear" else SparseConv1D(OUT, IN, config=config)
-    with torch.no_grad():
-        layer.weight.normal_()
-        layer.bias.normal_()
-    return layer.double()
-
-
-def out_in(layer, tensor):
-    return tensor if isinstance(layer, nn.Linear) else tensor.t()
+    return random_sparse_layer(kind, config, IN, OUT, seed=seed)
 
 
 @pytest.mark.parametrize(("step", "linear", "exponential"), [

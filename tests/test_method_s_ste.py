@@ -18,7 +18,7 @@ from nm_hf.config import SparsityConfig
 from nm_hf.layers import SparseConv1D, SparseLinear
 from nm_hf.masks import check_nm, nm_mask_transposable
 from nm_hf.methods import get_method
-from tiny_models import tiny_inputs, tiny_model, train_steps
+from tiny_models import out_in, tiny_inputs, tiny_model, train_steps
 
 IN, OUT = 16, 12
 KINDS = ["linear", "conv1d"]
@@ -37,10 +37,6 @@ def make_layer(kind: str, n: int = 2, m: int = 4, seed: int = 0, dtype=torch.flo
     layer.to(dtype)
     layer.method.prepare(layer)  # scale of these weights (sparsify does this once)
     return layer
-
-
-def out_in(layer, tensor):
-    return tensor if isinstance(layer, nn.Linear) else tensor.t()
 
 
 def reference_soft_threshold(weight_out_in: torch.Tensor, n: int, m: int, keep: torch.Tensor | None = None):

@@ -8,17 +8,15 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 from transformers import TrainingArguments
 
 import nm_hf
 from nm_hf.config import SparsityConfig
-from nm_hf.layers import SparseConv1D, SparseLinear
 from nm_hf.masks import nm_mask
 from nm_hf.methods import available_methods, get_method
 from nm_hf.optim import StepAdamW
 from nm_hf.trainer import SparseTrainer, create_sparse_optimizer
-from tiny_models import tiny_inputs, tiny_model, train_steps
+from tiny_models import out_in, random_sparse_layer, tiny_inputs, tiny_model, train_steps
 
 NO_DROPOUT = {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
 IN, OUT = 16, 12
@@ -52,17 +50,7 @@ def test_bad_method_args_are_one_line_errors(args, message):
 
 
 def make_layer(kind: str):
-    torch.manual_seed(0)
-    config = SparsityConfig(method="step")
-    layer = SparseLinear(IN, OUT, config=config) if kind == "linear" else SparseConv1D(OUT, IN, config=config)
-    with torch.no_grad():
-        layer.weight.normal_()
-        layer.bias.normal_()
-    return layer.double()
-
-
-def out_in(layer, tensor):
-    return tensor if isinstance(layer, nn.Linear) else tensor.t()
+    return random_sparse_layer(kind, SparsityConfig(method="step"), IN, OUT)
 
 
 @pytest.mark.parametrize("kind", ["linear", "conv1d"])

@@ -15,16 +15,11 @@ from nm_hf.layers import group_dim_of
 from nm_hf.masks import check_nm
 from nm_hf.record import CONFIG_KEY
 from nm_hf.trainer import SparseTrainer
-from tiny_models import VOCAB, tiny_model
+from tiny_models import lm_rows, tiny_model
 
 
 def lm_data(n: int = 16, length: int = 8) -> list[dict[str, torch.Tensor]]:
-    g = torch.Generator().manual_seed(0)
-    rows = []
-    for _ in range(n):
-        ids = torch.randint(3, VOCAB, (length,), generator=g)
-        rows.append({"input_ids": ids, "labels": ids.clone()})
-    return rows
+    return lm_rows(n, length)
 
 
 def args(out, **overrides) -> TrainingArguments:

@@ -119,3 +119,34 @@ def train_steps(model, steps: int, lr: float = 0.05, tracker=None, call_hook: bo
         if on_step is not None:
             on_step()
     return optimizer
+
+
+def random_sparse_layer(kind: str, config, in_features: int = 16, out_features: int = 12, seed: int = 0,
+                        dtype=torch.float64):
+    """A `SparseLinear` ("linear") or GPT-2 `SparseConv1D` ("conv1d") with standard-normal weight and bias."""
+    from nm_hf.layers import SparseConv1D, SparseLinear
+
+    torch.manual_seed(seed)
+    if kind == "linear":
+        layer = SparseLinear(in_features, out_features, config=config)
+    else:
+        layer = SparseConv1D(out_features, in_features, config=config)
+    with torch.no_grad():
+        layer.weight.normal_()
+        layer.bias.normal_()
+    return layer.to(dtype)
+
+
+def out_in(layer, tensor: torch.Tensor) -> torch.Tensor:
+    """[out, in] view of a weight-shaped tensor of `layer` (GPT-2 Conv1D stores [in, out])."""
+    return tensor if isinstance(layer, torch.nn.Linear) else tensor.t()
+
+
+def lm_rows(n: int = 16, length: int = 8, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    """`n` random causal-LM examples (input_ids = labels) of `length` tokens, deterministic."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(n):
+        ids = torch.randint(3, VOCAB, (length,), generator=g)
+        rows.append({"input_ids": ids, "labels": ids.clone()})
+    return rows

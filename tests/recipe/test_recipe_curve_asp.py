@@ -20,7 +20,7 @@ from nm_hf.recipe import CausalLMModelArguments
 from nm_hf.recipe.results import training_curve
 from nm_hf.recipe.schedule import attach_dense_warmup, check_dense_warmup, dense_warmup_config
 from nm_hf.trainer import SparseTrainer
-from tiny_models import VOCAB, tiny_model
+from tiny_models import lm_rows, tiny_model
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY_LM = ["--d_model", "32", "--ffn_dim", "64", "--num_layers", "2", "--num_attention_heads", "4",
@@ -46,12 +46,7 @@ def test_training_curve_keeps_losses_and_eval_metrics_by_step():
 
 
 def _lm_rows(n: int = 32, length: int = 16) -> list[dict[str, torch.Tensor]]:
-    g = torch.Generator().manual_seed(0)
-    rows = []
-    for _ in range(n):
-        ids = torch.randint(3, VOCAB, (length,), generator=g)
-        rows.append({"input_ids": ids, "labels": ids.clone()})
-    return rows
+    return lm_rows(n, length)
 
 
 class Recorder(TrainerCallback):
