@@ -39,7 +39,7 @@ from nm_hf.trainer import (
     SparseTrainerMixin,
     prepare_sparse_model,
 )
-from tiny_models import VOCAB, tiny_model
+from tiny_models import VOCAB, lm_rows, tiny_model
 
 NO_DROPOUT = {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -57,12 +57,7 @@ def _one_thread():
 
 
 def lm_data(n: int = 32, length: int = 16, seed: int = 0) -> list[dict[str, torch.Tensor]]:
-    g = torch.Generator().manual_seed(seed)
-    rows = []
-    for _ in range(n):
-        ids = torch.randint(3, VOCAB, (length,), generator=g)
-        rows.append({"input_ids": ids, "labels": ids.clone()})
-    return rows
+    return lm_rows(n, length, seed)
 
 
 def gpt2(seed: int = 0):
