@@ -64,6 +64,7 @@ from nm_hf.recipe import (
     user_errors,
     with_token_throughput,
 )
+from nm_hf.recipe.model_setup import check_prune_method, prune_pretrained
 from nm_hf.recipe.schedule import attach_dense_warmup, check_dense_warmup, dense_warmup_config
 from nm_hf.tokenization import train_causal_lm_tokenizer
 from nm_hf.trainer import SparseTrainer
@@ -201,6 +202,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with user_errors(PROG):
         check_dense_warmup(model_args.dense_warmup_fraction, sparsity_config, training_args.max_steps,
                            training_args.resume_from_checkpoint)
+        check_prune_method(model_args.prune_criterion, sparsity_config)
         check_model_settings(model_args, block_size, sparsity_config)
     setup_logging(training_args)
     set_seed(training_args.seed)
@@ -241,6 +243,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             exit_with_error(PROG, f"the {split} split has fewer than --block_size {block_size} tokens; use a "
                             "smaller --block_size or more data")
     logger.info(f"blocks of {block_size} tokens: {', '.join(f'{k} {len(v):,}' for k, v in blocks.items())}")
+    with user_errors(PROG):  # --prune_criterion: one-shot prune of the pretrained model, then fine-tune it
+        prune_record = prune_pretrained(
+            model, sparsity_config, model_args.prune_criterion, train_dataset=blocks["train"],
+            collator=default_data_collator, calibration_samples=model_args.calibration_samples,
+            batch_size=training_args.per_device_train_batch_size, device=training_args.device,
+            progress=not training_args.disable_tqdm and training_args.local_process_index == 0)
 
     # ---- training
     trainer_cls = with_token_throughput(SparseTrainer)
@@ -254,6 +262,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if warmup is not None:  # --dense_warmup_fraction: dense until the switch, then --method
         result_blocks["sparsity_config"]["dense_warmup"] = {"fraction": model_args.dense_warmup_fraction,
                                                          **warmup.summary()}
+    if prune_record is not None:
+        result_blocks["sparsity_config"]["prune"] = prune_record
 
     # ---- evaluation
     val_metrics = trainer.evaluate(metric_key_prefix="eval")

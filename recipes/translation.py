@@ -67,6 +67,7 @@ from nm_hf.recipe import (
     with_token_throughput,
     write_predictions,
 )
+from nm_hf.recipe.model_setup import check_prune_method, prune_pretrained
 from nm_hf.recipe.schedule import attach_dense_warmup, check_dense_warmup, dense_warmup_config
 from nm_hf.tokenization import train_translation_tokenizer
 from nm_hf.trainer import SparseSeq2SeqTrainer
@@ -283,6 +284,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with user_errors(PROG):
         check_dense_warmup(model_args.dense_warmup_fraction, sparsity_config, training_args.max_steps,
                            training_args.resume_from_checkpoint)
+        check_prune_method(model_args.prune_criterion, sparsity_config)
         check_model_settings(model_args, data_args, sparsity_config)
     setup_logging(training_args)
     output_dir = Path(training_args.output_dir)
@@ -332,6 +334,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     tokenized = tokenize_splits(raw, tokenizer, data_args, training_args)
     collator = DataCollatorForSeq2Seq(tokenizer, model=model, label_pad_token_id=-100)
+    with user_errors(PROG):  # --prune_criterion: one-shot prune of the pretrained model, then fine-tune it
+        prune_record = prune_pretrained(
+            model, sparsity_config, model_args.prune_criterion, train_dataset=tokenized["train"],
+            collator=collator, calibration_samples=model_args.calibration_samples,
+            batch_size=training_args.per_device_train_batch_size, device=training_args.device,
+            progress=not training_args.disable_tqdm and training_args.local_process_index == 0)
     src, tgt = data_args.source_lang, data_args.target_lang
     references = {split: [pair[tgt] for pair in raw[split]["translation"]] for split in ("validation", "test")}
     metric = BleuMetric(tokenizer, references["validation"])
@@ -348,6 +356,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if warmup is not None:  # --dense_warmup_fraction: dense until the switch, then --method
         blocks["sparsity_config"]["dense_warmup"] = {"fraction": model_args.dense_warmup_fraction,
                                                      **warmup.summary()}
+    if prune_record is not None:
+        blocks["sparsity_config"]["prune"] = prune_record
 
     # ---- evaluation (generation)
     metric.references = references["validation"]

@@ -12,6 +12,8 @@ real type objects to pick argparse types and choices. Help strings go through ar
 
 from dataclasses import dataclass, field
 
+from ..prune import CALIBRATED, CRITERIA
+
 __all__ = [
     "DataArguments",
     "TranslationDataArguments",
@@ -137,6 +139,32 @@ class TextDataArguments(DataArguments):
         _check_positive(self, ("block_size",), allow_none=False)
 
 
+#: calibration examples for --prune_criterion wanda/sparsegpt when --calibration_samples is not given
+CALIBRATION_SAMPLES = 128
+
+
+def _check_prune(owner: "ModelArguments") -> None:
+    """--prune_criterion / --calibration_samples: a pretrained model to prune, data only where it is used."""
+    criterion, samples = owner.prune_criterion, owner.calibration_samples
+    if criterion is not None and criterion not in CRITERIA:
+        raise ValueError(f"--prune_criterion must be one of {', '.join(CRITERIA)}, got {criterion!r}")
+    if criterion is not None and not owner.model_name_or_path:
+        raise ValueError(f"--prune_criterion {criterion} needs --model_name_or_path: a model built from scratch "
+                         "has nothing to prune")
+    if criterion is not None and owner.dense_warmup_fraction:
+        raise ValueError(f"--prune_criterion {criterion} and --dense_warmup_fraction both choose the first mask; "
+                         "pass one of them")
+    if samples is None:
+        return
+    _check_positive(owner, ("calibration_samples",))
+    calibrated = " or ".join(name for name in CRITERIA if name in CALIBRATED)
+    if criterion is None:
+        raise ValueError(f"--calibration_samples needs --prune_criterion {calibrated} (and --model_name_or_path)")
+    if criterion not in CALIBRATED:
+        raise ValueError(f"--calibration_samples applies to --prune_criterion {calibrated} only: {criterion} "
+                         "uses no calibration data")
+
+
 @dataclass
 class ModelArguments:
     """A pretrained model, or the size of a new one built from a config (with a tokenizer trained here)."""
@@ -165,10 +193,22 @@ class ModelArguments:
                   "masks chosen from the warmed-up weights (with --method fixed: NVIDIA ASP's magnitude prune, "
                   "frozen mask); same total steps. 0: sparse from the start."},
     )
+    prune_criterion: str | None = field(
+        default=None,
+        metadata={"help": "With --model_name_or_path: prune the pretrained model one-shot to --sparsity with this "
+                  "criterion (nm_hf.prune) before fine-tuning it with --method (fixed: the pruned mask, frozen).",
+                  "choices": list(CRITERIA)},
+    )
+    calibration_samples: int | None = field(
+        default=None,
+        metadata={"help": "--prune_criterion wanda/sparsegpt: the first N training examples, in batches of "
+                  f"--per_device_train_batch_size, are the calibration data (default {CALIBRATION_SAMPLES})."},
+    )
 
     def __post_init__(self) -> None:
         _check_positive(self, ("vocab_size", "min_frequency", "d_model", "num_attention_heads", "ffn_dim",
                                "max_position_embeddings"), allow_none=False)
+        _check_prune(self)
         if not 0.0 <= self.dense_warmup_fraction < 1.0:
             raise ValueError(f"--dense_warmup_fraction must be in [0, 1), got {self.dense_warmup_fraction}")
         _check_probability(self, ("dropout", "attention_dropout"))

@@ -6,7 +6,10 @@
 - `check_sparsity_targets`: `nm_hf.find_target_modules` with a one-line error naming the flags;
 - `shared_tokenizer`: a tokenizer trained once (process 0) and sent to every process in memory; it is
   written to the output directory only with the trained model, so a run that fails early leaves a
-  previous run's model and tokenizer untouched.
+  previous run's model and tokenizer untouched;
+- `check_prune_method`, `prune_pretrained`: `--prune_criterion` / `--calibration_samples`, the one-shot
+  prune of a pretrained model (`nm_hf.prune`) before it is fine-tuned, with the first training examples
+  as calibration data.
 """
 
 from __future__ import annotations
@@ -22,9 +25,13 @@ from typing import Any
 import torch
 
 from ..injection import SparsifyError, find_target_modules
+from ..methods import get_method
+from ..prune import CALIBRATED, PruneError, prune
+from .args import CALIBRATION_SAMPLES
 from .config_files import ArgumentsError
 
-__all__ = ["apply_config_overrides", "check_sparsity_targets", "resume_dirs", "shared_tokenizer", "skeleton"]
+__all__ = ["apply_config_overrides", "calibration_batches", "check_prune_method", "check_sparsity_targets",
+           "prune_pretrained", "resume_dirs", "shared_tokenizer", "skeleton"]
 
 logger = logging.getLogger(__name__)
 
@@ -136,3 +143,65 @@ def shared_tokenizer(training_args: Any, train: Callable[[], Any],
         for name, data in files.items():
             (Path(tmp) / name).write_bytes(data)
         return AutoTokenizer.from_pretrained(tmp)
+
+
+def check_prune_method(criterion: str | None, sparsity_config: Any) -> None:
+    """Refuse, before any data is loaded, a `--prune_criterion` the run's `--method` would ignore: a method
+    that does not mask the forward pass (`dense`) would use the dense weights again."""
+    if criterion is None:
+        return
+    if not get_method(sparsity_config.method).masks_forward:
+        raise ArgumentsError(f"--prune_criterion {criterion} needs a --method that masks (e.g. fixed or sr-ste), "
+                             f"not {sparsity_config.method!r}")
+
+
+def calibration_batches(dataset: Any, collator: Callable[[list[Any]], Any], samples: int,
+                        batch_size: int) -> list[Any]:
+    """The first `samples` examples of `dataset` (fewer if it is shorter), collated in order into batches of
+    `batch_size`: the same calibration data on every run and every process."""
+    count = min(samples, len(dataset))
+    rows = [dataset[i] for i in range(count)]
+    return [collator(rows[start:start + batch_size]) for start in range(0, count, batch_size)]
+
+
+def prune_pretrained(model: torch.nn.Module, sparsity_config: Any, criterion: str | None, *,
+                     train_dataset: Any, collator: Callable[[list[Any]], Any], calibration_samples: int | None,
+                     batch_size: int, device: Any = None, progress: bool = False) -> dict[str, Any] | None:
+    """`--prune_criterion`: prune `model` one-shot (`nm_hf.prune`) and leave it sparsified with
+    `sparsity_config`, which the sparse trainer then accepts as is; returns the results.json record
+    (None without a criterion).
+
+    Calibration (wanda, sparsegpt): the first `calibration_samples` (default `CALIBRATION_SAMPLES`)
+    tokenized training examples, collated by the run's collator in batches of `batch_size`. The model
+    is pruned on `device` (where it will train). A refusal of `nm_hf.prune` becomes a one-line
+    `ArgumentsError` naming the flag; the model is unchanged then and nothing has been written.
+    """
+    if criterion is None:
+        return None
+    calibration = None
+    requested = None
+    if criterion in CALIBRATED:
+        requested = calibration_samples or CALIBRATION_SAMPLES
+        calibration = calibration_batches(train_dataset, collator, requested, batch_size)
+        used = min(requested, len(train_dataset))
+        if used < requested:
+            logger.warning(f"--calibration_samples {requested}: the training data has {used} examples; "
+                           "calibrating with all of them")
+    if device is not None:
+        model.to(device)
+    start = time.perf_counter()
+    try:
+        prune(model, sparsity_config, criterion=criterion, calibration=calibration, progress=progress)
+    except PruneError as err:
+        raise ArgumentsError(f"--prune_criterion {criterion}: {err}") from None
+    seconds = time.perf_counter() - start
+    record: dict[str, Any] = {
+        "criterion": criterion,
+        "calibration_samples": None if calibration is None else min(requested, len(train_dataset)),
+        "calibration_batches": None if calibration is None else len(calibration),
+        "seconds": round(seconds, 2),
+    }
+    logger.info(f"one-shot prune to {sparsity_config.pattern} ({criterion}"
+                + ("" if calibration is None else f", {record['calibration_samples']} calibration examples")
+                + f") in {seconds:.1f} s")
+    return record
