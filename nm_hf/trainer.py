@@ -33,6 +33,7 @@ Everything a `Trainer` user relies on keeps working (report_to, gradient accumul
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -43,7 +44,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import Seq2SeqTrainer, Trainer, TrainerCallback
+from transformers import PreTrainedModel, Seq2SeqTrainer, Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput
 from transformers.utils import (
     ADAPTER_SAFE_WEIGHTS_NAME,
@@ -568,8 +569,8 @@ class SparseTrainerMixin:
             return
         if checkpoint or not self.args.should_save:
             self._nm_bake = not checkpoint
-            try:
-                with dense_save_intended():  # checkpoints keep the dense weights to resume from
+            try:  # checkpoints keep the dense weights to resume from, in the model's own layout
+                with dense_save_intended(), self._own_layout_saves(checkpoint):
                     super().save_model(output_dir, _internal_call)
             finally:
                 self._nm_bake = False
@@ -590,6 +591,25 @@ class SparseTrainerMixin:
             self._nm_bake = False
         if self.args.push_to_hub and not _internal_call:
             self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
+
+    @contextmanager
+    def _own_layout_saves(self, active: bool):
+        """While active, the model's `save_pretrained` keeps its state-dict layout (`save_original_format=False`).
+
+        transformers 5 saves fused MoE experts per expert (the original checkpoints' layout), but
+        `Trainer._load_from_checkpoint` loads a checkpoint with `load_state_dict` unconverted: a resumed
+        run would silently keep its initial expert weights (transformers issue #48805). Plain
+        `from_pretrained` loads either layout.
+        """
+        model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        if not active or not isinstance(model, PreTrainedModel) or "save_pretrained" in model.__dict__:
+            yield
+            return
+        model.save_pretrained = functools.partial(model.save_pretrained, save_original_format=False)
+        try:
+            yield
+        finally:
+            model.__dict__.pop("save_pretrained", None)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         if not self._nm_bake or not self.args.should_save:
