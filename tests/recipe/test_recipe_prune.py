@@ -211,3 +211,24 @@ def test_translation_recipe_prunes_by_magnitude_and_refuses_wanda_on_two_stacks(
         assert check_nm(weight, 2, 4, dim=1), name
         magnitude = nm_hf.masks.nm_mask(dense[name].weight.detach().abs(), 2, 4, dim=1)
         assert torch.equal(weight != 0, magnitude), name  # the magnitude mask of the pretrained weights, frozen
+
+
+def test_sparsegpt_then_sr_ste_with_more_calibration_samples_than_training_blocks(pretrained_lm, tmp_path):
+    """The default method (sr-ste) continues from the SparseGPT-pruned model (the trainer accepts the model
+    sparsified with the run's config); asking for more calibration examples than there are uses them all."""
+    out = tmp_path / "out"
+    results = load_recipe("language_modeling").main([
+        *TINY_RUN, *data_flags(pretrained_lm), "--model_name_or_path", str(pretrained_lm["model"]),
+        "--prune_criterion", "sparsegpt", "--calibration_samples", "100000", "--output_dir", str(out)])
+    tokenizer = AutoTokenizer.from_pretrained(pretrained_lm["model"])
+    raw = load_text_data(train_file=pretrained_lm["train"], validation_file=pretrained_lm["validation"],
+                         test_file=pretrained_lm["test"])
+    blocks = len(tokenize_and_group(raw, tokenizer, BLOCK)["train"])
+    prune_record = json.loads((out / "results.json").read_text())["sparsity_config"]["prune"]
+    assert prune_record["criterion"] == "sparsegpt" and prune_record["calibration_samples"] == blocks
+    assert prune_record["calibration_batches"] == (blocks + 1) // 2
+    assert results["sparsity_config"]["method"] == "sr-ste" and results["nm_ok"] is True
+    saved = AutoModelForCausalLM.from_pretrained(out)
+    modules = dict(saved.named_modules())
+    for name in saved.config.nm_sparsity["targeted_modules"]:
+        assert check_nm(modules[name].weight, 2, 4, dim=0), name
