@@ -96,8 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pattern", metavar="N:M", help="the pattern to check (required for checkpoints without an "
                                                     "nm_sparsity record, e.g. made by another tool)")
     p.add_argument("--layers", nargs="+", metavar="NAME",
-                   help="layers to check (exact names or dotted suffixes, e.g. q_proj); default: the record's "
-                        f"targeted layers, or without a record every {_KINDS} layer but the output head")
+                   help="layers to check (exact names or dotted suffixes, e.g. q_proj, experts.gate_up_proj); "
+                        "default: the record's targeted layers, or without a record every "
+                        f"{_KINDS} layer but the output head, and the MoE expert weights")
     p.set_defaults(func=_inspect)
     p = sub.add_parser("compress", help="write the compressed form of a saved (finalized) model")
     p.add_argument("input", help="a saved model directory")

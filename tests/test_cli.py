@@ -354,3 +354,43 @@ def test_inspect_with_a_pattern_for_checkpoints_of_other_tools(tmp_path, capsys)
     assert main(["inspect", "--pattern", "2-4", str(tmp_path / "dense")]) == 2
     assert main(["inspect", str(tmp_path / "dense"), "--pattern", "2:4", "--layers", "nope"]) == 2
     assert "'nope' matched no weight" in capsys.readouterr().err
+
+
+def _moe_saved(path, model_type, record=True, exclude=()):
+    from test_layers_experts import tiny_moe
+
+    model = tiny_moe(model_type)
+    finalize(sparsify(model, SparsityConfig(exclude_modules=list(exclude) or None)))
+    if not record:
+        del model.config.nm_sparsity
+    model.save_pretrained(path)
+
+
+@pytest.mark.parametrize("model_type,block", [("gpt_oss", "mlp"), ("llama4_text", "feed_forward")])
+def test_inspect_layers_selects_fused_expert_weights(tmp_path, capsys, model_type, block):
+    """gpt_oss / llama4 save experts fused, under keys without `.weight` ([E, in, out]: groups along dim 1)."""
+    expected = [f"model.layers.{i}.{block}.experts.gate_up_proj" for i in range(2)]
+    for record in (True, False):
+        _moe_saved(tmp_path / str(record), model_type, record=record)
+        args = ["inspect", str(tmp_path / str(record)), "--pattern", "2:4", "--layers", "experts.gate_up_proj", "--json"]
+        assert main(args) == 0
+        rows = json.loads(capsys.readouterr().out)["layers"]
+        assert [row["name"] for row in rows] == expected and all(row["nm_ok"] for row in rows)
+    assert main(["inspect", str(tmp_path / "False"), "--pattern", "1:4", "--layers", "experts.down_proj"]) == 1
+
+
+@pytest.mark.parametrize("model_type", ["mixtral", "gpt_oss"])
+def test_inspect_without_a_record_checks_expert_weights(tmp_path, capsys, model_type):
+    _moe_saved(tmp_path / "sparse", model_type, record=False)
+    assert main(["inspect", str(tmp_path / "sparse"), "--pattern", "2:4", "--json"]) == 0
+    names = [row["name"] for row in json.loads(capsys.readouterr().out)["layers"]]
+    if model_type == "mixtral":  # saved per expert (w1/w2/w3 of each), found with the model's save conversion
+        assert sum(".experts." in name for name in names) == 2 * 4 * 3
+        assert "model.layers.1.block_sparse_moe.experts.3.w2" in names
+    else:
+        assert sum(name.endswith(("experts.gate_up_proj", "experts.down_proj")) for name in names) == 4
+    assert not any(name.endswith((".gate", ".router")) for name in names)  # routers are not linear layers to check
+    _moe_saved(tmp_path / "dense_experts", model_type, record=False, exclude=["experts"])
+    assert main(["inspect", str(tmp_path / "dense_experts"), "--pattern", "2:4"]) == 1
+    out = capsys.readouterr().out
+    assert "N:M pattern VIOLATED" in out and "experts" in out.split("VIOLATED", 1)[1]

@@ -2,10 +2,13 @@
 
 With an `nm_sparsity` record the targeted layers, the pattern and the group dims come from it
 (`nm_hf.record.record_group_dims`). Without one (a checkpoint made by another tool) a pattern must
-be given; the layers checked are then the ones named, or every layer of a registered kind
-(`nm_hf.layers`: nn.Linear, GPT-2 Conv1D) except the output head, found on a meta-device skeleton
-of the model (no memory, no weights). A compressed checkpoint is verified whole: every tensor's
-checksum, not only the targeted ones.
+be given; the layers checked are then the ones named, or every linear weight of a registered kind
+(`nm_hf.layers`: nn.Linear, GPT-2 Conv1D, the 3-D expert Parameters of mixture-of-experts blocks)
+except the output head, found on a meta-device skeleton of the model (no memory, no weights).
+Expert weights are checked where they lie on disk: fused (`experts.gate_up_proj`, gpt_oss, llama4)
+or per expert (`experts.{e}.w1.weight`, Mixtral), found with the model's own save-time conversion
+(`nm_hf.checkpoint.layout`). A compressed checkpoint is verified whole: every tensor's checksum, not
+only the targeted ones.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from typing import Any
 from torch import nn
 
 from ..layers import family_kind
+from ..layers.experts import EXPERT_PARAMETERS
 from ..record import (
     is_compressed,
     read_record,
@@ -71,13 +75,32 @@ def _key_in(name: str, keys: set[str], prefix: str) -> str | None:
     return next((c for c in candidates if c in keys), None)
 
 
+def _is_expert_key(key: str) -> bool:
+    """A fused expert Parameter's key (`...experts.gate_up_proj`): no `.weight` suffix to strip."""
+    return key.rsplit(".", 1)[-1] in EXPERT_PARAMETERS
+
+
 def _layer_names(keys: set[str]) -> list[str]:
-    return sorted(k.removesuffix(".weight") for k in keys if k.endswith(".weight"))
+    return sorted(k.removesuffix(".weight") if k.endswith(".weight") else k
+                  for k in keys if k.endswith(".weight") or _is_expert_key(k))
 
 
-def _select(entries: Sequence[str], keys: set[str], directory: Path) -> list[str]:
-    """Layer names (from the file's keys) matching `entries` exactly or as a dotted suffix."""
+def _expert_targets(skeleton: nn.Module | None) -> dict[str, int]:
+    """`{<experts module>.<parameter>: input dim}` of the skeleton's 3-D expert Parameters."""
+    targets: dict[str, int] = {}
+    for name, module in skeleton.named_modules() if skeleton is not None else ():
+        kind = family_kind(module)
+        if name and kind is not None and kind.parameter_targets and kind.refusal(module) is None:
+            for parameter in kind.target_parameters(module):
+                targets[f"{name}.{parameter}"] = kind.group_dim_for(module, parameter)
+    return targets
+
+
+def _select(entries: Sequence[str], keys: set[str], directory: Path, extra: Sequence[str] = ()) -> list[str]:
+    """Layer names (from the file's keys, and `extra` names saved in another layout) matching `entries`
+    exactly or as a dotted suffix."""
     names = _layer_names(keys)
+    names += [name for name in extra if name not in names]
     chosen: list[str] = []
     for entry in entries:
         hits = [n for n in names if n == entry or n.endswith("." + entry)]
@@ -95,11 +118,19 @@ def _default_layers(skeleton: nn.Module | None, keys: set[str], directory: Path)
                               "linear layers; name them with layers=[...] (nm-hf inspect --layers ...)")
     head = skeleton.get_output_embeddings() if hasattr(skeleton, "get_output_embeddings") else None
     prefix = getattr(skeleton, "base_model_prefix", "") or ""
+    experts = _expert_targets(skeleton)
     names, dims = [], {}
     for name, module in skeleton.named_modules():
         kind = family_kind(module)
-        if not name or kind is None or module is head or not kind.linear or kind.parameter_targets:
-            continue  # the linear module kinds, as "all-linear" (expert weights need a record: see layout)
+        if not name or kind is None or module is head or not kind.linear or not kind.matches(module):
+            continue  # what "all-linear" converts (not a subclass with its own forward: Llama4's router)
+        if kind.parameter_targets:  # expert weights: fused on disk under their own key, or found per expert later
+            for parameter in kind.target_parameters(module):
+                target = f"{name}.{parameter}"
+                if target in experts:
+                    names.append(target)
+                    dims[target] = experts[target]
+            continue
         key = _key_in(name, keys, prefix)
         if key is not None:
             layer = key.removesuffix(".weight")
@@ -110,15 +141,24 @@ def _default_layers(skeleton: nn.Module | None, keys: set[str], directory: Path)
     return names, dims
 
 
-def _dims_for(names: list[str], skeleton: nn.Module | None, config: dict[str, Any]) -> dict[str, int]:
+def _dims_for(names: list[str], skeleton: nn.Module | None, config: dict[str, Any], directory: Path,
+              keys: set[str]) -> dict[str, int]:
     """Group dims of named layers: the skeleton's layer kinds, else the record rules by model type."""
     fallback = record_group_dims({"targeted_modules": names}, config)
+    experts = _expert_targets(skeleton)
+    fused = [name for name in names if name in keys and name not in experts]
+    if fused:  # a 3-D weight: [E, out, in] or [E, in, out] is the model class's to say
+        raise CheckpointError(f"{directory}: cannot tell the input dimension of expert weight {fused[0]!r} (not an "
+                              "expert Parameter of the model transformers builds from config.json)")
     if skeleton is None:
         return fallback
     modules = dict(skeleton.named_modules())
     prefix = getattr(skeleton, "base_model_prefix", "") or ""
     dims = {}
     for name in names:
+        if name in experts:
+            dims[name] = experts[name]
+            continue
         module = modules.get(name) or modules.get(name.removeprefix(prefix + ".")) or modules.get(f"{prefix}.{name}")
         kind = family_kind(module) if module is not None else None
         dims[name] = kind.group_dim if kind is not None else fallback[name]
@@ -169,30 +209,39 @@ def inspect_checkpoint(path: str | os.PathLike, *, pattern: str | tuple[int, int
         with open_safetensors(file) as handle:
             located.update(dict.fromkeys(handle.keys(), file))
     keys = set(located)
+    model = _skeleton(directory) if record is None else None
     if layers:
-        names = _select(layers, keys, directory)
-        in_record = set(record["targeted_modules"]) if record is not None else set()
-        dims = (record_group_dims(record, config) if record is not None and set(names) <= in_record
-                else _dims_for(names, _skeleton(directory), config))
+        in_record = list(record["targeted_modules"]) if record is not None else []
+        names = _select(layers, keys, directory, in_record or list(_expert_targets(model)))
+        dims = (record_group_dims(record, config) if record is not None and set(names) <= set(in_record)
+                else _dims_for(names, model if record is None else _skeleton(directory), config, directory, keys))
     elif record is not None:
         names = list(record["targeted_modules"])
         dims = record_group_dims(record, config)
     else:
-        names, dims = _default_layers(_skeleton(directory), keys, directory)
+        names, dims = _default_layers(model, keys, directory)
     keys_of = record_weight_keys(record) if record is not None else {}
+    # Parameters (keys without `.weight`): the record's, the skeleton's expert weights, fused keys on disk
+    experts = _expert_targets(model) if record is None else {}
+    parameters = {name for name in names if keys_of.get(name) == name or name in experts or name in keys}
+
+    def key_of(name: str) -> str:
+        return keys_of.get(name) or weight_key(name, name in parameters)
+
     disk: dict[str, dict[str, int | None]] = {}
-    saved_elsewhere = {name: dims[name] for name in names if keys_of.get(name, weight_key(name)) not in located}
-    if saved_elsewhere and record is not None:
-        disk = record_layout({**record, "targeted_modules": list(saved_elsewhere)}, saved_elsewhere, keys,
-                             directory=directory)
+    saved_elsewhere = {name: dims[name] for name in names if key_of(name) not in located}
+    if saved_elsewhere:  # per-expert matrices of fused experts: the model's own save-time conversion finds them
+        layout_record = {**(record or {"m": m}), "targeted_modules": list(saved_elsewhere),
+                         "parameter_targets": [name for name in saved_elsewhere if name in parameters]}
+        disk = record_layout(layout_record, saved_elsewhere, keys, model=model, directory=directory)
     for name in names:
-        stored = disk.get(name) or {keys_of.get(name, weight_key(name)): dims[name]}
+        stored = disk.get(name) or {key_of(name): dims[name]}
         for key, dim in stored.items():
             if key not in located:
                 raise CheckpointError(f"{directory}: targeted weight {key!r} is not in the checkpoint files")
             with open_safetensors(located[key]) as handle:
                 tensor = handle.get_tensor(key)
-            row = name if len(stored) == 1 and key == keys_of.get(name, weight_key(name)) else key.removesuffix(".weight")
+            row = name if len(stored) == 1 and key == key_of(name) else key.removesuffix(".weight")
             if dim is None:
                 raise CheckpointError(f"{directory}: {key!r} ({name!r} as saved) does not hold whole groups of {m} "
                                       "along any dimension")
