@@ -27,6 +27,8 @@ from torch import nn
 from ._files import atomic_write_text
 from .checkpoint.directory import CONFIG_NAME, CheckpointError, read_config, read_json
 from .checkpoint.inspect import inspect_checkpoint
+from .checkpoint.layout import skeleton
+from .layers import iter_targets
 from .methods import UnknownMethodError, get_method
 from .record import is_compressed, read_record, require_record
 from .redact import redact_secrets
@@ -286,6 +288,22 @@ def _method_facts(record: Mapping[str, Any]) -> tuple[str, str]:
     return label, method.describe(record)
 
 
+def _expert_weights(record: Mapping[str, Any], model: nn.Module | None, directory: Path) -> tuple[list[str], list[str]]:
+    """(targeted MoE expert weight tensors, expert weight tensors left dense), from the record and the model
+    (or a meta skeleton of config.json): a card must not call a MoE model sparse whose experts are dense."""
+    targeted = [str(name) for name in record.get("parameter_targets") or []]
+    source = model if model is not None else skeleton(directory)
+    every = [t.name for t in iter_targets(source) if t.kind.parameter_targets] if source is not None else []
+    return targeted, [name for name in every if name not in set(targeted)]
+
+
+def _experts_clause(experts: list[str], dense_experts: list[str]) -> str:
+    if dense_experts:
+        return " (not its mixture-of-experts expert weights" + (", some of which" if experts else ", which") \
+            + " stay dense)"
+    return ", mixture-of-experts expert weights included," if experts else ""
+
+
 def write_model_card(
     output_dir: str | os.PathLike,
     *,
@@ -365,12 +383,20 @@ def write_model_card(
     sparsity = record.get("sparsity", report.sparsity)
     ignored = record.get("ignored_modules")
     method_label, method_sentence = _method_facts(record)
+    experts, dense_experts = _expert_weights(record, model, directory)
+    targets = len(record.get("targeted_modules", []))
+    selector = f"(selector: `{record.get('target_modules', 'all-linear')}`)"
+    left_dense = [f"`{x}`" for x in ignored or []]
+    unlisted = [name for name in dense_experts if name not in set(ignored or [])]
+    if unlisted:
+        left_dense.append(f"{len(unlisted)} MoE expert weight tensors (`{unlisted[0]}`, ...)")
     facts = [
         ("pattern", f"{pattern} (at most {n} non-zero weights in every {m} consecutive input weights)"),
         ("method", method_label),
-        ("targeted layers", f"{len(record.get('targeted_modules', []))} "
-                            f"(selector: `{record.get('target_modules', 'all-linear')}`)"),
-        ("layers left dense", ", ".join(f"`{x}`" for x in ignored) if ignored else
+        ("targeted layers", f"{targets - len(experts)} layers and {len(experts)} MoE expert weight tensors "
+                            f"(`[experts, ., .]`, N:M per expert along each expert matrix's input dimension; "
+                            f"routers stay dense) {selector}" if experts else f"{targets} {selector}"),
+        ("layers left dense", ", ".join(left_dense) if left_dense else
          ("none" if ignored is not None else "not recorded")),
         ("measured sparsity of the targeted layers", f"{sparsity:.2%}"),
         ("N:M pattern holds", "yes" if report.nm_ok else "NO"),
@@ -379,7 +405,8 @@ def write_model_card(
     body = [
         f"# {name}",
         "",
-        f"A {arch or 'transformers'} model whose linear layers are **{pattern} sparse**: in every group of {m} "
+        f"A {arch or 'transformers'} model whose linear layers{_experts_clause(experts, dense_experts)} are "
+        f"**{pattern} sparse**: in every group of {m} "
         f"consecutive weights along the input dimension at most {n} are non-zero (the pattern sparse tensor "
         f"cores accelerate). Trained with `nm_hf`" + (f", starting from `{base_model}`" if base_model else "")
         + f". {method_sentence}",

@@ -238,3 +238,19 @@ def test_semi_structured_leaves_experts_and_convs_dense_and_lists_them():
     assert sorted(listed) == sorted(expert_names(model)) and "3-D weight" in next(iter(listed.values()))
     nm_hf.finalize(model)
     assert sorted(describe(model)["left_dense"]) == sorted(expert_names(model))
+
+
+@pytest.mark.parametrize("exclude", [None, ["experts"]])
+def test_model_card_says_whether_the_expert_weights_are_sparse(tmp_path, exclude):
+    from nm_hf.card import write_model_card
+
+    model = tiny_moe("mixtral")
+    nm_hf.finalize(nm_hf.sparsify(model, SparsityConfig(n=2, m=4, exclude_modules=exclude)))
+    model.save_pretrained(tmp_path)
+    text = str(write_model_card(tmp_path))  # read from the files: the per-expert layout on disk
+    if exclude is None:
+        assert "whose linear layers, mixture-of-experts expert weights included, are **2:4 sparse**" in text
+        assert "| targeted layers | 8 layers and 4 MoE expert weight tensors (" in text
+    else:
+        assert "whose linear layers (not its mixture-of-experts expert weights, which stay dense) are" in text
+        assert "`model.layers.1.mlp.experts.down_proj`" in text.split("| layers left dense |", 1)[1].split("\n")[0]
