@@ -276,6 +276,9 @@ def _resolve_targets(model: nn.Module, config: SparsityConfig) -> tuple[list[str
         in_features = target.input_features
         if in_features % config.m:
             problems.append(f"{name!r} has {in_features} input features, not divisible by m={config.m}; {hint}")
+        elif config.transposable and target.output_features % config.m:
+            problems.append(f"{name!r} has {target.output_features} output features, not divisible by m={config.m} "
+                            f"(transposable masks tile the weight in {config.m}x{config.m} blocks); {hint}")
         if id(weight) in embedding_weights:
             problems.append(f"{name!r} shares its weight with an embedding (tied weights); {hint}")
         if "forward" in mod.__dict__:

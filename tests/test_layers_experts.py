@@ -254,3 +254,65 @@ def test_model_card_says_whether_the_expert_weights_are_sparse(tmp_path, exclude
     else:
         assert "whose linear layers (not its mixture-of-experts expert weights, which stay dense) are" in text
         assert "`model.layers.1.mlp.experts.down_proj`" in text.split("| layers left dense |", 1)[1].split("\n")[0]
+
+
+@pytest.mark.parametrize("model_type", ["mixtral", "gpt_oss"])
+def test_transposable_masks_per_expert_through_training_save_and_reload(model_type, tmp_path):
+    from nm_hf.masks import nm_mask_transposable
+
+    model = tiny_moe(model_type).train()
+    nm_hf.sparsify(model, SparsityConfig(n=2, m=4, transposable=True, target_modules=["experts"]))
+    layers = experts(model)
+    loss = lambda m: m(input_ids=token_ids()).logits.float().pow(2).mean()  # noqa: E731
+    train_steps(model, 2, loss=loss)
+    for name, layer in layers.items():  # every expert's m x m blocks: N:M along its rows and its columns
+        weight = layer.weight.detach()
+        assert torch.equal(layer.current_mask(), nm_mask_transposable(weight, 2, 4, dim=layer.group_dim)), name
+        assert check_nm(layer.effective_weight(), 2, 4, dim=1) and check_nm(layer.effective_weight(), 2, 4, dim=2)
+    nm_hf.finalize(model)
+    model.save_pretrained(tmp_path)
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path)
+    for name in layers:
+        weight = plain.get_parameter(name)
+        assert check_nm(weight, 2, 4, dim=1) and check_nm(weight, 2, 4, dim=2), name
+
+
+def test_transposable_refuses_an_output_size_not_divisible_by_m():
+    """Refused by sparsify (model untouched), not by the first forward's mask computation."""
+    torch.manual_seed(0)
+    config = AutoConfig.for_model("mixtral", **{**COMMON, **MOE["mixtral"], "intermediate_size": 17})
+    model = AutoModelForCausalLM.from_config(config)  # gate_up_proj [4, 34, 32]: 34 output rows
+    refuse(model, SparsityConfig(n=2, m=4, transposable=True, target_modules=r".*experts\.gate_up_proj"),
+           r"'model.layers.0.mlp.experts.gate_up_proj' has 34 output features, not divisible by m=4")
+    nm_hf.sparsify(model, SparsityConfig(n=2, m=4, target_modules=r".*experts\.gate_up_proj"))  # fine without
+    from tiny_models import tiny_model
+
+    llama = tiny_model("llama", num_key_value_heads=1, head_dim=6)  # k_proj: 6 output features (same check)
+    refuse(llama, SparsityConfig(transposable=True, target_modules=["k_proj"]), "k_proj' has 6 output features")
+
+
+def test_mask_update_interval_on_expert_tensors():
+    k = 3
+    model = tiny_moe("mixtral").train()
+    nm_hf.sparsify(model, SparsityConfig(n=2, m=4, method="sr-ste", mask_update_interval=k, decay=0.5,
+                                         target_modules=["experts"]))
+    layers = experts(model)
+    initial = {name: layer.current_mask().clone() for name, layer in layers.items()}
+    used = []
+
+    def record() -> None:
+        used.append({name: (layer.current_mask().clone(), nm_mask(layer.weight.detach(), 2, 4, dim=layer.group_dim))
+                     for name, layer in layers.items()})
+
+    train_steps(model, 6, lr=0.5, loss=lambda m: m(input_ids=token_ids()).logits.float().pow(2).mean(),
+                on_step=record)
+    history = [initial, *({n: mask for n, (mask, _) in step.items()} for step in used)]
+    for step in range(1, 7):
+        for name in layers:
+            mask, fresh = used[step - 1][name]
+            if step % k:
+                assert torch.equal(mask, history[step - 1][name]), f"{name} moved at step {step}"
+            else:
+                assert torch.equal(mask, fresh), f"{name}: no refresh at step {step}"
+    assert any(not torch.equal(history[k][n], initial[n]) for n in layers)  # the masks did move, at step k
+    assert any(not torch.equal(mask, fresh) for step in used[:k - 1] for mask, fresh in step.values())  # lagging

@@ -82,6 +82,11 @@ class LayerKind:
     def input_features(self, module: nn.Module, parameter: str | None = None) -> int:
         return int(self.weight_of(module, parameter).shape[self.group_dim_for(module, parameter)])
 
+    def output_dim_for(self, module: nn.Module, parameter: str | None = None) -> int:
+        """Dimension of the targeted weight that holds the output features (the other side of a
+        transposable mask's m x m blocks)."""
+        return 1 - self.group_dim_for(module, parameter)
+
     def convert(self, module: nn.Module, parameter: str | None, config: Any) -> SparseLayerMixin:
         """Make the target sparse in place (same Parameters) and return its sparse layer (not yet prepared)."""
         dense_class = type(module)
@@ -106,6 +111,9 @@ class ConvKind(LayerKind):
     """`nn.Conv1d` / `nn.Conv2d`: only dense convolutions (groups == 1) convert; N:M along input channels."""
 
     linear: bool = False
+
+    def output_dim_for(self, module: nn.Module, parameter: str | None = None) -> int:
+        return 0  # [out_channels, in_channels, *kernel]
 
     def refusal(self, module: nn.Module) -> str | None:
         groups = getattr(module, "groups", 1)
@@ -143,6 +151,9 @@ class ExpertsKind(LayerKind):
 
     def group_dim_for(self, module: nn.Module, parameter: str | None = None) -> int:
         return 1 if experts_transposed(module) else 2
+
+    def output_dim_for(self, module: nn.Module, parameter: str | None = None) -> int:
+        return 3 - self.group_dim_for(module, parameter)
 
     def as_out_in(self, weight: torch.Tensor) -> torch.Tensor:
         raise TypeError("expert weights are 3-D; there is no single [out, in] matrix")
@@ -238,6 +249,10 @@ class Target:
     @property
     def input_features(self) -> int:
         return self.kind.input_features(self.module, self.parameter)
+
+    @property
+    def output_features(self) -> int:
+        return int(self.weight.shape[self.kind.output_dim_for(self.module, self.parameter)])
 
     @property
     def refusal(self) -> str | None:
