@@ -443,6 +443,7 @@ class SparseTrainerMixin:
                 raise ResumeError(f"cannot resume from {checkpoint}: it was trained with another sparsity config "
                                   f"({'; '.join(diffs)}); resume with the checkpoint's sparsity_config, or start "
                                   "a new run in a new output_dir")
+        self._check_checkpoint_layout(checkpoint)
         state_file = os.path.join(checkpoint, TRACKER_STATE_FILE)
         if not os.path.exists(state_file):
             return None
@@ -450,6 +451,37 @@ class SparseTrainerMixin:
             return SparsityTracker.read_state(state_file)
         except ValueError as err:
             raise ResumeError(f"cannot resume from {checkpoint}: {err}") from err
+
+    def _check_checkpoint_layout(self, checkpoint: str) -> None:
+        """Refuse a checkpoint whose sparse expert weights are saved per expert (transformers' original layout).
+
+        `Trainer._load_from_checkpoint` loads the file with `load_state_dict` unconverted (transformers
+        issue #48805): the fused expert Parameters would silently keep this run's initial values.
+        SparseTrainer's own checkpoints keep the model's layout; older ones, or a plain Trainer's, do not.
+        """
+        expected = [name for name, layer in iter_sparse_layers(self.model) if layer.is_parameter_target]
+        if not expected:
+            return
+        index = os.path.join(checkpoint, SAFE_WEIGHTS_INDEX_NAME)
+        single = os.path.join(checkpoint, SAFE_WEIGHTS_NAME)
+        try:
+            if os.path.isfile(index):
+                keys = set(json.loads(Path(index).read_text(encoding="utf-8")).get("weight_map", {}))
+            elif os.path.isfile(single):
+                from safetensors import safe_open
+
+                with safe_open(single, framework="pt") as handle:
+                    keys = set(handle.keys())
+            else:
+                return  # another format (FSDP, DeepSpeed, .bin): the Trainer reports what it cannot load
+        except Exception as err:  # OSError, JSONDecodeError, SafetensorError, ... from a damaged file
+            raise ResumeError(f"cannot resume from {checkpoint}: its weight files are not readable ({err})") from err
+        missing = [name for name in expected if name not in keys]
+        if missing:
+            raise ResumeError(f"cannot resume from {checkpoint}: it stores the expert weights in another layout "
+                              f"({missing[0]!r} is not in its files; saved per expert by save_pretrained?), which "
+                              "Trainer cannot load on resume (transformers issue #48805); resume from a "
+                              "checkpoint written by this SparseTrainer, or start a new run")
 
     def _read_sparse_state(self, checkpoint: str) -> dict[str, Any] | None:
         """The checkpoint's `sparse_training_state.pt`, checked to describe this model's sparse layers."""

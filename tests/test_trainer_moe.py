@@ -17,7 +17,7 @@ from nm_hf.layers import ExpertWeight
 from nm_hf.masks import check_nm
 from nm_hf.record import CONFIG_KEY
 from nm_hf.tracker import HISTORY_FILE, SparsityTracker
-from nm_hf.trainer import SPARSE_STATE_FILE, SparseTrainer
+from nm_hf.trainer import SPARSE_STATE_FILE, ResumeError, SparseTrainer
 from tiny_models import lm_rows
 
 METRICS = ("sparsity/sad", "sparsity/sad_from_init", "sparsity/flip_rate", "sparsity/pruned_weight_norm",
@@ -113,3 +113,26 @@ def test_resume_from_checkpoint_is_exact(tmp_path, model_type):
     assert resumed.sparsity_tracker.history == full.sparsity_tracker.history
     doc = SparsityTracker.load_history(tmp_path / "resumed" / HISTORY_FILE)
     assert [r["step"] for r in doc["records"]] == [2, 4, 6]
+
+
+def test_resume_from_a_checkpoint_with_per_expert_weights_is_refused(tmp_path):
+    """A checkpoint saved in transformers' original layout (experts.{e}.w1.weight ...), as a plain Trainer or an
+    older SparseTrainer writes it: the Trainer would load it unconverted, leaving the initial experts."""
+    cfg = SparsityConfig(n=2, m=4, method="sr-ste")
+    args = moe_args(tmp_path / "run", max_steps=2, save_strategy="steps", save_steps=2)
+    SparseTrainer(model=tiny_moe("mixtral").train(), args=args, train_dataset=lm_rows(8), sparsity_config=cfg).train()
+    checkpoint = tmp_path / "run" / "checkpoint-2"
+    config = json.loads((checkpoint / "config.json").read_text())
+    rewritten = tiny_moe("mixtral")
+    rewritten.load_state_dict(AutoModelForCausalLM.from_pretrained(checkpoint).state_dict())
+    rewritten.save_pretrained(checkpoint)  # per expert, as save_pretrained writes a model made from its config
+    (checkpoint / "config.json").write_text(json.dumps(config))  # the training record as it was
+    assert any(".experts.0.w1." in key for key in load_file(checkpoint / "model.safetensors"))
+
+    model = tiny_moe("mixtral", seed=1).train()
+    trainer = SparseTrainer(model=model, args=moe_args(tmp_path / "resumed", max_steps=4), train_dataset=lm_rows(8),
+                            sparsity_config=cfg)
+    before = {key: value.clone() for key, value in model.state_dict().items()}
+    with pytest.raises(ResumeError, match=r"checkpoint-2: it stores the expert weights in another layout"):
+        trainer.train(resume_from_checkpoint=str(checkpoint))
+    assert all(torch.equal(value, before[key]) for key, value in model.state_dict().items())
