@@ -17,7 +17,8 @@ Everything a `Trainer` user relies on keeps working (report_to, gradient accumul
 - `save_model(dir)` (called by you, or by `push_to_hub`) writes weights with the masks baked in and a
   "finalized" sparsity record, loadable by plain transformers, without touching the live model. It is
   staged and moved into `dir` file by file, so a crash never leaves a truncated model where one was;
-- checkpoints keep the dense weights plus `sparsity_tracker.pt` and `sparse_training_state.pt` (the
+- checkpoints keep the dense weights, in the model's own layout (fused MoE experts stay fused: the
+  Trainer loads checkpoints unconverted), plus `sparsity_tracker.pt` and `sparse_training_state.pt` (the
   layers' step counter, method state such as S-STE's scale or STEP's phase, masks in use with
   `mask_update_interval > 1`), so resuming is exact. A resume is refused when the checkpoint was
   trained with another sparsity config; `resume_from_checkpoint=True` skips half-written checkpoints

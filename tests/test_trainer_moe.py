@@ -85,9 +85,11 @@ def test_mixtral_trains_logs_tracks_each_expert_tensor_and_saves_a_plain_nm_mode
     assert SparsityTracker.load_history(tmp_path / "final")["records"] == tracker.history
 
 
-@pytest.mark.parametrize("model_type", ["mixtral", "qwen3_moe"])
-def test_resume_from_checkpoint_is_exact(tmp_path, model_type):
-    cfg = SparsityConfig(n=2, m=4, method="sr-ste", decay=0.05)
+@pytest.mark.parametrize("model_type,options", [("mixtral", {}), ("qwen3_moe", {}),
+                                                ("mixtral", {"mask_update_interval": 4}),
+                                                ("mixtral", {"transposable": True})])
+def test_resume_from_checkpoint_is_exact(tmp_path, model_type, options):
+    cfg = SparsityConfig(n=2, m=4, method="sr-ste", decay=0.05, **options)
     overrides = dict(max_steps=6, save_strategy="steps", save_steps=3)
     full = SparseTrainer(model=tiny_moe(model_type).train(), args=moe_args(tmp_path / "full", **overrides),
                          train_dataset=lm_rows(24), sparsity_config=cfg)
