@@ -394,3 +394,13 @@ def test_inspect_without_a_record_checks_expert_weights(tmp_path, capsys, model_
     assert main(["inspect", str(tmp_path / "dense_experts"), "--pattern", "2:4"]) == 1
     out = capsys.readouterr().out
     assert "N:M pattern VIOLATED" in out and "experts" in out.split("VIOLATED", 1)[1]
+
+
+@pytest.mark.parametrize("record", [True, False])
+def test_inspect_layers_names_fused_experts_saved_per_expert(tmp_path, capsys, record):
+    """Mixtral saves experts.gate_up_proj as experts.{e}.w1 / w3: its in-memory name still selects them."""
+    _moe_saved(tmp_path, "mixtral", record=record)
+    assert main(["inspect", str(tmp_path), "--pattern", "2:4", "--layers", "experts.gate_up_proj", "--json"]) == 0
+    names = [row["name"] for row in json.loads(capsys.readouterr().out)["layers"]]
+    assert len(names) == 2 * 4 * 2 and "model.layers.1.block_sparse_moe.experts.3.w3" in names
+    assert not any(name.endswith(".w2") for name in names)

@@ -212,7 +212,10 @@ def inspect_checkpoint(path: str | os.PathLike, *, pattern: str | tuple[int, int
     model = _skeleton(directory) if record is None else None
     if layers:
         in_record = list(record["targeted_modules"]) if record is not None else []
-        names = _select(layers, keys, directory, in_record or list(_expert_targets(model)))
+        # expert Parameters saved per expert are selectable by their in-memory name too
+        parameter_names = ([name for name, key in record_weight_keys(record).items() if key == name]
+                           if record is not None else list(_expert_targets(model)))
+        names = _select(layers, keys, directory, parameter_names)
         dims = (record_group_dims(record, config) if record is not None and set(names) <= set(in_record)
                 else _dims_for(names, model if record is None else _skeleton(directory), config, directory, keys))
     elif record is not None:
