@@ -302,9 +302,12 @@ class SparseTrainerMixin:
         optimizer = (kwargs.get("optimizers") or (None, None))[0]
         optimizer_cls = (kwargs.get("optimizer_cls_and_kwargs") or (None, None))[0]
         self._check_optimizer(_intended_config(model, self._nm_config_arg), optimizer, optimizer_cls)
-        if model is not None:
+        if isinstance(model, nn.Module):
             self.sparsity_config = prepare_sparse_model(model, self._nm_config_arg)
         super().__init__(*args, **kwargs)
+        if model is not None and not isinstance(model, nn.Module):
+            # trainers such as TRL's accept a model id or path and load it in their __init__
+            self.sparsity_config = prepare_sparse_model(self.model, self._nm_config_arg)
         self._check_supported()
         self.add_callback(_SparsityCallback(self))
 

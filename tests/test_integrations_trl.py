@@ -131,3 +131,19 @@ def test_sft_trainer_with_peft_config_and_preserve_sparsity_merges_into_nm_weigh
     assert torch.allclose(after, before, atol=1e-5, rtol=0)
     for name, layer in iter_sparse_layers(merged):
         assert check_nm(layer.weight, 2, 4, dim=group_dim_of(layer)), name
+
+
+def test_sft_trainer_given_a_model_path_sparsifies_what_it_loads(tmp_path):
+    tokenizer = trained_tokenizer()
+    tiny_llama(len(tokenizer)).save_pretrained(tmp_path / "base")
+    trainer = SparseSFT(model=str(tmp_path / "base"), args=sft_args(tmp_path / "out", max_steps=2),
+                        train_dataset=datasets.Dataset.from_dict({"text": texts()}), processing_class=tokenizer,
+                        sparsity_config=SparsityConfig(n=2, m=4, method="sr-ste", decay=0.5))
+    assert sum(1 for _ in iter_sparse_layers(trainer.model)) == 14
+    trainer.train()
+    trainer.save_model(tmp_path / "final")
+    saved = AutoModelForCausalLM.from_pretrained(tmp_path / "final")
+    assert saved.config.nm_sparsity["state"] == "finalized"
+    for name in saved.config.nm_sparsity["targeted_modules"]:
+        module = saved.get_submodule(name)
+        assert check_nm(module.weight, 2, 4, dim=group_dim_of(module)), name
