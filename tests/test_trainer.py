@@ -47,13 +47,7 @@ METRICS = ("sparsity/sad", "sparsity/sad_rate", "sparsity/sad_from_init", "spars
            "sparsity/pruned_weight_norm", "sparsity/sparsity")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models on a shared 2-core machine: one intra-op thread is several times faster than two."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def lm_data(n: int = 32, length: int = 16, seed: int = 0) -> list[dict[str, torch.Tensor]]:

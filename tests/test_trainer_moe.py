@@ -24,12 +24,7 @@ METRICS = ("sparsity/sad", "sparsity/sad_from_init", "sparsity/flip_rate", "spar
            "sparsity/sparsity")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def moe_args(out: Path, **overrides) -> TrainingArguments:
