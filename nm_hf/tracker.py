@@ -23,9 +23,17 @@ Definitions (sums over all tracked layers; per-layer values go into the history 
   dense weight for method "dense", whose would-be mask is still tracked so SAD compares across methods).
 
 Cost: `step()` asks every layer for `current_mask()`, which is cached until the weights change, so the
-next forward reuses it (for method "dense" it is an extra `nm_mask` per layer per step). Memory: three
-masks per layer are kept as packed bits (init, last log, previous step: 3 bits per weight) on the
-weights' device; the flip counters stay on the device too, so `step()` does not synchronise a GPU.
+next forward reuses it (for method "dense" it is an extra `nm_mask` per layer per step). Counting the
+flips is then one pass over the masks (`count_nonzero(mask ^ previous)`, about 1% of a step of the
+Marian model in `benchmarks/train_step.py`, which reports it), nothing when a layer kept its mask; SAD
+and the other totals are computed only at `log_metrics`. Memory (the trade-off): the previous step's
+mask is not copied but held by reference: it is the tensor the layer's mask cache held (a recompute
+makes a new tensor, it never overwrites the cached one), so right after `step()` it costs nothing, and
+up to 1 byte per weight only while a layer already holds a newer mask (a forward between the optimizer
+step and `step()`, or `step()` not called every optimizer step). Two more masks per layer are kept as
+packed bits (init and last log: 2 bits per weight), all on the weights' device; the flip counters stay
+on the device too, so `step()` does not synchronise a GPU. (Packing each step's mask instead held 3 bits
+per weight and cost about 5x the counting pass.)
 Under DDP the weights (hence masks) are identical on every rank and everything is local, without any
 collective. With weights sharded by FSDP2 (`DTensor`s sharded over one mesh dimension) each rank
 keeps and counts the masks of its own shards (`SparseLayerMixin.current_mask`), and `log_metrics` /
@@ -125,10 +133,13 @@ class SparsityTracker:
         self._reduced_total_flips = 0
 
         with torch.no_grad():
-            current = [pack_bits(self._local_mask(layer)) for _, layer in self._layers]
+            masks = [self._local_mask(layer) for _, layer in self._layers]
+            current = [pack_bits(mask) for mask in masks]
         self._init = current
         self._last_log = [p.clone() for p in current]
-        self._prev = [p.clone() for p in current]
+        # the masks of the previous step: the layers' own mask tensors, held by reference (see the module
+        # docstring); `_prev` is the packed view `state_dict` saves
+        self._prev_masks: list[torch.Tensor] = masks
         zeros = [torch.zeros((), dtype=torch.int64, device=p.device) for p in current]
         self._window_flips = [z.clone() for z in zeros]
         self._total_flips = [z.clone() for z in zeros]
@@ -174,13 +185,24 @@ class SparsityTracker:
         if mark_updated:
             mark_weights_updated(layer for _, layer in self._layers)
         for i, (_, layer) in enumerate(self._layers):
-            packed = pack_bits(self._local_mask(layer))
-            flips = popcount(packed ^ self._prev[i])
+            mask, prev = self._local_mask(layer), self._prev_masks[i]
+            if mask.data_ptr() == prev.data_ptr():  # the layer kept its mask (no recompute): no flip
+                continue
+            flips = torch.count_nonzero(mask ^ prev)  # one pass; a 0-dim tensor on the device (no sync)
             self._window_flips[i] += flips
             self._total_flips[i] += flips
-            self._prev[i] = packed
+            self._prev_masks[i] = mask
         self.window_steps += 1
         self.total_steps += 1
+
+    @property
+    def _prev(self) -> list[torch.Tensor]:
+        """The previous step's masks packed 8 per byte (what `state_dict` saves)."""
+        return [pack_bits(mask) for mask in self._prev_masks]
+
+    @_prev.setter
+    def _prev(self, packed: list[torch.Tensor]) -> None:
+        self._prev_masks = [unpack_bits(p, shape) for p, shape in zip(packed, self._local_shapes, strict=True)]
 
     # ------------------------------------------------------------------ per log
 

@@ -152,6 +152,52 @@ def test_fused_adamw_step_is_seen_without_manual_marking():
     assert tracker.log_metrics(1)["sparsity/sad"] == 4
 
 
+def test_a_mask_recompute_leaves_the_previous_mask_tensor_intact():
+    """The tracker holds the previous step's mask by reference: a recompute must make a new tensor."""
+    model = _one_layer()
+    _set(model, W0)
+    before = model[0].current_mask()
+    snapshot = before.clone()
+    _set(model, W1)
+    mark_weights_updated([model[0]])
+    after = model[0].current_mask()
+    assert after.data_ptr() != before.data_ptr() and not torch.equal(after, snapshot)
+    assert torch.equal(before, snapshot)
+
+
+def test_flips_counted_when_a_forward_recomputed_the_mask_before_step():
+    """Forward first (the layer's cache moves on), `step()` later, and a `step()` skipped: same counts."""
+    model = _one_layer()
+    _set(model, W0)
+    tracker = SparsityTracker(model)
+    _set(model, W1)
+    model.train()
+    model(torch.ones(1, 8)).sum().backward()  # recomputes the mask: the layer now holds the W1 one
+    tracker.step(mark_updated=False)
+    assert int(tracker.log_metrics(1)["sparsity/sad"]) == 4 and tracker.history[-1]["flips"] == 4
+    _set(model, W0)
+    mark_weights_updated([model[0]])
+    model(torch.ones(1, 8))
+    _set(model, W1)  # a step() was skipped in between: the two masks are the same again
+    tracker.step()
+    assert tracker.log_metrics(2)["sparsity/flip_rate"] == 0.0
+    assert torch.equal(unpack_bits(tracker.state_dict()["prev"][0], (2, 8)), model[0].current_mask())
+
+
+def test_periodic_mask_flips_only_at_its_refresh():
+    model = sparsify(nn.Sequential(nn.Linear(8, 2, bias=False)),
+                     SparsityConfig(n=2, m=4, method="ste", target_modules=["0"], mask_update_interval=2))
+    _set(model, W0)
+    tracker = SparsityTracker(model)
+    _set(model, W1)
+    flips = []
+    for step in (1, 2):
+        model[0].set_step(step)
+        tracker.step()
+        flips.append(tracker.log_metrics(step)["sparsity/sad"])
+    assert flips == [0, 4]
+
+
 # --------------------------------------------------------------------------- brute force on a real model
 
 
