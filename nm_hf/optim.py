@@ -115,7 +115,9 @@ class StepAdamW(torch.optim.Optimizer):
         masked = own if masked_params is None else {id(p) for p in masked_params}
         if not masked <= own:
             raise ValueError("StepAdamW: masked_params must be parameters this optimizer updates")
-        self.masked_ids = frozenset(masked)
+        # by position: accelerate's FSDP2 `prepare` swaps each Parameter for its sharded one in place
+        self._masked_slots = frozenset((g, i) for g, group in enumerate(self.param_groups)
+                                       for i, p in enumerate(group["params"]) if id(p) in masked)
         self.total_steps = total_steps
         self.switch_threshold = float(switch_threshold)
         self.window = autoswitch_window(float(betas[1]), window)
@@ -128,6 +130,11 @@ class StepAdamW(torch.optim.Optimizer):
         self._announce()
 
     # ------------------------------------------------------------------ AutoSwitch
+
+    @property
+    def masked_ids(self) -> frozenset[int]:
+        """`id()` of the masked parameters the optimizer holds now (after any swap for sharded ones)."""
+        return frozenset(id(self.param_groups[g]["params"][i]) for g, i in self._masked_slots)
 
     @property
     def switched(self) -> bool:
@@ -152,10 +159,11 @@ class StepAdamW(torch.optim.Optimizer):
     def _switch(self) -> None:
         """Freeze the masked weights' second moment (with the bias correction of their step count now)."""
         self.switch_step = self.steps
+        masked = self.masked_ids
         for group in self.param_groups:
             for p in group["params"]:
                 state = self.state.get(p)
-                if id(p) in self.masked_ids and state:  # never stepped: plain AdamW (nothing to freeze)
+                if id(p) in masked and state:  # never stepped: plain AdamW (nothing to freeze)
                     state["frozen_step"] = state["step"]
         self._announce()
 
@@ -170,6 +178,7 @@ class StepAdamW(torch.optim.Optimizer):
                 loss = closure()
         self.steps += 1
         watching = self.switch_step is None
+        masked = self.masked_ids
         change: torch.Tensor | None = None
         count = 0
         for group in self.param_groups:
@@ -192,7 +201,7 @@ class StepAdamW(torch.optim.Optimizer):
                 exp_avg.lerp_(grad, 1 - beta1)
                 frozen = state.get("frozen_step")
                 if frozen is None:
-                    if watching and id(p) in self.masked_ids:
+                    if watching and id(p) in masked:
                         # |v_t - v_{t-1}| = (1 - beta2) * |g^2 - v_{t-1}|
                         moved = (grad * grad - exp_avg_sq).abs_().sum(dtype=torch.float64) * (1 - beta2)
                         change = moved if change is None else change + moved.to(change.device)

@@ -14,20 +14,51 @@ import torch
 from nm_hf.config import SparsityConfig
 from nm_hf.layers import SparseConv1D, SparseLinear
 
-SCRIPT = Path(__file__).parent / "scripts" / "fsdp_sparse_train.py"
+SCRIPTS = Path(__file__).parent / "scripts"
 TORCHRUN = Path(sys.executable).with_name("torchrun")
 SPECS = ("dense", "ste", "sr-ste:gradient", "sr-ste:decoupled", "fixed", "s-ste", "decaying-mask", "step")
+RESUME_SPECS = ("sr-ste:decoupled", "s-ste", "decaying-mask", "step")  # method state, step count, optimizer extras
+ACCELERATE_SPECS = ("sr-ste:gradient", "sr-ste:decoupled", "step")
 EXACT = ("sad", "sad_from_init", "flips", "sparsity", "steps_in_window", "step")
+
+
+def torchrun(script: str, *args: str) -> None:
+    """Run tests/scripts/`script` on 2 gloo ranks in fresh processes."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [str(TORCHRUN), "--standalone", "--nproc_per_node", "2", str(SCRIPTS / script), *args]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, cwd=Path(__file__).parents[1])
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("fsdp")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [str(TORCHRUN), "--standalone", "--nproc_per_node", "2", str(SCRIPT), str(out), *SPECS]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, cwd=Path(__file__).parents[1])
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    torchrun("fsdp_sparse_train.py", str(out), *SPECS)
     return json.loads((out / "results.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def resumed(tmp_path_factory) -> dict:
+    """Train 3 steps and save a sharded checkpoint; in new processes load it, train 3 more, and train 6 straight."""
+    out = tmp_path_factory.mktemp("fsdp_resume")
+    torchrun("fsdp_resume.py", "first", str(out), *RESUME_SPECS)
+    torchrun("fsdp_resume.py", "resume", str(out), *RESUME_SPECS)
+    return json.loads((out / "resume.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def accelerated(tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("fsdp_accelerate")
+    torchrun("fsdp_accelerate.py", str(out), *ACCELERATE_SPECS)
+    return json.loads((out / "accelerate.json").read_text())
+
+
+def _same_history(mine: list[dict], reference: list[dict]) -> None:
+    assert [r["step"] for r in mine] == [r["step"] for r in reference]
+    for record, expected in zip(mine, reference, strict=True):
+        assert {k: record[k] for k in EXACT} == {k: expected[k] for k in EXACT}
+        assert record["pruned_weight_norm"] == pytest.approx(expected["pruned_weight_norm"], rel=1e-4, abs=1e-6)
+        assert record["layers"].keys() == expected["layers"].keys()
 
 
 @pytest.mark.parametrize("spec", SPECS)
@@ -37,10 +68,7 @@ def test_two_fsdp_ranks_train_like_one_process(results, spec):
     assert run["mask_diff"] == 0
     # the tracker on sharded weights: local counts summed over the shards give one process's numbers
     assert [r["step"] for r in run["history"]] == [2, 4, 6]
-    for mine, reference in zip(run["history"], run["reference_history"], strict=True):
-        assert {k: mine[k] for k in EXACT} == {k: reference[k] for k in EXACT}
-        assert mine["pruned_weight_norm"] == pytest.approx(reference["pruned_weight_norm"], rel=1e-4, abs=1e-6)
-        assert mine["layers"].keys() == reference["layers"].keys()
+    _same_history(run["history"], run["reference_history"])
     if spec not in ("dense", "fixed"):
         assert run["history"][0]["sad"] > 0  # the masks moved: the comparison means something
     # finalize on the sharded model, saved by rank 0 from the full state dict, reloaded by plain transformers
@@ -53,6 +81,48 @@ def test_two_fsdp_ranks_train_like_one_process(results, spec):
 def test_load_state_dict_between_fsdp_forwards_is_seen(results):
     """An all-gathered weight keeps version 0 and may reuse its address: the mask must still follow new weights."""
     assert results["reload_between_forwards"] < 1e-5
+
+
+@pytest.mark.parametrize("spec", RESUME_SPECS)
+def test_resume_from_a_sharded_checkpoint_equals_an_uninterrupted_run(resumed, spec):
+    """DCP for weights and optimizer, a per-rank file for nm_hf's state and the tracker (this rank's shards)."""
+    run = resumed[spec]
+    assert run["weight_diff"] < 1e-4
+    assert run["mask_diff"] == 0
+    assert run["step"] == 6
+    assert run["method_state"] == run["straight_method_state"]  # S-STE's scale, STEP's switch (after the resume)
+    # the tracker continues: the record logged before the save, the unlogged step 3 in the window after it
+    assert [r["step"] for r in run["history"]] == [2, 4, 6]
+    assert run["history"][1]["steps_in_window"] == 2
+    _same_history(run["history"], run["straight_history"])
+    summary, straight = run["summary"], run["straight_summary"]
+    assert summary["steps"] == straight["steps"] == 6
+    assert summary["mean_flip_rate"] == pytest.approx(straight["mean_flip_rate"], rel=1e-9)
+    assert summary["sad_from_init"] == straight["sad_from_init"]
+    if spec == "step":
+        assert run["method_state"][0] == {"switch_step": 5}
+
+
+def test_accelerate_fsdp2_plugin_on_cpu_builds_ddp(accelerated):
+    """Why the Trainer's FSDP path cannot run here: accelerate drops the FSDP plugin on CPU (no error)."""
+    assert accelerated["cpu_distributed_type"] == "DistributedType.MULTI_CPU"
+    assert accelerated["cpu_wrapper"] == "DistributedDataParallel"
+    assert accelerated["is_fsdp2"]  # after setting the state as accelerate does on GPUs
+
+
+@pytest.mark.parametrize("spec", ACCELERATE_SPECS)
+def test_accelerator_fsdp2_with_nm_hf_steps_trains_like_one_process(accelerated, spec):
+    """accelerate's FSDP2 prepare, accumulate, backward and clipping with the steps SparseTrainer adds."""
+    run = accelerated[spec]
+    assert run["sharded"]
+    assert run["weight_diff"] < 1e-4
+    assert run["mask_diff"] == 0
+    assert [r["step"] for r in run["history"]] == [2, 4]
+    _same_history(run["history"], run["reference_history"])
+    assert run["history"][0]["sad"] > 0
+    if spec == "step":  # prepare swaps the optimizer's Parameters: AutoSwitch must still watch the sparse weights
+        assert len(run["autoswitch"]) == len(run["reference_autoswitch"]) == 3
+        assert run["autoswitch"] == pytest.approx(run["reference_autoswitch"], rel=1e-4)
 
 
 def _sharded(layer, parts):
