@@ -3,7 +3,9 @@
 `nm_mask` is on the hot path of every SR-STE training step (the mask is recomputed from the dense
 weights after each optimizer update), so it avoids `topk`/`argsort`. Each element's rank inside its
 group is counted from the m*(m-1)/2 pairwise comparisons of integer magnitude keys, in cache-sized
-chunks that run on a small thread pool on CPU. `benchmarks/mask_speed.py` measures it.
+chunks that run on a small thread pool on CPU. On CPU, `nm_mask`, `apply_mask` and `add_pruned_`
+use the one-pass C kernels of `nm_hf.native` when they could be built (same results, bit for bit),
+else these torch expressions. `benchmarks/mask_speed.py` measures both.
 
 `nm_mask_transposable` (Hu et al., ICML 2024) makes every m x m block N:M along its rows and its
 columns, so the transposed weight used in the backward pass is N:M too. It enumerates the valid
@@ -26,13 +28,20 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-__all__ = ["apply_mask", "nm_mask", "nm_mask_transposable", "transposable_patterns", "check_transposable", "check_nm",
+from .native import kernels
+
+__all__ = ["apply_mask", "add_pruned_", "nm_mask", "nm_mask_transposable", "transposable_patterns", "check_transposable", "check_nm",
            "nm_group_counts", "magnitude_key", "TRANSPOSABLE_PATTERNS"]
 
 # Pairwise counting costs m*(m-1)/2 comparisons per group: fine up to m=16, topk is cheaper beyond.
 _MAX_PAIRWISE_M = 16
 # Elements per chunk: about 2 MiB of int32 keys, so a chunk's temporaries stay in L2/L3.
 _CHUNK_ELEMENTS = 1 << 19
+# The native kernels make one pass without temporaries: split only tensors big enough to pay for the
+# pool's dispatch, in one piece per worker.
+_NATIVE_SPLIT_ELEMENTS = 1 << 18
+#: exact types the native kernels take (subclasses such as DTensor or FakeTensor go the torch way)
+_PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
 
 _pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
@@ -50,9 +59,30 @@ def _thread_pool() -> ThreadPoolExecutor:
     global _pool
     with _pool_lock:
         if _pool is None:
-            _pool = ThreadPoolExecutor(max_workers=max(1, min(4, torch.get_num_threads())),
-                                       thread_name_prefix="nm_mask")
+            _pool = ThreadPoolExecutor(max_workers=_workers(), thread_name_prefix="nm_mask")
         return _pool
+
+
+def _workers() -> int:
+    return max(1, min(4, torch.get_num_threads()))
+
+
+def _native_ready(*tensors: torch.Tensor) -> bool:
+    """True when the native kernels are loaded and can take these tensors as flat buffers."""
+    return all(type(t) in _PLAIN_TYPES and t.device.type == "cpu" and t.is_contiguous() and t.numel()
+               for t in tensors) and kernels() is not None
+
+
+def _native_split(total: int, call, unit: int = 1) -> None:
+    """Run `call(start, count)` over [0, total) units of `unit` elements: in one piece, or one per worker."""
+    workers = _workers()
+    if workers == 1 or total * unit < _NATIVE_SPLIT_ELEMENTS:
+        call(0, total)
+        return
+    per = -(-total // workers)
+    futures = [_thread_pool().submit(call, start, min(per, total - start)) for start in range(0, total, per)]
+    for future in futures:
+        future.result()
 
 
 _KEY_DTYPES = {
@@ -93,9 +123,43 @@ def apply_mask(weight: torch.Tensor, mask: torch.Tensor, keep: bool = True) -> t
         return apply_mask(weight.t(), mask.t(), keep).t()  # Conv1D weights arrive transposed
     if int_dtype is None or not weight.is_contiguous() or not mask.is_contiguous():
         return torch.where(mask, weight, 0) if keep else torch.where(mask, 0, weight)
+    if mask.dtype == torch.bool and mask.shape == weight.shape and _native_ready(weight, mask):
+        out = torch.empty(weight.shape, dtype=weight.dtype)
+        function = getattr(kernels(), f"apply_mask_u{weight.element_size() * 8}")
+        size = weight.element_size()
+        w, bits, o = weight.data_ptr(), mask.data_ptr(), out.data_ptr()
+        _native_split(weight.numel(), lambda s, c: function(w + s * size, bits + s, o + s * size, c, int(keep)))
+        return out
     bits = mask.to(int_dtype)
     bits = bits.neg_() if keep else bits.sub_(1)  # -1 (all ones) where the value stays
     return weight.view(int_dtype).bitwise_and(bits).view(weight.dtype)
+
+
+def add_pruned_(grad: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, alpha: float) -> torch.Tensor:
+    """`grad += alpha * (weight - weight * mask)` in place (SR-STE's decay on the pruned weights); returns `grad`.
+
+    Computed as `grad.add_(weight - apply_mask(weight, mask), alpha=alpha)` (a kept inf or NaN weight
+    gives NaN, as that expression does), in one pass where the native kernels apply.
+    """
+    if (grad.dtype in (torch.float32, torch.float64) and weight.dtype == grad.dtype and mask.dtype == torch.bool
+            and grad.shape == weight.shape == mask.shape and _native_ready(grad, weight, mask)):
+        function = getattr(kernels(), "add_pruned_f32" if grad.dtype == torch.float32 else "add_pruned_f64")
+        size = grad.element_size()
+        g, w, bits = grad.data_ptr(), weight.data_ptr(), mask.data_ptr()
+        _native_split(grad.numel(), lambda s, c: function(g + s * size, w + s * size, bits + s, c, alpha))
+        return grad
+    if (grad.ndim == 2 and grad.dtype in (torch.float32, torch.float64) and weight.dtype == grad.dtype
+            and mask.dtype == torch.bool and grad.shape == weight.shape == mask.shape
+            and _native_ready(grad, weight.t(), mask.t())):  # a weight stored transposed (GPT-2 Conv1D)
+        function = getattr(kernels(), "add_pruned_t_f32" if grad.dtype == torch.float32 else "add_pruned_t_f64")
+        rows, cols = grad.shape
+        size = grad.element_size()
+        g, w, bits = grad.data_ptr(), weight.data_ptr(), mask.data_ptr()
+        # split over blocks of grad rows: they are columns of the stored weight and mask
+        _native_split(rows, lambda s, c: function(g + s * cols * size, w + s * size, bits + s, c, cols, rows, alpha),
+                      unit=cols)
+        return grad
+    return grad.add_(weight - apply_mask(weight, mask), alpha=alpha)
 
 
 def _check_nm(n: int, m: int) -> None:
@@ -140,6 +204,23 @@ def _rank_chunk(raw: torch.Tensor, out: torch.Tensor, sign_clear: int, n: int, m
 def _rank_chunk_in_mode(inference: bool, *args) -> None:
     with torch.inference_mode(inference), torch.no_grad():
         _rank_chunk(*args)
+
+
+_NATIVE_KEYS = {torch.int16: "i16", torch.int32: "i32", torch.int64: "i64"}
+
+
+def _native_mask(raw: torch.Tensor, out: torch.Tensor, sign_clear: int, n: int, m: int, rows: int,
+                 inner: int) -> None:
+    """`_rank_chunk` over all rows with the native kernel (2:4 on contiguous groups has its own)."""
+    library, size, group = kernels(), raw.element_size(), m * inner
+    keys, bits = raw.data_ptr(), out.data_ptr()
+    if (n, m, inner) == (2, 4, 1) and raw.dtype == torch.int32:
+        function = library.nm_mask_2of4_i32
+        _native_split(rows, lambda s, c: function(keys + s * 4 * size, bits + s * 4, c), unit=4)
+        return
+    function = getattr(library, f"nm_mask_{_NATIVE_KEYS[raw.dtype]}")
+    _native_split(rows, lambda s, c: function(keys + s * group * size, bits + s * group, c, m, inner, n, sign_clear),
+                  unit=group)
 
 
 def _topk_mask(weight: torch.Tensor, n: int, m: int, dim: int) -> torch.Tensor:
@@ -188,6 +269,9 @@ def nm_mask(weight: torch.Tensor, n: int, m: int, dim: int = -1) -> torch.Tensor
     if rows == 0 or inner == 0:
         return out.reshape(weight.shape)
 
+    if _native_ready(raw, out) and raw.dtype in _NATIVE_KEYS:
+        _native_mask(raw, out, sign_clear, n, m, rows, inner)
+        return out.reshape(weight.shape)
     chunk_rows = max(1, _CHUNK_ELEMENTS // (m * inner))
     if weight.device.type != "cpu" or rows <= chunk_rows:
         _rank_chunk(raw, out, sign_clear, n, m)

@@ -17,7 +17,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parent.parent / "nm_hf"
 
 LEVELS = [
-    {"nm_hf._files", "nm_hf.masks", "nm_hf.methods", "nm_hf.optim", "nm_hf.data", "nm_hf.tokenization",
+    {"nm_hf._files", "nm_hf.native", "nm_hf.masks", "nm_hf.methods", "nm_hf.optim", "nm_hf.data", "nm_hf.tokenization",
      "nm_hf.redact"},
     {"nm_hf.config"},
     {"nm_hf.record"},

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..masks import apply_mask
+from ..masks import add_pruned_, apply_mask
 
 __all__ = ["apply_mask", "nm_linear"]  # apply_mask lives in nm_hf.masks (the methods use it too)
 
@@ -36,17 +36,15 @@ class _NMLinearFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, weight, mask = ctx.saved_tensors
         grad_x = grad_w = grad_b = None
-        masked_weight = apply_mask(weight, mask) if ctx.needs_input_grad[0] or ctx.decay else None
         if ctx.needs_input_grad[0]:
-            grad_x = grad_out.matmul(masked_weight)
+            grad_x = grad_out.matmul(apply_mask(weight, mask))
         flat_grad = grad_out.reshape(-1, grad_out.shape[-1])
         if ctx.needs_input_grad[1]:
             grad_w = flat_grad.t().matmul(x.reshape(-1, x.shape[-1]))
             if ctx.freeze_pruned:
                 grad_w = apply_mask(grad_w, mask)
-            elif ctx.decay:
-                # (1 - mask) * W, exactly: W - W*mask is W where pruned and 0 where kept
-                grad_w.add_(weight - masked_weight, alpha=ctx.decay)
+            elif ctx.decay:  # + decay * (1 - mask) * W, as decay * (W - W*mask)
+                add_pruned_(grad_w, weight, mask, ctx.decay)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = flat_grad.sum(0)
         return grad_x, grad_w, grad_b, None, None, None

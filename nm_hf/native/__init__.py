@@ -1,0 +1,150 @@
+"""Optional native CPU kernels for the training hot path: the N:M mask, `W * mask` and SR-STE's decay term.
+
+The torch expressions these replace take several passes over the weights each (a comparison, an add
+and a temporary per pair of mates; a bool-to-int conversion before the bit AND); `nm_kernels.c` does
+each in one pass. It is plain C with no torch headers, built on first use with the system compiler
+(`$CC`, else `cc`/`gcc`/`clang`; about a second) into the user cache (`$NM_HF_CACHE_DIR`, else
+`$XDG_CACHE_HOME/nm_hf`, else `~/.cache/nm_hf`) and loaded with `ctypes`, which releases the GIL so
+`nm_hf.masks` can run chunks on its thread pool. Where there is no compiler, the build fails, or
+`NM_HF_NATIVE=0` is set, nothing changes: the torch path runs, with bit-identical results
+(`tests/test_native.py` compares the two on the same inputs). `status()` says which path is in use.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from .._files import atomic_write
+
+__all__ = ["kernels", "status", "disabled", "SOURCE"]
+
+logger = logging.getLogger(__name__)
+
+#: the C source of the kernels (shipped with the package)
+SOURCE = Path(__file__).with_name("nm_kernels.c")
+_FLAG_SETS = (["-O3", "-march=native"], ["-O3"])  # the second for compilers/targets without -march=native
+_COMMON_FLAGS = ["-fPIC", "-shared", "-std=c11"]
+
+_lock = threading.Lock()
+_loaded: tuple[ctypes.CDLL | None, str] | None = None
+_disabled = [0]  # depth of `disabled()` blocks
+
+_i64, _ptr = ctypes.c_int64, ctypes.c_void_p
+_SIGNATURES = {
+    "nm_mask_i16": [_ptr, _ptr, _i64, _i64, _i64, _i64, ctypes.c_int16],
+    "nm_mask_i32": [_ptr, _ptr, _i64, _i64, _i64, _i64, ctypes.c_int32],
+    "nm_mask_i64": [_ptr, _ptr, _i64, _i64, _i64, _i64, ctypes.c_int64],
+    "nm_mask_2of4_i32": [_ptr, _ptr, _i64],
+    "apply_mask_u16": [_ptr, _ptr, _ptr, _i64, _i64],
+    "apply_mask_u32": [_ptr, _ptr, _ptr, _i64, _i64],
+    "apply_mask_u64": [_ptr, _ptr, _ptr, _i64, _i64],
+    "add_pruned_f32": [_ptr, _ptr, _ptr, _i64, ctypes.c_float],
+    "add_pruned_f64": [_ptr, _ptr, _ptr, _i64, ctypes.c_double],
+    "add_pruned_t_f32": [_ptr, _ptr, _ptr, _i64, _i64, _i64, ctypes.c_float],
+    "add_pruned_t_f64": [_ptr, _ptr, _ptr, _i64, _i64, _i64, ctypes.c_double],
+}
+
+
+def _cache_dir() -> Path:
+    explicit = os.environ.get("NM_HF_CACHE_DIR")
+    if explicit:
+        return Path(explicit)
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "nm_hf"
+
+
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            return next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        return ""
+
+
+def _compile(compiler: str, flags: list[str], target: Path) -> str | None:
+    """Compile SOURCE into `target`; None on success, else the compiler's complaint."""
+    result = subprocess.run([compiler, *flags, *_COMMON_FLAGS, "-o", str(target), str(SOURCE), "-lm"],
+                            capture_output=True, text=True, timeout=120)
+    return None if result.returncode == 0 else (result.stderr.strip().splitlines() or ["failed"])[-1]
+
+
+def _build() -> tuple[ctypes.CDLL | None, str]:
+    if os.environ.get("NM_HF_NATIVE", "1").strip() == "0":
+        return None, "disabled (NM_HF_NATIVE=0)"
+    compiler = os.environ.get("CC") or next(filter(None, map(shutil.which, ("cc", "gcc", "clang"))), None)
+    if not compiler:
+        return None, "unavailable: no C compiler found (set CC)"
+    source = SOURCE.read_bytes()
+    problem = "no flags tried"
+    for flags in _FLAG_SETS:
+        fingerprint = "\0".join([compiler, *flags, platform.machine(), _cpu_flags()]).encode()
+        key = hashlib.sha256(source + b"\0" + fingerprint).hexdigest()[:16]
+        cached = _cache_dir() / f"nm_kernels-{key}.so"
+        with tempfile.TemporaryDirectory(prefix="nm_hf_native_") as tmp:
+            if not cached.is_file():
+                built = Path(tmp) / "nm_kernels.so"
+                try:
+                    problem = _compile(compiler, flags, built) or ""
+                except (OSError, subprocess.SubprocessError) as err:
+                    problem = str(err)
+                if problem:
+                    continue
+                content = built.read_bytes()
+                try:
+                    atomic_write(cached, lambda handle, data=content: handle.write(data), fsync=False)
+                except OSError:  # read-only cache: use the build from the temporary directory
+                    cached = built
+            try:
+                library = ctypes.CDLL(str(cached))  # stays mapped after the temporary file goes
+            except OSError as err:
+                problem = str(err)
+                continue
+        for name, argtypes in _SIGNATURES.items():
+            function = getattr(library, name)
+            function.argtypes, function.restype = argtypes, None
+        return library, f"native kernels ({compiler} {' '.join(flags)}, {cached})"
+    return None, f"unavailable: the C compiler failed ({problem})"
+
+
+def kernels() -> ctypes.CDLL | None:
+    """The loaded kernels, or None (torch path). Built and loaded once per process."""
+    global _loaded
+    if _disabled[0]:
+        return None
+    if _loaded is None:
+        with _lock:
+            if _loaded is None:
+                _loaded = _build()
+                logger.info("nm_hf: %s", _loaded[1])
+    return _loaded[0]
+
+
+def status() -> str:
+    """Which implementation the hot path uses, and why (for benchmarks and bug reports)."""
+    if _disabled[0]:
+        return "torch expressions (inside nm_hf.native.disabled())"
+    kernels()
+    return _loaded[1]
+
+
+@contextmanager
+def disabled() -> Iterator[None]:
+    """Use the torch expressions inside the block (process-wide): to compare the two paths."""
+    with _lock:
+        _disabled[0] += 1
+    try:
+        yield
+    finally:
+        with _lock:
+            _disabled[0] -= 1

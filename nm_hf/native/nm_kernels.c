@@ -1,0 +1,150 @@
+/* nm_hf native CPU kernels: one pass over memory where the torch expressions take several.
+ *
+ * Built on first use by nm_hf/native/__init__.py with the system C compiler and loaded with ctypes
+ * (which releases the GIL, so the Python thread pool in nm_hf/masks.py runs chunks in parallel).
+ * Every function works on contiguous buffers and must give bit-identical results to the torch
+ * path it replaces (tests/test_native.py compares them):
+ *   nm_mask_*      the rank rule of nm_hf.masks.nm_mask: keys are IEEE bits with the sign cleared
+ *                  (integer order = magnitude order, NaN above inf); an entry is kept when fewer than
+ *                  n mates beat it, where an earlier mate beats it on >= and a later one on >.
+ *   apply_mask_*   w where mask (keep=1) / where not mask (keep=0), exact +0.0 elsewhere (bit AND).
+ *   add_pruned_*   grad += alpha * (w - w*mask), with one fused multiply-add per entry, as torch's
+ *                  vectorised `grad.add_(other, alpha=alpha)` computes it.
+ */
+#include <math.h>
+#include <stdint.h>
+
+#define MAX_M 16
+#define TILE 256
+
+/* Contiguous groups (inner == 1): a tile of groups is transposed into [m][tile] so that every
+ * pairwise comparison runs as one vectorised loop over the tile, then transposed back. */
+#define DEFINE_RANK_CONTIGUOUS(SUFFIX, T)                                                            \
+static void rank_contiguous_##SUFFIX(const T *restrict keys, uint8_t *restrict out, int64_t rows,    \
+                                     int64_t m, int64_t n, T sign_clear) {                           \
+    T kt[MAX_M][TILE];                                                                               \
+    uint8_t beaten[MAX_M][TILE];                                                                     \
+    for (int64_t r0 = 0; r0 < rows; r0 += TILE) {                                                    \
+        int64_t len = rows - r0 < TILE ? rows - r0 : TILE;                                           \
+        const T *g = keys + r0 * m;                                                                  \
+        for (int64_t t = 0; t < len; t++)                                                            \
+            for (int64_t i = 0; i < m; i++) kt[i][t] = g[t * m + i] & sign_clear;                    \
+        for (int64_t i = 0; i < m; i++)                                                              \
+            for (int64_t t = 0; t < len; t++) beaten[i][t] = 0;                                      \
+        for (int64_t i = 0; i < m; i++)                                                              \
+            for (int64_t j = i + 1; j < m; j++)                                                      \
+                for (int64_t t = 0; t < len; t++) {                                                  \
+                    uint8_t i_wins = kt[i][t] >= kt[j][t];                                           \
+                    beaten[j][t] += i_wins;                                                          \
+                    beaten[i][t] += 1 - i_wins;                                                      \
+                }                                                                                    \
+        uint8_t *o = out + r0 * m;                                                                   \
+        for (int64_t t = 0; t < len; t++)                                                            \
+            for (int64_t i = 0; i < m; i++) o[t * m + i] = beaten[i][t] < n;                         \
+    }                                                                                                \
+}
+
+/* keys [rows, m, inner]; out [rows, m, inner] as 0/1 bytes */
+#define DEFINE_NM_MASK(SUFFIX, T)                                                                    \
+DEFINE_RANK_CONTIGUOUS(SUFFIX, T)                                                                    \
+void nm_mask_##SUFFIX(const T *restrict keys, uint8_t *restrict out, int64_t rows, int64_t m,        \
+                      int64_t inner, int64_t n, T sign_clear) {                                      \
+    if (inner == 1) {                                                                                \
+        rank_contiguous_##SUFFIX(keys, out, rows, m, n, sign_clear);                                 \
+        return;                                                                                      \
+    }                                                                                                \
+    uint8_t beaten[TILE];                                                                            \
+    for (int64_t r = 0; r < rows; r++) {                                                             \
+        const T *g = keys + r * m * inner;                                                           \
+        uint8_t *o = out + r * m * inner;                                                            \
+        for (int64_t start = 0; start < inner; start += TILE) {                                      \
+            int64_t len = inner - start < TILE ? inner - start : TILE;                               \
+            for (int64_t i = 0; i < m; i++) {                                                        \
+                const T *ki = g + i * inner + start;                                                 \
+                for (int64_t t = 0; t < len; t++) beaten[t] = 0;                                     \
+                for (int64_t j = 0; j < m; j++) {                                                    \
+                    if (j == i) continue;                                                            \
+                    const T *kj = g + j * inner + start;                                             \
+                    if (j < i)                                                                       \
+                        for (int64_t t = 0; t < len; t++)                                            \
+                            beaten[t] += (kj[t] & sign_clear) >= (ki[t] & sign_clear);               \
+                    else                                                                             \
+                        for (int64_t t = 0; t < len; t++)                                            \
+                            beaten[t] += (kj[t] & sign_clear) > (ki[t] & sign_clear);                \
+                }                                                                                    \
+                uint8_t *oi = o + i * inner + start;                                                 \
+                for (int64_t t = 0; t < len; t++) oi[t] = beaten[t] < n;                             \
+            }                                                                                        \
+        }                                                                                            \
+    }                                                                                                \
+}
+
+DEFINE_NM_MASK(i16, int16_t)
+DEFINE_NM_MASK(i32, int32_t)
+DEFINE_NM_MASK(i64, int64_t)
+
+/* 2:4 along contiguous groups (nn.Linear's layout), the hot case: written out so it vectorises */
+void nm_mask_2of4_i32(const int32_t *restrict keys, uint8_t *restrict out, int64_t groups) {
+    for (int64_t r = 0; r < groups; r++) {
+        int32_t a = keys[4 * r] & 0x7FFFFFFF, b = keys[4 * r + 1] & 0x7FFFFFFF;
+        int32_t c = keys[4 * r + 2] & 0x7FFFFFFF, d = keys[4 * r + 3] & 0x7FFFFFFF;
+        int ab = a >= b, ac = a >= c, ad = a >= d, bc = b >= c, bd = b >= d, cd = c >= d;
+        /* beaten counts: a by later mates with >, i.e. !(a >= x); b by a on >= (!ab), later on > ... */
+        int beat_a = (1 - ab) + (1 - ac) + (1 - ad);
+        int beat_b = ab + (1 - bc) + (1 - bd);
+        int beat_c = ac + bc + (1 - cd);
+        int beat_d = ad + bd + cd;
+        out[4 * r] = beat_a < 2;
+        out[4 * r + 1] = beat_b < 2;
+        out[4 * r + 2] = beat_c < 2;
+        out[4 * r + 3] = beat_d < 2;
+    }
+}
+
+#define DEFINE_APPLY_MASK(SUFFIX, T)                                                                 \
+void apply_mask_##SUFFIX(const T *restrict w, const uint8_t *restrict mask, T *restrict out,         \
+                         int64_t count, int64_t keep) {                                              \
+    T flip = keep ? (T)0 : (T)-1;                                                                    \
+    for (int64_t i = 0; i < count; i++) out[i] = w[i] & (((T)0 - (T)(mask[i] != 0)) ^ flip);         \
+}
+
+DEFINE_APPLY_MASK(u16, uint16_t)
+DEFINE_APPLY_MASK(u32, uint32_t)
+DEFINE_APPLY_MASK(u64, uint64_t)
+
+void add_pruned_f32(float *restrict grad, const float *restrict w, const uint8_t *restrict mask,
+                    int64_t count, float alpha) {
+    for (int64_t i = 0; i < count; i++) {
+        float kept = mask[i] ? w[i] : 0.0f;
+        grad[i] = fmaf(alpha, w[i] - kept, grad[i]);
+    }
+}
+
+void add_pruned_f64(double *restrict grad, const double *restrict w, const uint8_t *restrict mask,
+                    int64_t count, double alpha) {
+    for (int64_t i = 0; i < count; i++) {
+        double kept = mask[i] ? w[i] : 0.0;
+        grad[i] = fma(alpha, w[i] - kept, grad[i]);
+    }
+}
+
+/* The same for a weight stored transposed (GPT-2 Conv1D: w and mask are [cols, rows] in memory while
+ * grad is [rows, cols]; `stride` is the stored row length, as a part of grad may be given), over
+ * 32 x 32 tiles so both layouts are read a cache line at a time. */
+#define DEFINE_ADD_PRUNED_T(SUFFIX, T, FMA)                                                          \
+void add_pruned_t_##SUFFIX(T *restrict grad, const T *restrict w, const uint8_t *restrict mask,      \
+                           int64_t rows, int64_t cols, int64_t stride, T alpha) {                    \
+    for (int64_t r0 = 0; r0 < rows; r0 += 32)                                                        \
+        for (int64_t c0 = 0; c0 < cols; c0 += 32) {                                                  \
+            int64_t r1 = r0 + 32 < rows ? r0 + 32 : rows, c1 = c0 + 32 < cols ? c0 + 32 : cols;      \
+            for (int64_t c = c0; c < c1; c++)                                                        \
+                for (int64_t r = r0; r < r1; r++) {                                                  \
+                    T value = w[c * stride + r];                                                     \
+                    T kept = mask[c * stride + r] ? value : (T)0;                                    \
+                    grad[r * cols + c] = FMA(alpha, value - kept, grad[r * cols + c]);               \
+                }                                                                                    \
+        }                                                                                            \
+}
+
+DEFINE_ADD_PRUNED_T(f32, float, fmaf)
+DEFINE_ADD_PRUNED_T(f64, double, fma)

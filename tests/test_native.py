@@ -1,0 +1,167 @@
+"""The native kernels (`nm_hf.native`) give bit-identical results to the torch expressions they replace."""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import stat
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import nm_hf
+from nm_hf import native
+from nm_hf.masks import add_pruned_, apply_mask, nm_mask
+from tiny_models import tiny_model, train_steps
+
+HAVE_COMPILER = any(shutil.which(name) for name in ("cc", "gcc", "clang"))
+SPECIALS = [0.0, -0.0, float("inf"), -float("inf"), float("nan"), 1.0, -1.0, 0.5]
+
+
+def bits(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor's bytes: equal bits, so -0.0 != 0.0 and NaN == NaN."""
+    return tensor.contiguous().view(torch.uint8)
+
+
+def with_specials(shape: tuple[int, ...], dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
+    """Random weights with ties, signed zeros, infs and NaNs sprinkled in."""
+    generator = torch.Generator().manual_seed(seed)
+    weight = torch.randn(shape, generator=generator).to(dtype)
+    flat = weight.view(-1)
+    where = torch.randint(0, flat.numel(), (max(1, flat.numel() // 8),), generator=generator)
+    values = torch.tensor(SPECIALS).to(dtype)
+    flat[where] = values[torch.randint(0, len(SPECIALS), where.shape, generator=generator)]
+    return weight
+
+
+def both_paths(function, *args):
+    """(native result, torch result) of `function(*args)`."""
+    fast = function(*args)
+    with native.disabled():
+        plain = function(*args)
+    return fast, plain
+
+
+def test_the_kernels_build_where_a_compiler_exists():
+    if not HAVE_COMPILER:
+        assert "unavailable" in native.status() or "disabled" in native.status()
+        return
+    assert native.kernels() is not None, native.status()
+    assert native.status().startswith("native kernels")
+    with native.disabled():
+        assert native.kernels() is None and "torch" in native.status()
+    assert native.kernels() is not None
+
+
+SHAPES = [((5, 12), -1), ((12, 5), 0), ((3, 8, 16), 1), ((64, 256), -1), ((256, 96), 0), ((8, 16, 24), 2),
+          ((700, 1024), 1), ((1024, 640), 0)]  # the last two are split over the thread pool
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("shape,dim", SHAPES)
+def test_nm_mask_matches_the_torch_path(dtype, shape, dim):
+    weight = with_specials(shape, dtype)
+    patterns = [(2, 4), (1, 4), (3, 4), (1, 2), (4, 8), (2, 8), (8, 16), (5, 16), (2, 6)]
+    if weight.numel() > 100_000:  # the split over the pool: the main patterns are enough
+        patterns = [(2, 4), (4, 8), (2, 8)]
+    for n, m in patterns:
+        if shape[dim] % m:
+            continue
+        fast, plain = both_paths(nm_mask, weight, n, m, dim)
+        assert torch.equal(fast, plain), (n, m)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("shape,dim", SHAPES)
+def test_apply_mask_matches_the_torch_path(dtype, shape, dim):
+    weight = with_specials(shape, dtype, seed=1)
+    mask = torch.rand(shape, generator=torch.Generator().manual_seed(2)) > 0.5
+    for keep in (True, False):
+        fast, plain = both_paths(apply_mask, weight, mask, keep)
+        assert torch.equal(bits(fast), bits(plain)), keep
+    if weight.ndim == 2:  # a weight stored transposed (GPT-2 Conv1D) goes through the same kernel
+        fast, plain = both_paths(apply_mask, weight.t(), mask.t())
+        assert torch.equal(bits(fast), bits(plain))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape,dim", SHAPES)
+def test_add_pruned_matches_the_torch_path(dtype, shape, dim):
+    weight = with_specials(shape, dtype, seed=3)
+    mask = torch.rand(shape, generator=torch.Generator().manual_seed(4)) > 0.5
+    grad = torch.randn(shape, dtype=dtype, generator=torch.Generator().manual_seed(5))
+    for alpha in (1.0, 2e-4, 0.37):
+        fast, plain = both_paths(lambda a=alpha: add_pruned_(grad.clone(), weight, mask, a))
+        assert torch.equal(bits(fast), bits(plain)), alpha
+    if weight.ndim == 2:  # weight and mask stored [in, out], gradient [out, in]
+        stored_weight, stored_mask = weight.t().contiguous(), mask.t().contiguous()
+        fast, plain = both_paths(lambda: add_pruned_(grad.clone(), stored_weight.t(), stored_mask.t(), 1e-2))
+        assert torch.equal(bits(fast), bits(plain))
+
+
+def test_add_pruned_works_in_place_and_leaves_kept_entries():
+    weight = torch.tensor([[1.0, -2.0, 3.0, 4.0]])
+    mask = torch.tensor([[True, False, True, False]])
+    grad = torch.zeros(1, 4)
+    assert add_pruned_(grad, weight, mask, 0.5) is grad
+    assert grad.tolist() == [[0.0, -1.0, 0.0, 2.0]]
+
+
+@pytest.mark.parametrize("model_type,method,mode", [("gpt2", "sr-ste", "gradient"), ("llama", "sr-ste", "gradient"),
+                                                    ("llama", "sr-ste", "decoupled"), ("gpt2", "ste", "gradient"),
+                                                    ("llama", "fixed", "gradient")])
+def test_training_is_bit_identical_with_and_without_the_kernels(model_type, method, mode, one_thread):
+    base = tiny_model(model_type)
+    runs = []
+    for use_native in (True, False):
+        model = copy.deepcopy(base)
+        nm_hf.sparsify(model, nm_hf.SparsityConfig(method=method, decay=0.5, decay_mode=mode))
+        model.train()
+        torch.manual_seed(0)
+        if use_native:
+            train_steps(model, 3)
+        else:
+            with native.disabled():
+                train_steps(model, 3)
+        runs.append({k: v.clone() for k, v in model.state_dict().items()})
+    for key, value in runs[0].items():
+        assert torch.equal(bits(value), bits(runs[1][key])), key
+
+
+def run_python(code: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **env})
+
+
+STATUS_AND_MASK = ("import torch; from nm_hf import native; from nm_hf.masks import nm_mask; "
+                   "w = torch.tensor([[1.0, -3.0, 2.0, 0.5]]); "
+                   "print(native.status()); print(nm_mask(w, 2, 4).tolist())")
+
+
+def test_the_switch_and_a_failing_compiler_fall_back_to_torch(tmp_path):
+    off = run_python(STATUS_AND_MASK, NM_HF_NATIVE="0", NM_HF_CACHE_DIR=str(tmp_path / "off"))
+    assert off.returncode == 0, off.stderr
+    assert off.stdout.splitlines() == ["disabled (NM_HF_NATIVE=0)", "[[False, True, True, False]]"]
+    broken = run_python(STATUS_AND_MASK, CC="false", NM_HF_CACHE_DIR=str(tmp_path / "broken"))
+    assert broken.returncode == 0, broken.stderr
+    status, mask = broken.stdout.splitlines()
+    assert status.startswith("unavailable: the C compiler failed") and mask == "[[False, True, True, False]]"
+    assert not (tmp_path / "broken").exists() or not any((tmp_path / "broken").iterdir())
+
+
+@pytest.mark.skipif(not HAVE_COMPILER, reason="no C compiler on this machine")
+def test_the_build_is_cached_in_the_cache_dir(tmp_path, umask_022):
+    cache = tmp_path / "cache"
+    first = run_python(STATUS_AND_MASK, NM_HF_CACHE_DIR=str(cache))
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.splitlines()[1] == "[[False, True, True, False]]"
+    (built,) = cache.iterdir()
+    assert built.name.startswith("nm_kernels-") and built.suffix == ".so"
+    assert stat.S_IMODE(built.stat().st_mode) == 0o644
+    before = built.stat().st_mtime_ns
+    again = run_python(STATUS_AND_MASK, NM_HF_CACHE_DIR=str(cache))
+    assert again.returncode == 0 and again.stdout == first.stdout, again.stderr
+    assert built.stat().st_mtime_ns == before and list(cache.iterdir()) == [built]  # loaded, not rebuilt
