@@ -72,6 +72,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="fine-tune peak learning rate (cosine)")
     parser.add_argument("--decay", type=float, default=1.0,
                         help="SR-STE decay (gradient mode), as recipes/configs/lm_python_docs.yaml")
+    parser.add_argument("--no_dense_reference", action="store_true",
+                        help="skip the reference row: the dense model fine-tuned the same way without a mask")
     parser.add_argument("--batch_size", type=int, default=16, help="fine-tune and calibration batch size")
     parser.add_argument("--eval_batch_size", type=int, default=32)
     parser.add_argument("--calibration_samples", type=int, default=128,
@@ -368,6 +370,14 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
         "dense": dense_eval,
         "rows": [],
     }
+    # the reference: what the same extra steps give without pruning
+    if args.finetune_methods and not args.no_dense_reference:
+        print("--- dense reference fine-tune (method dense)", flush=True)
+        set_seed(args.seed)
+        state = {key: value.detach().clone() for key, value in dense.state_dict().items()}
+        tuned, info = finetune(args, state, "dense", blocks, work / "finetune" / "dense")
+        dense_eval["finetuned"] = {"dense": {**evaluate(tuned, blocks, args.eval_batch_size), **info}}
+        print(f"dense fine-tune: {dense_eval['finetuned']['dense']}", flush=True)
     for criterion in args.criteria:
         row: dict[str, Any] = {"criterion": criterion}
         results["rows"].append(row)
@@ -410,28 +420,28 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
 
 
 def format_table(results: dict[str, Any]) -> str:
-    """A Markdown table of the results (perplexities validation / test; seconds)."""
-    methods = results["finetune"]["methods"]
-    head = ["criterion", "prune s", "pruned ppl val / test"]
-    for method in methods:
-        head += [f"+ {method} ppl val / test", f"{method} s"]
+    """A Markdown table: one line per criterion and fine-tune (perplexities: validation / test)."""
+    def ppl(entry: dict[str, Any]) -> str:
+        return f"{entry['validation_perplexity']:.2f} / {entry['test_perplexity']:.2f}"
+
+    lines = ["| criterion | prune s | ppl after pruning (val / test) | fine-tune "
+             "| ppl after fine-tune (val / test) | fine-tune s |", "|---|---|---|---|---|---|"]
     dense = results["dense"]
-    dense_ppl = f"{dense['validation_perplexity']:.2f} / {dense['test_perplexity']:.2f}"
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head),
-             f"| dense (no pruning) | - | {dense_ppl}" + " | - | -" * len(methods) + " |"]
+    tuned = dense.get("finetuned", {}).get("dense")
+    lines.append(f"| dense (not pruned) | - | {ppl(dense)} | "
+                 + (f"dense, {results['finetune']['steps']} steps | {ppl(tuned)} | {tuned['train_s']:.0f} |"
+                    if tuned else "- | - | - |"))
     for row in results["rows"]:
         if "error" in row:
-            cells = [row["criterion"], "failed (see the JSON)", *["-"] * (len(head) - 2)]
-            lines.append("| " + " | ".join(cells) + " |")
+            lines.append(f"| {row['criterion']} | failed (see the JSON) | - | - | - | - |")
             continue
-        pruned = row["pruned"]
-        cells = [row["criterion"], f"{row['prune_s']:.2f}",
-                 f"{pruned['validation_perplexity']:.2f} / {pruned['test_perplexity']:.2f}"]
-        for method in methods:
-            tuned = row["finetuned"][method]
-            cells += [f"{tuned['validation_perplexity']:.2f} / {tuned['test_perplexity']:.2f}",
-                      f"{tuned['train_s']:.0f}"]
-        lines.append("| " + " | ".join(cells) + " |")
+        first = f"| {row['criterion']} | {row['prune_s']:.2f} | {ppl(row['pruned'])} | "
+        if not row["finetuned"]:
+            lines.append(first + "- | - | - |")
+        for i, (method, tuned) in enumerate(row["finetuned"].items()):
+            lead = first if i == 0 else "| | | | "
+            lines.append(lead + f"{method}, {results['finetune']['steps']} steps | {ppl(tuned)} | "
+                         f"{tuned['train_s']:.0f} |")
     return "\n".join(lines)
 
 

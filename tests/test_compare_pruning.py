@@ -129,8 +129,12 @@ def test_tiny_end_to_end_without_llm_compressor(bench, pretrained, tmp_path, one
     blocks = bench.load_blocks(args, AutoTokenizer.from_pretrained(pretrained["model"]))
     assert written["rows"][0]["pruned"]["validation_perplexity"] == pytest.approx(
         bench.perplexity(model, blocks["validation"], 8), abs=1e-4)
+    assert written["dense"]["finetuned"]["dense"]["train_s"] >= 0  # the reference: dense, same fine-tune
     table = written["table"].splitlines()
-    assert len(table) == 2 + 1 + 3 and table[0].startswith("| criterion | prune s | pruned ppl val / test |")
+    assert len(table) == 2 + 1 + 3 * 2 and table[0].startswith("| criterion | prune s | ppl after pruning")
+    assert table[2].startswith("| dense (not pruned) | - | ") and "| dense, 2 steps | " in table[2]
+    assert table[3].startswith("| magnitude | ") and "| sr-ste, 2 steps | " in table[3]
+    assert table[4].startswith("| | | | fixed, 2 steps | ")
 
 
 def test_peer_worker_swaps_conv1d_for_equal_linear_and_back(one_thread):
