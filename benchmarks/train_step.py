@@ -28,8 +28,25 @@ expert weights are sparsified with the linears; `--experts_implementation` picks
 The plain (unpatched) model is the baseline, printed as "plain"; `--methods dense` adds the patched but
 unmasked model, which isolates the cost of the layer swap itself.
 
+Tracker. Then a few extra untimed steps per sparse model measure `SparsityTracker.step()` as
+SparseTrainer calls it (right after the optimizer step, `mark_updated=False`): the flip counting as a
+share of that model's median step (target <= 1%), and apart from it the masks only the tracker computes
+(method "dense"; for the others it just moves the recompute out of the next forward).
+
+`--profile` adds where each model's step time goes beyond the plain model's, in ms and as shares of that
+model's median step, at the `--threads` given (run it with 1 and 2): layer swap (the dense-patched step
+minus plain; `--profile` adds "dense" to --methods), mask recompute (`layer.compute_mask`: `nm_mask` on
+the ranking weight), masking in forward (`apply_mask(W, mask)`) and in backward (the masked weight again
+for grad_x, plus the masked gradient where pruned weights are frozen), the SR-STE decay term, the
+autograd function's fixed per-call overhead (`nm_linear` forward + backward on one-row tensors minus
+`F.linear`'s and those pieces), the rest (what the pieces leave unexplained) and the tracker step. The
+pieces are the public functions timed in isolation on each model's own sparse weights and masks, so the
+breakdown follows their implementation (if a kernel fuses two pieces, timing them apart overstates them
+and the rest goes negative); which pieces a layer pays is read from its method, and for the mask
+observed (a step that leaves the layer a new mask object computed one).
+
 Run: `python benchmarks/train_step.py` (flags: --model, --experts_implementation, --steps, --warmup,
---batch_size, --seq_len, --block, --methods, --threads, --no_memory).
+--batch_size, --seq_len, --block, --methods, --threads, --no_memory, --profile).
 """
 
 from __future__ import annotations
@@ -52,14 +69,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 import nm_hf.masks  # noqa: E402
 from nm_hf.config import SparsityConfig  # noqa: E402
 from nm_hf.injection import iter_sparse_layers, sparsify  # noqa: E402
-from nm_hf.masks import nm_mask  # noqa: E402
+from nm_hf.layers.functional import nm_linear  # noqa: E402
+from nm_hf.layers.linear import Sparse2DLayer  # noqa: E402
+from nm_hf.masks import apply_mask, nm_mask  # noqa: E402
 from nm_hf.methods import available_methods, get_method  # noqa: E402
+from nm_hf.tracker import SparsityTracker  # noqa: E402
 
 TIME_TARGET = 1.05
 MEMORY_TARGET = 1.05
 #: the mixture-of-experts case's targets (`--model moe`)
 MOE_TIME_TARGET = 1.10
 BASELINE = "plain"  # the unmodified model every ratio is taken against
+#: the tracker's flip counting per step, as a share of the step (issue 23)
+TRACKER_TARGET = 0.01
+TRACKER_STEPS = 3  # untimed extra steps per sparse model that measure the tracker
+PIECE_REPEATS = 7  # each isolated piece of --profile: median of this many passes
 
 
 def build_model(vocab: int, seed: int) -> MarianMTModel:
@@ -176,6 +200,218 @@ def peak_step_memory(runner: Runner, index: int) -> tuple[int, int]:
     return resident, resident + peak
 
 
+
+def _median_seconds(fn, repeats: int, *args) -> float:
+    """Median wall time of `fn(*args)` over `repeats` calls, after one untimed call."""
+    fn(*args)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn(*args)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def observe_step(runner: Runner, index: int) -> tuple[list[bool], list[int]]:
+    """Runs two untimed steps (`index`, `index + 1`); per sparse layer, in the second: did it compute a new
+    mask, and how many forward calls it had. (The first makes the observed step follow this model's own
+    optimizer step, as in training: a `current_mask()` call since then would have done the recompute.)"""
+    runner.step(index, record=False)
+    index += 1
+    layers = [layer for _, layer in iter_sparse_layers(runner.model)]
+    before = [layer.cached_mask() for layer in layers]  # held: a new mask cannot reuse their addresses
+    calls = [0] * len(layers)
+    hooks = [layer.register_forward_pre_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
+             for i, layer in enumerate(layers)]
+    try:
+        runner.step(index, record=False)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return [layer.cached_mask() is not old for layer, old in zip(layers, before, strict=True)], calls
+
+
+def tracker_cost(runner: Runner, first_index: int, steps: int) -> tuple[float, float]:
+    """Seconds per step of `SparsityTracker.step` (median over `steps` untimed training steps): the flip
+    counting, and the masks it computes that the training step itself does not (layers whose forward
+    uses no mask, e.g. method "dense"; for the others it only moves the recompute out of the forward).
+
+    Called as SparseTrainer does: right after the optimizer step, `step(mark_updated=False)`.
+    """
+    layers = [layer for _, layer in iter_sparse_layers(runner.model)]
+    tracker = SparsityTracker(runner.model)
+    counting, extra = [], []
+    for k in range(steps):
+        runner.step(first_index + k, record=False)
+        masks = 0.0
+        for layer in layers:
+            start = time.perf_counter()
+            layer.current_mask()  # the recompute the next forward (or the tracker) would do
+            if not layer.is_masked:
+                masks += time.perf_counter() - start
+        start = time.perf_counter()
+        tracker.step(mark_updated=False)
+        counting.append(time.perf_counter() - start)
+        extra.append(masks)
+    return statistics.median(counting), statistics.median(extra)
+
+
+@torch.no_grad()
+def piece_seconds(runner: Runner, recomputed: list[bool], calls: list[int], repeats: int) -> dict[str, float]:
+    """Seconds per training step of each piece of the sparse step, timed in isolation on the model's own
+    sparse weights and masks with the public functions (so the figures follow their implementation):
+
+    - "mask": `layer.compute_mask(weight)` (`nm_mask` on the ranking weight), for layers whose step
+      computed a new mask (`observe_step`);
+    - "forward": `apply_mask(W, mask)`, the masked weight of the forward, for layers computing `W * mask`;
+    - "backward": `apply_mask(W, mask)` again for the input gradient of the 2-D layers (`nm_linear`
+      does not save the masked weight), plus `apply_mask(grad_W, mask)` where pruned weights are frozen;
+    - "decay": `grad_W.add_(W - W * mask, alpha=decay)` where the method has a gradient-mode decay;
+    - "function": the fixed per-call cost of the autograd function, `nm_linear` forward + backward on
+      one-row tensors minus `F.linear`'s and minus the pieces above on the same tiny tensors.
+
+    Each piece is counted once per forward call of the layer in the step (`calls`).
+    """
+    totals = dict.fromkeys(("mask", "forward", "backward", "decay", "function"), 0.0)
+    layers = [layer for _, layer in iter_sparse_layers(runner.model)]
+    for layer, new_mask, count in zip(layers, recomputed, calls, strict=True):
+        weight, mask = layer.weight.detach(), layer.current_mask()
+        method = layer.method
+        if new_mask:
+            totals["mask"] += _median_seconds(layer.compute_mask, repeats, weight)
+        if not count or not layer.is_masked or not method.fused_forward:
+            continue
+        masked = apply_mask(weight, mask)
+        grad = torch.zeros_like(weight)
+        decay, freeze = method.gradient_decay(layer), method.freezes_pruned(layer)
+        totals["forward"] += count * _median_seconds(apply_mask, repeats, weight, mask)
+        if isinstance(layer, Sparse2DLayer):
+            totals["backward"] += count * _median_seconds(apply_mask, repeats, weight, mask)
+            totals["function"] += count * function_overhead(decay, freeze, repeats)
+        if freeze:
+            totals["backward"] += count * _median_seconds(apply_mask, repeats, grad, mask)
+        elif decay:
+            totals["decay"] += count * _median_seconds(decay_add, repeats, grad, weight, masked, decay)
+    return totals
+
+
+def decay_add(grad: torch.Tensor, weight: torch.Tensor, masked: torch.Tensor, decay: float) -> None:
+    """SR-STE's gradient-mode decay as the backward adds it: `(1 - mask) * W = W - W * mask`."""
+    grad.add_(weight - masked, alpha=decay)
+
+
+_OVERHEAD_CACHE: dict[tuple[float, bool, int], float] = {}
+
+
+def function_overhead(decay: float, freeze: bool, repeats: int, calls: int = 50) -> float:
+    """Seconds per call that `nm_linear` forward + backward costs beyond `F.linear`'s and the masking and
+    decay pieces, on one-row tensors (so only the fixed Python/autograd cost is left)."""
+    key = (decay, freeze, torch.get_num_threads())
+    if key in _OVERHEAD_CACHE:
+        return _OVERHEAD_CACHE[key]
+    torch.manual_seed(0)
+    weight = torch.randn(8, 8, requires_grad=True)
+    bias = torch.zeros(8, requires_grad=True)
+    x = torch.randn(1, 8, requires_grad=True)
+    mask = nm_mask(weight.detach(), 2, 4)
+
+    def fused() -> None:
+        for _ in range(calls):
+            nm_linear(x, weight, bias, mask, decay=decay, freeze_pruned=freeze).sum().backward()
+
+    def plain() -> None:
+        for _ in range(calls):
+            torch.nn.functional.linear(x, weight, bias).sum().backward()
+
+    w, g = weight.detach(), torch.zeros(8, 8)
+
+    def pieces() -> None:
+        for _ in range(calls):
+            masked = apply_mask(w, mask)  # forward
+            apply_mask(w, mask)  # backward, for the input gradient
+            if freeze:
+                apply_mask(g, mask)
+            elif decay:
+                decay_add(g, w, masked, decay)
+
+    repeats = max(repeats, 15)  # one-row tensors: cheap, and the difference of three timings is noisy
+    with torch.enable_grad():
+        seconds = (_median_seconds(fused, repeats) - _median_seconds(plain, repeats)) / calls
+    seconds -= _median_seconds(pieces, repeats) / calls
+    _OVERHEAD_CACHE[key] = seconds
+    return seconds
+
+
+
+def report_tracker(runners: dict[str, Runner], methods: list[str], index: int, steps: int
+                   ) -> dict[str, tuple[float, float]]:
+    """Prints the tracker's cost per step for every sparse model; returns `tracker_cost`'s seconds per model."""
+    print(f"\ntracker: SparsityTracker.step(mark_updated=False) right after the optimizer step (as SparseTrainer "
+          f"calls it),\nmedian over {steps} extra untimed steps; share = of the model's median step above")
+    print(f"{'model':<8} {'flip counting ms':>16} {'share':>7} {'masks only it computes ms':>26} {'share':>7}")
+    costs = {}
+    for method in methods:
+        runner = runners[method]
+        counting, extra = costs[method] = tracker_cost(runner, index, steps)
+        step_seconds = statistics.median(runner.times)
+        print(f"{method:<8} {counting * 1e3:>16.2f} {counting / step_seconds:>7.2%} {extra * 1e3:>26.2f} "
+              f"{extra / step_seconds:>7.2%}")
+    return costs
+
+
+PROFILE_ROWS = (
+    ("layer swap (dense-patched - plain)", "swap"),
+    ("mask recompute (nm_mask)", "mask"),
+    ("masking in forward", "forward"),
+    ("masking in backward", "backward"),
+    ("SR-STE decay term", "decay"),
+    ("autograd Function overhead", "function"),
+    ("rest (step - plain - the above)", "rest"),
+)
+
+
+def report_profile(runners: dict[str, Runner], methods: list[str], index: int, ratios: dict[str, float],
+                   tracker: dict[str, tuple[float, float]]) -> None:
+    """Prints where each method's step time goes beyond the plain model's, as shares of its step.
+
+    `ratios`: the paired step-time ratios to plain (robust to load changes, unlike differences of
+    medians): a model with ratio r spends 1 - 1/r of its step beyond plain, and the layer swap costs
+    (r_dense - 1) plain steps. `tracker`: `report_tracker`'s result.
+    """
+    rows: dict[str, dict[str, float]] = {}
+    for method in methods:
+        runner = runners[method]
+        recomputed, calls = observe_step(runner, index)
+        pieces = piece_seconds(runner, recomputed, calls, PIECE_REPEATS)
+        step_seconds = statistics.median(runner.times)
+        plain = step_seconds / ratios[method]  # the plain step in the same rounds
+        pieces["swap"] = plain * (ratios["dense"] - 1)
+        pieces["rest"] = step_seconds - plain - sum(pieces.values())
+        pieces["tracker"], pieces["tracker masks"] = tracker[method]
+        pieces["step"], pieces["plain"], pieces["overhead"] = step_seconds, plain, step_seconds - plain
+        rows[method] = pieces
+    width = max(16, *(len(m) + 2 for m in methods))
+    print(f"\nprofile ({torch.get_num_threads()} thread(s)): ms per step (share of that model's median step); the "
+          f"pieces are timed in isolation\non each model's own sparse weights and masks (median of {PIECE_REPEATS}), "
+          "the rest is what they do not explain;\nplain step = the model's median step / its paired ratio")
+    print(f"{'':<36}" + "".join(f"{m:>{width}}" for m in methods))
+
+    def line(label: str, key: str, share: bool = True) -> None:
+        cells = []
+        for method in methods:
+            value, step_seconds = rows[method][key], rows[method]["step"]
+            cells.append(f"{value * 1e3:.1f} ({value / step_seconds:.1%})" if share else f"{value * 1e3:.1f}")
+        print(f"{label:<36}" + "".join(f"{c:>{width}}" for c in cells))
+
+    line("step", "step", share=False)
+    line("plain step", "plain", share=False)
+    line("step - plain", "overhead")
+    for label, key in PROFILE_ROWS:
+        line("  " + label, key)
+    line("tracker step: flip counting", "tracker")
+    line("tracker step: masks only it computes", "tracker masks")
+
+
 def iqr(values: list[float]) -> str:
     if len(values) < 4:
         return f"{min(values):.3f}-{max(values):.3f}"
@@ -197,6 +433,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pattern", default="2:4", help="N:M pattern (default 2:4)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--no_memory", action="store_true", help="skip the profiled peak-memory step")
+    parser.add_argument("--profile", action="store_true",
+                        help="also print the breakdown of each method's step (mask recompute, masking in forward and "
+                        "backward, decay, autograd function, tracker) as shares of the step; adds 'dense'")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--model", choices=("marian", "moe"), default="marian",
                         help="marian (default) or moe: a small Mixtral-style mixture-of-experts model")
@@ -216,6 +455,8 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [m for m in methods if m not in available_methods()]
     if unknown or not methods:
         parser.error(f"--methods takes a comma-separated subset of {', '.join(available_methods())}; got {args.methods!r}")
+    if args.profile and "dense" not in methods:  # its step minus plain's is the layer swap's cost
+        methods.append("dense")
     try:
         pattern = SparsityConfig.from_pattern(args.pattern)
     except ValueError as err:
@@ -310,6 +551,12 @@ def main(argv: list[str] | None = None) -> int:
                 memory_ratios[name] = ratio
             print(f"{name:<8} {resident / 2**20:>12.1f} {peak / 2**20:>14.1f} {ratio:>7.3f}")
 
+    index = step + 1  # after the memory step
+    tracker = report_tracker(runners, methods, index, TRACKER_STEPS)
+    index += TRACKER_STEPS
+    if args.profile:
+        report_profile(runners, methods, index, time_ratios, tracker)
+
     print()
     if "sr-ste" in time_ratios:
         ok = time_ratios["sr-ste"] <= time_target
@@ -319,6 +566,11 @@ def main(argv: list[str] | None = None) -> int:
         ok = memory_ratios["sr-ste"] <= MEMORY_TARGET
         print(f"SR-STE {args.pattern} peak memory / dense = {memory_ratios['sr-ste']:.3f} "
               f"(target <= {MEMORY_TARGET}): {'OK' if ok else 'ABOVE TARGET'}")
+    tracker_shares = {method: tracker[method][0] / statistics.median(runners[method].times) for method in methods}
+    worst = max(tracker_shares, key=tracker_shares.get)
+    ok = tracker_shares[worst] <= TRACKER_TARGET
+    print(f"Tracker flip counting / step = {tracker_shares[worst]:.2%} at most ({worst}; target <= "
+          f"{TRACKER_TARGET:.0%}): {'OK' if ok else 'ABOVE TARGET'}")
     print(machine_header())
     return 0
 
