@@ -37,13 +37,13 @@ share of that model's median step (target <= 1%), and apart from it the masks on
 model's median step, at the `--threads` given (run it with 1 and 2): layer swap (the dense-patched step
 minus plain; `--profile` adds "dense" to --methods), mask recompute (`layer.compute_mask`: `nm_mask` on
 the ranking weight), masking in forward (`apply_mask(W, mask)`) and in backward (the masked weight again
-for grad_x, plus the masked gradient where pruned weights are frozen), the SR-STE decay term, the
-autograd function's fixed per-call overhead (`nm_linear` forward + backward on one-row tensors minus
-`F.linear`'s and those pieces), the rest (what the pieces leave unexplained) and the tracker step. The
-pieces are the public functions timed in isolation on each model's own sparse weights and masks, so the
-breakdown follows their implementation (if a kernel fuses two pieces, timing them apart overstates them
-and the rest goes negative); which pieces a layer pays is read from its method, and for the mask
-observed (a step that leaves the layer a new mask object computed one).
+for grad_x, plus the masked gradient where pruned weights are frozen), the SR-STE decay term
+(`add_pruned_`), the autograd function's fixed per-call overhead (`nm_linear` forward + backward on
+one-row tensors minus `F.linear`'s and those pieces), the rest (what the pieces leave unexplained) and
+the tracker step. The pieces are the public functions timed in isolation on each model's own sparse
+weights and masks, so the breakdown follows their implementation (if a kernel fuses two pieces, timing
+them apart overstates them and the rest goes negative); which pieces a layer pays is read from its
+method, and for the mask observed (a step that leaves the layer a new mask object computed one).
 
 Run: `python benchmarks/train_step.py` (flags: --model, --experts_implementation, --steps, --warmup,
 --batch_size, --seq_len, --block, --methods, --threads, --no_memory, --profile).
@@ -71,7 +71,7 @@ from nm_hf.config import SparsityConfig  # noqa: E402
 from nm_hf.injection import iter_sparse_layers, sparsify  # noqa: E402
 from nm_hf.layers.functional import nm_linear  # noqa: E402
 from nm_hf.layers.linear import Sparse2DLayer  # noqa: E402
-from nm_hf.masks import apply_mask, nm_mask  # noqa: E402
+from nm_hf.masks import add_pruned_, apply_mask, nm_mask  # noqa: E402
 from nm_hf.methods import available_methods, get_method  # noqa: E402
 from nm_hf.tracker import SparsityTracker  # noqa: E402
 
@@ -266,7 +266,8 @@ def piece_seconds(runner: Runner, recomputed: list[bool], calls: list[int], repe
     - "forward": `apply_mask(W, mask)`, the masked weight of the forward, for layers computing `W * mask`;
     - "backward": `apply_mask(W, mask)` again for the input gradient of the 2-D layers (`nm_linear`
       does not save the masked weight), plus `apply_mask(grad_W, mask)` where pruned weights are frozen;
-    - "decay": `grad_W.add_(W - W * mask, alpha=decay)` where the method has a gradient-mode decay;
+    - "decay": `add_pruned_(grad_W, W, mask, decay)` (`grad_W += decay * (W - W * mask)`) where the
+      method has a gradient-mode decay;
     - "function": the fixed per-call cost of the autograd function, `nm_linear` forward + backward on
       one-row tensors minus `F.linear`'s and minus the pieces above on the same tiny tensors.
 
@@ -281,7 +282,6 @@ def piece_seconds(runner: Runner, recomputed: list[bool], calls: list[int], repe
             totals["mask"] += _median_seconds(layer.compute_mask, repeats, weight)
         if not count or not layer.is_masked or not method.fused_forward:
             continue
-        masked = apply_mask(weight, mask)
         grad = torch.zeros_like(weight)
         decay, freeze = method.gradient_decay(layer), method.freezes_pruned(layer)
         totals["forward"] += count * _median_seconds(apply_mask, repeats, weight, mask)
@@ -291,13 +291,8 @@ def piece_seconds(runner: Runner, recomputed: list[bool], calls: list[int], repe
         if freeze:
             totals["backward"] += count * _median_seconds(apply_mask, repeats, grad, mask)
         elif decay:
-            totals["decay"] += count * _median_seconds(decay_add, repeats, grad, weight, masked, decay)
+            totals["decay"] += count * _median_seconds(add_pruned_, repeats, grad, weight, mask, decay)
     return totals
-
-
-def decay_add(grad: torch.Tensor, weight: torch.Tensor, masked: torch.Tensor, decay: float) -> None:
-    """SR-STE's gradient-mode decay as the backward adds it: `(1 - mask) * W = W - W * mask`."""
-    grad.add_(weight - masked, alpha=decay)
 
 
 _OVERHEAD_CACHE: dict[tuple[float, bool, int], float] = {}
@@ -327,12 +322,12 @@ def function_overhead(decay: float, freeze: bool, repeats: int, calls: int = 50)
 
     def pieces() -> None:
         for _ in range(calls):
-            masked = apply_mask(w, mask)  # forward
+            apply_mask(w, mask)  # forward
             apply_mask(w, mask)  # backward, for the input gradient
             if freeze:
                 apply_mask(g, mask)
             elif decay:
-                decay_add(g, w, masked, decay)
+                add_pruned_(g, w, mask, decay)
 
     repeats = max(repeats, 15)  # one-row tensors: cheap, and the difference of three timings is noisy
     with torch.enable_grad():
