@@ -229,10 +229,13 @@ def ensure_peer_venv(venv: Path, log: Path) -> dict[str, Any]:
         return {"created": False, "install_s": 0.0}
     start = time.perf_counter()
     base = getattr(sys, "_base_executable", None) or sys.executable
-    with log.open("a", encoding="utf-8") as out:
-        subprocess.run([base, "-m", "venv", str(venv)], check=True, stdout=out, stderr=subprocess.STDOUT)
-        subprocess.run([str(python), "-m", "pip", "install", "--quiet", *PEER_PACKAGES], check=True,
-                       stdout=out, stderr=subprocess.STDOUT)
+    for command in ([base, "-m", "venv", str(venv)], [str(python), "-m", "pip", "install", *PEER_PACKAGES]):
+        with log.open("a", encoding="utf-8") as out:
+            done = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT)
+        if done.returncode != 0:
+            tail = log.read_text(encoding="utf-8", errors="replace").strip().splitlines()[-15:]
+            raise RuntimeError(f"creating {venv} failed: {' '.join(command)} exited with {done.returncode} "
+                               f"(log {log}):\n" + "\n".join(tail))
     return {"created": True, "install_s": round(time.perf_counter() - start, 1)}
 
 

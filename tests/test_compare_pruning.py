@@ -156,3 +156,23 @@ def test_peer_worker_swaps_conv1d_for_equal_linear_and_back(one_thread):
     worker.linear_back_to_conv1d(swapped)
     assert [model.get_submodule(name) for name in names] == originals
     assert bool((originals[0].weight[0, :] == 0).all())  # Conv1D weight is [in, out]: row 0 is input 0
+
+
+def test_a_failing_peer_is_recorded_and_the_other_rows_still_run(bench, pretrained, tmp_path, monkeypatch,
+                                                                 one_thread):
+    def no_venv(venv, log):
+        raise RuntimeError("creating .venv-x failed: pip exited with 1")
+
+    monkeypatch.setattr(bench, "ensure_peer_venv", no_venv)
+    output = tmp_path / "out.json"
+    bench.main(["--model", str(pretrained["model"]), "--criteria", "llm-compressor", "magnitude",
+                "--finetune_methods", *data_flags(pretrained), "--eval_batch_size", "8",
+                "--work_dir", str(tmp_path / "work"), "--output", str(output)])
+    written = json.loads(output.read_text())
+    peer, magnitude = written["rows"]
+    assert peer == {"criterion": "llm-compressor", "error": "creating .venv-x failed: pip exited with 1"}
+    assert magnitude["nm_ok"] and magnitude["finetuned"] == {} and "finetuned" not in written["dense"]
+    assert written["table"].splitlines()[3:] == [
+        "| llm-compressor | failed (see the JSON) | - | - | - | - |",
+        f"| magnitude | {magnitude['prune_s']:.2f} | {magnitude['pruned']['validation_perplexity']:.2f} / "
+        f"{magnitude['pruned']['test_perplexity']:.2f} | - | - | - |"]
