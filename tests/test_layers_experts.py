@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import weakref
+
 import pytest
 import torch
 from test_injection import assert_unchanged, refuse, snapshot
@@ -155,6 +157,63 @@ def test_gradient_formula_on_an_expert_tensor(method, model_type):
     expected = {"ste": grad_w_prime, "dense": grad_w_prime, "sr-ste": grad_w_prime + 0.3 * weight * ~mask,
                 "fixed": grad_w_prime * mask}[method]
     torch.testing.assert_close(layer.weight.grad, expected)
+
+
+def _expert_grads(model, ids, capture: bool = True) -> tuple[torch.Tensor, dict[str, torch.Tensor], bool]:
+    """Logits and gradients of one training step, and whether the memory of the `W * mask` tensor the
+    experts forward computed with was still held between forward and backward."""
+    module = model.model.layers[0].mlp.experts
+    seen = []  # the tensor the experts implementation reads, taken mid-forward (its activation runs inside it)
+    hook = module.act_fn.register_forward_pre_hook(lambda *_: seen.append(module.gate_up_proj))
+    try:
+        output = model(input_ids=ids, labels=ids)
+    finally:
+        hook.remove()
+    assert seen and seen[0] is not module.gate_up_proj  # it computed with a masked tensor, not the Parameter
+    storage = weakref.ref(seen[0].untyped_storage())
+    seen.clear()
+    alive = storage() is not None
+    output.loss.backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    return output.logits.detach(), grads, alive
+
+
+@pytest.mark.usefixtures("one_thread")  # batched_mm's index backward accumulates in a thread-dependent order
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("method", ["sr-ste", "fixed"])
+def test_masked_expert_weights_are_recomputed_in_backward_not_saved(implementation, method):
+    # grouped_mm / eager save the tensor they compute with (or per-expert views of it): a full W * mask copy of
+    # every expert weight used to live from forward to backward; backward now recomputes it, bit for bit
+    model = tiny_moe("mixtral").train()
+    model.set_experts_implementation(implementation)
+    nm_hf.sparsify(model, SparsityConfig(n=2, m=4, method=method, decay=0.3))
+    ids = token_ids()
+    logits, grads, alive = _expert_grads(model, ids)
+    assert not alive
+    # under other saved-tensor hooks the sparse experts stand aside and the copy is saved as before:
+    # the same logits and gradients, bit for bit
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t.detach(), lambda t: t):
+        saved_logits, saved_grads, alive = _expert_grads(model, ids)
+    assert alive or implementation == "batched_mm"  # batched_mm gathers per-token copies: nothing to keep
+    assert torch.equal(logits, saved_logits)
+    assert grads.keys() == saved_grads.keys() and all(torch.equal(grads[n], saved_grads[n]) for n in grads)
+    model.gradient_checkpointing_enable()  # non-reentrant checkpointing: hooks of its own around each layer
+    checkpointed_logits, checkpointed, _ = _expert_grads(model, ids)
+    assert torch.equal(logits, checkpointed_logits)
+    assert all(torch.equal(grads[n], checkpointed[n]) for n in grads)
+
+
+def test_writing_an_expert_weight_between_forward_and_backward_is_refused():
+    model = tiny_moe("mixtral").train()
+    model.set_experts_implementation("grouped_mm")
+    nm_hf.sparsify(model, SparsityConfig(n=2, m=4))
+    ids = token_ids()
+    loss = model(input_ids=ids, labels=ids).loss
+    with torch.no_grad():
+        model.model.layers[1].mlp.experts.down_proj.mul_(2)
+    with pytest.raises(RuntimeError, match=r"MixtralExperts\.down_proj: the expert weight or its mask was modified"):
+        loss.backward()
 
 
 def test_mask_cache_follows_optimizer_steps_and_decoupled_decay():

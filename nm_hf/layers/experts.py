@@ -17,6 +17,17 @@ ones registered later, computes with the masked tensor, while `state_dict`, the 
 `named_parameters` still see the dense Parameter. (`torch.nn.utils.parametrize` would do the same
 but renames the state-dict keys to `parametrizations.<name>.original`, which plain `from_pretrained`
 cannot load.)
+
+The masked tensor is not kept for backward. An experts implementation saves what it computes with
+(grouped_mm the whole tensor, eager one slice per expert), which would keep a full `W * mask` copy of
+every expert weight alive from forward to backward (the dense model saves the Parameter itself, for
+free). For methods on the default `W * mask` path the experts forward runs under saved-tensor hooks
+that store, in place of any view of that tensor, where the view lies; backward recomputes just that
+part as `apply_mask(W, mask)` from the dense Parameter and the mask (already kept by `MaskedWeight`),
+bit for bit what forward used. Writing the weight or the mask in place between forward and backward
+is then an error (the dense model's matmuls refuse that too). The hooks stand aside under other
+saved-tensor hooks (non-reentrant activation checkpointing, `save_on_cpu`: those already decide what
+is kept) and while torch.compile traces.
 """
 
 from __future__ import annotations
@@ -27,6 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..masks import apply_mask
 from .base import SparseLayerMixin
 
 __all__ = ["EXPERT_PARAMETERS", "ExpertWeight", "SparseExpertsMixin", "expert_parameters", "experts_transposed",
@@ -85,15 +97,26 @@ class ExpertWeight(SparseLayerMixin):
 
     def forward_tensor(self) -> torch.Tensor:
         """The tensor the experts implementation computes with (autograd-aware in training)."""
+        return self.forward_tensor_and_mask()[0]
+
+    def forward_tensor_and_mask(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`forward_tensor()` and, when that tensor is `apply_mask(weight, mask)` in autograd (the default
+        `W * mask` path, contiguous plain tensors), the mask: backward can recompute it instead of saving it."""
         weight = self.weight
         if not self.is_masked:
-            return weight
+            return weight, None
         if not self.training and not torch.is_grad_enabled():
-            return self.cached_eval_weight()
+            return self.cached_eval_weight(), None
         method = self.method
         if method.uses_step or self.nm_mask_interval > 1:
             self.warn_if_steps_uncounted()
-        return method.forward_weight(self, weight, self.current_mask())
+        mask = self.current_mask()
+        tensor = method.forward_weight(self, weight, mask)
+        recomputable = (method.fused_forward and tensor.requires_grad and type(tensor) is torch.Tensor
+                        and type(weight) in _PLAIN_TYPES and type(mask) is torch.Tensor
+                        and tensor.is_contiguous() and weight.is_contiguous() and mask.is_contiguous()
+                        and tensor.storage_offset() == 0 and tensor.numel() > 0)
+        return tensor, mask if recomputable else None
 
     def __repr__(self) -> str:
         shape = "x".join(map(str, self.weight.shape))
@@ -106,10 +129,19 @@ class SparseExpertsMixin:
     nm_parts: dict[str, ExpertWeight]
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        exposed = {name: part.forward_tensor() for name, part in self.nm_parts.items()}
+        exposed: dict[str, torch.Tensor] = {}
+        recomputable: dict[int, _Recomputable] = {}
+        for name, part in self.nm_parts.items():
+            tensor, mask = part.forward_tensor_and_mask()
+            exposed[name] = tensor
+            if mask is not None:
+                recomputable[tensor.untyped_storage().data_ptr()] = _Recomputable(part, tensor, mask)
         state = self.__dict__
         state.update(exposed)
         try:
+            if recomputable and _may_push_saved_tensors_hooks():
+                with torch.autograd.graph.saved_tensors_hooks(*_recompute_hooks(recomputable)):
+                    return super().forward(*args, **kwargs)
             return super().forward(*args, **kwargs)
         finally:
             for name in exposed:
@@ -125,6 +157,90 @@ class SparseExpertsMixin:
         parts = ", ".join(f"{name}: n:m={part.pattern}, method={part.nm_method}" for name, part in self.nm_parts.items())
         base = super().extra_repr()
         return f"{base}, {parts}" if base else parts
+
+
+#: tensor types whose storage the saved-tensor hooks may read (subclasses such as DTensor are left alone)
+_PLAIN_TYPES = (torch.Tensor, nn.Parameter)
+
+
+class _Recomputable:
+    """A masked forward tensor `apply_mask(part.weight, mask)` and the versions it was computed at."""
+
+    __slots__ = ("part", "weight", "mask", "dtype", "device", "versions")
+
+    def __init__(self, part: ExpertWeight, tensor: torch.Tensor, mask: torch.Tensor) -> None:
+        self.part, self.weight, self.mask = part, part.weight, mask
+        self.dtype, self.device = tensor.dtype, tensor.device
+        self.versions = (self.weight._version, mask._version)
+
+    def recompute(self, offset: int, size: tuple[int, ...], stride: tuple[int, ...]) -> torch.Tensor:
+        """The view (`offset`, `size`, `stride`) of the masked tensor, computed on just the elements it spans."""
+        weight, mask = self.weight, self.mask
+        if (weight._version, mask._version) != self.versions:
+            raise RuntimeError(
+                f"{type(self.part.owner).__name__}.{self.part.parameter}: the expert weight or its mask was modified "
+                "in place between the forward and the backward pass; the sparse experts recompute W * mask in "
+                "backward from them (it is not saved), so backward would use other weights than forward did")
+        if 0 in size:
+            return torch.empty_strided(size, stride, dtype=self.dtype, device=self.device)
+        span = 1 + sum((length - 1) * step for length, step in zip(size, stride, strict=True))
+        with torch.no_grad():
+            part = apply_mask(weight.detach().view(-1)[offset:offset + span], mask.view(-1)[offset:offset + span])
+        return part.as_strided(size, stride)
+
+
+class _SavedView:
+    """Stored for backward in place of a view of a masked forward tensor: which tensor and where."""
+
+    __slots__ = ("source", "offset", "size", "stride")
+
+    def __init__(self, source: _Recomputable, tensor: torch.Tensor) -> None:
+        self.source, self.offset = source, tensor.storage_offset()
+        self.size, self.stride = tuple(tensor.shape), tensor.stride()
+
+
+def _may_push_saved_tensors_hooks() -> bool:
+    """True when the experts forward may run under its own saved-tensor hooks.
+
+    Not while torch.compile traces, not where hooks are disabled (functorch transforms) and not under
+    other hooks (non-reentrant activation checkpointing, `save_on_cpu`): the innermost hooks replace
+    the outer ones, which would then miss the experts' activations.
+    """
+    if not torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return False
+    autograd = torch._C._autograd
+    enabled = getattr(autograd, "_saved_tensors_hooks_is_enabled", None)
+    if enabled is not None and not enabled():
+        return False
+    top = getattr(autograd, "_top_saved_tensors_default_hooks", None)
+    return top is not None and top(False) is None
+
+
+def _recompute_hooks(sources: dict[int, _Recomputable]):
+    """(pack, unpack) saved-tensor hooks that keep a view of a masked forward tensor as a `_SavedView`.
+
+    Everything else is kept as autograd would (detached, with its version checked on unpack, since
+    autograd skips its own in-place check for tensors saved through hooks).
+    """
+
+    def pack(tensor: torch.Tensor) -> Any:
+        if type(tensor) in _PLAIN_TYPES and tensor.numel():
+            source = sources.get(tensor.untyped_storage().data_ptr())
+            if source is not None and tensor.dtype == source.dtype and tensor.device == source.device:
+                return _SavedView(source, tensor)
+        return tensor.detach(), tensor._version
+
+    def unpack(packed: Any) -> torch.Tensor:
+        if isinstance(packed, _SavedView):
+            return packed.source.recompute(packed.offset, packed.size, packed.stride)
+        tensor, version = packed
+        if tensor._version != version:
+            raise RuntimeError(
+                f"one of the tensors an experts forward saved for backward (shape {tuple(tensor.shape)}) was modified "
+                f"by an in-place operation: version {tensor._version}, expected {version}")
+        return tensor
+
+    return pack, unpack
 
 
 _SPARSE_CLASSES: dict[type, type] = {}

@@ -36,8 +36,8 @@ class MaskedWeight(torch.autograd.Function):
         weight, mask = ctx.saved_tensors
         if ctx.freeze_pruned:
             return apply_mask(grad, mask), None, None, None
-        if ctx.decay:
-            return grad + ctx.decay * apply_mask(weight, mask, keep=False), None, None, None
+        if ctx.decay:  # grad + decay * (1 - mask) * W in one temporary, rounded as that expression (no FMA)
+            return apply_mask(weight, mask, keep=False).mul_(ctx.decay).add_(grad), None, None, None
         return grad, None, None, None
 
 
