@@ -26,14 +26,14 @@ Cost: `step()` asks every layer for `current_mask()`, which is cached until the 
 next forward reuses it (for method "dense" it is an extra `nm_mask` per layer per step). Counting the
 flips is then one pass over the masks (`count_nonzero(mask ^ previous)`: 0.1-0.4% of a one-thread
 step of the Marian model in `benchmarks/train_step.py`, which reports it), nothing when a layer kept its
-mask; SAD and the other totals are computed only at `log_metrics`. Memory (the trade-off): the previous step's
-mask is not copied but held by reference: it is the tensor the layer's mask cache held (a recompute
-makes a new tensor, it never overwrites the cached one), so right after `step()` it costs nothing, and
-up to 1 byte per weight only while a layer already holds a newer mask (a forward between the optimizer
-step and `step()`, or `step()` not called every optimizer step). Two more masks per layer are kept as
-packed bits (init and last log: 2 bits per weight), all on the weights' device; the flip counters stay
-on the device too, so `step()` does not synchronise a GPU. (Packing each step's mask instead held 3 bits
-per weight and cost about 5x the counting pass.)
+mask; SAD and the other totals are computed only at `log_metrics`. Memory (the trade-off): the
+previous step's mask is not copied but held by reference: it is the tensor the layer's mask cache
+held (a recompute makes a new tensor, it never overwrites the cached one), so right after `step()` it
+costs nothing, and up to 1 byte per weight only while a layer already holds a newer mask (a forward
+between the optimizer step and `step()`, or `step()` not called every optimizer step). Two more masks
+per layer are kept as packed bits (init and last log: 2 bits per weight), all on the weights' device;
+the flip counters stay on the device too, so `step()` does not synchronise a GPU. (Packing each step's
+mask instead held 3 bits per weight and cost about 5x the counting pass.)
 Under DDP the weights (hence masks) are identical on every rank and everything is local, without any
 collective. With weights sharded by FSDP2 (`DTensor`s sharded over one mesh dimension) each rank
 keeps and counts the masks of its own shards (`SparseLayerMixin.current_mask`), and `log_metrics` /
