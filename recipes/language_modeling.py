@@ -64,7 +64,7 @@ from nm_hf.recipe import (
     user_errors,
     with_token_throughput,
 )
-from nm_hf.recipe.model_setup import check_prune_method, prune_pretrained
+from nm_hf.recipe.model_setup import check_prune_method, count_causal_lm_targets, prune_pretrained
 from nm_hf.recipe.schedule import attach_dense_warmup, check_dense_warmup, dense_warmup_config
 from nm_hf.tokenization import train_causal_lm_tokenizer
 from nm_hf.trainer import SparseTrainer
@@ -233,6 +233,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                                         model_max_length=model_args.max_position_embeddings))
             model = build_scratch_model(model_args, tokenizer, block_size)
         check_sparsity_targets(model, sparsity_config)
+    if count_causal_lm_targets(model):
+        logger.info(f"{type(model).__name__}: loss_type set to ForCausalLM, so the Trainer counts the predicted "
+                    "tokens (labels[..., 1:]) of its loss")
     logger.info(f"model: {type(model).__name__}, {count_parameters(model):,} parameters")
 
     with training_args.main_process_first(desc="tokenizing the data"):

@@ -7,6 +7,8 @@
 - `shared_tokenizer`: a tokenizer trained once (process 0) and sent to every process in memory; it is
   written to the output directory only with the trained model, so a run that fails early leaves a
   previous run's model and tokenizer untouched;
+- `count_causal_lm_targets`: makes the Trainer divide a causal LM's loss by the positions it predicts
+  (GPT-2 needs it under transformers 5.23, see the function);
 - `check_prune_method`, `prune_pretrained`: `--prune_criterion` / `--calibration_samples`, the one-shot
   prune of a pretrained model (`nm_hf.prune`) before it is fine-tuned, with the first training examples
   as calibration data.
@@ -31,7 +33,7 @@ from .args import CALIBRATION_SAMPLES
 from .config_files import ArgumentsError
 
 __all__ = ["apply_config_overrides", "calibration_batches", "check_prune_method", "check_sparsity_targets",
-           "prune_pretrained", "resume_dirs", "shared_tokenizer", "skeleton"]
+           "count_causal_lm_targets", "prune_pretrained", "resume_dirs", "shared_tokenizer", "skeleton"]
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +82,28 @@ def skeleton(build: Callable[[], torch.nn.Module]) -> torch.nn.Module:
     with torch.device("meta"):
         model = build()
     return model.to_empty(device="cpu")
+
+
+def count_causal_lm_targets(model: torch.nn.Module) -> bool:
+    """Name the causal-LM loss of a decoder model whose class name does not (GPT-2's `GPT2LMHeadModel`).
+
+    transformers 5.23's Trainer divides a causal LM's summed loss by the labels it will predict
+    (`labels[..., 1:]`) only when `model.loss_type` maps to the causal-LM loss; it is derived from the
+    class name, so for `GPT2LMHeadModel` it stays None and the Trainer divides by every label, the
+    first of each block included, which is never predicted: its loss reads low by (block - 1) / block
+    (1/128 of the loss, 3% of the perplexity, for 128-token blocks). The model computes that loss
+    already; naming it only fixes the count. True when the model was changed.
+    """
+    from transformers.loss.loss_utils import LOSS_MAPPING  # the recipe support may import transformers
+
+    causal = LOSS_MAPPING["ForCausalLM"]
+    config = getattr(model, "config", None)
+    if getattr(model, "loss_type", "") is not None or getattr(config, "is_encoder_decoder", False):
+        return False
+    if getattr(model, "loss_function", None) is not causal:
+        return False
+    model.loss_type = "ForCausalLM"
+    return True
 
 
 def check_sparsity_targets(model: torch.nn.Module, sparsity_config: Any) -> list[str]:
