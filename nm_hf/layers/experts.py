@@ -112,7 +112,8 @@ class ExpertWeight(SparseLayerMixin):
             self.warn_if_steps_uncounted()
         mask = self.current_mask()
         tensor = method.forward_weight(self, weight, mask)
-        recomputable = (method.fused_forward and tensor.requires_grad and type(tensor) is torch.Tensor
+        recomputable = (method.fused_forward and tensor.requires_grad and not torch.compiler.is_compiling()
+                        and type(tensor) is torch.Tensor
                         and type(weight) in _PLAIN_TYPES and type(mask) is torch.Tensor
                         and tensor.is_contiguous() and weight.is_contiguous() and mask.is_contiguous()
                         and tensor.storage_offset() == 0 and tensor.numel() > 0)
