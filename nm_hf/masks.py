@@ -233,6 +233,9 @@ def _topk_mask(weight: torch.Tensor, n: int, m: int, dim: int) -> torch.Tensor:
     return mask.reshape(raw.shape).movedim(-1, dim)
 
 
+# Masks are chosen outside compiled graphs (torch.compile breaks the graph here): integer bit views and the
+# native kernels' raw pointers have no symbolic form, and a mask is computed once per weight update anyway.
+@torch.compiler.disable
 def nm_mask(weight: torch.Tensor, n: int, m: int, dim: int = -1) -> torch.Tensor:
     """Boolean mask keeping the `n` largest-magnitude entries of every `m` consecutive ones along `dim`.
 
@@ -410,6 +413,7 @@ def _best_patterns_in_mode(inference: bool, *args) -> None:
         _best_patterns(*args)
 
 
+@torch.compiler.disable
 def nm_mask_transposable(weight: torch.Tensor, n: int, m: int, dim: int = -1) -> torch.Tensor:
     """Boolean mask whose every m x m block keeps at most `n` entries in each row and each column.
 

@@ -369,3 +369,32 @@ def test_adam_with_a_weak_gradient_decay_warns_once(optimizer, decay, mode, warn
         train_steps(model, 2, lr=1e-3, optimizer=opt, call_hook=False)
     messages = [str(w.message) for w in caught if "barely acts" in str(w.message)]
     assert len(messages) == (1 if warns else 0), messages
+
+
+def test_training_under_torch_compile_matches_eager(one_thread):
+    """Masks are recomputed inside the compiled forward (a graph break at nm_mask) and training matches eager."""
+    import copy
+
+    import nm_hf
+    from tiny_models import tiny_inputs, tiny_model
+
+    base = tiny_model("llama")
+    nm_hf.sparsify(base, SparsityConfig(method="sr-ste", decay=0.5))
+    runs = []
+    for compiled in (False, True):
+        model = copy.deepcopy(base).train()
+        forward = torch.compile(model, backend="aot_eager") if compiled else model
+        optimizer = torch.optim.AdamW(model.parameters(), lr=0.05)
+        batch = tiny_inputs(model)
+        losses = []
+        for _ in range(3):
+            loss = forward(**batch, labels=batch["input_ids"]).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            nm_hf.after_optimizer_step(model, 0.05)
+            losses.append(loss.item())
+        masks = [layer.current_mask().clone() for _, layer in nm_hf.iter_sparse_layers(model)]
+        runs.append((losses, masks))
+    assert runs[1][0] == pytest.approx(runs[0][0], rel=1e-5)
+    assert all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1], strict=True))
