@@ -9,7 +9,7 @@ Time. The CPU may be shared, so the models are interleaved: each round runs `--b
 model back to back, in an order rotated each round (no model always runs first or last). A step is
 forward + backward + `optimizer.step()` + `zero_grad()`. The reported ratio is the median over rounds
 of (sparse time / dense time in the same round); the ratio of the per-model median step times is
-printed next to it. Targets for SR-STE 2:4: time ratio <= 1.05.
+printed next to it. Targets: SR-STE 2:4 time ratio <= 1.03, every other method <= 1.05.
 
 Peak memory. For each model, one training step (after warm-up) runs under `torch.profiler` with
 `profile_memory=True`. Every allocation and free the profiler saw is put in time order and summed;
@@ -75,7 +75,9 @@ from nm_hf.masks import add_pruned_, apply_mask, nm_mask  # noqa: E402
 from nm_hf.methods import available_methods, get_method  # noqa: E402
 from nm_hf.tracker import SparsityTracker  # noqa: E402
 
-TIME_TARGET = 1.05
+TIME_TARGET = 1.03  # SR-STE 2:4 (the performance issue)
+#: every other method's step time / plain
+OTHER_TIME_TARGET = 1.05
 MEMORY_TARGET = 1.05
 #: the mixture-of-experts case's targets (`--model moe`)
 MOE_TIME_TARGET = 1.10
@@ -553,10 +555,10 @@ def main(argv: list[str] | None = None) -> int:
         report_profile(runners, methods, index, time_ratios, tracker)
 
     print()
-    if "sr-ste" in time_ratios:
-        ok = time_ratios["sr-ste"] <= time_target
-        print(f"SR-STE {args.pattern} step time / dense = {time_ratios['sr-ste']:.3f} (target <= {time_target}): "
-              f"{'OK' if ok else 'ABOVE TARGET'}")
+    for method, ratio in time_ratios.items():
+        target = time_target if method == "sr-ste" or moe else OTHER_TIME_TARGET
+        print(f"{method} {args.pattern} step time / dense = {ratio:.3f} (target <= {target}): "
+              f"{'OK' if ratio <= target else 'ABOVE TARGET'}")
     if "sr-ste" in memory_ratios:
         ok = memory_ratios["sr-ste"] <= MEMORY_TARGET
         print(f"SR-STE {args.pattern} peak memory / dense = {memory_ratios['sr-ste']:.3f} "
