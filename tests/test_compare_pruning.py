@@ -11,17 +11,14 @@ import json
 import math
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
 import nm_hf
-from nm_hf.tokenization import train_causal_lm_tokenizer
+from tiny_models import save_pretrained_lm
 
 ROOT = Path(__file__).resolve().parents[1]
-WORDS = ["def", "return", "self", "value", "list", "index", "import", "class", "None", "print", "for", "in",
-         "if", "else", "x", "y", "name", "data", "result", "=", "(", ")", ":", "+", "1", "2"]
 
 
 def load_script(name: str):
@@ -36,27 +33,12 @@ def bench():
     return load_script("compare_pruning")
 
 
-def lines(n: int, seed: int) -> list[str]:
-    rng = np.random.default_rng(seed)
-    return [" ".join(WORDS[i] for i in rng.integers(0, len(WORDS), size=rng.integers(6, 14)))
-            for _ in range(n)]
 
 
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory) -> dict[str, Path]:
     """A tiny dense GPT-2 (Conv1D layers), a tokenizer trained offline, train/validation/test files."""
-    root = tmp_path_factory.mktemp("compare_pruning")
-    files = {}
-    for split, (n, seed) in {"train": (120, 0), "validation": (30, 1), "test": (30, 2)}.items():
-        files[split] = root / f"{split}.txt"
-        files[split].write_text("\n".join(lines(n, seed)) + "\n", encoding="utf-8")
-    tokenizer = train_causal_lm_tokenizer(lines(200, 3), vocab_size=300, min_frequency=1, model_max_length=64)
-    torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_positions=64, n_embd=32, n_layer=2,
-                                       n_head=4, n_inner=64, bos_token_id=0, eos_token_id=0, pad_token_id=1))
-    model.save_pretrained(root / "model")
-    tokenizer.save_pretrained(root / "model")
-    return {"model": root / "model", **files}
+    return save_pretrained_lm(tmp_path_factory.mktemp("compare_pruning"))
 
 
 def data_flags(paths: dict[str, Path]) -> list[str]:

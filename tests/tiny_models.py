@@ -150,3 +150,40 @@ def lm_rows(n: int = 16, length: int = 8, seed: int = 0) -> list[dict[str, torch
         ids = torch.randint(3, VOCAB, (length,), generator=g)
         rows.append({"input_ids": ids, "labels": ids.clone()})
     return rows
+
+
+#: a small code-like vocabulary for text the tests generate
+CODE_WORDS = ["def", "return", "self", "value", "list", "index", "import", "class", "None", "print", "for", "in",
+              "if", "else", "x", "y", "name", "data", "result", "=", "(", ")", ":", "+", "1", "2"]
+
+
+def code_lines(n: int, seed: int) -> list[str]:
+    """`n` lines of 6-13 random code-like words (the same for the same seed)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    return [" ".join(CODE_WORDS[i] for i in rng.integers(0, len(CODE_WORDS), size=rng.integers(6, 14)))
+            for _ in range(n)]
+
+
+def save_pretrained_lm(root) -> dict:
+    """A tiny dense GPT-2 (Conv1D layers) and its offline-trained tokenizer saved under `root`/model, plus
+    train/validation/test text files: {"model": dir, "train": file, "validation": file, "test": file}."""
+    from pathlib import Path
+
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from nm_hf.tokenization import train_causal_lm_tokenizer
+
+    root = Path(root)
+    files = {}
+    for split, (n, seed) in {"train": (120, 0), "validation": (30, 1), "test": (30, 2)}.items():
+        files[split] = root / f"{split}.txt"
+        files[split].write_text("\n".join(code_lines(n, seed)) + "\n", encoding="utf-8")
+    tokenizer = train_causal_lm_tokenizer(code_lines(200, 3), vocab_size=300, min_frequency=1, model_max_length=64)
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_positions=64, n_embd=32, n_layer=2, n_head=4,
+                                       n_inner=64, bos_token_id=0, eos_token_id=0, pad_token_id=1))
+    model.save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    return {"model": root / "model", **files}

@@ -12,14 +12,11 @@ import importlib.util
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
-    GPT2Config,
-    GPT2LMHeadModel,
     MBartConfig,
     MBartForConditionalGeneration,
     default_data_collator,
@@ -30,11 +27,10 @@ from nm_hf.arguments import SparsityArguments
 from nm_hf.data.text import load_text_data, tokenize_and_group
 from nm_hf.masks import check_nm
 from nm_hf.recipe import CausalLMModelArguments
-from nm_hf.tokenization import train_causal_lm_tokenizer, train_translation_tokenizer
+from nm_hf.tokenization import train_translation_tokenizer
+from tiny_models import code_lines, save_pretrained_lm
 
 ROOT = Path(__file__).resolve().parents[2]
-WORDS = ["def", "return", "self", "value", "list", "index", "import", "class", "None", "print", "for", "in",
-         "if", "else", "x", "y", "name", "data", "result", "=", "(", ")", ":", "+", "1", "2"]
 BLOCK = 32
 # --learning_rate: the pretrained default (5e-5) would barely move a tiny model in 3 steps
 TINY_RUN = ["--block_size", str(BLOCK), "--max_steps", "3", "--per_device_train_batch_size", "2",
@@ -48,26 +44,12 @@ def load_recipe(name: str):
     return module
 
 
-def lines(n: int, seed: int) -> list[str]:
-    rng = np.random.default_rng(seed)
-    return [" ".join(WORDS[i] for i in rng.integers(0, len(WORDS), size=rng.integers(6, 14))) for _ in range(n)]
 
 
 @pytest.fixture(scope="module")
 def pretrained_lm(tmp_path_factory) -> dict[str, Path]:
     """A tiny dense GPT-2 with its tokenizer saved as a pretrained model, and train/validation/test text files."""
-    root = tmp_path_factory.mktemp("pretrained_lm")
-    files = {}
-    for split, (n, seed) in {"train": (120, 0), "validation": (30, 1), "test": (30, 2)}.items():
-        files[split] = root / f"{split}.txt"
-        files[split].write_text("\n".join(lines(n, seed)) + "\n", encoding="utf-8")
-    tokenizer = train_causal_lm_tokenizer(lines(200, 3), vocab_size=300, min_frequency=1, model_max_length=64)
-    torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_positions=64, n_embd=32, n_layer=2, n_head=4,
-                                       n_inner=64, bos_token_id=0, eos_token_id=0, pad_token_id=1))
-    model.save_pretrained(root / "model")
-    tokenizer.save_pretrained(root / "model")
-    return {"model": root / "model", **files}
+    return save_pretrained_lm(tmp_path_factory.mktemp("pretrained_lm"))
 
 
 def data_flags(paths: dict[str, Path]) -> list[str]:
@@ -159,7 +141,7 @@ def test_prune_flags_are_checked_by_the_model_arguments():
 @pytest.fixture(scope="module")
 def pretrained_mbart(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("pretrained_mbart")
-    pairs = {split: (lines(n, seed), lines(n, seed + 10)) for split, (n, seed)
+    pairs = {split: (code_lines(n, seed), code_lines(n, seed + 10)) for split, (n, seed)
              in {"train": (40, 0), "validation": (8, 1), "test": (8, 2)}.items()}
     for split, (en, de) in pairs.items():
         (root / f"{split}.en").write_text("\n".join(en) + "\n", encoding="utf-8")
