@@ -338,8 +338,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         prune_record = prune_pretrained(
             model, sparsity_config, model_args.prune_criterion, train_dataset=tokenized["train"],
             collator=collator, calibration_samples=model_args.calibration_samples,
-            batch_size=training_args.per_device_train_batch_size, device=training_args.device,
-            progress=not training_args.disable_tqdm and training_args.local_process_index == 0)
+            training_args=training_args)
     src, tgt = data_args.source_lang, data_args.target_lang
     references = {split: [pair[tgt] for pair in raw[split]["translation"]] for split in ("validation", "test")}
     metric = BleuMetric(tokenizer, references["validation"])

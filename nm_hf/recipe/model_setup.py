@@ -190,14 +190,15 @@ def calibration_batches(dataset: Any, collator: Callable[[list[Any]], Any], samp
 
 def prune_pretrained(model: torch.nn.Module, sparsity_config: Any, criterion: str | None, *,
                      train_dataset: Any, collator: Callable[[list[Any]], Any], calibration_samples: int | None,
-                     batch_size: int, device: Any = None, progress: bool = False) -> dict[str, Any] | None:
+                     training_args: Any) -> dict[str, Any] | None:
     """`--prune_criterion`: prune `model` one-shot (`nm_hf.prune`) and leave it sparsified with
     `sparsity_config`, which the sparse trainer then accepts as is; returns the results.json record
     (None without a criterion).
 
     Calibration (wanda, sparsegpt): the first `calibration_samples` (default `CALIBRATION_SAMPLES`)
-    tokenized training examples, collated by the run's collator in batches of `batch_size`. The model
-    is pruned on `device` (where it will train). A refusal of `nm_hf.prune` becomes a one-line
+    tokenized training examples, collated by the run's collator in batches of the run's
+    `per_device_train_batch_size`. The model is pruned on the run's device (where it will train), with a
+    progress bar on the main process unless `disable_tqdm`. A refusal of `nm_hf.prune` becomes a one-line
     `ArgumentsError` naming the flag; the model is unchanged then and nothing has been written.
     """
     if criterion is None:
@@ -206,13 +207,14 @@ def prune_pretrained(model: torch.nn.Module, sparsity_config: Any, criterion: st
     requested = None
     if criterion in CALIBRATED:
         requested = calibration_samples or CALIBRATION_SAMPLES
-        calibration = calibration_batches(train_dataset, collator, requested, batch_size)
+        calibration = calibration_batches(train_dataset, collator, requested,
+                                          training_args.per_device_train_batch_size)
         used = min(requested, len(train_dataset))
         if used < requested:
             logger.warning(f"--calibration_samples {requested}: the training data has {used} examples; "
                            "calibrating with all of them")
-    if device is not None:
-        model.to(device)
+    model.to(training_args.device)
+    progress = not training_args.disable_tqdm and training_args.local_process_index == 0
     start = time.perf_counter()
     try:
         prune(model, sparsity_config, criterion=criterion, calibration=calibration, progress=progress)
