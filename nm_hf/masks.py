@@ -141,19 +141,17 @@ def add_pruned_(grad: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, al
     Computed as `grad.add_(weight - apply_mask(weight, mask), alpha=alpha)` (a kept inf or NaN weight
     gives NaN, as that expression does), in one pass where the native kernels apply.
     """
-    if (grad.dtype in (torch.float32, torch.float64) and weight.dtype == grad.dtype and mask.dtype == torch.bool
-            and grad.shape == weight.shape == mask.shape and _native_ready(grad, weight, mask)):
-        function = getattr(kernels(), "add_pruned_f32" if grad.dtype == torch.float32 else "add_pruned_f64")
-        size = grad.element_size()
+    fits = (grad.dtype in (torch.float32, torch.float64) and weight.dtype == grad.dtype and mask.dtype == torch.bool
+            and grad.shape == weight.shape == mask.shape)
+    size, suffix = grad.element_size(), "f32" if grad.dtype == torch.float32 else "f64"
+    if fits and _native_ready(grad, weight, mask):
+        function = getattr(kernels(), f"add_pruned_{suffix}")
         g, w, bits = grad.data_ptr(), weight.data_ptr(), mask.data_ptr()
         _native_split(grad.numel(), lambda s, c: function(g + s * size, w + s * size, bits + s, c, alpha))
         return grad
-    if (grad.ndim == 2 and grad.dtype in (torch.float32, torch.float64) and weight.dtype == grad.dtype
-            and mask.dtype == torch.bool and grad.shape == weight.shape == mask.shape
-            and _native_ready(grad, weight.t(), mask.t())):  # a weight stored transposed (GPT-2 Conv1D)
-        function = getattr(kernels(), "add_pruned_t_f32" if grad.dtype == torch.float32 else "add_pruned_t_f64")
+    if fits and grad.ndim == 2 and _native_ready(grad, weight.t(), mask.t()):  # stored transposed (GPT-2 Conv1D)
+        function = getattr(kernels(), f"add_pruned_t_{suffix}")
         rows, cols = grad.shape
-        size = grad.element_size()
         g, w, bits = grad.data_ptr(), weight.data_ptr(), mask.data_ptr()
         # split over blocks of grad rows: they are columns of the stored weight and mask
         _native_split(rows, lambda s, c: function(g + s * cols * size, w + s * size, bits + s, c, cols, rows, alpha),

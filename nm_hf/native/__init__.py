@@ -79,6 +79,26 @@ def _compile(compiler: str, flags: list[str], target: Path) -> str | None:
     return None if result.returncode == 0 else (result.stderr.strip().splitlines() or ["failed"])[-1]
 
 
+def _built_file(compiler: str, flags: list[str], cached: Path, scratch: Path) -> tuple[Path, str]:
+    """(the library file, "") after compiling it into the cache, or (_, the compiler's complaint).
+
+    A read-only cache leaves the build in `scratch`, which the caller loads before removing it.
+    """
+    built = scratch / "nm_kernels.so"
+    try:
+        problem = _compile(compiler, flags, built) or ""
+    except (OSError, subprocess.SubprocessError) as err:
+        problem = str(err)
+    if problem:
+        return built, problem
+    content = built.read_bytes()
+    try:
+        atomic_write(cached, lambda handle: handle.write(content), fsync=False)
+    except OSError:
+        return built, ""
+    return cached, ""
+
+
 def _build() -> tuple[ctypes.CDLL | None, str]:
     if os.environ.get("NM_HF_NATIVE", "1").strip() == "0":
         return None, "disabled (NM_HF_NATIVE=0)"
@@ -91,29 +111,19 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
         fingerprint = "\0".join([compiler, *flags, platform.machine(), _cpu_flags()]).encode()
         key = hashlib.sha256(source + b"\0" + fingerprint).hexdigest()[:16]
         cached = _cache_dir() / f"nm_kernels-{key}.so"
-        with tempfile.TemporaryDirectory(prefix="nm_hf_native_") as tmp:
-            if not cached.is_file():
-                built = Path(tmp) / "nm_kernels.so"
-                try:
-                    problem = _compile(compiler, flags, built) or ""
-                except (OSError, subprocess.SubprocessError) as err:
-                    problem = str(err)
-                if problem:
-                    continue
-                content = built.read_bytes()
-                try:
-                    atomic_write(cached, lambda handle, data=content: handle.write(data), fsync=False)
-                except OSError:  # read-only cache: use the build from the temporary directory
-                    cached = built
+        with tempfile.TemporaryDirectory(prefix="nm_hf_native_") as scratch:
+            path, problem = (cached, "") if cached.is_file() else _built_file(compiler, flags, cached, Path(scratch))
+            if problem:
+                continue
             try:
-                library = ctypes.CDLL(str(cached))  # stays mapped after the temporary file goes
+                library = ctypes.CDLL(str(path))  # stays mapped after a scratch file goes
             except OSError as err:
                 problem = str(err)
                 continue
         for name, argtypes in _SIGNATURES.items():
             function = getattr(library, name)
             function.argtypes, function.restype = argtypes, None
-        return library, f"native kernels ({compiler} {' '.join(flags)}, {cached})"
+        return library, f"native kernels ({compiler} {' '.join(flags)}, {path})"
     return None, f"unavailable: the C compiler failed ({problem})"
 
 
