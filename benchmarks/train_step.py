@@ -2,8 +2,9 @@
 
 Model: a small Marian transformer (`MarianMTModel` from a `MarianConfig`: d_model 256, 3 encoder + 3
 decoder layers, 4 heads, FFN 1024, vocab 8000), random token batches (64 sentences x 32 tokens by
-default), AdamW, CPU. Every method starts from the same initial weights, sees the same batches and the
-same dropout masks (the RNG is re-seeded per step index).
+default), AdamW (`--optim`: torch's fused kernel by default, as the Trainer's default; `adamw_torch` for
+the per-tensor loop), CPU. Every method starts from the same initial weights, sees the same batches and
+the same dropout masks (the RNG is re-seeded per step index).
 
 Time. The CPU may be shared, so the models are interleaved: each round runs `--block` steps of every
 model back to back, in an order rotated each round (no model always runs first or last). A step is
@@ -82,6 +83,8 @@ MEMORY_TARGET = 1.05
 #: the mixture-of-experts case's targets (`--model moe`)
 MOE_TIME_TARGET = 1.10
 BASELINE = "plain"  # the unmodified model every ratio is taken against
+#: AdamW implementations, named as the Trainer's --optim
+OPTIMIZERS = ("adamw_torch_fused", "adamw_torch")
 #: the tracker's flip counting per step, as a share of the step (issue 23)
 TRACKER_TARGET = 0.01
 TRACKER_STEPS = 3  # untimed extra steps per sparse model that measure the tracker
@@ -125,10 +128,10 @@ def make_batches(count: int, batch_size: int, seq_len: int, vocab: int, seed: in
 class Runner:
     """One model + optimizer; `step(i)` runs training step i (same batch and dropout RNG for every model)."""
 
-    def __init__(self, name: str, model: nn.Module, batches: list[dict], seed: int) -> None:
+    def __init__(self, name: str, model: nn.Module, batches: list[dict], seed: int, fused: bool = True) -> None:
         self.name, self.model, self.batches, self.seed = name, model, batches, seed
         self.model.train()
-        self.optimizer = torch.optim.AdamW(model.parameters(), lr=5e-4)  # default: not fused on CPU
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=5e-4, fused=fused)
         self.times: list[float] = []
         self.cpu_times: list[float] = []
         self.losses: list[float] = []
@@ -215,22 +218,33 @@ def _median_seconds(fn, repeats: int, *args) -> float:
 
 
 def observe_step(runner: Runner, index: int) -> tuple[list[bool], list[int]]:
-    """Runs two untimed steps (`index`, `index + 1`); per sparse layer, in the second: did it compute a new
-    mask, and how many forward calls it had. (The first makes the observed step follow this model's own
-    optimizer step, as in training: a `current_mask()` call since then would have done the recompute.)"""
+    """Runs two untimed steps (`index`, `index + 1`); per sparse layer, in the second: did it compute its
+    mask (`compute_mask`: a ranking, or a method's proof that the previous mask still holds), and how
+    many forward calls it had. (The first makes the observed step follow this model's own optimizer
+    step, as in training: a `current_mask()` call since then would have done the recompute.)"""
     runner.step(index, record=False)
     index += 1
     layers = [layer for _, layer in iter_sparse_layers(runner.model)]
-    before = [layer.cached_mask() for layer in layers]  # held: a new mask cannot reuse their addresses
-    calls = [0] * len(layers)
+    calls, computed = [0] * len(layers), [False] * len(layers)
+
+    def counting(i: int, compute):
+        def compute_mask(weight):
+            computed[i] = True
+            return compute(weight)
+        return compute_mask
+
     hooks = [layer.register_forward_pre_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
              for i, layer in enumerate(layers)]
+    for i, layer in enumerate(layers):
+        layer.compute_mask = counting(i, layer.compute_mask)  # an instance attribute, deleted below
     try:
         runner.step(index, record=False)
     finally:
         for hook in hooks:
             hook.remove()
-    return [layer.cached_mask() is not old for layer, old in zip(layers, before, strict=True)], calls
+        for layer in layers:
+            del layer.compute_mask
+    return computed, calls
 
 
 def tracker_cost(runner: Runner, first_index: int, steps: int) -> tuple[float, float]:
@@ -434,6 +448,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="also print the breakdown of each method's step (mask recompute, masking in forward and "
                         "backward, decay, autograd function, tracker) as shares of the step; adds 'dense'")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--optim", choices=OPTIMIZERS, default="adamw_torch_fused",
+                        help="AdamW implementation, named as Trainer's --optim: adamw_torch_fused (default, "
+                             "as the Trainer's default on torch >= 2.8) or adamw_torch (the per-tensor loop)")
     parser.add_argument("--model", choices=("marian", "moe"), default="marian",
                         help="marian (default) or moe: a small Mixtral-style mixture-of-experts model")
     parser.add_argument("--experts_implementation", choices=("eager", "batched_mm", "grouped_mm"), default="grouped_mm",
@@ -472,11 +489,12 @@ def main(argv: list[str] | None = None) -> int:
     base = (build_moe_model(args.vocab, args.seed, args.experts_implementation) if moe
             else build_model(args.vocab, args.seed))
     batches = make_batches(4, args.batch_size, args.seq_len, args.vocab, args.seed + 1, causal=moe)
-    runners = {BASELINE: Runner(BASELINE, copy.deepcopy(base), batches, args.seed)}
+    fused = args.optim == "adamw_torch_fused"
+    runners = {BASELINE: Runner(BASELINE, copy.deepcopy(base), batches, args.seed, fused)}
     for method in methods:
         model = copy.deepcopy(base)
         sparsify(model, SparsityConfig(n=pattern.n, m=pattern.m, method=method))
-        runners[method] = Runner(method, model, batches, args.seed)
+        runners[method] = Runner(method, model, batches, args.seed, fused)
     n_params = sum(p.numel() for p in base.parameters())
     sparse_layers = list(iter_sparse_layers(runners[methods[0]].model))
     n_sparse = sum(layer.weight.numel() for _, layer in sparse_layers)
@@ -484,7 +502,7 @@ def main(argv: list[str] | None = None) -> int:
             if moe else "Marian d_model 256, 3+3 layers, FFN 1024")
     print(f"{what}, vocab {args.vocab}: {n_params / 1e6:.2f}M parameters, "
           f"{len(sparse_layers)} layers / {n_sparse / 1e6:.2f}M weights sparsified {args.pattern}")
-    print(f"batch {args.batch_size} x {args.seq_len} tokens, AdamW, {args.warmup} warm-up + {args.steps} timed "
+    print(f"batch {args.batch_size} x {args.seq_len} tokens, {args.optim}, {args.warmup} warm-up + {args.steps} timed "
           f"steps per model, interleaved in blocks of {args.block}")
 
     names = list(runners)

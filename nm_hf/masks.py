@@ -30,7 +30,7 @@ import torch
 
 from .native import kernels
 
-__all__ = ["apply_mask", "add_pruned_", "nm_mask", "nm_mask_transposable", "transposable_patterns", "check_transposable", "check_nm",
+__all__ = ["apply_mask", "add_pruned_", "pruned_nonzero", "nm_mask", "nm_mask_transposable", "transposable_patterns", "check_transposable", "check_nm",
            "nm_group_counts", "magnitude_key", "TRANSPOSABLE_PATTERNS"]
 
 # Pairwise counting costs m*(m-1)/2 comparisons per group: fine up to m=16, topk is cheaper beyond.
@@ -69,8 +69,10 @@ def _workers() -> int:
 
 def _native_ready(*tensors: torch.Tensor) -> bool:
     """True when the native kernels are loaded and can take these tensors as flat buffers."""
-    return all(type(t) in _PLAIN_TYPES and t.device.type == "cpu" and t.is_contiguous() and t.numel()
-               for t in tensors) and kernels() is not None
+    for t in tensors:  # a plain loop: this runs several times per layer and step
+        if type(t) not in _PLAIN_TYPES or not t.is_cpu or not t.is_contiguous() or not t.numel():
+            return False
+    return kernels() is not None
 
 
 def _native_split(total: int, call, unit: int = 1) -> None:
@@ -80,7 +82,9 @@ def _native_split(total: int, call, unit: int = 1) -> None:
         call(0, total)
         return
     per = -(-total // workers)
-    futures = [_thread_pool().submit(call, start, min(per, total - start)) for start in range(0, total, per)]
+    # the first piece on this thread (it would only wait otherwise), the others on the pool
+    futures = [_thread_pool().submit(call, start, min(per, total - start)) for start in range(per, total, per)]
+    call(0, min(per, total))
     for future in futures:
         future.result()
 
@@ -158,6 +162,21 @@ def add_pruned_(grad: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, al
                       unit=cols)
         return grad
     return grad.add_(weight - apply_mask(weight, mask), alpha=alpha)
+
+
+def pruned_nonzero(weight: torch.Tensor, mask: torch.Tensor) -> bool:
+    """True when any entry of `weight` outside `mask` is non-zero (-0.0 counts as zero, NaN as non-zero).
+
+    One read of both on CPU with the native kernels (a fixed mask checks this instead of re-ranking).
+    """
+    if weight.ndim == 2 and not weight.is_contiguous() and weight.t().is_contiguous() and mask.t().is_contiguous():
+        return pruned_nonzero(weight.t(), mask.t())  # Conv1D weights arrive transposed
+    key = _KEY_DTYPES.get(weight.dtype)
+    if (key is not None and mask.dtype == torch.bool and mask.shape == weight.shape
+            and _native_ready(weight, mask)):
+        function = getattr(kernels(), f"pruned_nonzero_u{weight.element_size() * 8}")
+        return bool(function(weight.data_ptr(), mask.data_ptr(), weight.numel(), key[1]))
+    return bool(apply_mask(weight, mask, keep=False).ne(0).any())
 
 
 def _check_nm(n: int, m: int) -> None:

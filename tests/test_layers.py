@@ -148,6 +148,29 @@ def test_fixed_mask_stays_frozen_when_a_kept_weight_reaches_zero(kind):
     assert not torch.equal(layer.current_mask(), frozen)
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_fixed_mask_shortcut_chooses_what_ranking_chooses(kind):
+    """The fixed method skips ranking while every pruned weight is ±0.0: the mask must be the ranked one."""
+    layer = make_layer(kind, "fixed", dtype=torch.float32)
+    layer.method.prepare(layer)
+
+    def ranked() -> torch.Tensor:
+        ranking = layer.method.ranking_weight(layer, layer.weight.detach())
+        return nm_mask(ranking, 2, 4, dim=layer.group_dim)
+
+    frozen = layer.current_mask()
+    pruned = linear_layout(layer, ~frozen).nonzero()
+    with torch.no_grad():
+        layer.weight.mul_(0.5)  # a training-like change: pruned weights stay zero
+        linear_layout(layer, layer.weight)[tuple(pruned[0])] = -0.0
+    assert layer.current_mask() is frozen  # the shortcut: the same tensor, not re-ranked
+    assert torch.equal(frozen, ranked())
+    with torch.no_grad():  # a pruned weight grows larger than every kept one: ranking moves the mask
+        linear_layout(layer, layer.weight)[tuple(pruned[1])] = 1e3
+    moved = layer.current_mask()
+    assert moved is not frozen and torch.equal(moved, ranked()) and not torch.equal(moved, frozen)
+
+
 def test_gradient_mode_layers_ignore_apply_decoupled_decay():
     layer = make_layer("linear", "sr-ste")  # decay_mode="gradient"
     before = layer.weight.detach().clone()

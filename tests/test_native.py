@@ -14,7 +14,7 @@ import torch
 
 import nm_hf
 from nm_hf import native
-from nm_hf.masks import add_pruned_, apply_mask, nm_mask
+from nm_hf.masks import add_pruned_, apply_mask, nm_mask, pruned_nonzero
 from tiny_models import tiny_model, train_steps
 
 HAVE_COMPILER = any(shutil.which(name) for name in ("cc", "gcc", "clang"))
@@ -100,6 +100,23 @@ def test_add_pruned_matches_the_torch_path(dtype, shape, dim):
         stored_weight, stored_mask = weight.t().contiguous(), mask.t().contiguous()
         fast, plain = both_paths(lambda: add_pruned_(grad.clone(), stored_weight.t(), stored_mask.t(), 1e-2))
         assert torch.equal(bits(fast), bits(plain))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("shape,dim", SHAPES[:4])
+def test_pruned_nonzero_matches_the_torch_path(dtype, shape, dim):
+    weight = with_specials(shape, dtype, seed=6)
+    mask = weight.ne(0)  # every pruned entry is ±0.0: nothing non-zero outside the mask
+    cases = [(weight, mask, False), (weight, torch.ones_like(mask), False), (weight, ~mask, True)]
+    for value in (-0.0, 0.0, 1e-3, float("nan"), -float("inf")):
+        changed = weight.clone()
+        changed.view(-1)[int((~mask).view(-1).nonzero()[0])] = value
+        cases.append((changed, mask, value != 0))
+    if weight.ndim == 2:  # stored transposed (GPT-2 Conv1D)
+        cases += [(w.t().contiguous().t(), m.t().contiguous().t(), expected) for w, m, expected in cases]
+    for w, m, expected in cases:
+        fast, plain = both_paths(pruned_nonzero, w, m)
+        assert fast == plain == expected
 
 
 def test_add_pruned_works_in_place_and_leaves_kept_entries():

@@ -275,6 +275,9 @@ class SparseLayerMixin:
 
     def compute_mask(self, weight: torch.Tensor) -> torch.Tensor:
         """The mask this layer chooses for `weight` (its own or one from a state dict), uncached."""
+        unchanged = self.method.unchanged_mask(self, weight)
+        if unchanged is not None:
+            return unchanged
         ranking = self.method.ranking_weight(self, weight)
         if self.nm_transposable:
             return nm_mask_transposable(ranking, self.nm_n, self.nm_m, dim=self.group_dim)

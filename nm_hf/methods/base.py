@@ -108,6 +108,11 @@ class SparsityMethod:
         """What the mask ranks by magnitude (detached); default the weight itself."""
         return weight
 
+    def unchanged_mask(self, layer: SparseLayerMixin, weight: torch.Tensor) -> torch.Tensor | None:
+        """The layer's previous mask when ranking `weight` provably chooses it again (the ranking is then
+        skipped), else None (the default: always rank)."""
+        return None
+
     def gradient_decay(self, layer: SparseLayerMixin) -> float:
         """Extra `decay * (1 - mask) * W` added to the weight gradient in backward (0: none)."""
         return 0.0

@@ -11,6 +11,7 @@ import math
 
 import torch
 
+from ..masks import pruned_nonzero
 from .base import SparsityMethod
 
 
@@ -35,6 +36,18 @@ class FixedMethod(SparsityMethod):
             return weight
         magnitude = weight.abs()
         return torch.where(previous, torch.nextafter(magnitude, torch.full_like(magnitude, math.inf)), magnitude)
+
+    def unchanged_mask(self, layer, weight: torch.Tensor) -> torch.Tensor | None:
+        """The previous mask while every weight it prunes is still ±0.0 (what training leaves them).
+
+        Ranking would choose it again: its kept weights rank one ulp above 0 and the pruned ones at 0,
+        so each group keeps its n (ties go to the mask). One read of the weights instead of a ranking.
+        """
+        previous = layer.cached_mask()
+        if (previous is None or layer.nm_transposable or previous.shape != weight.shape
+                or previous.device != weight.device or pruned_nonzero(weight, previous)):
+            return None
+        return previous
 
     def freezes_pruned(self, layer) -> bool:
         return True

@@ -53,7 +53,12 @@ _SIGNATURES = {
     "add_pruned_f64": [_ptr, _ptr, _ptr, _i64, ctypes.c_double],
     "add_pruned_t_f32": [_ptr, _ptr, _ptr, _i64, _i64, _i64, ctypes.c_float],
     "add_pruned_t_f64": [_ptr, _ptr, _ptr, _i64, _i64, _i64, ctypes.c_double],
+    "pruned_nonzero_u16": [_ptr, _ptr, _i64, ctypes.c_uint16],
+    "pruned_nonzero_u32": [_ptr, _ptr, _i64, ctypes.c_uint32],
+    "pruned_nonzero_u64": [_ptr, _ptr, _i64, ctypes.c_uint64],
 }
+#: functions that return a value (the others return nothing)
+_RESULT_TYPES = {"pruned_nonzero_u16": _i64, "pruned_nonzero_u32": _i64, "pruned_nonzero_u64": _i64}
 
 
 def _cache_dir() -> Path:
@@ -122,7 +127,7 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
                 continue
         for name, argtypes in _SIGNATURES.items():
             function = getattr(library, name)
-            function.argtypes, function.restype = argtypes, None
+            function.argtypes, function.restype = argtypes, _RESULT_TYPES.get(name)
         return library, f"native kernels ({compiler} {' '.join(flags)}, {path})"
     return None, f"unavailable: the C compiler failed ({problem})"
 

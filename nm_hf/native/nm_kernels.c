@@ -10,6 +10,7 @@
  *   apply_mask_*   w where mask (keep=1) / where not mask (keep=0), exact +0.0 elsewhere (bit AND).
  *   add_pruned_*   grad += alpha * (w - w*mask), with one fused multiply-add per entry, as torch's
  *                  vectorised `grad.add_(other, alpha=alpha)` computes it.
+ *   pruned_nonzero_* whether any weight outside the mask is non-zero (`(w.abs() * ~mask).any()`).
  */
 #include <math.h>
 #include <stdint.h>
@@ -148,3 +149,17 @@ void add_pruned_t_##SUFFIX(T *restrict grad, const T *restrict w, const uint8_t 
 
 DEFINE_ADD_PRUNED_T(f32, float, fmaf)
 DEFINE_ADD_PRUNED_T(f64, double, fma)
+
+/* 1 if any weight outside the mask is non-zero (-0.0 counts as zero: `magnitude` clears the sign
+ * bit), else 0: one read of both, OR-reduced so it vectorises. */
+#define DEFINE_PRUNED_NONZERO(SUFFIX, T)                                                             \
+int64_t pruned_nonzero_##SUFFIX(const T *restrict w, const uint8_t *restrict mask, int64_t count,    \
+                                T magnitude) {                                                       \
+    T seen = 0;                                                                                      \
+    for (int64_t i = 0; i < count; i++) seen |= w[i] & ((T)(mask[i] != 0) - (T)1);                  \
+    return (seen & magnitude) != 0;                                                                  \
+}
+
+DEFINE_PRUNED_NONZERO(u16, uint16_t)
+DEFINE_PRUNED_NONZERO(u32, uint32_t)
+DEFINE_PRUNED_NONZERO(u64, uint64_t)
