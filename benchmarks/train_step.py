@@ -44,10 +44,12 @@ one-row tensors minus `F.linear`'s and those pieces), the rest (what the pieces 
 the tracker step. The pieces are the public functions timed in isolation on each model's own sparse
 weights and masks, so the breakdown follows their implementation (if a kernel fuses two pieces, timing
 them apart overstates them and the rest goes negative); which pieces a layer pays is read from its
-method, and for the mask observed (a step that leaves the layer a new mask object computed one).
+method, and for the mask observed (a step that calls `compute_mask` computed one). Then the same
+kernels timed where the layers call them, inside a few real steps: there the weights come from memory
+as the step left it rather than from a cache warmed by repetition, which is most of the rest.
 
 Run: `python benchmarks/train_step.py` (flags: --model, --experts_implementation, --steps, --warmup,
---batch_size, --seq_len, --block, --methods, --threads, --no_memory, --profile).
+--batch_size, --seq_len, --block, --methods, --threads, --optim, --no_memory, --profile).
 """
 
 from __future__ import annotations
@@ -88,6 +90,7 @@ OPTIMIZERS = ("adamw_torch_fused", "adamw_torch")
 #: the tracker's flip counting per step, as a share of the step (issue 23)
 TRACKER_TARGET = 0.01
 TRACKER_STEPS = 3  # untimed extra steps per sparse model that measure the tracker
+KERNEL_STEPS = 3  # untimed extra steps per model in which --profile times the mask kernels where they run
 PIECE_REPEATS = 7  # each isolated piece of --profile: median of this many passes
 
 
@@ -311,6 +314,42 @@ def piece_seconds(runner: Runner, recomputed: list[bool], calls: list[int], repe
     return totals
 
 
+#: (module, name) of every mask kernel entry point the layers call, for `kernels_in_step`
+KERNEL_CALL_SITES = (("nm_hf.layers.base", "nm_mask"), ("nm_hf.layers.base", "nm_mask_transposable"),
+                     ("nm_hf.layers.conv", "nm_mask_transposable"), ("nm_hf.layers.functional", "apply_mask"),
+                     ("nm_hf.layers.functional", "add_pruned_"), ("nm_hf.layers.experts", "apply_mask"))
+
+
+def kernels_in_step(runner: Runner, first_index: int, steps: int) -> float:
+    """Seconds per step spent in the mask kernels (`nm_mask`, `apply_mask`, `add_pruned_`) timed where
+    the layers call them, inside `steps` untimed training steps: unlike the isolated pieces, the weights
+    then come from memory as training leaves it, not from a cache warmed by the repetition."""
+    spent = [0.0]
+    patched = []
+
+    def timed(function):
+        def call(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                spent[0] += time.perf_counter() - start
+        return call
+
+    for module_name, name in KERNEL_CALL_SITES:
+        module = sys.modules.get(module_name)
+        if module is not None and hasattr(module, name):
+            patched.append((module, name, getattr(module, name)))
+            setattr(module, name, timed(getattr(module, name)))
+    try:
+        for k in range(steps):
+            runner.step(first_index + k, record=False)
+    finally:
+        for module, name, function in patched:
+            setattr(module, name, function)
+    return spent[0] / steps
+
+
 _OVERHEAD_CACHE: dict[tuple[float, bool, int], float] = {}
 
 
@@ -397,7 +436,10 @@ def report_profile(runners: dict[str, Runner], methods: list[str], index: int, r
         step_seconds = statistics.median(runner.times)
         plain = step_seconds / ratios[method]  # the plain step in the same rounds
         pieces["swap"] = plain * (ratios["dense"] - 1)
+        kernels_isolated = sum(pieces[key] for key in ("mask", "forward", "backward", "decay"))
         pieces["rest"] = step_seconds - plain - sum(pieces.values())
+        pieces["kernels isolated"] = kernels_isolated
+        pieces["kernels in step"] = kernels_in_step(runner, index + 2, KERNEL_STEPS)
         pieces["tracker"], pieces["tracker masks"] = tracker[method]
         pieces["step"], pieces["plain"], pieces["overhead"] = step_seconds, plain, step_seconds - plain
         rows[method] = pieces
@@ -419,6 +461,8 @@ def report_profile(runners: dict[str, Runner], methods: list[str], index: int, r
     line("step - plain", "overhead")
     for label, key in PROFILE_ROWS:
         line("  " + label, key)
+    line("mask kernels above, timed in isolation", "kernels isolated")
+    line(f"the same, timed inside {KERNEL_STEPS} real steps", "kernels in step")
     line("tracker step: flip counting", "tracker")
     line("tracker step: masks only it computes", "tracker masks")
 
