@@ -23,6 +23,10 @@ the dense run and the run it is compared with share the machine's conditions (pu
 other in `--runs`). Each run's output goes to ROOT/<name>.log. Runs whose `results.json` exists are not
 repeated (`--force` redoes them). The table reads every run's `results.json`; throughput is also printed
 as a ratio to the dense entry of the same invocation.
+
+`--render docs/results.md README.md --figures benchmarks/results` regenerates, from the results files, the
+tables between `<!-- results_table.py begin RECIPE -->` and its end marker, the summary lines between
+`<!-- results_table.py begin summary -->` and its end marker, and the figures of each recipe.
 """
 
 from __future__ import annotations
@@ -382,12 +386,30 @@ def chosen_learning_rates(recipe: str, runs: list[dict]) -> dict[str, float]:
     return {row: pick(grid, key=lambda lr: statistics.fmean(grid[lr])) for row, grid in by_row.items()}
 
 
+def runs_at_chosen_rate(runs: list[dict], row: str, chosen: dict[str, float]) -> list[dict]:
+    """The runs of table row `row` at its chosen learning rate (none when the row has no chosen rate)."""
+    if row not in chosen:
+        return []
+    return [r for r in runs if row_label(r) == row and r.get("learning_rate") is not None
+            and float(r["learning_rate"]) == chosen[row]]
+
+
+def rows_in_order(runs: list[dict]) -> list[str]:
+    """The table rows, in the order their first run was recorded."""
+    return list(dict.fromkeys(row_label(r) for r in runs))
+
+
+def is_plain_row(run: dict) -> bool:
+    """True for a run of a method's own row (method and pattern, no flags of its own such as decay)."""
+    return row_label(run) == run["method"] + (f" {run['pattern']}" if run.get("pattern") else "")
+
+
 def grid_table(recipe: str, runs: list[dict]) -> str:
     """Validation metric per learning rate (rows: method and pattern), the chosen rate in bold."""
     key, _, _ = HEADLINES[recipe]
     rates = sorted({float(r["learning_rate"]) for r in runs if r.get("learning_rate") is not None})
     chosen = chosen_learning_rates(recipe, runs)
-    rows = sorted({row_label(r) for r in runs}, key=lambda row: [row_label(r) for r in runs].index(row))
+    rows = rows_in_order(runs)
     lines = [f"| validation {key} | " + " | ".join(f"lr {_lr(lr)}" for lr in rates) + " |",
              "|" + "---|" * (len(rates) + 1)]
     for row in rows:
@@ -411,12 +433,11 @@ def seeds_table(recipe: str, runs: list[dict]) -> str:
     titles = ["method", "lr", *[title for title, _, _ in tests], f"val {key}", "seeds", "sparsity",
               "SAD from init", "mean flip rate", "train tokens/s"]
     lines = ["| " + " | ".join(titles) + " |", "|" + "---|" * len(titles)]
-    rows = sorted({row_label(r) for r in runs}, key=lambda row: [row_label(r) for r in runs].index(row))
+    rows = rows_in_order(runs)
     for row in rows:
         if row not in chosen:
             continue
-        picked = [r for r in runs if row_label(r) == row and r.get("learning_rate") is not None
-                  and float(r["learning_rate"]) == chosen[row]]
+        picked = runs_at_chosen_rate(runs, row, chosen)
         seeds = sorted({r.get("seed") for r in picked}, key=str)
         cells = [row, _lr(chosen[row])]
         cells += [_mean_sd(_numbers([(r.get("test") or {}).get(name) for r in picked]), fmt) for _, name, fmt in tests]
@@ -431,34 +452,119 @@ def seeds_table(recipe: str, runs: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def render_section(recipe: str, runs: list[dict], source: Path) -> str:
-    """The generated markdown of one results file: the seeds table at the chosen rates and the lr grid."""
+#: per recipe, for the summary and the figures: (task, data set, headline test metric in words)
+TASKS = {
+    "language_modeling": ("Language model", "python_docs", "test perplexity"),
+    "translation": ("Translation", "Multi30k En->De", "test BLEU"),
+}
+#: the generated region of a markdown file (README.md) with one summary line per task
+SUMMARY = "summary"
+#: the document the summary links to for the protocol and the full tables
+RESULTS_DOC = ROOT / "docs" / "results.md"
+#: where the generated sections look for figures to link when `--figures DIR` is not given
+FIGURES_DIR = ROOT / "benchmarks" / "results"
+#: the per-log SAD rate (share of mask entries changed since the previous log) of a curve point
+SAD_RATE = "sparsity/sad_rate"
+_COLOURS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:olive",
+            "tab:cyan")
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">")
+
+
+def render_section(recipe: str, runs: list[dict], source: Path, figures: list[tuple[str, str]] = ()) -> str:
+    """The generated markdown of one results file: the seeds table at the chosen rates, the lr grid, and a
+    line linking `figures` ((title, relative link) pairs)."""
     if not runs:
         return f"_No runs recorded yet in `{_relative(source)}`._"
-    return "\n".join([
+    lines = [
         f"{len(runs)} runs recorded in `{_relative(source)}`. Test metrics at each row's "
         "chosen learning rate (best mean validation metric), mean ± sd over the seeds run so far:",
         "", seeds_table(recipe, runs), "",
-        "Learning-rate grid (validation metric; the chosen rate in bold):", "", grid_table(recipe, runs)])
+        "Learning-rate grid (validation metric; the chosen rate in bold):", "", grid_table(recipe, runs)]
+    if figures:
+        lines += ["", "Figures (drawn by `--figures`): " + " · ".join(f"[{title}]({link})" for title, link in figures)]
+    return "\n".join(lines)
 
 
-def render(path: Path, files: dict[str, Path]) -> list[str]:
-    """Replace the generated region of each recipe in the markdown file `path` (between its begin and end
-    markers) with the tables of that recipe's results file; returns the recipes rendered. A file without
-    a recipe's markers is left alone for that recipe; a begin marker without its end is an error."""
-    text = path.read_text(encoding="utf-8")
-    done = []
-    for recipe, results_file in files.items():
-        begin, end = MARKER.format("begin", recipe), MARKER.format("end", recipe)
+def summary(files: dict[str, Path], results_link: str) -> str:
+    """One markdown line per task: the headline test metric of each method's own row (no flags of its
+    own) at its chosen learning rate, mean ± sd over seeds, from the results files."""
+    lines = []
+    for recipe, (task, data, metric) in TASKS.items():
+        if recipe not in files:
+            continue
+        runs = load_results_file(files[recipe])["runs"]
+        chosen = chosen_learning_rates(recipe, runs)
+        _, key, fmt = HEADLINES[recipe][1][0]
+        cells, variants = [], 0
+        for row in rows_in_order(runs):
+            picked = runs_at_chosen_rate(runs, row, chosen)
+            values = _numbers([(r.get("test") or {}).get(key) for r in picked])
+            if values and not is_plain_row(picked[0]):
+                variants += 1
+            elif values:
+                cells.append(f"{row} {_mean_sd(values, fmt)} ({len(values)})")
+        head = f"- **{task}** ({data}; protocol and tables in [{_relative(RESULTS_DOC)}]({results_link}))"
+        if not cells:
+            lines.append(f"{head}: no runs recorded yet.")
+            continue
+        line = (f"{head}: {metric} at each method's chosen learning rate, mean ± sd over seeds (their number "
+                f"in brackets): {', '.join(cells)}")
+        if variants:
+            line += f"; {variants} variant{'s' if variants > 1 else ''} with flags of their own in the tables"
+        lines.append(line + ".")
+    return "\n".join(lines)
+
+
+def generated_regions(path: Path, text: str, names: list[str]) -> list[str]:
+    """The generated regions (`names`: recipes, "summary") that the markdown `text` of `path` marks; a
+    ValueError naming the file when a begin marker has no end after it or when there is no region."""
+    found = []
+    for name in names:
+        begin, end = MARKER.format("begin", name), MARKER.format("end", name)
         if begin not in text:
             continue
         if end not in text.split(begin, 1)[1]:
             raise ValueError(f"{path}: {begin} has no {end} after it")
+        found.append(name)
+    if not found:
+        raise ValueError(f"{path}: no results_table.py markers; put {MARKER.format('begin', SUMMARY)} and "
+                         f"{MARKER.format('end', SUMMARY)} (or the begin/end markers of a recipe: "
+                         f"{', '.join(n for n in names if n != SUMMARY)}) around the text to generate")
+    return found
+
+
+def figure_path(directory: Path, recipe: str, kind: str) -> Path:
+    return Path(directory) / f"{recipe}_{kind}.png"
+
+
+def figure_links(path: Path, recipe: str, directory: Path | None) -> list[tuple[str, str]]:
+    """(title, link relative to the markdown file `path`) of each of the recipe's figures in `directory`."""
+    if directory is None:
+        return []
+    metric = TASKS[recipe][2]
+    titles = {"curves": "curves, dense vs SR-STE 2:4", "sad": "SAD rate between logs, per method",
+              "sad_vs_quality": f"final SAD from init vs {metric}, every run"}
+    return [(titles[kind], Path(os.path.relpath(figure.resolve(), Path(path).resolve().parent)).as_posix())
+            for kind in FIGURES if (figure := figure_path(directory, recipe, kind)).exists()]
+
+
+def render(path: Path, files: dict[str, Path], figures: Path | None = FIGURES_DIR) -> list[str]:
+    """Replace each generated region of the markdown file `path` (between its begin and end markers): a
+    recipe's with the tables of its results file (and links to its figures in `figures` that exist), the
+    summary's with one line per task; returns the regions rendered. Nothing is written when a marker is
+    missing (ValueError naming the file)."""
+    text = path.read_text(encoding="utf-8")
+    done = generated_regions(path, text, [*files, SUMMARY])
+    for name in done:
+        if name == SUMMARY:
+            link = Path(os.path.relpath(RESULTS_DOC, Path(path).resolve().parent)).as_posix()
+            body = summary(files, link)
+        else:
+            body = render_section(name, load_results_file(files[name])["runs"], files[name],
+                                  figure_links(path, name, figures))
+        begin, end = MARKER.format("begin", name), MARKER.format("end", name)
         head, rest = text.split(begin, 1)
-        tail = rest.split(end, 1)[1]
-        body = render_section(recipe, load_results_file(results_file)["runs"], results_file)
-        text = f"{head}{begin}\n{body}\n{end}{tail}"
-        done.append(recipe)
+        text = f"{head}{begin}\n{body}\n{end}{rest.split(end, 1)[1]}"
     atomic_write_text(path, text)
     return done
 
@@ -480,24 +586,48 @@ def safe_exp(value: float) -> float:
         return math.inf
 
 
-def curve_figure(recipe: str, runs: list[dict], path: Path, rows: tuple[str, ...] = CURVE_ROWS) -> int:
-    """A PNG of training loss and validation metric against steps for the runs of `rows` at each row's
-    chosen learning rate (one colour per row, one line per seed); returns the number of runs drawn."""
-    import io
-
+def _pyplot():
+    """matplotlib's pyplot on the Agg backend (files only, no display)."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _save_png(fig, path: Path) -> None:
+    import io
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    _pyplot().close(fig)
+    atomic_write(path, lambda handle: handle.write(buffer.getvalue()))
+
+
+def _style(method: str) -> tuple[str, str]:
+    """A method's colour and marker, the same in every figure; runs without a mask (pattern None) are grey."""
+    order = [*available_methods(), *SCHEDULES]
+    index = order.index(method) if method in order else len(order)
+    return _COLOURS[index % len(_COLOURS)], _MARKERS[index % len(_MARKERS)]
+
+
+def curve_figure(recipe: str, runs: list[dict], path: Path, rows: tuple[str, ...] = CURVE_ROWS) -> int:
+    """A PNG of training loss and validation metric against steps for the runs of `rows` at each row's
+    chosen learning rate (one colour per row, one line per seed); returns the number of runs drawn (0:
+    no run of those rows has a curve, and nothing is written)."""
     chosen = chosen_learning_rates(recipe, runs)
     title, metric = CURVE_METRICS[recipe]
+    picked = [(colour, row, runs_at_chosen_rate(runs, row, chosen))
+              for colour, row in zip(("tab:gray", "tab:blue", "tab:orange", "tab:green", "tab:red"), rows,
+                                     strict=False)]
+    if not any(run.get("curve") for _, _, rows_runs in picked for run in rows_runs):
+        return 0
+    plt = _pyplot()
     fig, (loss_ax, metric_ax) = plt.subplots(1, 2, figsize=(10, 4))
     drawn = 0
-    for colour, row in zip(("tab:gray", "tab:blue", "tab:orange", "tab:green", "tab:red"), rows, strict=False):
-        picked = [r for r in runs if row_label(r) == row and r.get("learning_rate") is not None
-                  and row in chosen and float(r["learning_rate"]) == chosen[row]]
-        for i, run in enumerate(picked):
+    for colour, row, row_runs in picked:
+        for i, run in enumerate(row_runs):
             curve = run.get("curve") or []
             label = f"{row} (lr {_lr(chosen[row])})" if i == 0 else None
             losses = [(p["step"], p["loss"]) for p in curve if _numbers([p.get("loss")])]
@@ -515,11 +645,102 @@ def curve_figure(recipe: str, runs: list[dict], path: Path, rows: tuple[str, ...
             ax.legend()
     fig.suptitle(f"{recipe.replace('_', ' ')}: {' vs '.join(rows)}, every seed at the chosen learning rate")
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
-    plt.close(fig)
-    atomic_write(path, lambda handle: handle.write(buffer.getvalue()))
+    _save_png(fig, path)
     return drawn
+
+
+def sad_figure(recipe: str, runs: list[dict], path: Path) -> int:
+    """A PNG of the SAD rate between consecutive logs (`sparsity/sad_rate` of the curves) against steps:
+    one line per method's own row at 2:4 (and dense), at its chosen learning rate, the mean over its seeds;
+    rows whose masks never changed (fixed) are named in the caption, not drawn. Returns the number of runs
+    drawn (0: none has the key, and nothing is written)."""
+    chosen = chosen_learning_rates(recipe, runs)
+    lines, flat = [], []
+    for row in rows_in_order(runs):
+        picked = [r for r in runs_at_chosen_rate(runs, row, chosen)
+                  if is_plain_row(r) and r.get("pattern") in (None, "2:4")]
+        by_step: dict[float, list[float]] = {}
+        used = 0
+        for run in picked:
+            points = [(float(p["step"]), float(p[SAD_RATE])) for p in run.get("curve") or []
+                      if _numbers([p.get(SAD_RATE)]) and _numbers([p.get("step")])]
+            used += bool(points)
+            for step, value in points:
+                by_step.setdefault(step, []).append(value)
+        if not used:
+            continue
+        mean = sorted((step, statistics.fmean(values)) for step, values in by_step.items())
+        if all(value == 0 for _, value in mean):
+            flat.append(row)
+        else:
+            lines.append((row, picked[0], used, mean))
+    if not lines:
+        return 0
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(9, 5))
+    for row, run, used, mean in lines:
+        colour, _ = _style(run["method"]) if run.get("pattern") else ("tab:gray", "")
+        ax.plot([step for step, _ in mean], [value if value > 0 else math.nan for _, value in mean],
+                color=colour, linestyle="--" if run.get("pattern") is None else "-", alpha=0.9,
+                label=f"{row} (lr {_lr(chosen[row])}, {used} seed{'s' if used > 1 else ''})")
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("share of mask entries changed since the previous log")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize="small")
+    notes = ["Each line: the mean over seeds at the row's chosen learning rate; a zero (frozen mask) is a gap."]
+    if any(run.get("pattern") is None for _, run, _, _ in lines):
+        notes.append("Dashed: dense, the 2:4 magnitude mask of its weights (measured, not applied).")
+    if flat:
+        notes.append(f"Not drawn (no mask change at any log): {', '.join(flat)}.")
+    ax.set_title(f"{TASKS[recipe][0]}: SAD rate between consecutive logs (sparsity/sad_rate)")
+    fig.text(0.01, 0.01, "\n".join(notes), fontsize="small", va="bottom")
+    fig.tight_layout(rect=(0, 0.03 * len(notes) + 0.02, 1, 1))
+    _save_png(fig, path)
+    return sum(used for _, _, used, _ in lines)
+
+
+def sad_quality_figure(recipe: str, runs: list[dict], path: Path) -> int:
+    """A PNG scatter of every recorded run: final SAD-from-init rate (share of mask entries unlike the
+    initial mask) against the headline test metric, one colour and marker per method. Returns the number
+    of runs drawn (0: none has both, and nothing is written)."""
+    key = HEADLINES[recipe][1][0][1]
+    task, _, metric = TASKS[recipe]
+    by_method: dict[str, list[tuple[float, float]]] = {}
+    for run in runs:
+        x, y = _pick(run, ("sad/sad_from_init_rate",)), (run.get("test") or {}).get(key)
+        if _numbers([x]) and _numbers([y]):
+            by_method.setdefault(run["method"], []).append((float(x), float(y)))
+    if not by_method:
+        return 0
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 5))
+    unmasked = {run["method"] for run in runs if run.get("pattern") is None}
+    for method, points in by_method.items():
+        colour, marker = ("tab:gray", "o") if method in unmasked else _style(method)
+        ax.scatter(*zip(*points, strict=True), color=colour, marker=marker, alpha=0.85,
+                   label=f"{method} ({len(points)} run{'s' if len(points) > 1 else ''})")
+    ax.set_xlabel("final SAD-from-init rate (share of mask entries unlike the initial mask)")
+    ax.set_ylabel(f"{metric} ({'higher' if HEADLINES[recipe][2] else 'lower'} is better)")
+    ax.set_title(f"{task}: final SAD from init vs {metric}, every recorded run")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    notes = "All learning rates, patterns, seeds and flags."
+    if unmasked & set(by_method):
+        notes += " Dense: the 2:4 magnitude mask of its weights (measured, not applied)."
+    fig.text(0.01, 0.01, notes, fontsize="small", va="bottom")
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    _save_png(fig, path)
+    return sum(len(points) for points in by_method.values())
+
+
+#: the figures `--figures DIR` draws per recipe, as DIR/<recipe>_<kind>.png
+FIGURES = {"curves": curve_figure, "sad": sad_figure, "sad_vs_quality": sad_quality_figure}
+
+
+def draw_figures(recipe: str, runs: list[dict], directory: Path) -> dict[Path, int]:
+    """Every figure of a recipe that its runs have the data for; {path: runs drawn} (0: not written)."""
+    return {(path := figure_path(directory, recipe, kind)): draw(recipe, runs, path) for kind, draw in FIGURES.items()}
 
 
 def launch(recipe: str, config: str, spec: RunSpec, out_dir: Path, seed: int | None, extra: list[str],
@@ -577,27 +798,32 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--results_file", default=None,
                         help="append every finished run here (default: benchmarks/results/<recipe>.json)")
     parser.add_argument("--no_results_file", action="store_true", help="append the runs to no results file")
-    parser.add_argument("--render", nargs="+", default=None, metavar="MARKDOWN",
-                        help="only rewrite the generated tables of these markdown files (docs/results.md) from "
-                             "the results files (--results_file: the given recipe's), then exit")
+    parser.add_argument("--render", nargs="+", action="extend", default=None, metavar="MARKDOWN",
+                        help="only rewrite the generated regions of these markdown files (docs/results.md: the "
+                             "tables; README.md: the summary lines) from the results files (--results_file: the "
+                             "given recipe's), then exit; may be repeated")
     parser.add_argument("--figures", default=None, metavar="DIR",
-                        help="with --render: also draw DIR/<recipe>_curves.png (dense vs sr-ste 2:4 curves)")
+                        help="with --render: first draw DIR/<recipe>_curves.png (dense vs sr-ste 2:4 curves), "
+                             "<recipe>_sad.png (SAD rate between logs per method) and <recipe>_sad_vs_quality.png "
+                             "(final SAD from init vs the test metric); the tables link the figures found in DIR "
+                             f"(default {_relative(FIGURES_DIR)})")
     args = parser.parse_args(argv)
     if args.render:
         files = dict(RESULTS_FILES)
         if args.results_file and args.recipe:
             files[args.recipe] = Path(args.results_file)
+        figures = Path(args.figures) if args.figures else FIGURES_DIR
+        try:  # every file's markers are checked before any figure or file is written
+            runs = {recipe: load_results_file(results_file)["runs"] for recipe, results_file in files.items()}
+            for markdown in args.render:
+                generated_regions(Path(markdown), Path(markdown).read_text(encoding="utf-8"), [*files, SUMMARY])
+        except (OSError, ValueError) as err:
+            parser.error(str(err))
+        for recipe in files if args.figures else ():
+            for figure, drawn in (draw_figures(recipe, runs[recipe], figures) if runs[recipe] else {}).items():
+                print(f"{figure}: {drawn} runs drawn" if drawn else f"{figure}: not drawn (no runs with its data)")
         for markdown in args.render:
-            try:
-                done = render(Path(markdown), files)
-            except (OSError, ValueError) as err:
-                parser.error(str(err))
-            print(f"{markdown}: {', '.join(done) or 'no results_table.py markers'}")
-        for recipe, results_file in files.items() if args.figures else ():
-            runs = load_results_file(results_file)["runs"]
-            if runs:
-                figure = Path(args.figures) / f"{recipe}_curves.png"
-                print(f"{figure}: {curve_figure(recipe, runs, figure)} runs drawn")
+            print(f"{markdown}: {', '.join(render(Path(markdown), files, figures))}")
         return
     if args.recipe is None or args.config is None:
         parser.error("the recipe and the config are required (except with --render)")

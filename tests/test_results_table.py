@@ -339,3 +339,144 @@ def test_curve_figure_draws_the_compared_rows_at_their_chosen_rate(tmp_path):
     path = tmp_path / "figures" / "lm.png"
     assert rt.curve_figure("language_modeling", runs, path) == 2  # dense at 4e-3 and sr-ste; not ste
     assert path.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+
+
+# --------------------------------------------------------------------------------------------- SAD figures, summary
+
+
+def sad_curve(rates: list[float], from_init: float = 0.3) -> list[dict]:
+    """A Trainer log history: a train log with the tracker's metrics every 50 steps, an eval log at the end."""
+    curve = [{"loss": 5.0 - i / 10, "sparsity/sad_rate": rate, "sparsity/sad_from_init_rate": from_init,
+              "step": 50 * (i + 1)} for i, rate in enumerate(rates)]
+    return [*curve, {"eval_loss": 4.2, "step": 50 * len(rates)}]
+
+
+def sad_runs() -> list[dict]:
+    def run(method: str, lr: float, seed: int, val: float, test: float, rates: list[float], final: float, **flags):
+        return {**lm_run(method, lr, seed, val, test, **flags), "curve": sad_curve(rates, final),
+                "sad": {"sad_from_init": 10, "sad_from_init_rate": final}}
+
+    return [run("dense", 1e-3, 42, 80.0, 81.0, [0.2, 0.1, 0.05], 0.49),
+            run("sr-ste", 1e-3, 42, 70.0, 71.0, [0.1, 0.02, 0.01], 0.30),
+            run("sr-ste", 1e-3, 1, 70.0, 73.0, [0.12, 0.03, 0.01], 0.31),
+            run("sr-ste", 4e-3, 42, 75.0, 76.0, [0.3, 0.2, 0.1], 0.45),  # not its chosen rate: not in the SAD plot
+            run("fixed", 1e-3, 42, 69.0, 70.0, [0.0, 0.0, 0.0], 0.0),  # a frozen mask: named, not drawn
+            run("sr-ste", 1e-3, 42, 68.0, 69.0, [0.1, 0.02, 0.01], 0.2, decay="2e-4")]  # a variant row
+
+
+def test_sad_figures_are_drawn_from_the_curves(tmp_path, capsys):
+    runs = sad_runs()
+    sad, scatter = tmp_path / "sad.png", tmp_path / "scatter.png"
+    # dense and sr-ste 2:4 (mean of its two seeds at 1e-3); fixed is flat, the decay variant is not a method's row
+    assert rt.sad_figure("language_modeling", runs, sad) == 3
+    assert rt.sad_quality_figure("language_modeling", runs, scatter) == len(runs)  # every run
+    assert sad.read_bytes().startswith(b"\x89PNG\r\n\x1a\n") and scatter.read_bytes().startswith(b"\x89PNG")
+
+    path = tmp_path / "lm.json"
+    for i, run in enumerate(runs):
+        rt.append_run(path, {**run, "output_dir": f"r{i}", "command": "c"})
+    doc = tmp_path / "docs" / "results.md"
+    doc.parent.mkdir()
+    doc.write_text(f"{rt.MARKER.format('begin', 'language_modeling')}\n{rt.MARKER.format('end', 'language_modeling')}\n")
+    figures = tmp_path / "figures"
+    rt.main(["language_modeling", "--render", str(doc), "--results_file", str(path), "--figures", str(figures)])
+    out = capsys.readouterr().out
+    for kind, drawn in (("curves", 3), ("sad", 3), ("sad_vs_quality", 6)):
+        assert (figures / f"language_modeling_{kind}.png").exists()
+        assert f"language_modeling_{kind}.png: {drawn} runs drawn" in out
+    assert "[SAD rate between logs, per method](../figures/language_modeling_sad.png)" in doc.read_text()
+    assert "(../figures/language_modeling_sad_vs_quality.png)" in doc.read_text()
+
+
+def test_sad_figures_are_not_written_without_their_data(tmp_path, capsys):
+    no_sad = [{**run, "curve": [{"loss": 5.0, "step": 50}], "sad": {}} for run in sad_runs()]
+    for draw in (rt.sad_figure, rt.sad_quality_figure):
+        assert draw("language_modeling", no_sad, tmp_path / "f.png") == 0
+        assert not (tmp_path / "f.png").exists()
+    frozen = [run for run in sad_runs() if run["method"] == "fixed"]  # SAD 0 at every log: nothing to draw
+    assert rt.sad_figure("language_modeling", frozen, tmp_path / "f.png") == 0
+    assert not (tmp_path / "f.png").exists()
+
+    path = tmp_path / "lm.json"
+    for i, run in enumerate(no_sad):
+        rt.append_run(path, {**run, "output_dir": f"r{i}", "command": "c"})
+    doc = tmp_path / "results.md"
+    doc.write_text(f"{rt.MARKER.format('begin', 'language_modeling')}\n{rt.MARKER.format('end', 'language_modeling')}\n")
+    figures = tmp_path / "figures"
+    rt.main(["language_modeling", "--render", str(doc), "--results_file", str(path), "--figures", str(figures)])
+    assert "language_modeling_sad.png: not drawn" in capsys.readouterr().out
+    assert not (figures / "language_modeling_sad.png").exists()
+    assert not (figures / "language_modeling_sad_vs_quality.png").exists()
+    assert "language_modeling_sad" not in doc.read_text()  # no link to a figure that is not there
+
+
+README = """# project
+
+Intro text.
+
+## Results
+
+Hand-written lead-in.
+
+{begin}
+stale line
+{end}
+
+## Limits
+
+More text.
+"""
+
+
+def test_readme_summary_is_generated_from_the_results_files(tmp_path, capsys):
+    runs = [lm_run("dense", 1e-3, 42, 80.0, 81.0), lm_run("dense", 4e-3, 42, 75.0, 76.0),
+            lm_run("dense", 4e-3, 1, 75.0, 78.0),
+            lm_run("sr-ste", 1e-3, 42, 70.0, 71.0), lm_run("sr-ste", 1e-3, 1, 70.0, 72.0),
+            lm_run("sr-ste", 4e-3, 42, 72.0, 60.0),  # a better test value at the rate validation did not choose
+            lm_run("sr-ste", 1e-3, 42, 60.0, 50.0, decay="2e-4")]  # a variant: counted, not listed
+    lm = tmp_path / "lm.json"
+    for i, run in enumerate(runs):
+        rt.append_run(lm, {**run, "output_dir": f"r{i}", "command": "c"})
+    begin, end = rt.MARKER.format("begin", "summary"), rt.MARKER.format("end", "summary")
+    readme = tmp_path / "README.md"
+    readme.write_text(README.format(begin=begin, end=end))
+    doc = tmp_path / "docs" / "results.md"
+    doc.parent.mkdir()
+    doc.write_text(f"{rt.MARKER.format('begin', 'language_modeling')}\n{rt.MARKER.format('end', 'language_modeling')}\n")
+    rt.main(["language_modeling", "--render", str(doc), "--render", str(readme), "--results_file", str(lm)])
+    assert capsys.readouterr().out.splitlines()[-1] == f"{readme}: summary"
+
+    text, original = readme.read_text(), README.format(begin=begin, end=end)
+    head, generated, tail = text.partition(begin)[0], *text.partition(begin)[2].partition(end)[::2]
+    assert head == original.partition(begin)[0] and tail == original.partition(end)[2]  # the rest untouched
+    assert begin in text and end in text and "stale line" not in text
+    lm_line, mt_line = generated.strip("\n").splitlines()
+    assert lm_line.startswith("- **Language model** (python_docs; protocol and tables in [docs/results.md](")
+    assert (f"dense 77.00 ± {statistics.stdev([76.0, 78.0]):.2f} (2), "
+            f"sr-ste 2:4 71.50 ± {statistics.stdev([71.0, 72.0]):.2f} (2); 1 variant with flags of their own"
+            in lm_line)
+    assert "60.00" not in lm_line and "50.00" not in lm_line
+    assert mt_line.startswith("- **Translation** (Multi30k En->De;") and mt_line.endswith("no runs recorded yet.")
+    assert "| sr-ste 2:4 | 0.001 | 71.50 ±" in doc.read_text()  # the same file, the same rates, in the table
+
+    rt.main(["language_modeling", "--render", str(readme), "--results_file", str(lm)])
+    assert readme.read_text() == text  # rendering twice changes nothing
+
+
+def test_render_refuses_a_file_without_markers_before_writing_anything(tmp_path, capsys):
+    plain = tmp_path / "PLAIN.md"
+    plain.write_text("no markers here\n")
+    readme = tmp_path / "README.md"
+    readme.write_text(README.format(begin=rt.MARKER.format("begin", "summary"), end=rt.MARKER.format("end", "summary")))
+    before = readme.read_text()
+    with pytest.raises(SystemExit):
+        rt.main(["--render", str(readme), str(plain), "--figures", str(tmp_path / "figures")])
+    err = capsys.readouterr().err
+    assert f"{plain}: no results_table.py markers; put <!-- results_table.py begin summary -->" in err
+    assert readme.read_text() == before and plain.read_text() == "no markers here\n"
+    assert not (tmp_path / "figures").exists()
+    readme.write_text(rt.MARKER.format("begin", "summary") + "\nno end\n")
+    with pytest.raises(SystemExit):
+        rt.main(["--render", str(readme)])
+    assert f"{readme}: <!-- results_table.py begin summary --> has no <!-- results_table.py end summary -->" in (
+        capsys.readouterr().err)
