@@ -44,7 +44,7 @@ one-row tensors minus `F.linear`'s and those pieces), the rest (what the pieces 
 the tracker step. The pieces are the public functions timed in isolation on each model's own sparse
 weights and masks, so the breakdown follows their implementation (if a kernel fuses two pieces, timing
 them apart overstates them and the rest goes negative); which pieces a layer pays is read from its
-method, and for the mask observed (a step that calls `compute_mask` computed one). Then the same
+method, and for the mask observed (a step that calls `choose_mask` computed one). Then the same
 kernels timed where the layers call them, inside a few real steps: there the weights come from memory
 as the step left it rather than from a cache warmed by repetition, which is most of the rest.
 
@@ -222,7 +222,7 @@ def _median_seconds(fn, repeats: int, *args) -> float:
 
 def observe_step(runner: Runner, index: int) -> tuple[list[bool], list[int]]:
     """Runs two untimed steps (`index`, `index + 1`); per sparse layer, in the second: did it compute its
-    mask (`compute_mask`: a ranking, or a method's proof that the previous mask still holds), and how
+    mask (`choose_mask`: a ranking, or a method's proof that the previous mask still holds), and how
     many forward calls it had. (The first makes the observed step follow this model's own optimizer
     step, as in training: a `current_mask()` call since then would have done the recompute.)"""
     runner.step(index, record=False)
@@ -230,23 +230,23 @@ def observe_step(runner: Runner, index: int) -> tuple[list[bool], list[int]]:
     layers = [layer for _, layer in iter_sparse_layers(runner.model)]
     calls, computed = [0] * len(layers), [False] * len(layers)
 
-    def counting(i: int, compute):
-        def compute_mask(weight):
+    def counting(i: int, choose):
+        def choose_mask(*args, **kwargs):
             computed[i] = True
-            return compute(weight)
-        return compute_mask
+            return choose(*args, **kwargs)
+        return choose_mask
 
     hooks = [layer.register_forward_pre_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
              for i, layer in enumerate(layers)]
     for i, layer in enumerate(layers):
-        layer.compute_mask = counting(i, layer.compute_mask)  # an instance attribute, deleted below
+        layer.choose_mask = counting(i, layer.choose_mask)  # an instance attribute, deleted below
     try:
         runner.step(index, record=False)
     finally:
         for hook in hooks:
             hook.remove()
         for layer in layers:
-            del layer.compute_mask
+            del layer.choose_mask
     return computed, calls
 
 
@@ -280,9 +280,11 @@ def piece_seconds(runner: Runner, recomputed: list[bool], calls: list[int], repe
     """Seconds per training step of each piece of the sparse step, timed in isolation on the model's own
     sparse weights and masks with the public functions (so the figures follow their implementation):
 
-    - "mask": `layer.compute_mask(weight)` (`nm_mask` on the ranking weight), for layers whose step
-      computed a new mask (`observe_step`);
-    - "forward": `apply_mask(W, mask)`, the masked weight of the forward, for layers computing `W * mask`;
+    - "mask": `layer.choose_mask(weight)` (`nm_mask` on the ranking weight, with the masked weight in the
+      same pass where the 2-D layers' forward asks for it), for layers whose step computed a new mask
+      (`observe_step`);
+    - "forward": `apply_mask(W, mask)`, the masked weight of the forward, for layers computing `W * mask`
+      (not for the forward call whose mask pass made it);
     - "backward": `apply_mask(W, mask)` again for the input gradient of the 2-D layers (`nm_linear`
       does not save the masked weight), plus `apply_mask(grad_W, mask)` where pruned weights are frozen;
     - "decay": `add_pruned_(grad_W, W, mask, decay)` (`grad_W += decay * (W - W * mask)`) where the
@@ -297,13 +299,16 @@ def piece_seconds(runner: Runner, recomputed: list[bool], calls: list[int], repe
     for layer, new_mask, count in zip(layers, recomputed, calls, strict=True):
         weight, mask = layer.weight.detach(), layer.current_mask()
         method = layer.method
+        fused_call = count and layer.is_masked and method.fused_forward and isinstance(layer, Sparse2DLayer)
+        # the forward that re-chooses the mask gets the masked weight from the same pass where it can
+        fused_mask = bool(new_mask and fused_call and layer.choose_mask(weight, True)[1] is not None)
         if new_mask:
-            totals["mask"] += _median_seconds(layer.compute_mask, repeats, weight)
+            totals["mask"] += _median_seconds(layer.choose_mask, repeats, weight, fused_mask)
         if not count or not layer.is_masked or not method.fused_forward:
             continue
         grad = torch.zeros_like(weight)
         decay, freeze = method.gradient_decay(layer), method.freezes_pruned(layer)
-        totals["forward"] += count * _median_seconds(apply_mask, repeats, weight, mask)
+        totals["forward"] += (count - fused_mask) * _median_seconds(apply_mask, repeats, weight, mask)
         if isinstance(layer, Sparse2DLayer):
             totals["backward"] += count * _median_seconds(apply_mask, repeats, weight, mask)
             totals["function"] += count * function_overhead(decay, freeze, repeats)
@@ -315,7 +320,8 @@ def piece_seconds(runner: Runner, recomputed: list[bool], calls: list[int], repe
 
 
 #: (module, name) of every mask kernel entry point the layers call, for `kernels_in_step`
-KERNEL_CALL_SITES = (("nm_hf.layers.base", "nm_mask"), ("nm_hf.layers.base", "nm_mask_transposable"),
+KERNEL_CALL_SITES = (("nm_hf.layers.base", "nm_mask"), ("nm_hf.layers.base", "nm_mask_and_apply"),
+                     ("nm_hf.layers.base", "nm_mask_transposable"),
                      ("nm_hf.layers.conv", "nm_mask_transposable"), ("nm_hf.layers.functional", "apply_mask"),
                      ("nm_hf.layers.functional", "add_pruned_"), ("nm_hf.layers.experts", "apply_mask"))
 

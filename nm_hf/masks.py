@@ -30,7 +30,7 @@ import torch
 
 from .native import kernels
 
-__all__ = ["apply_mask", "add_pruned_", "pruned_nonzero", "nm_mask", "nm_mask_transposable", "transposable_patterns", "check_transposable", "check_nm",
+__all__ = ["apply_mask", "add_pruned_", "pruned_nonzero", "nm_mask", "nm_mask_and_apply", "nm_mask_transposable", "transposable_patterns", "check_transposable", "check_nm",
            "nm_group_counts", "magnitude_key", "TRANSPOSABLE_PATTERNS"]
 
 # Pairwise counting costs m*(m-1)/2 comparisons per group: fine up to m=16, topk is cheaper beyond.
@@ -229,17 +229,23 @@ _NATIVE_KEYS = {torch.int16: "i16", torch.int32: "i32", torch.int64: "i64"}
 
 
 def _native_mask(raw: torch.Tensor, out: torch.Tensor, sign_clear: int, n: int, m: int, rows: int,
-                 inner: int) -> None:
-    """`_rank_chunk` over all rows with the native kernel (2:4 on contiguous groups has its own)."""
+                 inner: int, masked: torch.Tensor | None = None) -> None:
+    """`_rank_chunk` over all rows with the native kernel (2:4 on contiguous groups has its own); with
+    `masked` (contiguous, like `raw`) it also writes the masked keys there in the same pass."""
     library, size, group = kernels(), raw.element_size(), m * inner
     keys, bits = raw.data_ptr(), out.data_ptr()
+    dest = None if masked is None else masked.data_ptr()
+
+    def at(s: int) -> int | None:  # the masked buffer from element s on
+        return None if dest is None else dest + s * size
+
     if (n, m, inner) == (2, 4, 1) and raw.dtype == torch.int32:
         function = library.nm_mask_2of4_i32
-        _native_split(rows, lambda s, c: function(keys + s * 4 * size, bits + s * 4, c), unit=4)
+        _native_split(rows, lambda s, c: function(keys + s * 4 * size, bits + s * 4, c, at(s * 4)), unit=4)
         return
     function = getattr(library, f"nm_mask_{_NATIVE_KEYS[raw.dtype]}")
-    _native_split(rows, lambda s, c: function(keys + s * group * size, bits + s * group, c, m, inner, n, sign_clear),
-                  unit=group)
+    _native_split(rows, lambda s, c: function(keys + s * group * size, bits + s * group, c, m, inner, n, sign_clear,
+                                              at(s * group)), unit=group)
 
 
 def _topk_mask(weight: torch.Tensor, n: int, m: int, dim: int) -> torch.Tensor:
@@ -262,6 +268,23 @@ def nm_mask(weight: torch.Tensor, n: int, m: int, dim: int = -1) -> torch.Tensor
     need: dim 1 of an `nn.Linear` weight, dim 0 of a GPT-2 `Conv1D` weight). Ties go to the lower
     index; NaN ranks above inf (see the module docstring). Works for any float dtype and device.
     """
+    return _choose_mask(weight, n, m, dim, with_masked=False)[0]
+
+
+@torch.compiler.disable
+def nm_mask_and_apply(weight: torch.Tensor, n: int, m: int, dim: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(nm_mask(weight, n, m, dim), apply_mask(weight, that mask))`, bit for bit.
+
+    Where the native kernels apply, both come from one read of the weight (a training forward that
+    re-chooses its mask needs both; the weights then come from memory, not cache).
+    """
+    mask, masked = _choose_mask(weight, n, m, dim, with_masked=True)
+    return mask, (apply_mask(weight, mask) if masked is None else masked)
+
+
+def _choose_mask(weight: torch.Tensor, n: int, m: int, dim: int, with_masked: bool
+                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The mask, and with `with_masked` the masked weight where the native kernel made it (else None)."""
     _check_nm(n, m)
     if not isinstance(weight, torch.Tensor):
         raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
@@ -278,9 +301,9 @@ def nm_mask(weight: torch.Tensor, n: int, m: int, dim: int = -1) -> torch.Tensor
     if n == m:
         if not weight.dtype.is_floating_point:
             raise TypeError(f"nm_mask needs a floating-point tensor, got {weight.dtype}")
-        return torch.ones(weight.shape, dtype=torch.bool, device=weight.device)
+        return torch.ones(weight.shape, dtype=torch.bool, device=weight.device), None
     if m > _MAX_PAIRWISE_M:
-        return _topk_mask(weight, n, m, d)
+        return _topk_mask(weight, n, m, d), None
 
     raw, sign_clear = magnitude_key(weight)
     outer = math.prod(weight.shape[:d])
@@ -289,11 +312,14 @@ def nm_mask(weight: torch.Tensor, n: int, m: int, dim: int = -1) -> torch.Tensor
     raw = raw.reshape(rows, m, inner)
     out = torch.empty(raw.shape, dtype=torch.bool, device=weight.device)
     if rows == 0 or inner == 0:
-        return out.reshape(weight.shape)
+        return out.reshape(weight.shape), None
 
     if _native_ready(raw, out) and raw.dtype in _NATIVE_KEYS:
-        _native_mask(raw, out, sign_clear, n, m, rows, inner)
-        return out.reshape(weight.shape)
+        masked = torch.empty(raw.shape, dtype=raw.dtype) if with_masked else None
+        _native_mask(raw, out, sign_clear, n, m, rows, inner, masked)
+        if masked is not None:
+            masked = masked.view(weight.dtype).reshape(weight.shape)
+        return out.reshape(weight.shape), masked
     chunk_rows = max(1, _CHUNK_ELEMENTS // (m * inner))
     if weight.device.type != "cpu" or rows <= chunk_rows:
         _rank_chunk(raw, out, sign_clear, n, m)
@@ -309,7 +335,7 @@ def nm_mask(weight: torch.Tensor, n: int, m: int, dim: int = -1) -> torch.Tensor
         ]
         for f in futures:
             f.result()
-    return out.reshape(weight.shape)
+    return out.reshape(weight.shape), None
 
 
 # --------------------------------------------------------------------------- transposable masks

@@ -196,14 +196,14 @@ def test_autocast_bf16_on_cpu(kind, method):
 
 
 def _count_mask_calls(monkeypatch) -> list:
+    """Counts the layers' mask rankings (`nm_mask`, or `nm_mask_and_apply` in a training forward)."""
     calls = []
-    real = nm_hf.layers.base.nm_mask
+    for name in ("nm_mask", "nm_mask_and_apply"):
+        def counting(*args, real=getattr(nm_hf.layers.base, name), **kwargs):
+            calls.append(1)
+            return real(*args, **kwargs)
 
-    def counting(*args, **kwargs):
-        calls.append(1)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(nm_hf.layers.base, "nm_mask", counting)
+        monkeypatch.setattr(nm_hf.layers.base, name, counting)
     return calls
 
 

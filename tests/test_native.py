@@ -14,7 +14,7 @@ import torch
 
 import nm_hf
 from nm_hf import native
-from nm_hf.masks import add_pruned_, apply_mask, nm_mask, pruned_nonzero
+from nm_hf.masks import add_pruned_, apply_mask, nm_mask, nm_mask_and_apply, pruned_nonzero
 from tiny_models import tiny_model, train_steps
 
 HAVE_COMPILER = any(shutil.which(name) for name in ("cc", "gcc", "clang"))
@@ -72,6 +72,26 @@ def test_nm_mask_matches_the_torch_path(dtype, shape, dim):
             continue
         fast, plain = both_paths(nm_mask, weight, n, m, dim)
         assert torch.equal(fast, plain), (n, m)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("shape,dim", SHAPES)
+def test_nm_mask_and_apply_is_nm_mask_then_apply_mask(dtype, shape, dim):
+    """The fused pass (one read of the weight) gives the two separate results bit for bit, on both paths."""
+    weight = with_specials(shape, dtype, seed=7)
+    patterns = [(2, 4), (1, 4), (4, 8), (5, 16), (2, 6)] if weight.numel() <= 100_000 else [(2, 4), (4, 8)]
+    for n, m in patterns:
+        if shape[dim] % m:
+            continue
+        mask = nm_mask(weight, n, m, dim)
+        expected = apply_mask(weight, mask)
+        fast, plain = both_paths(nm_mask_and_apply, weight, n, m, dim)
+        for got_mask, got_masked in (fast, plain):
+            assert torch.equal(got_mask, mask) and torch.equal(bits(got_masked), bits(expected)), (n, m)
+    if weight.ndim == 2 and shape[dim] % 4 == 0:  # a transposed view (a Conv1D weight as nn.Linear sees it)
+        view, view_dim = weight.t(), 1 - dim % 2
+        got_mask, got_masked = nm_mask_and_apply(view, 2, 4, view_dim)
+        assert torch.equal(bits(got_masked), bits(apply_mask(view, nm_mask(view, 2, 4, view_dim))))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])

@@ -32,7 +32,7 @@ from torch.autograd.graph import increment_version
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from ..config import SparsityConfig
-from ..masks import nm_mask, nm_mask_transposable
+from ..masks import nm_mask, nm_mask_and_apply, nm_mask_transposable
 from ..methods import SparsityMethod, get_method
 
 __all__ = ["SparseLayerMixin", "mark_weights_updated", "optimizer_steps", "is_sharded", "local_tensor"]
@@ -263,25 +263,38 @@ class SparseLayerMixin:
 
         For a sharded weight (outside an FSDP2 forward): this rank's part, as a DTensor placed like it.
         """
+        return self.current_mask_and_masked(want_masked=False)[0]
+
+    def current_mask_and_masked(self, want_masked: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`current_mask()`, and when this call re-chose the mask, `apply_mask(weight, mask)` from the same
+        pass over the weight (None otherwise: the caller masks the weight itself). For training forwards."""
         if is_sharded(self.weight):
-            return self._sharded_mask(self.weight)
+            return self._sharded_mask(self.weight), None
         key = self._mask_key()
+        masked = None
         if key is None or self._nm_mask_key != key or self._nm_mask_cache is None:
             # never cache an inference tensor: a later training forward could not save it for backward
             with torch.inference_mode(False):
-                self._nm_mask_cache = self.compute_mask(self.weight.detach())
+                self._nm_mask_cache, masked = self.choose_mask(self.weight.detach(), want_masked)
             self._nm_mask_key = key
-        return self._nm_mask_cache
+        return self._nm_mask_cache, masked
 
     def compute_mask(self, weight: torch.Tensor) -> torch.Tensor:
         """The mask this layer chooses for `weight` (its own or one from a state dict), uncached."""
+        return self.choose_mask(weight)[0]
+
+    def choose_mask(self, weight: torch.Tensor, want_masked: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`compute_mask(weight)`, and with `want_masked` the masked `weight` where one pass can make both
+        (the mask ranks the weight itself; else None)."""
         unchanged = self.method.unchanged_mask(self, weight)
         if unchanged is not None:
-            return unchanged
+            return unchanged, None
         ranking = self.method.ranking_weight(self, weight)
         if self.nm_transposable:
-            return nm_mask_transposable(ranking, self.nm_n, self.nm_m, dim=self.group_dim)
-        return nm_mask(ranking, self.nm_n, self.nm_m, dim=self.group_dim)
+            return nm_mask_transposable(ranking, self.nm_n, self.nm_m, dim=self.group_dim), None
+        if want_masked and ranking is weight:
+            return nm_mask_and_apply(weight, self.nm_n, self.nm_m, dim=self.group_dim)
+        return nm_mask(ranking, self.nm_n, self.nm_m, dim=self.group_dim), None
 
     @property
     def mask_is_periodic(self) -> bool:

@@ -37,12 +37,13 @@ class SparseConv(SparseLayerMixin):
             self.warn_if_steps_uncounted()
         return self._conv_forward(x, method.forward_weight(self, weight, self.current_mask()), bias)
 
-    def compute_mask(self, weight: torch.Tensor) -> torch.Tensor:
+    def choose_mask(self, weight: torch.Tensor, want_masked: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Transposable masks tile the [out, in] matrix of every kernel position; else the default."""
         if not self.nm_transposable:
-            return super().compute_mask(weight)
+            return super().choose_mask(weight, want_masked)
         ranking = self.method.ranking_weight(self, weight).movedim((0, 1), (-2, -1))
-        return nm_mask_transposable(ranking, self.nm_n, self.nm_m, dim=-1).movedim((-2, -1), (0, 1)).contiguous()
+        mask = nm_mask_transposable(ranking, self.nm_n, self.nm_m, dim=-1).movedim((-2, -1), (0, 1)).contiguous()
+        return mask, None
 
     def extra_repr(self) -> str:
         return super().extra_repr() + self.nm_extra_repr()

@@ -20,8 +20,8 @@ class _NMLinearFunction(torch.autograd.Function):
     """y = x @ (W * mask)^T + b with a straight-through / decayed / frozen weight gradient. W is [out, in]."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, mask, decay, freeze_pruned):  # noqa: D401
-        out = F.linear(x, apply_mask(weight, mask), bias)
+    def forward(ctx, x, weight, bias, mask, decay, freeze_pruned, masked):  # noqa: D401
+        out = F.linear(x, apply_mask(weight, mask) if masked is None else masked, bias)
         if out._is_view():  # F.linear with a bias on a 3-D input returns a view of its 2-D result; callers
             # may write into the output in place (wav2vec2's SpecAugment), which autograd forbids on a view
             # made inside a custom Function: the same storage, not tracked as a view
@@ -47,7 +47,7 @@ class _NMLinearFunction(torch.autograd.Function):
                 add_pruned_(grad_w, weight, mask, ctx.decay)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = flat_grad.sum(0)
-        return grad_x, grad_w, grad_b, None, None, None
+        return grad_x, grad_w, grad_b, None, None, None, None
 
 
 def nm_linear(
@@ -57,13 +57,18 @@ def nm_linear(
     mask: torch.Tensor,
     decay: float = 0.0,
     freeze_pruned: bool = False,
+    masked: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Functional N:M linear in nn.Linear layout (weight [out, in]); handles autocast like F.linear."""
+    """Functional N:M linear in nn.Linear layout (weight [out, in]); handles autocast like F.linear.
+
+    `masked`: `apply_mask(weight, mask)` when the caller already has it (made with the mask in one pass),
+    which saves the forward's own masking pass; it must be exactly that tensor.
+    """
     device_type = x.device.type
     if torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)
         x, weight = x.to(dtype), weight.to(dtype)
         bias = bias.to(dtype) if bias is not None else None
-        with torch.autocast(device_type=device_type, enabled=False):
-            return _NMLinearFunction.apply(x, weight, bias, mask, decay, freeze_pruned)
-    return _NMLinearFunction.apply(x, weight, bias, mask, decay, freeze_pruned)
+        with torch.autocast(device_type=device_type, enabled=False):  # `masked` is in the stored dtype
+            return _NMLinearFunction.apply(x, weight, bias, mask, decay, freeze_pruned, None)
+    return _NMLinearFunction.apply(x, weight, bias, mask, decay, freeze_pruned, masked)

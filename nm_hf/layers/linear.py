@@ -36,8 +36,10 @@ class Sparse2DLayer(SparseLayerMixin):
         if method.fused_forward:
             if self.nm_mask_interval > 1:
                 self.warn_if_steps_uncounted()
-            return nm_linear(x, self._linear_layout(weight), bias, self._linear_layout(self.current_mask()),
-                             decay=method.gradient_decay(self), freeze_pruned=method.freezes_pruned(self))
+            mask, masked = self.current_mask_and_masked()
+            return nm_linear(x, self._linear_layout(weight), bias, self._linear_layout(mask),
+                             decay=method.gradient_decay(self), freeze_pruned=method.freezes_pruned(self),
+                             masked=None if masked is None else self._linear_layout(masked))
         if method.uses_step or self.nm_mask_interval > 1:
             self.warn_if_steps_uncounted()
         return F.linear(x, self._linear_layout(method.forward_weight(self, weight, self.current_mask())), bias)

@@ -42,10 +42,10 @@ _disabled = [0]  # depth of `disabled()` blocks
 
 _i64, _ptr = ctypes.c_int64, ctypes.c_void_p
 _SIGNATURES = {
-    "nm_mask_i16": [_ptr, _ptr, _i64, _i64, _i64, _i64, ctypes.c_int16],
-    "nm_mask_i32": [_ptr, _ptr, _i64, _i64, _i64, _i64, ctypes.c_int32],
-    "nm_mask_i64": [_ptr, _ptr, _i64, _i64, _i64, _i64, ctypes.c_int64],
-    "nm_mask_2of4_i32": [_ptr, _ptr, _i64],
+    "nm_mask_i16": [_ptr, _ptr, _i64, _i64, _i64, _i64, ctypes.c_int16, _ptr],
+    "nm_mask_i32": [_ptr, _ptr, _i64, _i64, _i64, _i64, ctypes.c_int32, _ptr],
+    "nm_mask_i64": [_ptr, _ptr, _i64, _i64, _i64, _i64, ctypes.c_int64, _ptr],
+    "nm_mask_2of4_i32": [_ptr, _ptr, _i64, _ptr],
     "apply_mask_u16": [_ptr, _ptr, _ptr, _i64, _i64],
     "apply_mask_u32": [_ptr, _ptr, _ptr, _i64, _i64],
     "apply_mask_u64": [_ptr, _ptr, _ptr, _i64, _i64],

@@ -7,6 +7,8 @@
  *   nm_mask_*      the rank rule of nm_hf.masks.nm_mask: keys are IEEE bits with the sign cleared
  *                  (integer order = magnitude order, NaN above inf); an entry is kept when fewer than
  *                  n mates beat it, where an earlier mate beats it on >= and a later one on >.
+ *                  Given a `masked` buffer (else NULL), also the masked weight in the same pass,
+ *                  bit for bit what apply_mask_* makes of the weight and that mask.
  *   apply_mask_*   w where mask (keep=1) / where not mask (keep=0), exact +0.0 elsewhere (bit AND).
  *   add_pruned_*   grad += alpha * (w - w*mask), with one fused multiply-add per entry, as torch's
  *                  vectorised `grad.add_(other, alpha=alpha)` computes it.
@@ -22,7 +24,7 @@
  * pairwise comparison runs as one vectorised loop over the tile, then transposed back. */
 #define DEFINE_RANK_CONTIGUOUS(SUFFIX, T)                                                            \
 static void rank_contiguous_##SUFFIX(const T *restrict keys, uint8_t *restrict out, int64_t rows,    \
-                                     int64_t m, int64_t n, T sign_clear) {                           \
+                                     int64_t m, int64_t n, T sign_clear, T *restrict masked) {       \
     T kt[MAX_M][TILE];                                                                               \
     uint8_t beaten[MAX_M][TILE];                                                                     \
     for (int64_t r0 = 0; r0 < rows; r0 += TILE) {                                                    \
@@ -42,6 +44,8 @@ static void rank_contiguous_##SUFFIX(const T *restrict keys, uint8_t *restrict o
         uint8_t *o = out + r0 * m;                                                                   \
         for (int64_t t = 0; t < len; t++)                                                            \
             for (int64_t i = 0; i < m; i++) o[t * m + i] = beaten[i][t] < n;                         \
+        if (masked)                                                                                  \
+            for (int64_t t = 0; t < len * m; t++) masked[r0 * m + t] = g[t] & ((T)0 - (T)o[t]);      \
     }                                                                                                \
 }
 
@@ -49,9 +53,9 @@ static void rank_contiguous_##SUFFIX(const T *restrict keys, uint8_t *restrict o
 #define DEFINE_NM_MASK(SUFFIX, T)                                                                    \
 DEFINE_RANK_CONTIGUOUS(SUFFIX, T)                                                                    \
 void nm_mask_##SUFFIX(const T *restrict keys, uint8_t *restrict out, int64_t rows, int64_t m,        \
-                      int64_t inner, int64_t n, T sign_clear) {                                      \
+                      int64_t inner, int64_t n, T sign_clear, T *restrict masked) {                  \
     if (inner == 1) {                                                                                \
-        rank_contiguous_##SUFFIX(keys, out, rows, m, n, sign_clear);                                 \
+        rank_contiguous_##SUFFIX(keys, out, rows, m, n, sign_clear, masked);                         \
         return;                                                                                      \
     }                                                                                                \
     uint8_t beaten[TILE];                                                                            \
@@ -75,6 +79,10 @@ void nm_mask_##SUFFIX(const T *restrict keys, uint8_t *restrict out, int64_t row
                 }                                                                                    \
                 uint8_t *oi = o + i * inner + start;                                                 \
                 for (int64_t t = 0; t < len; t++) oi[t] = beaten[t] < n;                             \
+                if (masked) {                                                                        \
+                    T *mi = masked + r * m * inner + i * inner + start;                              \
+                    for (int64_t t = 0; t < len; t++) mi[t] = ki[t] & ((T)0 - (T)oi[t]);             \
+                }                                                                                    \
             }                                                                                        \
         }                                                                                            \
     }                                                                                                \
@@ -84,22 +92,39 @@ DEFINE_NM_MASK(i16, int16_t)
 DEFINE_NM_MASK(i32, int32_t)
 DEFINE_NM_MASK(i64, int64_t)
 
-/* 2:4 along contiguous groups (nn.Linear's layout), the hot case: written out so it vectorises */
-void nm_mask_2of4_i32(const int32_t *restrict keys, uint8_t *restrict out, int64_t groups) {
+/* 2:4 along contiguous groups (nn.Linear's layout), the hot case: written out so it vectorises; with
+ * `masked` (not NULL) it also writes the masked weight (the keys' bits where kept, +0.0 elsewhere) in
+ * the same pass. Inlined twice with a constant `with_masked`, so each loop vectorises on its own. */
+static inline void rank_2of4(const int32_t *restrict keys, uint8_t *restrict out, int32_t *restrict masked,
+                             int64_t groups, const int with_masked) {
     for (int64_t r = 0; r < groups; r++) {
         int32_t a = keys[4 * r] & 0x7FFFFFFF, b = keys[4 * r + 1] & 0x7FFFFFFF;
         int32_t c = keys[4 * r + 2] & 0x7FFFFFFF, d = keys[4 * r + 3] & 0x7FFFFFFF;
         int ab = a >= b, ac = a >= c, ad = a >= d, bc = b >= c, bd = b >= d, cd = c >= d;
         /* beaten counts: a by later mates with >, i.e. !(a >= x); b by a on >= (!ab), later on > ... */
-        int beat_a = (1 - ab) + (1 - ac) + (1 - ad);
-        int beat_b = ab + (1 - bc) + (1 - bd);
-        int beat_c = ac + bc + (1 - cd);
-        int beat_d = ad + bd + cd;
-        out[4 * r] = beat_a < 2;
-        out[4 * r + 1] = beat_b < 2;
-        out[4 * r + 2] = beat_c < 2;
-        out[4 * r + 3] = beat_d < 2;
+        int keep_a = (1 - ab) + (1 - ac) + (1 - ad) < 2;
+        int keep_b = ab + (1 - bc) + (1 - bd) < 2;
+        int keep_c = ac + bc + (1 - cd) < 2;
+        int keep_d = ad + bd + cd < 2;
+        out[4 * r] = keep_a;
+        out[4 * r + 1] = keep_b;
+        out[4 * r + 2] = keep_c;
+        out[4 * r + 3] = keep_d;
+        if (with_masked) {
+            masked[4 * r] = keys[4 * r] & -keep_a;
+            masked[4 * r + 1] = keys[4 * r + 1] & -keep_b;
+            masked[4 * r + 2] = keys[4 * r + 2] & -keep_c;
+            masked[4 * r + 3] = keys[4 * r + 3] & -keep_d;
+        }
     }
+}
+
+void nm_mask_2of4_i32(const int32_t *restrict keys, uint8_t *restrict out, int64_t groups,
+                      int32_t *restrict masked) {
+    if (masked)
+        rank_2of4(keys, out, masked, groups, 1);
+    else
+        rank_2of4(keys, out, masked, groups, 0);
 }
 
 #define DEFINE_APPLY_MASK(SUFFIX, T)                                                                 \
