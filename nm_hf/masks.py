@@ -30,7 +30,7 @@ import torch
 
 from .native import kernels
 
-__all__ = ["apply_mask", "add_pruned_", "pruned_nonzero", "nm_mask", "nm_mask_and_apply", "nm_mask_transposable", "transposable_patterns", "check_transposable", "check_nm",
+__all__ = ["apply_mask", "apply_mask_", "add_pruned_", "pruned_nonzero", "nm_mask", "nm_mask_and_apply", "nm_mask_transposable", "transposable_patterns", "check_transposable", "check_nm",
            "nm_group_counts", "magnitude_key", "TRANSPOSABLE_PATTERNS"]
 
 # Pairwise counting costs m*(m-1)/2 comparisons per group: fine up to m=16, topk is cheaper beyond.
@@ -139,6 +139,17 @@ def apply_mask(weight: torch.Tensor, mask: torch.Tensor, keep: bool = True) -> t
     bits = mask.to(int_dtype)
     bits = bits.neg_() if keep else bits.sub_(1)  # -1 (all ones) where the value stays
     return weight.view(int_dtype).bitwise_and(bits).view(weight.dtype)
+
+
+def apply_mask_(tensor: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """`apply_mask(tensor, mask)` written into `tensor` (bit for bit: +0.0 where not `mask`); returns it."""
+    if (tensor.dtype in _INT_VIEW and mask.dtype == torch.bool and mask.shape == tensor.shape
+            and _native_ready(tensor, mask)):
+        function = getattr(kernels(), f"apply_mask_inplace_u{tensor.element_size() * 8}")
+        size, t, bits = tensor.element_size(), tensor.data_ptr(), mask.data_ptr()
+        _native_split(tensor.numel(), lambda s, c: function(t + s * size, bits + s, c))
+        return tensor
+    return tensor.masked_fill_(~mask, 0)
 
 
 def add_pruned_(grad: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, alpha: float) -> torch.Tensor:

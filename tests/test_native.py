@@ -14,7 +14,7 @@ import torch
 
 import nm_hf
 from nm_hf import native
-from nm_hf.masks import add_pruned_, apply_mask, nm_mask, nm_mask_and_apply, pruned_nonzero
+from nm_hf.masks import add_pruned_, apply_mask, apply_mask_, nm_mask, nm_mask_and_apply, pruned_nonzero
 from tiny_models import tiny_model, train_steps
 
 HAVE_COMPILER = any(shutil.which(name) for name in ("cc", "gcc", "clang"))
@@ -105,6 +105,13 @@ def test_apply_mask_matches_the_torch_path(dtype, shape, dim):
     if weight.ndim == 2:  # a weight stored transposed (GPT-2 Conv1D) goes through the same kernel
         fast, plain = both_paths(apply_mask, weight.t(), mask.t())
         assert torch.equal(bits(fast), bits(plain))
+    pairs = [(weight, mask)] + ([(weight.t(), mask.t())] if weight.ndim == 2 else [])
+    for target, target_mask in pairs:  # in place: the same bits, in the tensor given
+        expected = bits(apply_mask(target, target_mask))
+        copy = target.clone()
+        assert apply_mask_(copy, target_mask) is copy and torch.equal(bits(copy), expected)
+        with native.disabled():
+            assert torch.equal(bits(apply_mask_(target.clone(), target_mask)), expected)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

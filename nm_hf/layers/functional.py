@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..masks import add_pruned_, apply_mask
+from ..masks import add_pruned_, apply_mask, apply_mask_
 
 __all__ = ["apply_mask", "nm_linear"]  # apply_mask lives in nm_hf.masks (the methods use it too)
 
@@ -42,7 +42,7 @@ class _NMLinearFunction(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             grad_w = flat_grad.t().matmul(x.reshape(-1, x.shape[-1]))
             if ctx.freeze_pruned:
-                grad_w = apply_mask(grad_w, mask)
+                grad_w = apply_mask_(grad_w, mask)  # grad_w is this function's own new tensor
             elif ctx.decay:  # + decay * (1 - mask) * W, as decay * (W - W*mask)
                 add_pruned_(grad_w, weight, mask, ctx.decay)
         if ctx.has_bias and ctx.needs_input_grad[2]:

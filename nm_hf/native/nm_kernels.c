@@ -9,7 +9,8 @@
  *                  n mates beat it, where an earlier mate beats it on >= and a later one on >.
  *                  Given a `masked` buffer (else NULL), also the masked weight in the same pass,
  *                  bit for bit what apply_mask_* makes of the weight and that mask.
- *   apply_mask_*   w where mask (keep=1) / where not mask (keep=0), exact +0.0 elsewhere (bit AND).
+ *   apply_mask_*   w where mask (keep=1) / where not mask (keep=0), exact +0.0 elsewhere (bit AND);
+ *                  apply_mask_inplace_* the same (keep=1) in place.
  *   add_pruned_*   grad += alpha * (w - w*mask), with one fused multiply-add per entry, as torch's
  *                  vectorised `grad.add_(other, alpha=alpha)` computes it.
  *   pruned_nonzero_* whether any weight outside the mask is non-zero (`(w.abs() * ~mask).any()`).
@@ -133,6 +134,16 @@ void apply_mask_##SUFFIX(const T *restrict w, const uint8_t *restrict mask, T *r
     T flip = keep ? (T)0 : (T)-1;                                                                    \
     for (int64_t i = 0; i < count; i++) out[i] = w[i] & (((T)0 - (T)(mask[i] != 0)) ^ flip);         \
 }
+
+/* The same in place with keep=1: w = w where mask, +0.0 elsewhere. */
+#define DEFINE_APPLY_MASK_INPLACE(SUFFIX, T)                                                         \
+void apply_mask_inplace_##SUFFIX(T *restrict w, const uint8_t *restrict mask, int64_t count) {       \
+    for (int64_t i = 0; i < count; i++) w[i] &= (T)0 - (T)(mask[i] != 0);                            \
+}
+
+DEFINE_APPLY_MASK_INPLACE(u16, uint16_t)
+DEFINE_APPLY_MASK_INPLACE(u32, uint32_t)
+DEFINE_APPLY_MASK_INPLACE(u64, uint64_t)
 
 DEFINE_APPLY_MASK(u16, uint16_t)
 DEFINE_APPLY_MASK(u32, uint32_t)
