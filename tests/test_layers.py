@@ -198,12 +198,15 @@ def test_autocast_bf16_on_cpu(kind, method):
 def _count_mask_calls(monkeypatch) -> list:
     """Counts the layers' mask rankings (`nm_mask`, or `nm_mask_and_apply` in a training forward)."""
     calls = []
-    for name in ("nm_mask", "nm_mask_and_apply"):
-        def counting(*args, real=getattr(nm_hf.layers.base, name), **kwargs):
+
+    def counting(real):
+        def call(*args, **kwargs):
             calls.append(1)
             return real(*args, **kwargs)
+        return call
 
-        monkeypatch.setattr(nm_hf.layers.base, name, counting)
+    for name in ("nm_mask", "nm_mask_and_apply"):
+        monkeypatch.setattr(nm_hf.layers.base, name, counting(getattr(nm_hf.layers.base, name)))
     return calls
 
 
