@@ -74,7 +74,7 @@ from nm_hf.config import SparsityConfig  # noqa: E402
 from nm_hf.injection import iter_sparse_layers, sparsify  # noqa: E402
 from nm_hf.layers.functional import nm_linear  # noqa: E402
 from nm_hf.layers.linear import Sparse2DLayer  # noqa: E402
-from nm_hf.masks import add_pruned_, apply_mask, nm_mask  # noqa: E402
+from nm_hf.masks import add_pruned_, apply_mask, apply_mask_, masked_and_add_pruned_, nm_mask  # noqa: E402
 from nm_hf.methods import available_methods, get_method  # noqa: E402
 from nm_hf.tracker import SparsityTracker  # noqa: E402
 
@@ -288,7 +288,8 @@ def piece_seconds(runner: Runner, recomputed: list[bool], calls: list[int], repe
     - "backward": `apply_mask(W, mask)` again for the input gradient of the 2-D layers (`nm_linear`
       does not save the masked weight), plus `apply_mask(grad_W, mask)` where pruned weights are frozen;
     - "decay": `add_pruned_(grad_W, W, mask, decay)` (`grad_W += decay * (W - W * mask)`) where the
-      method has a gradient-mode decay;
+      method has a gradient-mode decay; in the 2-D layers `masked_and_add_pruned_`, which also makes the
+      input gradient's masked weight (then not counted under "backward");
     - "function": the fixed per-call cost of the autograd function, `nm_linear` forward + backward on
       one-row tensors minus `F.linear`'s and minus the pieces above on the same tiny tensors.
 
@@ -309,11 +310,16 @@ def piece_seconds(runner: Runner, recomputed: list[bool], calls: list[int], repe
         grad = torch.zeros_like(weight)
         decay, freeze = method.gradient_decay(layer), method.freezes_pruned(layer)
         totals["forward"] += (count - fused_mask) * _median_seconds(apply_mask, repeats, weight, mask)
-        if isinstance(layer, Sparse2DLayer):
-            totals["backward"] += count * _median_seconds(apply_mask, repeats, weight, mask)
+        two_d = isinstance(layer, Sparse2DLayer)
+        if two_d:
             totals["function"] += count * function_overhead(decay, freeze, repeats)
+        if two_d and decay and not freeze:  # grad_x's masked weight comes from the decay term's pass
+            totals["decay"] += count * _median_seconds(masked_and_add_pruned_, repeats, grad, weight, mask, decay)
+            continue
+        if two_d:
+            totals["backward"] += count * _median_seconds(apply_mask, repeats, weight, mask)
         if freeze:
-            totals["backward"] += count * _median_seconds(apply_mask, repeats, grad, mask)
+            totals["backward"] += count * _median_seconds(apply_mask_, repeats, grad, mask)
         elif decay:
             totals["decay"] += count * _median_seconds(add_pruned_, repeats, grad, weight, mask, decay)
     return totals
@@ -323,7 +329,8 @@ def piece_seconds(runner: Runner, recomputed: list[bool], calls: list[int], repe
 KERNEL_CALL_SITES = (("nm_hf.layers.base", "nm_mask"), ("nm_hf.layers.base", "nm_mask_and_apply"),
                      ("nm_hf.layers.base", "nm_mask_transposable"),
                      ("nm_hf.layers.conv", "nm_mask_transposable"), ("nm_hf.layers.functional", "apply_mask"),
-                     ("nm_hf.layers.functional", "add_pruned_"), ("nm_hf.layers.experts", "apply_mask"))
+                     ("nm_hf.layers.functional", "add_pruned_"), ("nm_hf.layers.functional", "apply_mask_"),
+                     ("nm_hf.layers.functional", "masked_and_add_pruned_"), ("nm_hf.layers.experts", "apply_mask"))
 
 
 def kernels_in_step(runner: Runner, first_index: int, steps: int) -> float:
@@ -384,9 +391,12 @@ def function_overhead(decay: float, freeze: bool, repeats: int, calls: int = 50)
     def pieces() -> None:
         for _ in range(calls):
             apply_mask(w, mask)  # forward
+            if decay and not freeze:  # backward: the decay term and the input gradient's masked weight
+                masked_and_add_pruned_(g, w, mask, decay)
+                continue
             apply_mask(w, mask)  # backward, for the input gradient
             if freeze:
-                apply_mask(g, mask)
+                apply_mask_(g, mask)
             elif decay:
                 add_pruned_(g, w, mask, decay)
 

@@ -30,7 +30,7 @@ import torch
 
 from .native import kernels
 
-__all__ = ["apply_mask", "apply_mask_", "add_pruned_", "pruned_nonzero", "nm_mask", "nm_mask_and_apply", "nm_mask_transposable", "transposable_patterns", "check_transposable", "check_nm",
+__all__ = ["apply_mask", "apply_mask_", "add_pruned_", "masked_and_add_pruned_", "pruned_nonzero", "nm_mask", "nm_mask_and_apply", "nm_mask_transposable", "transposable_patterns", "check_transposable", "check_nm",
            "nm_group_counts", "magnitude_key", "TRANSPOSABLE_PATTERNS"]
 
 # Pairwise counting costs m*(m-1)/2 comparisons per group: fine up to m=16, topk is cheaper beyond.
@@ -175,6 +175,26 @@ def add_pruned_(grad: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, al
                       unit=cols)
         return grad
     return grad.add_(weight - apply_mask(weight, mask), alpha=alpha)
+
+
+def masked_and_add_pruned_(grad: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, alpha: float
+                           ) -> torch.Tensor:
+    """`add_pruned_(grad, weight, mask, alpha)` and returns `apply_mask(weight, mask)`, bit for bit.
+
+    One read of the weight and mask with the native kernels (SR-STE's backward needs both).
+    """
+    fits = (grad.dtype in (torch.float32, torch.float64) and weight.dtype == grad.dtype and mask.dtype == torch.bool
+            and grad.shape == weight.shape == mask.shape)
+    if fits and _native_ready(grad, weight, mask):
+        size, suffix = grad.element_size(), "f32" if grad.dtype == torch.float32 else "f64"
+        function = getattr(kernels(), f"masked_and_add_pruned_{suffix}")
+        masked = torch.empty(weight.shape, dtype=weight.dtype)
+        w, bits, out, g = weight.data_ptr(), mask.data_ptr(), masked.data_ptr(), grad.data_ptr()
+        _native_split(grad.numel(), lambda s, c: function(w + s * size, bits + s, out + s * size, g + s * size, c,
+                                                          alpha))
+        return masked
+    add_pruned_(grad, weight, mask, alpha)
+    return apply_mask(weight, mask)
 
 
 def pruned_nonzero(weight: torch.Tensor, mask: torch.Tensor) -> bool:

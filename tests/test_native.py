@@ -14,7 +14,15 @@ import torch
 
 import nm_hf
 from nm_hf import native
-from nm_hf.masks import add_pruned_, apply_mask, apply_mask_, nm_mask, nm_mask_and_apply, pruned_nonzero
+from nm_hf.masks import (
+    add_pruned_,
+    apply_mask,
+    apply_mask_,
+    masked_and_add_pruned_,
+    nm_mask,
+    nm_mask_and_apply,
+    pruned_nonzero,
+)
 from tiny_models import tiny_model, train_steps
 
 HAVE_COMPILER = any(shutil.which(name) for name in ("cc", "gcc", "clang"))
@@ -144,6 +152,28 @@ def test_pruned_nonzero_matches_the_torch_path(dtype, shape, dim):
     for w, m, expected in cases:
         fast, plain = both_paths(pruned_nonzero, w, m)
         assert fast == plain == expected
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("shape,dim", SHAPES)
+def test_masked_and_add_pruned_is_both_separate_calls(dtype, shape, dim):
+    weight = with_specials(shape, dtype, seed=8)
+    mask = torch.rand(shape, generator=torch.Generator().manual_seed(9)) > 0.5
+    grad = torch.randn(shape, generator=torch.Generator().manual_seed(10)).to(dtype)
+    expected_grad = add_pruned_(grad.clone(), weight, mask, 0.37)
+    expected_masked = apply_mask(weight, mask)
+    def fused() -> tuple[torch.Tensor, torch.Tensor]:
+        got = grad.clone()
+        return masked_and_add_pruned_(got, weight, mask, 0.37), got
+
+    for masked, got_grad in both_paths(fused):
+        assert torch.equal(bits(masked), bits(expected_masked)) and torch.equal(bits(got_grad), bits(expected_grad))
+    if weight.ndim == 2:  # weight and mask stored [in, out] (GPT-2 Conv1D), gradient [out, in]: the separate calls
+        stored_weight, stored_mask = weight.t().contiguous().t(), mask.t().contiguous().t()
+        got = grad.clone()
+        masked = masked_and_add_pruned_(got, stored_weight, stored_mask, 0.37)
+        assert torch.equal(bits(got), bits(add_pruned_(grad.clone(), stored_weight, stored_mask, 0.37)))
+        assert torch.equal(bits(masked), bits(apply_mask(stored_weight, stored_mask)))
 
 
 def test_add_pruned_works_in_place_and_leaves_kept_entries():

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..masks import add_pruned_, apply_mask, apply_mask_
+from ..masks import add_pruned_, apply_mask, apply_mask_, masked_and_add_pruned_
 
 __all__ = ["apply_mask", "nm_linear"]  # apply_mask lives in nm_hf.masks (the methods use it too)
 
@@ -35,16 +35,18 @@ class _NMLinearFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         x, weight, mask = ctx.saved_tensors
-        grad_x = grad_w = grad_b = None
-        if ctx.needs_input_grad[0]:
-            grad_x = grad_out.matmul(apply_mask(weight, mask))
+        grad_x = grad_w = grad_b = masked = None
         flat_grad = grad_out.reshape(-1, grad_out.shape[-1])
         if ctx.needs_input_grad[1]:
             grad_w = flat_grad.t().matmul(x.reshape(-1, x.shape[-1]))
             if ctx.freeze_pruned:
                 grad_w = apply_mask_(grad_w, mask)  # grad_w is this function's own new tensor
+            elif ctx.decay and ctx.needs_input_grad[0]:  # the decay term and grad_x's masked weight, one pass
+                masked = masked_and_add_pruned_(grad_w, weight, mask, ctx.decay)
             elif ctx.decay:  # + decay * (1 - mask) * W, as decay * (W - W*mask)
                 add_pruned_(grad_w, weight, mask, ctx.decay)
+        if ctx.needs_input_grad[0]:
+            grad_x = grad_out.matmul(apply_mask(weight, mask) if masked is None else masked)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = flat_grad.sum(0)
         return grad_x, grad_w, grad_b, None, None, None, None

@@ -54,6 +54,8 @@ _SIGNATURES = {
     "apply_mask_inplace_u64": [_ptr, _ptr, _i64],
     "add_pruned_f32": [_ptr, _ptr, _ptr, _i64, ctypes.c_float],
     "add_pruned_f64": [_ptr, _ptr, _ptr, _i64, ctypes.c_double],
+    "masked_and_add_pruned_f32": [_ptr, _ptr, _ptr, _ptr, _i64, ctypes.c_float],
+    "masked_and_add_pruned_f64": [_ptr, _ptr, _ptr, _ptr, _i64, ctypes.c_double],
     "add_pruned_t_f32": [_ptr, _ptr, _ptr, _i64, _i64, _i64, ctypes.c_float],
     "add_pruned_t_f64": [_ptr, _ptr, _ptr, _i64, _i64, _i64, ctypes.c_double],
     "pruned_nonzero_u16": [_ptr, _ptr, _i64, ctypes.c_uint16],

@@ -13,6 +13,7 @@
  *                  apply_mask_inplace_* the same (keep=1) in place.
  *   add_pruned_*   grad += alpha * (w - w*mask), with one fused multiply-add per entry, as torch's
  *                  vectorised `grad.add_(other, alpha=alpha)` computes it.
+ *   masked_and_add_pruned_* both of the above at once: the masked weight and the decay term.
  *   pruned_nonzero_* whether any weight outside the mask is non-zero (`(w.abs() * ~mask).any()`).
  */
 #include <math.h>
@@ -161,6 +162,26 @@ void add_pruned_f64(double *restrict grad, const double *restrict w, const uint8
                     int64_t count, double alpha) {
     for (int64_t i = 0; i < count; i++) {
         double kept = mask[i] ? w[i] : 0.0;
+        grad[i] = fma(alpha, w[i] - kept, grad[i]);
+    }
+}
+
+/* Both backward passes of SR-STE's gradient mode in one: masked = apply_mask(w, mask) (for the input
+ * gradient) and grad += alpha * (w - masked), as apply_mask_* and add_pruned_* compute them. */
+void masked_and_add_pruned_f32(const float *restrict w, const uint8_t *restrict mask, float *restrict masked,
+                               float *restrict grad, int64_t count, float alpha) {
+    for (int64_t i = 0; i < count; i++) {
+        float kept = mask[i] ? w[i] : 0.0f;
+        masked[i] = kept;
+        grad[i] = fmaf(alpha, w[i] - kept, grad[i]);
+    }
+}
+
+void masked_and_add_pruned_f64(const double *restrict w, const uint8_t *restrict mask, double *restrict masked,
+                               double *restrict grad, int64_t count, double alpha) {
+    for (int64_t i = 0; i < count; i++) {
+        double kept = mask[i] ? w[i] : 0.0;
+        masked[i] = kept;
         grad[i] = fma(alpha, w[i] - kept, grad[i]);
     }
 }
