@@ -1,17 +1,30 @@
-"""Deterministic, order-independent train/validation/test splitting.
+"""Deterministic, order-independent train/validation/test splitting, and the splits every loader returns.
 
 Splits are decided by a stable hash (MD5) of a key string (e.g. the source sentence), never by Python's
 ``hash`` (salted per process) or by file order, so the same data always gives the same splits on every
 machine, and rows that share a key (the same source sentence with two translations) land in the same
 split, which avoids leaking evaluation sentences into training.
+
+The loaders (text, translation) share the rest of the split handling through this module: a Hub
+dataset's split names (`hub_splits`), the validation/test splits carved out of train when the source
+has none (`complete_splits`) and the ``max_*_samples`` limits (`truncate_splits`).
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
+
+import datasets
 
 SplitSize = int | float
+
+SPLITS = ("train", "validation", "test")
+#: split names of Hub datasets read as "validation"
+SPLIT_ALIASES = {"valid": "validation", "val": "validation", "dev": "validation", "eval": "validation"}
+#: a carved split without a given size: this fraction of the training rows, at most DEFAULT_CARVE_MAX rows
+DEFAULT_CARVE_FRACTION = 0.05
+DEFAULT_CARVE_MAX = 2000
 
 
 def stable_hash(text: str) -> int:
@@ -71,10 +84,66 @@ def hash_split(keys: Sequence[str], sizes: dict[str, int]) -> tuple[list[int], d
     return sorted(rest), {name: sorted(idx) for name, idx in out.items()}
 
 
-def truncate(ds, limit: int | None):
+def truncate(ds: datasets.Dataset, limit: int | None) -> datasets.Dataset:
     """The first `limit` rows of a `datasets.Dataset` (all of them for None); a negative limit is an error."""
     if limit is None or limit >= len(ds):
         return ds
     if limit < 0:
         raise ValueError(f"max samples must be >= 0, got {limit}")
     return ds.select(range(limit))
+
+
+def truncate_splits(splits: Mapping[str, datasets.Dataset], limits: Mapping[str, int | None]) -> datasets.DatasetDict:
+    """train/validation/test, each cut to its first `limits[name]` rows (None: all of them)."""
+    return datasets.DatasetDict({name: truncate(splits[name], limits[name]) for name in SPLITS})
+
+
+def carve_size(size: SplitSize | None, n: int, name: str) -> int:
+    """Rows to carve out of `n` training rows for a split of `size` (see `resolve_size`); None: 5 percent,
+    at most 2,000 (`DEFAULT_CARVE_FRACTION`, `DEFAULT_CARVE_MAX`)."""
+    if size is None:
+        return min(DEFAULT_CARVE_MAX, resolve_size(DEFAULT_CARVE_FRACTION, n, name))
+    return resolve_size(size, n, name)
+
+
+def complete_splits(
+    splits: dict[str, datasets.Dataset],
+    keys: Callable[[datasets.Dataset], Sequence[str]],
+    validation_size: SplitSize | None,
+    test_size: SplitSize | None,
+) -> datasets.DatasetDict:
+    """train/validation/test, the missing validation/test splits carved out of train by the hash of
+    `keys(train)` (one key per row: rows with equal keys stay in one split)."""
+    missing = [name for name in ("validation", "test") if name not in splits]
+    if missing:
+        train = splits["train"]
+        n = len(train)
+        wanted = {
+            "test": carve_size(test_size, n, "test_size") if "test" in missing else 0,
+            "validation": carve_size(validation_size, n, "validation_size") if "validation" in missing else 0,
+        }
+        rest, carved = hash_split(keys(train), wanted)
+        for name in missing:
+            splits[name] = train.select(carved[name])
+        splits["train"] = train.select(rest)
+    return datasets.DatasetDict({name: splits[name] for name in SPLITS})
+
+
+def hub_splits(
+    raw: datasets.DatasetDict,
+    dataset_name: str,
+    normalise: Callable[[str, datasets.Dataset], datasets.Dataset],
+) -> dict[str, datasets.Dataset]:
+    """The train/validation/test splits of a loaded Hub dataset, each as `normalise(name, split)` returns it.
+
+    Split names in `SPLIT_ALIASES` are read as "validation"; other names (e.g. "unsupervised") are left
+    out; a dataset without a train split is refused (`ValueError` naming `--dataset_name`).
+    """
+    splits: dict[str, datasets.Dataset] = {}
+    for name, ds in raw.items():
+        name = SPLIT_ALIASES.get(name, name)
+        if name in SPLITS:
+            splits[name] = normalise(name, ds)
+    if "train" not in splits:
+        raise ValueError(f"--dataset_name {dataset_name}: no 'train' split (splits found: {list(raw)})")
+    return splits

@@ -39,8 +39,6 @@
 from __future__ import annotations
 
 import ast
-import gzip
-import json
 import os
 import re
 import sysconfig
@@ -51,15 +49,19 @@ from typing import Any
 
 import datasets
 
-from nm_hf.data._checks import scan_text_file
-from nm_hf.data._split import SplitSize, hash_split, resolve_size, truncate
+from nm_hf.data._checks import given_files, json_records, scan_text_file
+from nm_hf.data._split import (
+    SPLITS,
+    SplitSize,
+    complete_splits,
+    hash_split,
+    hub_splits,
+    resolve_size,
+    truncate_splits,
+)
 
-SPLITS = ("train", "validation", "test")
 TEXT_EXTENSIONS = (".txt", ".text")
 JSON_EXTENSIONS = (".json", ".jsonl")
-_SPLIT_ALIASES = {"valid": "validation", "val": "validation", "dev": "validation", "eval": "validation"}
-_DEFAULT_CARVE_FRACTION = 0.05
-_DEFAULT_CARVE_MAX = 2000
 _PARAGRAPH_BREAK = re.compile(r"\n[ \t]*\n")
 
 
@@ -209,31 +211,18 @@ def validate_text_jsonl(path: str, text_column: str = "text", flag: str = "--tra
     later; this pass names the flag, the file and the (1-based) line instead. Blank lines are skipped;
     a file without records is refused.
     """
-    scan_text_file(path, flag)
     count = 0
-    opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8") as handle:
-        for lineno, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{flag} {path}, line {lineno}: invalid JSON ({err.msg}); expected one "
-                                 f'object per line, e.g. {{"{text_column}": "..."}}') from None
-            if not isinstance(record, dict):
-                raise ValueError(f"{flag} {path}, line {lineno}: expected an object, found "
-                                 f"{type(record).__name__}")
-            if text_column not in record:
-                raise ValueError(f"{flag} {path}, line {lineno}: no {text_column!r} key (keys found: "
-                                 f"{sorted(record)}); set --text_column")
-            if not isinstance(record[text_column], str):
-                value = record[text_column]
-                raise ValueError(f"{flag} {path}, line {lineno}: {text_column!r} is "
-                                 f"{'null' if value is None else type(value).__name__} ({value!r}), not a string")
-            count += 1
-    if count == 0:
-        raise ValueError(f"{flag} {path}: the file is empty (no JSON record)")
+    for lineno, record in json_records(path, flag, example=f'{{"{text_column}": "..."}}'):
+        if not isinstance(record, dict):
+            raise ValueError(f"{flag} {path}, line {lineno}: expected an object, found {type(record).__name__}")
+        if text_column not in record:
+            raise ValueError(f"{flag} {path}, line {lineno}: no {text_column!r} key (keys found: "
+                             f"{sorted(record)}); set --text_column")
+        if not isinstance(record[text_column], str):
+            value = record[text_column]
+            raise ValueError(f"{flag} {path}, line {lineno}: {text_column!r} is "
+                             f"{'null' if value is None else type(value).__name__} ({value!r}), not a string")
+        count += 1
     return count
 
 
@@ -260,29 +249,9 @@ def _load_text_file(
     return _select_text_column(ds, text_column, f"{flag} {path}")
 
 
-def _complete_splits(
-    splits: dict[str, datasets.Dataset], validation_size: SplitSize | None, test_size: SplitSize | None
-) -> datasets.DatasetDict:
-    missing = [name for name in ("validation", "test") if name not in splits]
-    if missing:
-        train = splits["train"]
-        n = len(train)
-
-        def size(value: SplitSize | None, name: str) -> int:
-            if value is None:
-                return min(_DEFAULT_CARVE_MAX, resolve_size(_DEFAULT_CARVE_FRACTION, n, name))
-            return resolve_size(value, n, name)
-
-        wanted = {
-            "test": size(test_size, "test_size") if "test" in missing else 0,
-            "validation": size(validation_size, "validation_size") if "validation" in missing else 0,
-        }
-        keys = [text if text.strip() else f"\0blank/{i}" for i, text in enumerate(train["text"])]
-        rest, carved = hash_split(keys, wanted)
-        for name in missing:
-            splits[name] = train.select(carved[name])
-        splits["train"] = train.select(rest)
-    return datasets.DatasetDict({name: splits[name] for name in SPLITS})
+def _split_keys(train: datasets.Dataset) -> list[str]:
+    """The carving key of each row: its text (identical rows stay together), a blank row's position."""
+    return [text if text.strip() else f"\0blank/{i}" for i, text in enumerate(train["text"])]
 
 
 def load_text_data(
@@ -306,42 +275,31 @@ def load_text_data(
     """
     if sample_by not in ("line", "paragraph", "document"):
         raise ValueError(f"sample_by must be 'line', 'paragraph' or 'document', got {sample_by!r}")
-    files = {"train": train_file, "validation": validation_file, "test": test_file}
-    given_files = {name: os.fspath(path) for name, path in files.items() if path is not None}
+    files = given_files(dataset_name, train_file, validation_file, test_file)
 
     if dataset_name is not None:
-        if given_files:
-            flags = ", ".join(f"--{name}_file" for name in given_files)
-            raise ValueError(f"Pass either --dataset_name ({dataset_name}) or {flags}, not both")
         raw = datasets.load_dataset(dataset_name, dataset_config_name, cache_dir=cache_dir)
-        splits: dict[str, datasets.Dataset] = {}
-        for name, ds in raw.items():
-            name = _SPLIT_ALIASES.get(name, name)
-            if name in SPLITS:
-                splits[name] = _select_text_column(
-                    ds, text_column, f"--dataset_name {dataset_name} split {name!r}"
-                )
-        if "train" not in splits:
-            raise ValueError(f"--dataset_name {dataset_name}: no 'train' split (splits found: {list(raw)})")
-        result = _complete_splits(splits, validation_size, test_size)
-    elif given_files:
-        if "train" not in given_files:
+        splits = hub_splits(raw, dataset_name, lambda name, ds: _select_text_column(
+            ds, text_column, f"--dataset_name {dataset_name} split {name!r}"))
+        result = complete_splits(splits, _split_keys, validation_size, test_size)
+    elif files:
+        if "train" not in files:
             raise ValueError("--train_file is required when --validation_file/--test_file are given")
-        for name, path in given_files.items():  # check every file before loading any (fail fast)
+        for name, path in files.items():  # check every file before loading any (fail fast)
             _detect_text_format(path, f"--{name}_file")
         splits = {
             name: _load_text_file(path, f"--{name}_file", text_column, sample_by, cache_dir)
-            for name, path in given_files.items()
+            for name, path in files.items()
         }
-        result = _complete_splits(splits, validation_size, test_size)
+        result = complete_splits(splits, _split_keys, validation_size, test_size)
     else:
         result = load_builtin_text(
             dataset,
             validation_size=0.05 if validation_size is None else validation_size,
             test_size=0.05 if test_size is None else test_size,
         )
-    limits = {"train": max_train_samples, "validation": max_eval_samples, "test": max_eval_samples}
-    return datasets.DatasetDict({name: truncate(result[name], limits[name]) for name in SPLITS})
+    return truncate_splits(result, {"train": max_train_samples, "validation": max_eval_samples,
+                                    "test": max_eval_samples})
 
 
 def group_texts(examples: dict[str, list[list[Any]]], block_size: int) -> dict[str, list[list[Any]]]:

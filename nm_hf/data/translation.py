@@ -40,29 +40,16 @@ is an unbiased sample; for files it is the first N lines, as in the transformers
 
 from __future__ import annotations
 
-import gzip
-import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import datasets
 
-from nm_hf.data._checks import scan_text_file
-from nm_hf.data._split import SplitSize, hash_split, resolve_size, truncate
+from nm_hf.data._checks import given_files, json_records, open_text, scan_text_file
+from nm_hf.data._split import SplitSize, complete_splits, hub_splits, truncate_splits
 from nm_hf.data.ding import DING_PATH, load_ding
 
-SPLITS = ("train", "validation", "test")
 JSON_EXTENSIONS = (".json", ".jsonl")
-_SPLIT_ALIASES = {"valid": "validation", "val": "validation", "dev": "validation", "eval": "validation"}
-_DEFAULT_CARVE_FRACTION = 0.05
-_DEFAULT_CARVE_MAX = 2000
-
-
-def _open_text(path: str):
-    """Open a UTF-8 text file, transparently decompressing ``.gz``."""
-    if path.endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8", newline="")
-    return open(path, encoding="utf-8", newline="")
 
 
 def _strip_gz(path: str) -> str:
@@ -139,7 +126,7 @@ def detect_translation_format(
 
 def read_lines(path: str) -> list[str]:
     """Lines of a UTF-8 (optionally gzipped) text file, split on ``\\n`` only, without a trailing empty line."""
-    with _open_text(path) as f:
+    with open_text(path) as f:
         text = f.read()
     if not text:
         return []
@@ -179,34 +166,22 @@ def validate_translation_jsonl(
     pass names the file, the (1-based) line and the keys found instead; a file that is not UTF-8 or holds
     no record is refused the same way. Returns the number of records.
     """
-    scan_text_file(path, flag)
     count = 0
-    with _open_text(path) as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{flag} {path}, line {lineno}: invalid JSON ({err.msg})") from err
-            if not isinstance(record, dict) or not isinstance(record.get("translation"), dict):
-                found = sorted(record) if isinstance(record, dict) else type(record).__name__
-                raise ValueError(
-                    f"{flag} {path}, line {lineno}: expected an object with a 'translation' object, "
-                    f'e.g. {{"translation": {{"{source_lang}": "...", "{target_lang}": "..."}}}}; found keys {found}'
-                )
-            translation = record["translation"]
-            missing = [
-                lang for lang in (source_lang, target_lang) if not isinstance(translation.get(lang), str)
-            ]
-            if missing:
-                raise ValueError(
-                    f"{flag} {path}, line {lineno}: language key(s) {missing} missing (or not a string) in "
-                    f"'translation'; keys found: {sorted(translation)} (check --source_lang/--target_lang)"
-                )
-            count += 1
-    if count == 0:
-        raise ValueError(f"{flag} {path}: the file is empty (no JSON record)")
+    for lineno, record in json_records(path, flag):
+        if not isinstance(record, dict) or not isinstance(record.get("translation"), dict):
+            found = sorted(record) if isinstance(record, dict) else type(record).__name__
+            raise ValueError(
+                f"{flag} {path}, line {lineno}: expected an object with a 'translation' object, "
+                f'e.g. {{"translation": {{"{source_lang}": "...", "{target_lang}": "..."}}}}; found keys {found}'
+            )
+        translation = record["translation"]
+        missing = [lang for lang in (source_lang, target_lang) if not isinstance(translation.get(lang), str)]
+        if missing:
+            raise ValueError(
+                f"{flag} {path}, line {lineno}: language key(s) {missing} missing (or not a string) in "
+                f"'translation'; keys found: {sorted(translation)} (check --source_lang/--target_lang)"
+            )
+        count += 1
     return count
 
 
@@ -248,71 +223,37 @@ def _load_file(
     return datasets.Dataset.from_dict({"translation": rows}, features=features)
 
 
-def _carve_sizes(n: int, validation_size: SplitSize | None, test_size: SplitSize | None) -> tuple[int, int]:
-    def one(size: SplitSize | None, name: str) -> int:
-        if size is None:
-            return min(_DEFAULT_CARVE_MAX, resolve_size(_DEFAULT_CARVE_FRACTION, n, name))
-        return resolve_size(size, n, name)
-
-    return one(validation_size, "validation_size"), one(test_size, "test_size")
+def _source_keys(source_lang: str) -> Callable[[datasets.Dataset], list[str]]:
+    """The carving key of each row: its source sentence (one sentence's translations stay in one split)."""
+    return lambda train: [row[source_lang] for row in train["translation"]]
 
 
-def _complete_splits(
-    splits: dict[str, datasets.Dataset],
-    source_lang: str,
-    validation_size: SplitSize | None,
-    test_size: SplitSize | None,
-) -> datasets.DatasetDict:
-    """Carve missing validation/test splits out of train by the hash of the source sentence."""
-    missing = [name for name in ("validation", "test") if name not in splits]
-    if missing:
-        train = splits["train"]
-        n_val, n_test = _carve_sizes(len(train), validation_size, test_size)
-        wanted = {
-            "test": n_test if "test" in missing else 0,
-            "validation": n_val if "validation" in missing else 0,
-        }
-        keys = [row[source_lang] for row in train["translation"]]
-        rest, carved = hash_split(keys, wanted)
-        for name in missing:
-            splits[name] = train.select(carved[name])
-        splits["train"] = train.select(rest)
-    return datasets.DatasetDict({name: splits[name] for name in SPLITS})
-
-
-def _normalise_hub_dataset(
-    raw: datasets.DatasetDict, source_lang: str, target_lang: str, dataset_name: str
-) -> dict[str, datasets.Dataset]:
-    splits: dict[str, datasets.Dataset] = {}
-    for name, ds in raw.items():
-        name = _SPLIT_ALIASES.get(name, name)
-        if name not in SPLITS:
-            continue
-        if "translation" in ds.column_names:
-            feature = ds.features["translation"]
-            languages = getattr(feature, "languages", None) or (
-                list(feature) if isinstance(feature, dict) else []
-            )
-            missing = [lang for lang in (source_lang, target_lang) if lang not in languages]
-            if missing:
-                raise ValueError(
-                    f"--dataset_name {dataset_name}: split {name!r} has no language(s) {missing} in its 'translation' "
-                    f"column (languages found: {sorted(languages)}); check --source_lang/--target_lang/--dataset_config_name"
-                )
-        elif source_lang in ds.column_names and target_lang in ds.column_names:
-            ds = ds.map(
-                lambda ex: {"translation": {source_lang: ex[source_lang], target_lang: ex[target_lang]}},
-                remove_columns=ds.column_names,
-            )
-        else:
+def _normalise_hub_split(
+    name: str, ds: datasets.Dataset, source_lang: str, target_lang: str, dataset_name: str
+) -> datasets.Dataset:
+    """One split of a Hub dataset as a `translation` column of the two languages."""
+    if "translation" in ds.column_names:
+        feature = ds.features["translation"]
+        languages = getattr(feature, "languages", None) or (
+            list(feature) if isinstance(feature, dict) else []
+        )
+        missing = [lang for lang in (source_lang, target_lang) if lang not in languages]
+        if missing:
             raise ValueError(
-                f"--dataset_name {dataset_name}: split {name!r} has neither a 'translation' column nor "
-                f"'{source_lang}'/'{target_lang}' columns (columns found: {ds.column_names})"
+                f"--dataset_name {dataset_name}: split {name!r} has no language(s) {missing} in its 'translation' "
+                f"column (languages found: {sorted(languages)}); check --source_lang/--target_lang/--dataset_config_name"
             )
-        splits[name] = _only_translation(ds, source_lang, target_lang)
-    if "train" not in splits:
-        raise ValueError(f"--dataset_name {dataset_name}: no 'train' split (splits found: {list(raw)})")
-    return splits
+    elif source_lang in ds.column_names and target_lang in ds.column_names:
+        ds = ds.map(
+            lambda ex: {"translation": {source_lang: ex[source_lang], target_lang: ex[target_lang]}},
+            remove_columns=ds.column_names,
+        )
+    else:
+        raise ValueError(
+            f"--dataset_name {dataset_name}: split {name!r} has neither a 'translation' column nor "
+            f"'{source_lang}'/'{target_lang}' columns (columns found: {ds.column_names})"
+        )
+    return _only_translation(ds, source_lang, target_lang)
 
 
 def load_translation_data(
@@ -341,30 +282,27 @@ def load_translation_data(
     """
     if source_lang == target_lang:
         raise ValueError(f"--source_lang and --target_lang must differ (both are {source_lang!r})")
-    files = {"train": train_file, "validation": validation_file, "test": test_file}
-    given_files = {name: os.fspath(path) for name, path in files.items() if path is not None}
+    files = given_files(dataset_name, train_file, validation_file, test_file)
 
     if dataset_name is not None:
-        if given_files:
-            flags = ", ".join(f"--{name}_file" for name in given_files)
-            raise ValueError(f"Pass either --dataset_name ({dataset_name}) or {flags}, not both")
         raw = datasets.load_dataset(dataset_name, dataset_config_name, cache_dir=cache_dir)
-        splits = _normalise_hub_dataset(raw, source_lang, target_lang, dataset_name)
-        result = _complete_splits(splits, source_lang, validation_size, test_size)
-    elif given_files:
-        if "train" not in given_files:
+        splits = hub_splits(raw, dataset_name, lambda name, ds: _normalise_hub_split(
+            name, ds, source_lang, target_lang, dataset_name))
+        result = complete_splits(splits, _source_keys(source_lang), validation_size, test_size)
+    elif files:
+        if "train" not in files:
             raise ValueError(
                 "--train_file is required when --validation_file/--test_file are given "
                 "(or use --dataset_name / --dataset ding)"
             )
-        for name, path in given_files.items():  # check every file before loading any (fail fast)
+        for name, path in files.items():  # check every file before loading any (fail fast)
             if detect_translation_format(path, source_lang, target_lang, f"--{name}_file") == "parallel":
                 resolve_parallel_files(path, source_lang, target_lang, f"--{name}_file")
         splits = {
             name: _load_file(path, source_lang, target_lang, f"--{name}_file", cache_dir)
-            for name, path in given_files.items()
+            for name, path in files.items()
         }
-        result = _complete_splits(splits, source_lang, validation_size, test_size)
+        result = complete_splits(splits, _source_keys(source_lang), validation_size, test_size)
     elif dataset == "ding":
         if {source_lang, target_lang} != {"en", "de"}:
             raise ValueError(
@@ -385,12 +323,11 @@ def load_translation_data(
             f"use --dataset_name for a Hub dataset or --train_file for local files"
         )
 
-    limits = {
+    return truncate_splits(result, {
         "train": max_train_samples,
         "validation": max_eval_samples,
         "test": max_test_samples if max_test_samples is not None else max_eval_samples,
-    }
-    return datasets.DatasetDict({name: truncate(result[name], limits[name]) for name in SPLITS})
+    })
 
 
 def iter_translation_texts(
