@@ -19,7 +19,7 @@ import re
 import sys
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from torch import nn
@@ -34,8 +34,28 @@ from .record import is_compressed, read_record, require_record
 from .redact import redact_secrets
 from .report import SparsityReport, sparsity_report
 
-__all__ = ["write_model_card", "card_metrics", "redact_secrets", "is_dataset_id", "pipeline_tag_for",
-           "training_hyperparameters", "nm_hf_version"]
+__all__ = ["write_model_card", "CardOptions", "check_card_options", "card_metrics", "redact_secrets",
+           "is_dataset_id", "pipeline_tag_for", "training_hyperparameters", "nm_hf_version"]
+
+
+class CardOptions(TypedDict, total=False):
+    """What a model card says about a run beyond the files it reads: the keyword arguments of
+    `write_model_card` that `nm_hf.hub.prepare_upload` and `push_to_hub` pass on as they are."""
+
+    dataset_name: str | None
+    task: str | None
+    command: str | None
+    base_model: str | None
+    license: str | None
+    training_args: Any
+
+
+def check_card_options(options: dict[str, Any], where: str) -> None:
+    """Refuse a keyword argument that is not a `CardOptions` key (TypeError naming `where`), before any work."""
+    unknown = sorted(set(options) - set(CardOptions.__annotations__))
+    if unknown:
+        raise TypeError(f"{where}() got unexpected keyword argument(s) {', '.join(map(repr, unknown))} "
+                        f"(model card options: {', '.join(CardOptions.__annotations__)})")
 
 #: result key (without test_/eval_ prefixes) -> (model-index metric type, display name)
 _METRICS = {

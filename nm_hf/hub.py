@@ -15,12 +15,12 @@ import shutil
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
 from ._files import atomic_directory, atomic_write_json
-from .card import write_model_card
+from .card import CardOptions, check_card_options, write_model_card
 from .checkpoint.compressed import (
     compressed_file,
     finalized_record,
@@ -43,6 +43,9 @@ from .checkpoint.directory import (
 )
 from .injection import unwrap_model
 from .record import is_compressed, read_record, record_group_dims
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 __all__ = ["prepare_upload", "push_to_hub", "check_repo_id"]
 
@@ -98,14 +101,9 @@ def prepare_upload(
     results: dict | None = None,
     extra_files: Iterable[str | os.PathLike] = (),
     model_card: bool = True,
-    dataset_name: str | None = None,
-    task: str | None = None,
-    command: str | None = None,
-    base_model: str | None = None,
     repo_id: str | None = None,
-    license: str | None = None,
-    training_args: Any = None,
     overwrite: bool = False,
+    **card: Unpack[CardOptions],
 ) -> Path:
     """Build the folder `push_to_hub` uploads: weights (normal or compressed), tokenizer, results, card.
 
@@ -114,8 +112,10 @@ def prepare_upload(
     and converted to the requested format. `extra_files` are added by name; a name that is already in
     the folder (config.json, a tokenizer file, ...) is refused. The folder is built in a staging
     directory and renamed at the end: `out_dir` is never left half-written; an existing non-empty
-    `out_dir` is refused unless `overwrite`.
+    `out_dir` is refused unless `overwrite`. `card`: the model card's `dataset_name`, `task`, `command`,
+    `base_model`, `license` and `training_args` (`nm_hf.card.CardOptions`, see `write_model_card`).
     """
+    check_card_options(card, "prepare_upload")
     out = Path(out_dir)
     extras = _check_extra_files(extra_files)
     model = None
@@ -156,9 +156,8 @@ def prepare_upload(
             merged = read_json(stage / RESULTS_NAME, "results") if (stage / RESULTS_NAME).exists() else {}
             atomic_write_json(stage / RESULTS_NAME, {**merged, **results})
         if model_card:
-            write_model_card(stage, model=model, results=results, dataset_name=dataset_name, task=task,
-                             command=command, base_model=base_model, repo_id=repo_id, license=license,
-                             training_args=training_args, source_dir=src, model_name=out.name)
+            write_model_card(stage, model=model, results=results, repo_id=repo_id, source_dir=src,
+                             model_name=out.name, **card)
     return out
 
 
@@ -174,15 +173,10 @@ def push_to_hub(
     results: dict | None = None,
     extra_files: Iterable[str | os.PathLike] = (),
     model_card: bool = True,
-    dataset_name: str | None = None,
-    task: str | None = None,
-    command: str | None = None,
-    base_model: str | None = None,
-    license: str | None = None,
-    training_args: Any = None,
     revision: str | None = None,
     create_pr: bool = False,
     endpoint: str | None = None,
+    **card: Unpack[CardOptions],
 ) -> Any:
     """Upload a finalized sparse model (or a saved directory) with its tokenizer, card, plot and results.
 
@@ -190,17 +184,18 @@ def push_to_hub(
     temporary folder first (`prepare_upload`), then sent in one commit with
     `HfApi(endpoint, token).create_repo(exist_ok=True)` + `upload_folder`. `compressed=True` uploads
     the compressed format (load it with `nm_hf.load_sparse`/`load_compressed`). Returns the
-    `huggingface_hub.CommitInfo`. `endpoint` overrides HF_ENDPOINT (e.g. a private Hub).
+    `huggingface_hub.CommitInfo`. `endpoint` overrides HF_ENDPOINT (e.g. a private Hub). `card`: the
+    model card options, as for `prepare_upload`.
     """
     from huggingface_hub import HfApi
 
+    check_card_options(card, "push_to_hub")
     check_repo_id(repo_id)
     api = HfApi(endpoint=endpoint, token=token)
     with tempfile.TemporaryDirectory(prefix="nm_hf_push_") as tmp:
         stage = prepare_upload(model_or_dir, Path(tmp) / "upload", tokenizer=tokenizer, compressed=compressed,
                                results=results, extra_files=extra_files, model_card=model_card,
-                               dataset_name=dataset_name, task=task, command=command, base_model=base_model,
-                               repo_id=repo_id, license=license, training_args=training_args)
+                               repo_id=repo_id, **card)
         record = read_record(read_json(stage / CONFIG_NAME, "the model config")) or {}
         message = commit_message or (f"Upload {record.get('n')}:{record.get('m')} sparse model with nm_hf"
                                      + (" (compressed)" if compressed else ""))
