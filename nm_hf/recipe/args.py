@@ -11,6 +11,7 @@ real type objects to pick argparse types and choices. Help strings go through ar
 """
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from ..prune import CALIBRATED, CRITERIA
 
@@ -91,6 +92,14 @@ class DataArguments:
         def as_size(value: float | None) -> int | float | None:
             return int(value) if value is not None and value >= 1 else value
         return {"validation_size": as_size(self.validation_split_size), "test_size": as_size(self.test_split_size)}
+
+    def loader_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of both data loaders (``nm_hf.data.load_text_data``/``load_translation_data``)
+        that these shared flags set: the source, its cache, the row limits and the carved split sizes."""
+        return {"dataset_name": self.dataset_name, "dataset_config_name": self.dataset_config_name,
+                "train_file": self.train_file, "validation_file": self.validation_file, "test_file": self.test_file,
+                "max_train_samples": self.max_train_samples, "max_eval_samples": self.max_eval_samples,
+                "cache_dir": self.data_cache_dir, **self.split_sizes()}
 
 
 @dataclass

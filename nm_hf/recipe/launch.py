@@ -30,6 +30,7 @@ from .config_files import ArgumentsError, parse_recipe_args_full
 __all__ = [
     "HubTarget",
     "REDACTED",
+    "adaptive_training_defaults",
     "check_launch",
     "check_training_arguments",
     "common_training_defaults",
@@ -124,6 +125,27 @@ def run_length_defaults(max_steps: int, *, warmup_fraction: float | None = None,
         if warmup_fraction is not None:
             out["warmup_steps"] = warmup_fraction
     return out
+
+
+def adaptive_training_defaults(scratch_defaults: Mapping[str, Any], *, warmup_fraction: float,
+                               warmup_cap: int) -> Callable[[tuple[Any, ...]], dict[str, Any]]:
+    """A recipe's `adaptive_defaults` for `parse_recipe_args_or_exit` (parsed values: the model arguments
+    first, the TrainingArguments last).
+
+    Every run: a logging interval sized to --max_steps (`run_length_defaults`), so a short run still
+    logs its loss and sparsity metrics. A model built from scratch (no --model_name_or_path), which
+    learns little at the stock TrainingArguments settings: `scratch_defaults` too, with a warm-up of
+    `warmup_fraction` of the steps (at most `warmup_cap`). A config file or flag wins over all of them.
+    """
+    def adaptive_defaults(parsed: tuple[Any, ...]) -> dict[str, Any]:
+        model_args, training_args = parsed[0], parsed[-1]
+        if model_args.model_name_or_path:
+            return run_length_defaults(training_args.max_steps)
+        defaults = run_length_defaults(training_args.max_steps, warmup_fraction=warmup_fraction,
+                                       warmup_cap=warmup_cap)
+        return {**scratch_defaults, **defaults}
+
+    return adaptive_defaults
 
 
 # ---------------------------------------------------------------------------------------------------------

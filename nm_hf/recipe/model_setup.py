@@ -7,6 +7,8 @@
 - `shared_tokenizer`: a tokenizer trained once (process 0) and sent to every process in memory; it is
   written to the output directory only with the trained model, so a run that fails early leaves a
   previous run's model and tokenizer untouched;
+- `pretrained_model_config`, `model_and_tokenizer`: --model_name_or_path's config, and the run's model
+  and tokenizer (pretrained, or built from scratch with a shared tokenizer), its layers checked;
 - `count_causal_lm_targets`: makes the Trainer divide a causal LM's loss by the positions it predicts
   (GPT-2 needs it under transformers 5.23, see the function);
 - `check_prune_method`, `prune_pretrained`: `--prune_criterion` / `--calibration_samples`, the one-shot
@@ -33,7 +35,8 @@ from .args import CALIBRATION_SAMPLES
 from .config_files import ArgumentsError
 
 __all__ = ["apply_config_overrides", "calibration_batches", "check_prune_method", "check_sparsity_targets",
-           "count_causal_lm_targets", "prune_pretrained", "resume_dirs", "shared_tokenizer", "skeleton"]
+           "count_causal_lm_targets", "model_and_tokenizer", "pretrained_model_config", "prune_pretrained",
+           "resume_dirs", "shared_tokenizer", "skeleton"]
 
 logger = logging.getLogger(__name__)
 
@@ -167,6 +170,38 @@ def shared_tokenizer(training_args: Any, train: Callable[[], Any],
         for name, data in files.items():
             (Path(tmp) / name).write_bytes(data)
         return AutoTokenizer.from_pretrained(tmp)
+
+
+def pretrained_model_config(model_args: Any) -> Any:
+    """The config of --model_name_or_path (`AutoConfig`); --config_overrides, which only applies to a model
+    built from scratch, is refused (`ArgumentsError`) first."""
+    if model_args.config_overrides:
+        raise ArgumentsError("--config_overrides only applies to a model built from scratch, not to "
+                             f"--model_name_or_path {model_args.model_name_or_path}")
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(model_args.model_name_or_path)
+
+
+def model_and_tokenizer(model_args: Any, training_args: Any, sparsity_config: Any, *,
+                        load_pretrained: Callable[[], torch.nn.Module], train_tokenizer: Callable[[], Any],
+                        build_model: Callable[[Any], torch.nn.Module]) -> tuple[torch.nn.Module, Any]:
+    """The run's model and tokenizer, with the layer selection checked on the real model.
+
+    With --model_name_or_path: `load_pretrained()` and the model's own tokenizer. From scratch: a
+    tokenizer trained once, by `train_tokenizer()` on process 0 (`shared_tokenizer`; a resumed run
+    loads the one it saved, `resume_dirs`), and the model `build_model(tokenizer)` makes for it.
+    """
+    if model_args.model_name_or_path:
+        from transformers import AutoTokenizer
+
+        model = load_pretrained()
+        tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path)
+    else:
+        tokenizer = shared_tokenizer(training_args, reuse_from=resume_dirs(training_args), train=train_tokenizer)
+        model = build_model(tokenizer)
+    check_sparsity_targets(model, sparsity_config)
+    return model, tokenizer
 
 
 def check_prune_method(criterion: str | None, sparsity_config: Any) -> None:

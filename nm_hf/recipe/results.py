@@ -22,18 +22,20 @@ import torch
 
 from nm_hf._files import atomic_write_json, atomic_write_text
 
-from .launch import HubTarget, launch_command
+from .launch import HubTarget, launch_command, process_elapsed_seconds
 
 __all__ = [
     "PREDICTIONS_FILE",
     "RESULTS_FILE",
     "count_parameters",
+    "dataset_label",
     "finish_run",
     "format_results_table",
     "format_samples",
     "json_safe",
     "model_summary",
     "pick_samples",
+    "results_record",
     "safe_perplexity",
     "train_and_save",
     "training_curve",
@@ -174,6 +176,17 @@ def model_summary(model: torch.nn.Module, model_name_or_path: str | None) -> dic
     }
 
 
+def dataset_label(data_args: Any, builtin: str) -> str:
+    """How results.json and the model card name the run's data: the Hub dataset (with its configuration),
+    the local training file, or else `builtin`, the description of the recipe's built-in data set."""
+    if data_args.dataset_name:
+        config = data_args.dataset_config_name
+        return data_args.dataset_name + (f" ({config})" if config else "")
+    if data_args.train_file:
+        return f"local files ({Path(data_args.train_file).name})"
+    return builtin
+
+
 #: log_history keys left out of the curve: timings and totals, not quantities that evolve with training
 _CURVE_SKIP_SUFFIXES = ("_runtime", "_per_second", "total_flos")
 
@@ -246,6 +259,34 @@ def train_and_save(trainer: Any, training_args: Any, sparsity_config: Any) -> di
             "learning_rate": training_args.learning_rate,
             "seed": training_args.seed,
         },
+    }
+
+
+def results_record(
+    headline: Mapping[str, Any],
+    blocks: Mapping[str, Any],
+    *,
+    evaluation: Mapping[str, Any],
+    model: torch.nn.Module,
+    model_name_or_path: str | None,
+    data: Mapping[str, Any],
+    notes: Mapping[str, Any] | None = None,
+    samples: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """A recipe's results.json, in the order the printed table shows it: the task's `headline` (task,
+    dataset, test and validation metrics), the headline numbers of `blocks` (`train_and_save`: sparsity,
+    SAD, throughput, curve), `notes`, the `evaluation` details, the detail blocks of `blocks`, the model
+    (`model_summary`), `data`, the test `samples` (when given) and the run (total time, command)."""
+    return {
+        **headline,
+        **{key: value for key, value in blocks.items() if not isinstance(value, dict)},
+        **(notes or {}),
+        "evaluation": dict(evaluation),
+        **{key: value for key, value in blocks.items() if isinstance(value, dict)},
+        "model": model_summary(model, model_name_or_path),
+        "data": dict(data),
+        **({} if samples is None else {"samples": samples}),
+        "run": {"total_time_s": round(process_elapsed_seconds(), 1), "command": launch_command()},
     }
 
 

@@ -1,0 +1,73 @@
+"""The recipes' sparse training: how the first mask is chosen, then training and saving.
+
+- `check_first_mask`: --dense_warmup_fraction and --prune_criterion (the two ways of choosing the first
+  mask other than the method's own) checked against --method and the run, before anything is loaded;
+- `train_recipe_model`: the optional one-shot prune of a pretrained model, the recipe trainer (token
+  throughput, exact evaluation) with the optional dense warm-up switch, training and saving, and the
+  result blocks recording all of it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .launch import user_errors
+from .model_setup import check_prune_method, prune_pretrained
+from .results import train_and_save
+from .schedule import attach_dense_warmup, check_dense_warmup, dense_warmup_config
+from .trainer_mixins import with_token_throughput
+
+__all__ = ["check_first_mask", "train_recipe_model"]
+
+
+def check_first_mask(model_args: Any, sparsity_config: Any, training_args: Any) -> None:
+    """Refuse a --dense_warmup_fraction or --prune_criterion the run's --method or length cannot honour
+    (one-line `ValueError`), before any data is loaded or file written."""
+    check_dense_warmup(model_args.dense_warmup_fraction, sparsity_config, training_args.max_steps,
+                       training_args.resume_from_checkpoint)
+    check_prune_method(model_args.prune_criterion, sparsity_config)
+
+
+def train_recipe_model(
+    prog: str,
+    trainer_class: type,
+    *,
+    model: torch.nn.Module,
+    model_args: Any,
+    sparsity_config: Any,
+    training_args: Any,
+    train_dataset: Any,
+    eval_dataset: Any,
+    data_collator: Any,
+    processing_class: Any,
+    compute_metrics: Any = None,
+    count_label_tokens: bool = False,
+) -> tuple[Any, dict[str, Any]]:
+    """Prune (--prune_criterion), train and save `model`; returns the trainer and `train_and_save`'s
+    result blocks, whose "sparsity_config" block also records the dense warm-up and the prune.
+
+    --prune_criterion: a one-shot prune of the pretrained model (`prune_pretrained`, calibrated on the
+    first training examples), which is then fine-tuned; a refusal exits with `prog: error: ...` before
+    anything is written. The trainer is `with_token_throughput(trainer_class, count_label_tokens)`;
+    with --dense_warmup_fraction it starts dense (`dense_warmup_config`) and switches to --method
+    (`attach_dense_warmup`).
+    """
+    fraction = model_args.dense_warmup_fraction
+    with user_errors(prog):  # --prune_criterion: one-shot prune of the pretrained model, then fine-tune it
+        prune_record = prune_pretrained(
+            model, sparsity_config, model_args.prune_criterion, train_dataset=train_dataset,
+            collator=data_collator, calibration_samples=model_args.calibration_samples,
+            training_args=training_args)
+    trainer = with_token_throughput(trainer_class, count_label_tokens=count_label_tokens)(
+        model=model, args=training_args, sparsity_config=dense_warmup_config(fraction, sparsity_config),
+        train_dataset=train_dataset, eval_dataset=eval_dataset, data_collator=data_collator,
+        processing_class=processing_class, compute_metrics=compute_metrics)
+    warmup = attach_dense_warmup(trainer, fraction, sparsity_config, training_args.max_steps)
+    blocks = train_and_save(trainer, training_args, sparsity_config)
+    if warmup is not None:  # --dense_warmup_fraction: dense until the switch, then --method
+        blocks["sparsity_config"]["dense_warmup"] = {"fraction": fraction, **warmup.summary()}
+    if prune_record is not None:
+        blocks["sparsity_config"]["prune"] = prune_record
+    return trainer, blocks
