@@ -21,13 +21,10 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 from transformers import (
-    AutoConfig,
     AutoModelForCausalLM,
-    AutoTokenizer,
     GPT2Config,
     GPT2LMHeadModel,
     LlamaConfig,
@@ -44,28 +41,26 @@ from nm_hf.recipe import (
     ArgumentsError,
     CausalLMModelArguments,
     TextDataArguments,
+    adaptive_training_defaults,
     apply_config_overrides,
+    check_first_mask,
     check_sparsity_targets,
     common_training_defaults,
     count_parameters,
+    dataset_label,
     exit_with_error,
     finish_run,
-    launch_command,
-    model_summary,
+    model_and_tokenizer,
     parse_recipe_args_or_exit,
-    process_elapsed_seconds,
-    resume_dirs,
-    run_length_defaults,
+    pretrained_model_config,
+    results_record,
     safe_perplexity,
     setup_logging,
-    shared_tokenizer,
     skeleton,
-    train_and_save,
+    train_recipe_model,
     user_errors,
-    with_token_throughput,
 )
-from nm_hf.recipe.model_setup import check_prune_method, count_causal_lm_targets, prune_pretrained
-from nm_hf.recipe.schedule import attach_dense_warmup, check_dense_warmup, dense_warmup_config
+from nm_hf.recipe.model_setup import count_causal_lm_targets
 from nm_hf.tokenization import train_causal_lm_tokenizer
 from nm_hf.trainer import SparseTrainer
 
@@ -87,17 +82,9 @@ DESCRIPTION = (
     "config file or a flag sets them; every run logs about 10 times (at most every 50 steps)."
 )
 PROG = "recipes/language_modeling.py"
-
-
-def adaptive_defaults(parsed: tuple[Any, ...]) -> dict[str, Any]:
-    """Defaults that depend on the run: a logging interval sized to --max_steps (so a short run still logs
-    its loss and sparsity metrics) and, for a model built from scratch, `SCRATCH_DEFAULTS` with a
-    warm-up of 10 percent of the steps (at most 400). A config file or flag wins."""
-    model_args, _, _, training_args = parsed
-    scratch = not model_args.model_name_or_path
-    defaults = run_length_defaults(training_args.max_steps, warmup_fraction=0.1 if scratch else None,
-                                   warmup_cap=400)
-    return {**SCRATCH_DEFAULTS, **defaults} if scratch else defaults
+# Defaults that depend on the run: a logging interval sized to --max_steps and, for a model built from
+# scratch, SCRATCH_DEFAULTS with a warm-up of 10 percent of the steps (at most 400).
+adaptive_defaults = adaptive_training_defaults(SCRATCH_DEFAULTS, warmup_fraction=0.1, warmup_cap=400)
 
 
 def scratch_config(model_args: CausalLMModelArguments, vocab_size: int, special: dict[str, int | None],
@@ -141,10 +128,7 @@ def build_scratch_model(model_args: CausalLMModelArguments, tokenizer: PreTraine
 
 def pretrained_config(model_args: CausalLMModelArguments, block_size: int) -> Any:
     """The config of --model_name_or_path, checked to be a decoder one with room for --block_size."""
-    if model_args.config_overrides:
-        raise ArgumentsError("--config_overrides only applies to a model built from scratch, not to "
-                             f"--model_name_or_path {model_args.model_name_or_path}")
-    config = AutoConfig.from_pretrained(model_args.model_name_or_path)
+    config = pretrained_model_config(model_args)
     if getattr(config, "is_encoder_decoder", False):
         raise ArgumentsError(f"--model_name_or_path {model_args.model_name_or_path} is an encoder-decoder model; "
                              "use recipes/translation.py for seq2seq models")
@@ -155,11 +139,10 @@ def pretrained_config(model_args: CausalLMModelArguments, block_size: int) -> An
     return config
 
 
-def load_pretrained(model_args: CausalLMModelArguments, block_size: int) -> tuple[Any, PreTrainedTokenizerBase]:
+def load_pretrained(model_args: CausalLMModelArguments, block_size: int) -> Any:
+    """--model_name_or_path, its config checked (`pretrained_config`) before the weights are loaded."""
     pretrained_config(model_args, block_size)
-    model = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path)
-    tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path)
-    return model, tokenizer
+    return AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path)
 
 
 def check_model_settings(model_args: CausalLMModelArguments, block_size: int, sparsity_config: Any) -> None:
@@ -185,12 +168,7 @@ BUILTIN_DESCRIPTIONS = {
 
 
 def _dataset_label(data_args: TextDataArguments) -> str:
-    if data_args.dataset_name:
-        return data_args.dataset_name + (f" ({data_args.dataset_config_name})" if data_args.dataset_config_name
-                                         else "")
-    if data_args.train_file:
-        return f"local files ({Path(data_args.train_file).name})"
-    return BUILTIN_DESCRIPTIONS.get(data_args.dataset, data_args.dataset)
+    return dataset_label(data_args, BUILTIN_DESCRIPTIONS.get(data_args.dataset, data_args.dataset))
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -200,9 +178,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     sparsity_config = sparsity_args.to_config()
     block_size = data_args.block_size
     with user_errors(PROG):
-        check_dense_warmup(model_args.dense_warmup_fraction, sparsity_config, training_args.max_steps,
-                           training_args.resume_from_checkpoint)
-        check_prune_method(model_args.prune_criterion, sparsity_config)
+        check_first_mask(model_args, sparsity_config, training_args)
         check_model_settings(model_args, block_size, sparsity_config)
     setup_logging(training_args)
     set_seed(training_args.seed)
@@ -210,12 +186,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # ---- data (nothing is written to the output directory before training starts)
     t0 = time.perf_counter()
     with user_errors(PROG), training_args.main_process_first(desc="loading the data"):
-        raw = load_text_data(
-            dataset_name=data_args.dataset_name, dataset_config_name=data_args.dataset_config_name,
-            train_file=data_args.train_file, validation_file=data_args.validation_file,
-            test_file=data_args.test_file, dataset=data_args.dataset, text_column=data_args.text_column,
-            max_train_samples=data_args.max_train_samples, max_eval_samples=data_args.max_eval_samples,
-            cache_dir=data_args.data_cache_dir, **data_args.split_sizes())
+        raw = load_text_data(dataset=data_args.dataset, text_column=data_args.text_column,
+                             **data_args.loader_kwargs())
     if data_args.max_test_samples is not None and data_args.max_test_samples < len(raw["test"]):
         raw["test"] = raw["test"].select(range(data_args.max_test_samples))
     logger.info(f"data: {', '.join(f'{k} {len(v):,}' for k, v in raw.items())} rows "
@@ -223,16 +195,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     # ---- tokenizer and model
     with user_errors(PROG):
-        if model_args.model_name_or_path:
-            model, tokenizer = load_pretrained(model_args, block_size)
-        else:
-            tokenizer = shared_tokenizer(
-                training_args, reuse_from=resume_dirs(training_args),
-                train=lambda: train_causal_lm_tokenizer(iter_texts(raw["train"]), vocab_size=model_args.vocab_size,
-                                                        min_frequency=model_args.min_frequency,
-                                                        model_max_length=model_args.max_position_embeddings))
-            model = build_scratch_model(model_args, tokenizer, block_size)
-        check_sparsity_targets(model, sparsity_config)
+        model, tokenizer = model_and_tokenizer(
+            model_args, training_args, sparsity_config,
+            load_pretrained=lambda: load_pretrained(model_args, block_size),
+            train_tokenizer=lambda: train_causal_lm_tokenizer(
+                iter_texts(raw["train"]), vocab_size=model_args.vocab_size, min_frequency=model_args.min_frequency,
+                model_max_length=model_args.max_position_embeddings),
+            build_model=lambda tokenizer: build_scratch_model(model_args, tokenizer, block_size))
     if count_causal_lm_targets(model):
         logger.info(f"{type(model).__name__}: loss_type set to ForCausalLM, so the Trainer counts the predicted "
                     "tokens (labels[..., 1:]) of its loss")
@@ -246,26 +215,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             exit_with_error(PROG, f"the {split} split has fewer than --block_size {block_size} tokens; use a "
                             "smaller --block_size or more data")
     logger.info(f"blocks of {block_size} tokens: {', '.join(f'{k} {len(v):,}' for k, v in blocks.items())}")
-    with user_errors(PROG):  # --prune_criterion: one-shot prune of the pretrained model, then fine-tune it
-        prune_record = prune_pretrained(
-            model, sparsity_config, model_args.prune_criterion, train_dataset=blocks["train"],
-            collator=default_data_collator, calibration_samples=model_args.calibration_samples,
-            training_args=training_args)
 
-    # ---- training
-    trainer_cls = with_token_throughput(SparseTrainer)
-    trainer = trainer_cls(
-        model=model, args=training_args,
-        sparsity_config=dense_warmup_config(model_args.dense_warmup_fraction, sparsity_config),
-        train_dataset=blocks["train"], eval_dataset=blocks["validation"],
+    # ---- training (after a one-shot prune with --prune_criterion, or with a --dense_warmup_fraction)
+    trainer, result_blocks = train_recipe_model(
+        PROG, SparseTrainer, model=model, model_args=model_args, sparsity_config=sparsity_config,
+        training_args=training_args, train_dataset=blocks["train"], eval_dataset=blocks["validation"],
         data_collator=default_data_collator, processing_class=tokenizer)
-    warmup = attach_dense_warmup(trainer, model_args.dense_warmup_fraction, sparsity_config, training_args.max_steps)
-    result_blocks = train_and_save(trainer, training_args, sparsity_config)
-    if warmup is not None:  # --dense_warmup_fraction: dense until the switch, then --method
-        result_blocks["sparsity_config"]["dense_warmup"] = {"fraction": model_args.dense_warmup_fraction,
-                                                         **warmup.summary()}
-    if prune_record is not None:
-        result_blocks["sparsity_config"]["prune"] = prune_record
 
     # ---- evaluation
     val_metrics = trainer.evaluate(metric_key_prefix="eval")
@@ -276,22 +231,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     trainer.save_metrics("test", {**test_metrics, "test_perplexity": safe_perplexity(test_loss),
                                   "test_samples": len(blocks["test"])})
 
-    results: dict[str, Any] = {
-        "task": "causal-lm",
-        "dataset": _dataset_label(data_args),
-        "test_loss": round(test_loss, 6), "test_perplexity": round(safe_perplexity(test_loss), 4),
-        "eval_loss": round(val_loss, 6), "eval_perplexity": round(safe_perplexity(val_loss), 4),
-        **{k: v for k, v in result_blocks.items() if not isinstance(v, dict)},
-        "evaluation": {
-            "block_size": block_size, "test_blocks": len(blocks["test"]),
-            "validation_blocks": len(blocks["validation"]),
-            "test_runtime_s": test_metrics.get("test_runtime"), "validation_runtime_s": val_metrics.get("eval_runtime"),
-        },
-        **{k: v for k, v in result_blocks.items() if isinstance(v, dict)},
-        "model": model_summary(trainer.model, model_args.model_name_or_path),
-        "data": {"train_blocks": len(blocks["train"]), "train_rows": len(raw["train"])},
-        "run": {"total_time_s": round(process_elapsed_seconds(), 1), "command": launch_command()},
-    }
+    results = results_record(
+        {"task": "causal-lm", "dataset": _dataset_label(data_args),
+         "test_loss": round(test_loss, 6), "test_perplexity": round(safe_perplexity(test_loss), 4),
+         "eval_loss": round(val_loss, 6), "eval_perplexity": round(safe_perplexity(val_loss), 4)},
+        result_blocks,
+        evaluation={"block_size": block_size, "test_blocks": len(blocks["test"]),
+                    "validation_blocks": len(blocks["validation"]), "test_runtime_s": test_metrics.get("test_runtime"),
+                    "validation_runtime_s": val_metrics.get("eval_runtime")},
+        model=trainer.model, model_name_or_path=model_args.model_name_or_path,
+        data={"train_blocks": len(blocks["train"]), "train_rows": len(raw["train"])})
     finish_run(training_args, results, model=trainer.model, task="text-generation",
                dataset_name=data_args.dataset_name or _dataset_label(data_args),
                base_model=model_args.model_name_or_path, hub=hub,

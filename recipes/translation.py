@@ -28,9 +28,7 @@ from typing import Any
 import numpy as np
 from sacrebleu.metrics import BLEU, CHRF
 from transformers import (
-    AutoConfig,
     AutoModelForSeq2SeqLM,
-    AutoTokenizer,
     DataCollatorForSeq2Seq,
     MBartConfig,
     MBartForConditionalGeneration,
@@ -46,29 +44,26 @@ from nm_hf.recipe import (
     ArgumentsError,
     TranslationDataArguments,
     TranslationModelArguments,
+    adaptive_training_defaults,
     apply_config_overrides,
+    check_first_mask,
     check_sparsity_targets,
     common_training_defaults,
     count_parameters,
+    dataset_label,
     exit_with_error,
     finish_run,
-    launch_command,
-    model_summary,
+    model_and_tokenizer,
     parse_recipe_args_or_exit,
     pick_samples,
-    process_elapsed_seconds,
-    resume_dirs,
-    run_length_defaults,
+    pretrained_model_config,
+    results_record,
     setup_logging,
-    shared_tokenizer,
     skeleton,
-    train_and_save,
+    train_recipe_model,
     user_errors,
-    with_token_throughput,
     write_predictions,
 )
-from nm_hf.recipe.model_setup import check_prune_method, prune_pretrained
-from nm_hf.recipe.schedule import attach_dense_warmup, check_dense_warmup, dense_warmup_config
 from nm_hf.tokenization import train_translation_tokenizer
 from nm_hf.trainer import SparseSeq2SeqTrainer
 
@@ -97,17 +92,9 @@ DESCRIPTION = (
 )
 PROG = "recipes/translation.py"
 SAMPLES = 5  # test sentences printed at the end and kept in results.json
-
-
-def adaptive_defaults(parsed: tuple[Any, ...]) -> dict[str, Any]:
-    """Defaults that depend on the run: a logging interval sized to --max_steps (so a short run still logs
-    its loss and sparsity metrics) and, for a model built from scratch, `SCRATCH_DEFAULTS` with a
-    warm-up of 1/6 of the steps (at most 200: the demo's 200 of 1,200). A config file or flag wins."""
-    model_args, _, _, training_args = parsed
-    scratch = not model_args.model_name_or_path
-    defaults = run_length_defaults(training_args.max_steps, warmup_fraction=1 / 6 if scratch else None,
-                                   warmup_cap=200)
-    return {**SCRATCH_DEFAULTS, **defaults} if scratch else defaults
+# Defaults that depend on the run: a logging interval sized to --max_steps and, for a model built from
+# scratch, SCRATCH_DEFAULTS with a warm-up of 1/6 of the steps (at most 200: the demo's 200 of 1,200).
+adaptive_defaults = adaptive_training_defaults(SCRATCH_DEFAULTS, warmup_fraction=1 / 6, warmup_cap=200)
 
 
 class BleuMetric:
@@ -212,24 +199,22 @@ def build_scratch_model(model_args: TranslationModelArguments, tokenizer: PreTra
 
 def pretrained_config(model_args: TranslationModelArguments) -> Any:
     """The config of --model_name_or_path, checked to be an encoder-decoder one."""
-    if model_args.config_overrides:
-        raise ArgumentsError("--config_overrides only applies to a model built from scratch, not to "
-                             f"--model_name_or_path {model_args.model_name_or_path}")
-    config = AutoConfig.from_pretrained(model_args.model_name_or_path)
+    config = pretrained_model_config(model_args)
     if not getattr(config, "is_encoder_decoder", False):
         raise ArgumentsError(f"--model_name_or_path {model_args.model_name_or_path} is a {config.model_type} "
                              "model, not an encoder-decoder (seq2seq) model")
     return config
 
 
-def load_pretrained(model_args: TranslationModelArguments) -> tuple[Any, PreTrainedTokenizerBase]:
+def load_pretrained(model_args: TranslationModelArguments) -> Any:
+    """--model_name_or_path, its config checked (`pretrained_config`) before the weights are loaded, and
+    able to start generating."""
     pretrained_config(model_args)
     model = AutoModelForSeq2SeqLM.from_pretrained(model_args.model_name_or_path)
-    tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path)
     if model.config.decoder_start_token_id is None:
         raise ValueError(f"{model_args.model_name_or_path}: config.decoder_start_token_id is not set; "
                          "generation cannot start")
-    return model, tokenizer
+    return model
 
 
 def check_model_settings(model_args: TranslationModelArguments, data_args: TranslationDataArguments,
@@ -265,15 +250,11 @@ def tokenize_splits(raw: Any, tokenizer: PreTrainedTokenizerBase, data_args: Tra
 
 
 def _dataset_label(data_args: TranslationDataArguments) -> str:
-    if data_args.dataset_name:
-        return data_args.dataset_name + (f" ({data_args.dataset_config_name})" if data_args.dataset_config_name
-                                         else "")
-    if data_args.train_file:
-        return f"local files ({Path(data_args.train_file).name})"
     if data_args.dataset != "ding":
-        return data_args.dataset
+        return dataset_label(data_args, data_args.dataset)
     entries = "example sentences" if data_args.ding_sentences_only else "phrases and example sentences"
-    return (f"ding (Debian trans-de-en {entries}, {data_args.ding_min_words}-{data_args.ding_max_words} words)")
+    return dataset_label(data_args, f"ding (Debian trans-de-en {entries}, {data_args.ding_min_words}-"
+                                    f"{data_args.ding_max_words} words)")
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -282,9 +263,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         description=DESCRIPTION)
     sparsity_config = sparsity_args.to_config()
     with user_errors(PROG):
-        check_dense_warmup(model_args.dense_warmup_fraction, sparsity_config, training_args.max_steps,
-                           training_args.resume_from_checkpoint)
-        check_prune_method(model_args.prune_criterion, sparsity_config)
+        check_first_mask(model_args, sparsity_config, training_args)
         check_model_settings(model_args, data_args, sparsity_config)
     setup_logging(training_args)
     output_dir = Path(training_args.output_dir)
@@ -294,15 +273,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     t0 = time.perf_counter()
     with user_errors(PROG), training_args.main_process_first(desc="loading the data"):
         raw = load_translation_data(
-            source_lang=data_args.source_lang, target_lang=data_args.target_lang,
-            dataset_name=data_args.dataset_name, dataset_config_name=data_args.dataset_config_name,
-            train_file=data_args.train_file, validation_file=data_args.validation_file,
-            test_file=data_args.test_file, dataset=data_args.dataset,
-            max_train_samples=data_args.max_train_samples, max_eval_samples=data_args.max_eval_samples,
+            source_lang=data_args.source_lang, target_lang=data_args.target_lang, dataset=data_args.dataset,
             max_test_samples=data_args.max_test_samples, ding_min_words=data_args.ding_min_words,
-            ding_max_words=data_args.ding_max_words,
-            ding_sentences_only=data_args.ding_sentences_only, cache_dir=data_args.data_cache_dir,
-            **data_args.split_sizes())
+            ding_max_words=data_args.ding_max_words, ding_sentences_only=data_args.ding_sentences_only,
+            **data_args.loader_kwargs())
     for split in ("train", "validation", "test"):
         if len(raw[split]) == 0:
             exit_with_error(PROG, f"the {split} split is empty (too little data to carve it out of the training "
@@ -311,18 +285,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 f"({time.perf_counter() - t0:.1f} s)")
 
     # ---- tokenizer and model
+    languages = (data_args.source_lang, data_args.target_lang)
     with user_errors(PROG):
-        if model_args.model_name_or_path:
-            model, tokenizer = load_pretrained(model_args)
-        else:
-            languages = (data_args.source_lang, data_args.target_lang)
-            tokenizer = shared_tokenizer(
-                training_args, reuse_from=resume_dirs(training_args),
-                train=lambda: train_translation_tokenizer(iter_translation_texts(raw["train"], languages),
-                                                          vocab_size=model_args.vocab_size,
-                                                          min_frequency=model_args.min_frequency))
-            model = build_scratch_model(model_args, tokenizer, data_args)
-        check_sparsity_targets(model, sparsity_config)
+        model, tokenizer = model_and_tokenizer(
+            model_args, training_args, sparsity_config, load_pretrained=lambda: load_pretrained(model_args),
+            train_tokenizer=lambda: train_translation_tokenizer(
+                iter_translation_texts(raw["train"], languages), vocab_size=model_args.vocab_size,
+                min_frequency=model_args.min_frequency),
+            build_model=lambda tokenizer: build_scratch_model(model_args, tokenizer, data_args))
     model.generation_config.max_length = training_args.generation_max_length or data_args.max_target_length
     if training_args.generation_num_beams:
         model.generation_config.num_beams = training_args.generation_num_beams
@@ -334,29 +304,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     tokenized = tokenize_splits(raw, tokenizer, data_args, training_args)
     collator = DataCollatorForSeq2Seq(tokenizer, model=model, label_pad_token_id=-100)
-    with user_errors(PROG):  # --prune_criterion: one-shot prune of the pretrained model, then fine-tune it
-        prune_record = prune_pretrained(
-            model, sparsity_config, model_args.prune_criterion, train_dataset=tokenized["train"],
-            collator=collator, calibration_samples=model_args.calibration_samples,
-            training_args=training_args)
     src, tgt = data_args.source_lang, data_args.target_lang
     references = {split: [pair[tgt] for pair in raw[split]["translation"]] for split in ("validation", "test")}
     metric = BleuMetric(tokenizer, references["validation"])
 
-    # ---- training
-    trainer_cls = with_token_throughput(SparseSeq2SeqTrainer, count_label_tokens=True)
-    trainer = trainer_cls(
-        model=model, args=training_args,
-        sparsity_config=dense_warmup_config(model_args.dense_warmup_fraction, sparsity_config),
-        train_dataset=tokenized["train"], eval_dataset=tokenized["validation"],
-        data_collator=collator, processing_class=tokenizer, compute_metrics=metric)
-    warmup = attach_dense_warmup(trainer, model_args.dense_warmup_fraction, sparsity_config, training_args.max_steps)
-    blocks = train_and_save(trainer, training_args, sparsity_config)
-    if warmup is not None:  # --dense_warmup_fraction: dense until the switch, then --method
-        blocks["sparsity_config"]["dense_warmup"] = {"fraction": model_args.dense_warmup_fraction,
-                                                     **warmup.summary()}
-    if prune_record is not None:
-        blocks["sparsity_config"]["prune"] = prune_record
+    # ---- training (after a one-shot prune with --prune_criterion, or with a --dense_warmup_fraction)
+    trainer, blocks = train_recipe_model(
+        PROG, SparseSeq2SeqTrainer, model=model, model_args=model_args, sparsity_config=sparsity_config,
+        training_args=training_args, train_dataset=tokenized["train"], eval_dataset=tokenized["validation"],
+        data_collator=collator, processing_class=tokenizer, compute_metrics=metric, count_label_tokens=True)
 
     # ---- evaluation (generation)
     metric.references = references["validation"]
@@ -370,30 +326,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         write_predictions(output_dir / PREDICTIONS_FILE, hypotheses)
     sources = [pair[src] for pair in raw["test"]["translation"]]
 
-    results: dict[str, Any] = {
-        "task": "translation",
-        "dataset": _dataset_label(data_args),
-        "language_pair": f"{src}-{tgt}",
-        "test_bleu": test_m.get("test_bleu"), "test_chrf": test_m.get("test_chrf"),
-        "eval_bleu": val_m.get("eval_bleu"), "eval_chrf": val_m.get("eval_chrf"),
-        "test_bleu_control": test_m.get("test_bleu_control"), "test_chrf_control": test_m.get("test_chrf_control"),
-        "test_loss": test_m.get("test_loss"), "eval_loss": val_m.get("eval_loss"),
-        **{k: v for k, v in blocks.items() if not isinstance(v, dict)},
-        "bleu_signature": metric.last_signature,
-        "evaluation": {
-            "test_samples": len(raw["test"]), "validation_samples": len(raw["validation"]),
-            "test_gen_len": test_m.get("test_gen_len"),
-            "num_beams": model.generation_config.num_beams, "max_length": model.generation_config.max_length,
-            "length_penalty": model.generation_config.length_penalty,
-            "no_repeat_ngram_size": model.generation_config.no_repeat_ngram_size,
-            "test_runtime_s": test_m.get("test_runtime"), "validation_runtime_s": val_m.get("eval_runtime"),
-        },
-        **{k: v for k, v in blocks.items() if isinstance(v, dict)},
-        "model": model_summary(trainer.model, model_args.model_name_or_path),
-        "data": {"train_pairs": len(raw["train"])},
-        "samples": pick_samples(sources, hypotheses, references["test"], SAMPLES),
-        "run": {"total_time_s": round(process_elapsed_seconds(), 1), "command": launch_command()},
-    }
+    generation = model.generation_config
+    results = results_record(
+        {"task": "translation", "dataset": _dataset_label(data_args), "language_pair": f"{src}-{tgt}",
+         "test_bleu": test_m.get("test_bleu"), "test_chrf": test_m.get("test_chrf"),
+         "eval_bleu": val_m.get("eval_bleu"), "eval_chrf": val_m.get("eval_chrf"),
+         "test_bleu_control": test_m.get("test_bleu_control"), "test_chrf_control": test_m.get("test_chrf_control"),
+         "test_loss": test_m.get("test_loss"), "eval_loss": val_m.get("eval_loss")},
+        blocks, notes={"bleu_signature": metric.last_signature},
+        evaluation={"test_samples": len(raw["test"]), "validation_samples": len(raw["validation"]),
+                    "test_gen_len": test_m.get("test_gen_len"), "num_beams": generation.num_beams,
+                    "max_length": generation.max_length, "length_penalty": generation.length_penalty,
+                    "no_repeat_ngram_size": generation.no_repeat_ngram_size,
+                    "test_runtime_s": test_m.get("test_runtime"), "validation_runtime_s": val_m.get("eval_runtime")},
+        model=trainer.model, model_name_or_path=model_args.model_name_or_path,
+        data={"train_pairs": len(raw["train"])},
+        samples=pick_samples(sources, hypotheses, references["test"], SAMPLES))
     finish_run(training_args, results, model=trainer.model, task="translation",
                dataset_name=data_args.dataset_name or _dataset_label(data_args),
                base_model=model_args.model_name_or_path, hub=hub,
