@@ -340,6 +340,21 @@ def test_push_needs_the_right_token_and_a_finalized_model(tmp_path, hub):
     assert len(hub.requests) == sent  # refused before any request
 
 
+def test_model_card_options_pass_through_and_a_misspelt_one_is_refused_before_any_work(tmp_path, hub):
+    model = sparse_model("llama")
+    folder = prepare_upload(model, tmp_path / "upload", base_model="some/base", dataset_name="wikitext",
+                            task="text-generation", license="apache-2.0")
+    card = (folder / "README.md").read_text(encoding="utf-8")
+    assert "base_model: some/base" in card and "- wikitext" in card and "license: apache-2.0" in card
+    with pytest.raises(TypeError, match="prepare_upload.*'datset_name'.*dataset_name"):
+        prepare_upload(model, tmp_path / "typo", model_card=False, datset_name="wikitext")
+    assert not (tmp_path / "typo").exists()
+    sent = len(hub.requests)
+    with pytest.raises(TypeError, match="push_to_hub.*'base'"):
+        push_to_hub(model, "tester/typo", token=TOKEN, endpoint=hub.url, base="some/base")
+    assert len(hub.requests) == sent
+
+
 def test_prepare_upload_matches_the_pushed_files(tmp_path, hub):
     model = sparse_model("bart")
     folder = prepare_upload(model, tmp_path / "upload", compressed=True)
