@@ -188,8 +188,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with user_errors(PROG), training_args.main_process_first(desc="loading the data"):
         raw = load_text_data(dataset=data_args.dataset, text_column=data_args.text_column,
                              **data_args.loader_kwargs())
-    if data_args.max_test_samples is not None and data_args.max_test_samples < len(raw["test"]):
-        raw["test"] = raw["test"].select(range(data_args.max_test_samples))
     logger.info(f"data: {', '.join(f'{k} {len(v):,}' for k, v in raw.items())} rows "
                 f"({time.perf_counter() - t0:.1f} s)")
 

@@ -274,7 +274,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with user_errors(PROG), training_args.main_process_first(desc="loading the data"):
         raw = load_translation_data(
             source_lang=data_args.source_lang, target_lang=data_args.target_lang, dataset=data_args.dataset,
-            max_test_samples=data_args.max_test_samples, ding_min_words=data_args.ding_min_words,
+            ding_min_words=data_args.ding_min_words,
             ding_max_words=data_args.ding_max_words, ding_sentences_only=data_args.ding_sentences_only,
             **data_args.loader_kwargs())
     for split in ("train", "validation", "test"):

@@ -81,6 +81,15 @@ def test_txt_files_plain_and_gz(tmp_path, cache_dir):
     assert sorted(t.strip() for s in ("train", "test") for t in dsd[s]["text"]) == sorted(LINES)
 
 
+def test_max_test_samples_overrides_max_eval_samples_for_test(tmp_path, cache_dir):
+    (tmp_path / "train.txt").write_text("\n".join(LINES) + "\n", encoding="utf-8")
+    files = {"train_file": tmp_path / "train.txt", "validation_size": 10, "test_size": 10, "cache_dir": cache_dir}
+    dsd = load_text_data(max_eval_samples=2, max_test_samples=7, **files)
+    assert [len(dsd[s]) for s in ("validation", "test")] == [2, 7]
+    dsd = load_text_data(max_eval_samples=3, **files)  # without it, --max_eval_samples limits test too
+    assert [len(dsd[s]) for s in ("validation", "test")] == [3, 3]
+
+
 def test_jsonl_with_custom_text_column(tmp_path, cache_dir):
     path = tmp_path / "docs.jsonl"
     path.write_text(

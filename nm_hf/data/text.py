@@ -33,7 +33,8 @@
    times pydoc, split by the MD5 of ``"<module>.<qualified name>"``. Technical English; large enough that a
    few hundred training steps do not see it many times over.
 
-``max_train_samples``/``max_eval_samples`` keep the first N rows of train / validation and test.
+``max_train_samples``/``max_eval_samples`` keep the first N rows of train / validation and test;
+``max_test_samples`` overrides the latter for test (as in the translation loader).
 """
 
 from __future__ import annotations
@@ -264,6 +265,7 @@ def load_text_data(
     text_column: str = "text",
     max_train_samples: int | None = None,
     max_eval_samples: int | None = None,
+    max_test_samples: int | None = None,
     validation_size: SplitSize | None = None,
     test_size: SplitSize | None = None,
     sample_by: str = "line",
@@ -298,8 +300,8 @@ def load_text_data(
             validation_size=0.05 if validation_size is None else validation_size,
             test_size=0.05 if test_size is None else test_size,
         )
-    return truncate_splits(result, {"train": max_train_samples, "validation": max_eval_samples,
-                                    "test": max_eval_samples})
+    test_rows = max_test_samples if max_test_samples is not None else max_eval_samples
+    return truncate_splits(result, {"train": max_train_samples, "validation": max_eval_samples, "test": test_rows})
 
 
 def group_texts(examples: dict[str, list[list[Any]]], block_size: int) -> dict[str, list[list[Any]]]:

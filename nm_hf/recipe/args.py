@@ -99,7 +99,7 @@ class DataArguments:
         return {"dataset_name": self.dataset_name, "dataset_config_name": self.dataset_config_name,
                 "train_file": self.train_file, "validation_file": self.validation_file, "test_file": self.test_file,
                 "max_train_samples": self.max_train_samples, "max_eval_samples": self.max_eval_samples,
-                "cache_dir": self.data_cache_dir, **self.split_sizes()}
+                "max_test_samples": self.max_test_samples, "cache_dir": self.data_cache_dir, **self.split_sizes()}
 
 
 @dataclass
