@@ -150,41 +150,32 @@ DEFINE_APPLY_MASK(u16, uint16_t)
 DEFINE_APPLY_MASK(u32, uint32_t)
 DEFINE_APPLY_MASK(u64, uint64_t)
 
-void add_pruned_f32(float *restrict grad, const float *restrict w, const uint8_t *restrict mask,
-                    int64_t count, float alpha) {
-    for (int64_t i = 0; i < count; i++) {
-        float kept = mask[i] ? w[i] : 0.0f;
-        grad[i] = fmaf(alpha, w[i] - kept, grad[i]);
-    }
+#define DEFINE_ADD_PRUNED(SUFFIX, T, FMA)                                                            \
+void add_pruned_##SUFFIX(T *restrict grad, const T *restrict w, const uint8_t *restrict mask,         \
+                         int64_t count, T alpha) {                                                   \
+    for (int64_t i = 0; i < count; i++) {                                                            \
+        T kept = mask[i] ? w[i] : (T)0;                                                              \
+        grad[i] = FMA(alpha, w[i] - kept, grad[i]);                                                  \
+    }                                                                                                \
 }
 
-void add_pruned_f64(double *restrict grad, const double *restrict w, const uint8_t *restrict mask,
-                    int64_t count, double alpha) {
-    for (int64_t i = 0; i < count; i++) {
-        double kept = mask[i] ? w[i] : 0.0;
-        grad[i] = fma(alpha, w[i] - kept, grad[i]);
-    }
-}
+DEFINE_ADD_PRUNED(f32, float, fmaf)
+DEFINE_ADD_PRUNED(f64, double, fma)
 
 /* Both backward passes of SR-STE's gradient mode in one: masked = apply_mask(w, mask) (for the input
  * gradient) and grad += alpha * (w - masked), as apply_mask_* and add_pruned_* compute them. */
-void masked_and_add_pruned_f32(const float *restrict w, const uint8_t *restrict mask, float *restrict masked,
-                               float *restrict grad, int64_t count, float alpha) {
-    for (int64_t i = 0; i < count; i++) {
-        float kept = mask[i] ? w[i] : 0.0f;
-        masked[i] = kept;
-        grad[i] = fmaf(alpha, w[i] - kept, grad[i]);
-    }
+#define DEFINE_MASKED_AND_ADD_PRUNED(SUFFIX, T, FMA)                                                 \
+void masked_and_add_pruned_##SUFFIX(const T *restrict w, const uint8_t *restrict mask,                \
+                                    T *restrict masked, T *restrict grad, int64_t count, T alpha) {  \
+    for (int64_t i = 0; i < count; i++) {                                                            \
+        T kept = mask[i] ? w[i] : (T)0;                                                              \
+        masked[i] = kept;                                                                            \
+        grad[i] = FMA(alpha, w[i] - kept, grad[i]);                                                  \
+    }                                                                                                \
 }
 
-void masked_and_add_pruned_f64(const double *restrict w, const uint8_t *restrict mask, double *restrict masked,
-                               double *restrict grad, int64_t count, double alpha) {
-    for (int64_t i = 0; i < count; i++) {
-        double kept = mask[i] ? w[i] : 0.0;
-        masked[i] = kept;
-        grad[i] = fma(alpha, w[i] - kept, grad[i]);
-    }
-}
+DEFINE_MASKED_AND_ADD_PRUNED(f32, float, fmaf)
+DEFINE_MASKED_AND_ADD_PRUNED(f64, double, fma)
 
 /* The same for a weight stored transposed (GPT-2 Conv1D: w and mask are [cols, rows] in memory while
  * grad is [rows, cols]; `stride` is the stored row length, as a part of grad may be given), over
