@@ -38,9 +38,9 @@ _MAX_PAIRWISE_M = 16
 # Elements per chunk: about 2 MiB of int32 keys, so a chunk's temporaries stay in L2/L3.
 _CHUNK_ELEMENTS = 1 << 19
 # The native kernels make one pass without temporaries: split only tensors big enough to pay for the
-# pool's dispatch, in one piece per worker. Below 2M elements a split does not pay inside a training step
-# (the weights come from DRAM there and the pass is bandwidth-bound; measured on the Marian benchmark's
-# 256k-element layers at 2 threads: 20.8 ms of kernels per step split, 18.1 ms unsplit).
+# pool's dispatch, in one piece per worker. Below 2M elements a split does not pay inside a training step:
+# the weights come from memory there and the pass is bandwidth-bound (docs/benchmarks.md, "Performance
+# issue measurements"; `train_step.py --profile` times the kernels inside real steps).
 _NATIVE_SPLIT_ELEMENTS = 1 << 21
 #: exact types the native kernels take (subclasses such as DTensor or FakeTensor go the torch way)
 _PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
@@ -152,14 +152,19 @@ def apply_mask_(tensor: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return tensor.masked_fill_(~mask, 0)
 
 
+def _decay_kernel_fits(grad: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor) -> bool:
+    """Dtypes and shapes the native decay-term kernels take (f32/f64, one dtype, a bool mask, one shape)."""
+    return (grad.dtype in (torch.float32, torch.float64) and weight.dtype == grad.dtype and mask.dtype == torch.bool
+            and grad.shape == weight.shape == mask.shape)
+
+
 def add_pruned_(grad: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, alpha: float) -> torch.Tensor:
     """`grad += alpha * (weight - weight * mask)` in place (SR-STE's decay on the pruned weights); returns `grad`.
 
     Computed as `grad.add_(weight - apply_mask(weight, mask), alpha=alpha)` (a kept inf or NaN weight
     gives NaN, as that expression does), in one pass where the native kernels apply.
     """
-    fits = (grad.dtype in (torch.float32, torch.float64) and weight.dtype == grad.dtype and mask.dtype == torch.bool
-            and grad.shape == weight.shape == mask.shape)
+    fits = _decay_kernel_fits(grad, weight, mask)
     size, suffix = grad.element_size(), "f32" if grad.dtype == torch.float32 else "f64"
     if fits and _native_ready(grad, weight, mask):
         function = getattr(kernels(), f"add_pruned_{suffix}")
@@ -183,9 +188,7 @@ def masked_and_add_pruned_(grad: torch.Tensor, weight: torch.Tensor, mask: torch
 
     One read of the weight and mask with the native kernels (SR-STE's backward needs both).
     """
-    fits = (grad.dtype in (torch.float32, torch.float64) and weight.dtype == grad.dtype and mask.dtype == torch.bool
-            and grad.shape == weight.shape == mask.shape)
-    if fits and _native_ready(grad, weight, mask):
+    if _decay_kernel_fits(grad, weight, mask) and _native_ready(grad, weight, mask):
         size, suffix = grad.element_size(), "f32" if grad.dtype == torch.float32 else "f64"
         function = getattr(kernels(), f"masked_and_add_pruned_{suffix}")
         masked = torch.empty(weight.shape, dtype=weight.dtype)
