@@ -70,6 +70,7 @@ from transformers import MarianConfig, MarianMTModel, MixtralConfig, MixtralForC
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 import nm_hf.masks  # noqa: E402
+from nm_hf import native  # noqa: E402
 from nm_hf.config import SparsityConfig  # noqa: E402
 from nm_hf.injection import iter_sparse_layers, sparsify  # noqa: E402
 from nm_hf.layers.functional import nm_linear  # noqa: E402
@@ -513,6 +514,9 @@ def main(argv: list[str] | None = None) -> int:
                              "as the Trainer's default on torch >= 2.8) or adamw_torch (the per-tensor loop)")
     parser.add_argument("--model", choices=("marian", "moe"), default="marian",
                         help="marian (default) or moe: a small Mixtral-style mixture-of-experts model")
+    parser.add_argument("--native_parallel_min", type=int, default=None,
+                        help="elements a native kernel covers before it splits over OpenMP threads "
+                             "(default: the library's; a huge value keeps every call on one thread)")
     parser.add_argument("--experts_implementation", choices=("eager", "batched_mm", "grouped_mm"), default="grouped_mm",
                         help="experts forward of --model moe (default grouped_mm)")
     args = parser.parse_args(argv)
@@ -540,7 +544,13 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
 
+    if args.native_parallel_min is not None:
+        if args.native_parallel_min < 1:
+            parser.error(f"--native_parallel_min must be >= 1, got {args.native_parallel_min}")
+        native.set_parallel_min(args.native_parallel_min)
+
     print(machine_header())
+    print(f"nm_hf hot path: {native.status()}")
     note = busy_machine_note()
     if note:
         print(note)

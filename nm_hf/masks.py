@@ -28,7 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from .native import kernels
+from .native import kernels, splits_itself
 
 __all__ = ["apply_mask", "apply_mask_", "add_pruned_", "masked_and_add_pruned_", "pruned_nonzero", "nm_mask", "nm_mask_and_apply", "nm_mask_transposable", "transposable_patterns", "check_transposable", "check_nm",
            "nm_group_counts", "magnitude_key", "TRANSPOSABLE_PATTERNS"]
@@ -37,8 +37,8 @@ __all__ = ["apply_mask", "apply_mask_", "add_pruned_", "masked_and_add_pruned_",
 _MAX_PAIRWISE_M = 16
 # Elements per chunk: about 2 MiB of int32 keys, so a chunk's temporaries stay in L2/L3.
 _CHUNK_ELEMENTS = 1 << 19
-# The native kernels make one pass without temporaries: split only tensors big enough to pay for the
-# pool's dispatch, in one piece per worker. Below 2M elements a split does not pay inside a training step:
+# Native kernels built without OpenMP make one pass without temporaries: split only tensors big enough to pay
+# for the Python pool's dispatch, in one piece per worker. Below 2M elements a split does not pay inside a step:
 # the weights come from memory there and the pass is bandwidth-bound (docs/benchmarks.md, "Performance
 # issue measurements"; `train_step.py --profile` times the kernels inside real steps).
 _NATIVE_SPLIT_ELEMENTS = 1 << 21
@@ -78,9 +78,12 @@ def _native_ready(*tensors: torch.Tensor) -> bool:
 
 
 def _native_split(total: int, call, unit: int = 1) -> None:
-    """Run `call(start, count)` over [0, total) units of `unit` elements: in one piece, or one per worker."""
+    """Run `call(start, count)` over [0, total) units of `unit` elements: in one piece, or one per worker.
+
+    Kernels built with OpenMP split themselves over torch's own threads, so they get one piece.
+    """
     workers = _workers()
-    if workers == 1 or total * unit < _NATIVE_SPLIT_ELEMENTS:
+    if workers == 1 or total * unit < _NATIVE_SPLIT_ELEMENTS or splits_itself():
         call(0, total)
         return
     per = -(-total // workers)

@@ -239,3 +239,76 @@ def test_the_build_is_cached_in_the_cache_dir(tmp_path, umask_022):
     again = run_python(STATUS_AND_MASK, NM_HF_CACHE_DIR=str(cache))
     assert again.returncode == 0 and again.stdout == first.stdout, again.stderr
     assert built.stat().st_mtime_ns == before and list(cache.iterdir()) == [built]  # loaded, not rebuilt
+
+
+def every_kernel(weight: torch.Tensor, grad: torch.Tensor) -> list[torch.Tensor | bool]:
+    """The result of every native kernel on `weight` (and `grad` for the decay terms)."""
+    results: list[torch.Tensor | bool] = []
+    for n, m, dim in ((2, 4, -1), (4, 8, -1), (2, 4, 0), (1, 4, -1)):
+        mask, masked = nm_mask_and_apply(weight, n, m, dim)
+        results += [nm_mask(weight, n, m, dim), mask, masked, apply_mask(weight, mask, keep=False),
+                    apply_mask_(weight.clone(), mask), add_pruned_(grad.clone(), weight, mask, 0.3),
+                    add_pruned_(grad.t().contiguous(), weight.t(), mask.t(), 0.3),  # the Conv1D layout
+                    pruned_nonzero(weight, mask), pruned_nonzero(masked, mask)]
+        grad_copy = grad.clone()
+        results += [masked_and_add_pruned_(grad_copy, weight, mask, 0.3), grad_copy]
+    return results
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+def test_kernels_split_over_openmp_threads_give_the_same_bits(threads):
+    if not native.splits_itself():
+        pytest.skip(f"the kernels do not split themselves here: {native.status()}")
+    weight, grad = with_specials((520, 1016), torch.float32), with_specials((520, 1016), torch.float32, seed=1)
+    previous_threads = torch.get_num_threads()
+    previous_min = native.set_parallel_min(1 << 62)
+    try:
+        whole = every_kernel(weight, grad)
+        torch.set_num_threads(threads)
+        native.set_parallel_min(1)  # every call splits, into uneven pieces (520 rows over 3 threads)
+        split = every_kernel(weight, grad)
+    finally:
+        torch.set_num_threads(previous_threads)
+        native.set_parallel_min(previous_min)
+    assert [type(r) for r in split] == [type(r) for r in whole]
+    for index, (a, b) in enumerate(zip(split, whole, strict=True)):
+        assert a == b if isinstance(a, bool) else torch.equal(bits(a), bits(b)), index
+    assert whole[7] is True and whole[8] is False  # pruned_nonzero saw both answers
+
+
+FORK_CHILD = """
+import os, torch
+from nm_hf import native
+from nm_hf.masks import nm_mask
+torch.set_num_threads(2)
+native.set_parallel_min(1)
+weight = torch.randn(512, 512)
+expected = nm_mask(weight, 2, 4).tolist()  # the parent's OpenMP threads are running now
+pid = os.fork()
+if pid == 0:
+    os._exit(0 if nm_mask(weight, 2, 4).tolist() == expected else 3)
+_, status = os.waitpid(pid, 0)
+print("child", os.waitstatus_to_exitcode(status))
+"""
+
+
+def test_a_forked_child_runs_the_kernels_without_waiting_on_the_parents_threads():
+    if not native.splits_itself():
+        pytest.skip(f"the kernels do not split themselves here: {native.status()}")
+    result = subprocess.run([sys.executable, "-c", FORK_CHILD], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["child", "0"]
+
+
+@pytest.mark.skipif(not HAVE_COMPILER, reason="no C compiler on this machine")
+def test_without_openmp_the_python_pool_splits_and_the_bits_stay(tmp_path):
+    code = ("import torch; from nm_hf import native; from nm_hf.masks import nm_mask; torch.set_num_threads(2); "
+            "w = torch.randn(2100, 1024, generator=torch.Generator().manual_seed(0)); fast = nm_mask(w, 2, 4); "
+            "print(native.status()); print(native.splits_itself()); "
+            "native_disabled = native.disabled(); native_disabled.__enter__(); "
+            "print(torch.equal(fast, nm_mask(w, 2, 4)))")
+    result = run_python(code, NM_HF_NATIVE_OPENMP="0", NM_HF_CACHE_DIR=str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    status, splits, same = result.stdout.splitlines()
+    assert status.startswith("native kernels") and "-fopenmp" not in status
+    assert (splits, same) == ("False", "True")

@@ -8,6 +8,10 @@ each in one pass. It is plain C with no torch headers, built on first use with t
 `nm_hf.masks` can run chunks on its thread pool. Where there is no compiler, the build fails, or
 `NM_HF_NATIVE=0` is set, nothing changes: the torch path runs, with bit-identical results
 (`tests/test_native.py` compares the two on the same inputs). `status()` says which path is in use.
+
+Where the compiler takes `-fopenmp`, the kernels split large tensors over torch's own OpenMP threads
+(torch's CPU build has loaded libgomp, so no second thread pool competes with torch's);
+`NM_HF_NATIVE_OPENMP=0` builds them without, and `nm_hf.masks` splits over its Python pool instead.
 """
 
 from __future__ import annotations
@@ -27,18 +31,21 @@ from pathlib import Path
 
 from .._files import atomic_write
 
-__all__ = ["kernels", "status", "disabled", "SOURCE"]
+__all__ = ["kernels", "status", "disabled", "splits_itself", "set_parallel_min", "SOURCE"]
 
 logger = logging.getLogger(__name__)
 
 #: the C source of the kernels (shipped with the package)
 SOURCE = Path(__file__).with_name("nm_kernels.c")
-_FLAG_SETS = (["-O3", "-march=native"], ["-O3"])  # the second for compilers/targets without -march=native
+# Tried in order: -fopenmp lets the kernels split over torch's OpenMP threads; the later sets are for compilers
+# or targets without OpenMP or -march=native.
+_FLAG_SETS = (["-O3", "-march=native", "-fopenmp"], ["-O3", "-march=native"], ["-O3", "-fopenmp"], ["-O3"])
 _COMMON_FLAGS = ["-fPIC", "-shared", "-std=c11"]
 
 _lock = threading.Lock()
 _loaded: tuple[ctypes.CDLL | None, str] | None = None
 _disabled = [0]  # depth of `disabled()` blocks
+_openmp = [False]  # whether the loaded kernels split themselves over OpenMP threads
 
 _i64, _ptr = ctypes.c_int64, ctypes.c_void_p
 _SIGNATURES = {
@@ -61,9 +68,11 @@ _SIGNATURES = {
     "pruned_nonzero_u16": [_ptr, _ptr, _i64, ctypes.c_uint16],
     "pruned_nonzero_u32": [_ptr, _ptr, _i64, ctypes.c_uint32],
     "pruned_nonzero_u64": [_ptr, _ptr, _i64, ctypes.c_uint64],
+    "nm_openmp": [],
 }
 #: functions that return a value (the others return nothing)
-_RESULT_TYPES = {"pruned_nonzero_u16": _i64, "pruned_nonzero_u32": _i64, "pruned_nonzero_u64": _i64}
+_RESULT_TYPES = {"pruned_nonzero_u16": _i64, "pruned_nonzero_u32": _i64, "pruned_nonzero_u64": _i64,
+                 "nm_openmp": ctypes.c_int}
 
 
 def _cache_dir() -> Path:
@@ -117,7 +126,10 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
         return None, "unavailable: no C compiler found (set CC)"
     source = SOURCE.read_bytes()
     problem = "no flags tried"
+    openmp = os.environ.get("NM_HF_NATIVE_OPENMP", "1").strip() != "0"
     for flags in _FLAG_SETS:
+        if "-fopenmp" in flags and not openmp:
+            continue
         fingerprint = "\0".join([compiler, *flags, platform.machine(), _cpu_flags()]).encode()
         key = hashlib.sha256(source + b"\0" + fingerprint).hexdigest()[:16]
         cached = _cache_dir() / f"nm_kernels-{key}.so"
@@ -133,6 +145,7 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
         for name, argtypes in _SIGNATURES.items():
             function = getattr(library, name)
             function.argtypes, function.restype = argtypes, _RESULT_TYPES.get(name)
+        _openmp[0] = bool(library.nm_openmp())
         return library, f"native kernels ({compiler} {' '.join(flags)}, {path})"
     return None, f"unavailable: the C compiler failed ({problem})"
 
@@ -148,6 +161,38 @@ def kernels() -> ctypes.CDLL | None:
                 _loaded = _build()
                 logger.info("nm_hf: %s", _loaded[1])
     return _loaded[0]
+
+
+def splits_itself() -> bool:
+    """True when the loaded kernels split large tensors over torch's OpenMP threads themselves.
+
+    Then `nm_hf.masks` calls them in one piece; otherwise it splits large tensors over its own thread pool.
+    """
+    library = kernels()
+    return library is not None and _openmp[0]
+
+
+def set_parallel_min(elements: int) -> int:
+    """Elements a kernel must cover before it splits over OpenMP threads; returns the previous value.
+
+    For measurements (`benchmarks/train_step.py --native_parallel_min`); no effect without OpenMP.
+    """
+    library = kernels()
+    if library is None:
+        return 0
+    setting = ctypes.c_int64.in_dll(library, "nm_parallel_min")
+    previous, setting.value = setting.value, int(elements)
+    return previous
+
+
+def _serial_after_fork() -> None:
+    # GNU libgomp's threads do not survive fork(), and a forked child's first parallel region waits for them
+    # forever (torch's own ops too: its DataLoader workers run one thread): the child's kernels run serially.
+    if _loaded is not None and _loaded[0] is not None and _openmp[0]:
+        ctypes.c_int64.in_dll(_loaded[0], "nm_parallel_min").value = 1 << 62
+
+
+os.register_at_fork(after_in_child=_serial_after_fork)
 
 
 def status() -> str:

@@ -1,7 +1,6 @@
 /* nm_hf native CPU kernels: one pass over memory where the torch expressions take several.
  *
- * Built on first use by nm_hf/native/__init__.py with the system C compiler and loaded with ctypes
- * (which releases the GIL, so the Python thread pool in nm_hf/masks.py runs chunks in parallel).
+ * Built on first use by nm_hf/native/__init__.py with the system C compiler and loaded with ctypes.
  * Every function works on contiguous buffers and must give bit-identical results to the torch
  * path it replaces (tests/test_native.py compares them):
  *   nm_mask_*      the rank rule of nm_hf.masks.nm_mask: keys are IEEE bits with the sign cleared
@@ -15,9 +14,63 @@
  *                  vectorised `grad.add_(other, alpha=alpha)` computes it.
  *   masked_and_add_pruned_* both of the above at once: the masked weight and the decay term.
  *   pruned_nonzero_* whether any weight outside the mask is non-zero (`(w.abs() * ~mask).any()`).
+ *
+ * Built with -fopenmp where the compiler takes it, every exported kernel splits its work into one
+ * contiguous piece per OpenMP thread once it covers at least `nm_parallel_min` elements. torch's CPU
+ * build already loaded libgomp.so.1, so these are torch's own worker threads (spinning between torch's
+ * ops, so they start at once) and torch.set_num_threads() sets their number. Each piece runs the same
+ * serial loop, so results do not depend on the split. Without OpenMP the pragmas are ignored and
+ * nm_hf/masks.py splits large tensors over its Python thread pool instead (ctypes releases the GIL).
+ * A forked child sets nm_parallel_min out of reach: GNU libgomp's threads do not survive fork().
  */
 #include <math.h>
 #include <stdint.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+/* Elements a kernel must cover before it splits over threads (settable from Python for measurements). */
+int64_t nm_parallel_min = 1 << 16;
+
+/* 1 when the kernels split themselves over OpenMP threads. */
+int nm_openmp(void) {
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+/* Runs CALL once per piece of [0, TOTAL) with START and LEN in scope: in one piece below
+ * nm_parallel_min elements (ELEMENTS: the work the call covers), else one piece per thread. */
+#ifdef _OPENMP
+#define SPLIT(TOTAL, ELEMENTS, CALL)                                                                 \
+    do {                                                                                             \
+        int64_t total_ = (TOTAL);                                                                    \
+        int threads_ = (ELEMENTS) >= nm_parallel_min ? omp_get_max_threads() : 1;                     \
+        if (threads_ > total_) threads_ = (int)total_;                                               \
+        if (threads_ <= 1) {                                                                         \
+            int64_t START = 0, LEN = total_;                                                         \
+            (void)START;                                                                             \
+            CALL;                                                                                    \
+        } else {                                                                                     \
+            _Pragma("omp parallel num_threads(threads_)")                                            \
+            {                                                                                        \
+                int64_t per_ = (total_ + omp_get_num_threads() - 1) / omp_get_num_threads();         \
+                int64_t START = per_ * omp_get_thread_num();                                         \
+                int64_t LEN = total_ - START < per_ ? total_ - START : per_;                         \
+                if (LEN > 0) CALL;                                                                   \
+            }                                                                                        \
+        }                                                                                            \
+    } while (0)
+#else
+#define SPLIT(TOTAL, ELEMENTS, CALL)                                                                 \
+    do {                                                                                             \
+        int64_t START = 0, LEN = (TOTAL);                                                            \
+        (void)START;                                                                                 \
+        CALL;                                                                                        \
+    } while (0)
+#endif
 
 #define MAX_M 16
 #define TILE 256
@@ -54,8 +107,9 @@ static void rank_contiguous_##SUFFIX(const T *restrict keys, uint8_t *restrict o
 /* keys [rows, m, inner]; out [rows, m, inner] as 0/1 bytes */
 #define DEFINE_NM_MASK(SUFFIX, T)                                                                    \
 DEFINE_RANK_CONTIGUOUS(SUFFIX, T)                                                                    \
-void nm_mask_##SUFFIX(const T *restrict keys, uint8_t *restrict out, int64_t rows, int64_t m,        \
-                      int64_t inner, int64_t n, T sign_clear, T *restrict masked) {                  \
+static void nm_mask_rows_##SUFFIX(const T *restrict keys, uint8_t *restrict out, int64_t rows,       \
+                                  int64_t m, int64_t inner, int64_t n, T sign_clear,                 \
+                                  T *restrict masked) {                                              \
     if (inner == 1) {                                                                                \
         rank_contiguous_##SUFFIX(keys, out, rows, m, n, sign_clear, masked);                         \
         return;                                                                                      \
@@ -88,6 +142,13 @@ void nm_mask_##SUFFIX(const T *restrict keys, uint8_t *restrict out, int64_t row
             }                                                                                        \
         }                                                                                            \
     }                                                                                                \
+}                                                                                                    \
+void nm_mask_##SUFFIX(const T *restrict keys, uint8_t *restrict out, int64_t rows, int64_t m,        \
+                      int64_t inner, int64_t n, T sign_clear, T *restrict masked) {                  \
+    int64_t group = m * inner;                                                                       \
+    SPLIT(rows, rows * group,                                                                        \
+          nm_mask_rows_##SUFFIX(keys + START * group, out + START * group, LEN, m, inner, n,         \
+                                sign_clear, masked ? masked + START * group : masked));              \
 }
 
 DEFINE_NM_MASK(i16, int16_t)
@@ -121,25 +182,39 @@ static inline void rank_2of4(const int32_t *restrict keys, uint8_t *restrict out
     }
 }
 
-void nm_mask_2of4_i32(const int32_t *restrict keys, uint8_t *restrict out, int64_t groups,
-                      int32_t *restrict masked) {
+static void nm_mask_2of4_range(const int32_t *restrict keys, uint8_t *restrict out, int64_t groups,
+                               int32_t *restrict masked) {
     if (masked)
         rank_2of4(keys, out, masked, groups, 1);
     else
         rank_2of4(keys, out, masked, groups, 0);
 }
 
+void nm_mask_2of4_i32(const int32_t *restrict keys, uint8_t *restrict out, int64_t groups,
+                      int32_t *restrict masked) {
+    SPLIT(groups, groups * 4,
+          nm_mask_2of4_range(keys + 4 * START, out + 4 * START, LEN, masked ? masked + 4 * START : masked));
+}
+
 #define DEFINE_APPLY_MASK(SUFFIX, T)                                                                 \
-void apply_mask_##SUFFIX(const T *restrict w, const uint8_t *restrict mask, T *restrict out,         \
-                         int64_t count, int64_t keep) {                                              \
+static void apply_mask_range_##SUFFIX(const T *restrict w, const uint8_t *restrict mask,             \
+                                      T *restrict out, int64_t count, int64_t keep) {                \
     T flip = keep ? (T)0 : (T)-1;                                                                    \
     for (int64_t i = 0; i < count; i++) out[i] = w[i] & (((T)0 - (T)(mask[i] != 0)) ^ flip);         \
+}                                                                                                    \
+void apply_mask_##SUFFIX(const T *restrict w, const uint8_t *restrict mask, T *restrict out,         \
+                         int64_t count, int64_t keep) {                                              \
+    SPLIT(count, count, apply_mask_range_##SUFFIX(w + START, mask + START, out + START, LEN, keep)); \
 }
 
 /* The same in place with keep=1: w = w where mask, +0.0 elsewhere. */
 #define DEFINE_APPLY_MASK_INPLACE(SUFFIX, T)                                                         \
-void apply_mask_inplace_##SUFFIX(T *restrict w, const uint8_t *restrict mask, int64_t count) {       \
+static void apply_mask_inplace_range_##SUFFIX(T *restrict w, const uint8_t *restrict mask,           \
+                                              int64_t count) {                                       \
     for (int64_t i = 0; i < count; i++) w[i] &= (T)0 - (T)(mask[i] != 0);                            \
+}                                                                                                    \
+void apply_mask_inplace_##SUFFIX(T *restrict w, const uint8_t *restrict mask, int64_t count) {       \
+    SPLIT(count, count, apply_mask_inplace_range_##SUFFIX(w + START, mask + START, LEN));            \
 }
 
 DEFINE_APPLY_MASK_INPLACE(u16, uint16_t)
@@ -151,12 +226,16 @@ DEFINE_APPLY_MASK(u32, uint32_t)
 DEFINE_APPLY_MASK(u64, uint64_t)
 
 #define DEFINE_ADD_PRUNED(SUFFIX, T, FMA)                                                            \
-void add_pruned_##SUFFIX(T *restrict grad, const T *restrict w, const uint8_t *restrict mask,         \
-                         int64_t count, T alpha) {                                                   \
+static void add_pruned_range_##SUFFIX(T *restrict grad, const T *restrict w,                         \
+                                      const uint8_t *restrict mask, int64_t count, T alpha) {        \
     for (int64_t i = 0; i < count; i++) {                                                            \
         T kept = mask[i] ? w[i] : (T)0;                                                              \
         grad[i] = FMA(alpha, w[i] - kept, grad[i]);                                                  \
     }                                                                                                \
+}                                                                                                    \
+void add_pruned_##SUFFIX(T *restrict grad, const T *restrict w, const uint8_t *restrict mask,        \
+                         int64_t count, T alpha) {                                                   \
+    SPLIT(count, count, add_pruned_range_##SUFFIX(grad + START, w + START, mask + START, LEN, alpha));\
 }
 
 DEFINE_ADD_PRUNED(f32, float, fmaf)
@@ -165,13 +244,19 @@ DEFINE_ADD_PRUNED(f64, double, fma)
 /* Both backward passes of SR-STE's gradient mode in one: masked = apply_mask(w, mask) (for the input
  * gradient) and grad += alpha * (w - masked), as apply_mask_* and add_pruned_* compute them. */
 #define DEFINE_MASKED_AND_ADD_PRUNED(SUFFIX, T, FMA)                                                 \
-void masked_and_add_pruned_##SUFFIX(const T *restrict w, const uint8_t *restrict mask,                \
-                                    T *restrict masked, T *restrict grad, int64_t count, T alpha) {  \
+static void masked_and_add_pruned_range_##SUFFIX(const T *restrict w, const uint8_t *restrict mask,  \
+                                                 T *restrict masked, T *restrict grad,               \
+                                                 int64_t count, T alpha) {                           \
     for (int64_t i = 0; i < count; i++) {                                                            \
         T kept = mask[i] ? w[i] : (T)0;                                                              \
         masked[i] = kept;                                                                            \
         grad[i] = FMA(alpha, w[i] - kept, grad[i]);                                                  \
     }                                                                                                \
+}                                                                                                    \
+void masked_and_add_pruned_##SUFFIX(const T *restrict w, const uint8_t *restrict mask,               \
+                                    T *restrict masked, T *restrict grad, int64_t count, T alpha) {  \
+    SPLIT(count, count, masked_and_add_pruned_range_##SUFFIX(w + START, mask + START, masked + START,\
+                                                             grad + START, LEN, alpha));             \
 }
 
 DEFINE_MASKED_AND_ADD_PRUNED(f32, float, fmaf)
@@ -181,8 +266,9 @@ DEFINE_MASKED_AND_ADD_PRUNED(f64, double, fma)
  * grad is [rows, cols]; `stride` is the stored row length, as a part of grad may be given), over
  * 32 x 32 tiles so both layouts are read a cache line at a time. */
 #define DEFINE_ADD_PRUNED_T(SUFFIX, T, FMA)                                                          \
-void add_pruned_t_##SUFFIX(T *restrict grad, const T *restrict w, const uint8_t *restrict mask,      \
-                           int64_t rows, int64_t cols, int64_t stride, T alpha) {                    \
+static void add_pruned_t_rows_##SUFFIX(T *restrict grad, const T *restrict w,                        \
+                                       const uint8_t *restrict mask, int64_t rows, int64_t cols,     \
+                                       int64_t stride, T alpha) {                                    \
     for (int64_t r0 = 0; r0 < rows; r0 += 32)                                                        \
         for (int64_t c0 = 0; c0 < cols; c0 += 32) {                                                  \
             int64_t r1 = r0 + 32 < rows ? r0 + 32 : rows, c1 = c0 + 32 < cols ? c0 + 32 : cols;      \
@@ -193,6 +279,12 @@ void add_pruned_t_##SUFFIX(T *restrict grad, const T *restrict w, const uint8_t 
                     grad[r * cols + c] = FMA(alpha, value - kept, grad[r * cols + c]);               \
                 }                                                                                    \
         }                                                                                            \
+}                                                                                                    \
+void add_pruned_t_##SUFFIX(T *restrict grad, const T *restrict w, const uint8_t *restrict mask,      \
+                           int64_t rows, int64_t cols, int64_t stride, T alpha) {                    \
+    /* pieces are blocks of grad rows, which are columns of the stored weight and mask */            \
+    SPLIT(rows, rows * cols, add_pruned_t_rows_##SUFFIX(grad + START * cols, w + START, mask + START,\
+                                                        LEN, cols, stride, alpha));                  \
 }
 
 DEFINE_ADD_PRUNED_T(f32, float, fmaf)
@@ -201,10 +293,18 @@ DEFINE_ADD_PRUNED_T(f64, double, fma)
 /* 1 if any weight outside the mask is non-zero (-0.0 counts as zero: `magnitude` clears the sign
  * bit), else 0: one read of both, OR-reduced so it vectorises. */
 #define DEFINE_PRUNED_NONZERO(SUFFIX, T)                                                             \
+static T pruned_bits_##SUFFIX(const T *restrict w, const uint8_t *restrict mask, int64_t count) {    \
+    T seen = 0;                                                                                      \
+    for (int64_t i = 0; i < count; i++) seen |= w[i] & ((T)(mask[i] != 0) - (T)1);                   \
+    return seen;                                                                                     \
+}                                                                                                    \
 int64_t pruned_nonzero_##SUFFIX(const T *restrict w, const uint8_t *restrict mask, int64_t count,    \
                                 T magnitude) {                                                       \
     T seen = 0;                                                                                      \
-    for (int64_t i = 0; i < count; i++) seen |= w[i] & ((T)(mask[i] != 0) - (T)1);                  \
+    SPLIT(count, count, {                                                                            \
+        T piece = pruned_bits_##SUFFIX(w + START, mask + START, LEN);                                \
+        _Pragma("omp atomic") seen |= piece;                                                         \
+    });                                                                                              \
     return (seen & magnitude) != 0;                                                                  \
 }
 
