@@ -374,16 +374,36 @@ def _lr(value) -> str:
     return "-" if value is None else f"{float(value):g}"
 
 
-def chosen_learning_rates(recipe: str, runs: list[dict]) -> dict[str, float]:
-    """Per row: the learning rate with the best mean validation metric (lower perplexity, higher BLEU)."""
-    key, _, higher = HEADLINES[recipe]
-    by_row: dict[str, dict[float, list[float]]] = {}
+def validation_grid(recipe: str, runs: list[dict]) -> dict[str, dict[float, dict[object, float]]]:
+    """Per row, per learning rate, per seed: the validation headline metric."""
+    key, _, _ = HEADLINES[recipe]
+    by_row: dict[str, dict[float, dict[object, float]]] = {}
     for run in runs:
         value = (run.get("validation") or {}).get(key)
         if run.get("learning_rate") is not None and _numbers([value]):
-            by_row.setdefault(row_label(run), {}).setdefault(float(run["learning_rate"]), []).append(float(value))
-    pick = max if higher else min
-    return {row: pick(grid, key=lambda lr: statistics.fmean(grid[lr])) for row, grid in by_row.items()}
+            grid = by_row.setdefault(row_label(run), {}).setdefault(float(run["learning_rate"]), {})
+            grid[run.get("seed")] = float(value)
+    return by_row
+
+
+def compared_value(grid: dict[float, dict[object, float]], lr: float) -> float:
+    """What rate `lr` of a row's grid is compared on: its mean over the seeds every rate of the row ran
+    (over all its seeds when the rates share none)."""
+    common = set.intersection(*(set(seeds) for seeds in grid.values()))
+    return statistics.fmean([value for seed, value in grid[lr].items() if not common or seed in common])
+
+
+def chosen_learning_rates(recipe: str, runs: list[dict]) -> dict[str, float]:
+    """Per row: the learning rate with the best validation metric (lower perplexity, higher BLEU).
+
+    Rates are compared on the seeds every rate of the row has run (the grid's seed, while only the chosen
+    rate has more): a mean over three seeds against one seed's value would favour whichever rate had the
+    luckier seed, and adding seeds at the chosen rate could move the choice. A row whose rates share no
+    seed is compared on each rate's mean over all its seeds.
+    """
+    pick = max if HEADLINES[recipe][2] else min
+    return {row: pick(grid, key=lambda lr, grid=grid: compared_value(grid, lr))
+            for row, grid in validation_grid(recipe, runs).items()}
 
 
 def runs_at_chosen_rate(runs: list[dict], row: str, chosen: dict[str, float]) -> list[dict]:
@@ -405,23 +425,26 @@ def is_plain_row(run: dict) -> bool:
 
 
 def grid_table(recipe: str, runs: list[dict]) -> str:
-    """Validation metric per learning rate (rows: method and pattern), the chosen rate in bold."""
+    """Validation metric per learning rate (rows: method and pattern), the chosen rate in bold.
+
+    A cell shows the value the rates are compared on (`compared_value`) and, where the rate has more seeds,
+    their number and mean."""
     key, _, _ = HEADLINES[recipe]
-    rates = sorted({float(r["learning_rate"]) for r in runs if r.get("learning_rate") is not None})
+    by_row = validation_grid(recipe, runs)
+    rates = sorted({lr for grid in by_row.values() for lr in grid})
     chosen = chosen_learning_rates(recipe, runs)
-    rows = rows_in_order(runs)
     lines = [f"| validation {key} | " + " | ".join(f"lr {_lr(lr)}" for lr in rates) + " |",
              "|" + "---|" * (len(rates) + 1)]
-    for row in rows:
-        cells = []
+    for row in rows_in_order(runs):
+        grid, cells = by_row.get(row, {}), []
         for lr in rates:
-            values = _numbers([(r.get("validation") or {}).get(key) for r in runs
-                               if row_label(r) == row and r.get("learning_rate") is not None
-                               and float(r["learning_rate"]) == lr])
-            cell = "-" if not values else _cell(statistics.fmean(values), "{:.2f}")
-            if values and len(values) > 1:
-                cell += f" ({len(values)} seeds)"
-            cells.append(f"**{cell}**" if values and chosen.get(row) == lr else cell)
+            if lr not in grid:
+                cells.append("-")
+                continue
+            cell = _cell(compared_value(grid, lr), "{:.2f}")
+            if len(grid[lr]) > 1:
+                cell += f" ({len(grid[lr])} seeds: {_cell(statistics.fmean(grid[lr].values()), '{:.2f}')})"
+            cells.append(f"**{cell}**" if chosen.get(row) == lr else cell)
         lines.append(f"| {row} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -477,7 +500,8 @@ def render_section(recipe: str, runs: list[dict], source: Path, figures: list[tu
         return f"_No runs recorded yet in `{_relative(source)}`._"
     lines = [
         f"{len(runs)} runs recorded in `{_relative(source)}`. Test metrics at each row's "
-        "chosen learning rate (best mean validation metric), mean ± sd over the seeds run so far:",
+        "chosen learning rate (best validation metric on the seeds all its rates ran), mean ± sd over the seeds "
+        "run so far:",
         "", seeds_table(recipe, runs), "",
         "Learning-rate grid (validation metric; the chosen rate in bold):", "", grid_table(recipe, runs)]
     if figures:

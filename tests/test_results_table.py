@@ -287,6 +287,20 @@ def lm_run(method: str, lr: float, seed: int, val: float, test: float, **flags) 
             "flip_rate": 0.001, "throughput": {"tokens_per_second": 1000.0}}
 
 
+def test_the_rate_is_chosen_on_the_seeds_every_rate_ran_not_on_later_seeds():
+    # the grid (seed 42) picks 4e-3; two unlucky extra seeds there must not hand the choice to 8e-3,
+    # whose one seed-42 value is worse than 4e-3's
+    runs = [lm_run("dense", 4e-3, 42, 54.96, 53.6), lm_run("dense", 8e-3, 42, 55.20, 53.7),
+            lm_run("dense", 2e-3, 42, 58.72, 57.0), lm_run("dense", 4e-3, 1, 55.32, 54.0),
+            lm_run("dense", 4e-3, 2, 55.65, 54.4)]
+    assert rt.chosen_learning_rates("language_modeling", runs) == {"dense": 4e-3}
+    grid = rows(rt.grid_table("language_modeling", runs))["dense"]
+    assert grid["lr 0.004"] == "**54.96 (3 seeds: 55.31)**" and grid["lr 0.008"] == "55.20"
+    # rates that share no seed are compared on their means
+    apart = [lm_run("ste", 4e-3, 1, 60.0, 60.0), lm_run("ste", 4e-3, 2, 62.0, 60.0), lm_run("ste", 8e-3, 42, 60.5, 60.0)]
+    assert rt.chosen_learning_rates("language_modeling", apart) == {"ste 2:4": 8e-3}
+
+
 def test_render_chooses_the_lr_on_validation_and_reports_seeds_at_it(tmp_path):
     runs = [lm_run("dense", 1e-3, 42, 80.0, 81.0), lm_run("dense", 4e-3, 42, 75.0, 76.0),
             lm_run("sr-ste", 1e-3, 42, 70.0, 71.0), lm_run("sr-ste", 4e-3, 42, 72.0, 73.0),
@@ -297,7 +311,7 @@ def test_render_chooses_the_lr_on_validation_and_reports_seeds_at_it(tmp_path):
         "dense": 4e-3, "sr-ste 2:4": 1e-3, "sr-ste 2:4 (decay=2e-4)": 1e-3, "asp 2:4": 1e-3}
     grid = rows(rt.grid_table("language_modeling", runs))
     assert grid["dense"] == {"validation perplexity": "dense", "lr 0.001": "80.00", "lr 0.004": "**75.00**"}
-    assert grid["sr-ste 2:4"]["lr 0.001"] == "**70.00 (3 seeds)**" and grid["sr-ste 2:4"]["lr 0.004"] == "72.00"
+    assert grid["sr-ste 2:4"]["lr 0.001"] == "**70.00 (3 seeds: 70.00)**" and grid["sr-ste 2:4"]["lr 0.004"] == "72.00"
     table = rows(rt.seeds_table("language_modeling", runs))
     assert table["sr-ste 2:4"]["test ppl"] == f"72.33 ± {statistics.stdev([71.0, 72.0, 74.0]):.2f}"
     assert table["sr-ste 2:4"]["seeds"] == "3 (1, 2, 42)" and table["sr-ste 2:4"]["lr"] == "0.001"
