@@ -493,6 +493,56 @@ _COLOURS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab
 _MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">")
 
 
+#: two runs count as side by side when their training overlapped for this share of the shorter one
+PAIRED_OVERLAP = 0.8
+
+
+def _training_interval(run: dict) -> tuple[float, float] | None:
+    """(start, end) of a run's training in POSIX seconds: `finished_at` less the test evaluation is close
+    enough to the end of training for an overlap test; None without the fields."""
+    throughput = run.get("throughput") or {}
+    seconds = throughput.get("train_runtime_s")
+    if not run.get("finished_at") or not _numbers([seconds]):
+        return None
+    end = datetime.datetime.fromisoformat(run["finished_at"]).timestamp()
+    return end - float(seconds), end
+
+
+def paired_throughput(runs: list[dict]) -> dict[str, list[float]]:
+    """Per non-dense row: its tokens/s over that of the dense run that trained beside it (the dense run whose
+    training overlapped most, at least PAIRED_OVERLAP of the shorter of the two), one ratio per such run."""
+    def interval_and_speed(run: dict) -> tuple[tuple[float, float], float] | None:
+        interval, speed = _training_interval(run), (run.get("throughput") or {}).get("tokens_per_second")
+        return (interval, float(speed)) if interval and _numbers([speed]) and speed > 0 else None
+
+    dense = [found for run in runs if run["method"] == "dense" and (found := interval_and_speed(run))]
+    ratios: dict[str, list[float]] = {}
+    for run in runs:
+        found = interval_and_speed(run)
+        if run["method"] == "dense" or not found:
+            continue
+        (start, end), speed = found
+        best, partner = 0.0, None
+        for (d_start, d_end), d_speed in dense:
+            overlap = (min(end, d_end) - max(start, d_start)) / min(end - start, d_end - d_start)
+            if overlap > best:
+                best, partner = overlap, d_speed
+        if partner is not None and best >= PAIRED_OVERLAP:
+            ratios.setdefault(row_label(run), []).append(speed / partner)
+    return ratios
+
+
+def paired_throughput_line(runs: list[dict]) -> str:
+    """The markdown line of `paired_throughput`, rows in table order; empty when no run had a dense partner."""
+    ratios = paired_throughput(runs)
+    if not ratios:
+        return ""
+    parts = [f"{row} {', '.join(f'{r:.3f}' for r in ratios[row])}" for row in rows_in_order(runs) if row in ratios]
+    return (f"Throughput, sparse / dense train tokens/s, only for runs that trained side by side with a dense run "
+            f"(one core each, training overlapping at least {PAIRED_OVERLAP:.0%}), every learning rate and seed: "
+            + "; ".join(parts) + ". The `train tokens/s` column above mixes runs with different neighbours.")
+
+
 def render_section(recipe: str, runs: list[dict], source: Path, figures: list[tuple[str, str]] = ()) -> str:
     """The generated markdown of one results file: the seeds table at the chosen rates, the lr grid, and a
     line linking `figures` ((title, relative link) pairs)."""
@@ -504,6 +554,9 @@ def render_section(recipe: str, runs: list[dict], source: Path, figures: list[tu
         "run so far:",
         "", seeds_table(recipe, runs), "",
         "Learning-rate grid (validation metric; the chosen rate in bold):", "", grid_table(recipe, runs)]
+    paired = paired_throughput_line(runs)
+    if paired:
+        lines += ["", paired]
     if figures:
         lines += ["", "Figures (drawn by `--figures`): " + " · ".join(f"[{title}]({link})" for title, link in figures)]
     return "\n".join(lines)

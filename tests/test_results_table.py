@@ -494,3 +494,19 @@ def test_render_refuses_a_file_without_markers_before_writing_anything(tmp_path,
         rt.main(["--render", str(readme)])
     assert f"{readme}: <!-- results_table.py begin summary --> has no <!-- results_table.py end summary -->" in (
         capsys.readouterr().err)
+
+
+def test_throughput_is_compared_only_with_the_dense_run_trained_beside_it():
+    def timed(run: dict, end: str, seconds: float, speed: float) -> dict:
+        return {**run, "finished_at": end, "throughput": {"tokens_per_second": speed, "train_runtime_s": seconds}}
+
+    runs = [timed(lm_run("dense", 4e-3, 42, 55.0, 54.0), "2026-12-04T01:00:00+00:00", 1000, 6000.0),
+            timed(lm_run("sr-ste", 1.6e-2, 42, 54.0, 53.0), "2026-12-04T01:00:30+00:00", 1000, 5850.0),  # 97% overlap
+            timed(lm_run("dense", 4e-3, 1, 55.0, 54.0), "2026-12-04T03:00:00+00:00", 1000, 5000.0),
+            timed(lm_run("sr-ste", 1.6e-2, 1, 54.0, 53.0), "2026-12-04T03:08:20+00:00", 1000, 4000.0),  # 50%: no pair
+            timed(lm_run("ste", 1.6e-2, 42, 54.0, 53.0), "2026-12-04T05:00:00+00:00", 1000, 3000.0),  # alone
+            lm_run("fixed", 1.6e-2, 42, 54.0, 53.0)]  # no timing recorded
+    assert rt.paired_throughput(runs) == {"sr-ste 2:4": [pytest.approx(0.975)]}
+    line = rt.paired_throughput_line(runs)
+    assert "sr-ste 2:4 0.975" in line and "ste 2:4" not in line.replace("sr-ste 2:4", "")
+    assert rt.paired_throughput_line(runs[4:]) == ""
