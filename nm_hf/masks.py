@@ -214,6 +214,7 @@ def pruned_nonzero(weight: torch.Tensor, mask: torch.Tensor) -> bool:
     if (key is not None and mask.dtype == torch.bool and mask.shape == weight.shape
             and _native_ready(weight, mask)):
         function = getattr(kernels(), f"pruned_nonzero_u{weight.element_size() * 8}")
+        _workers()  # torch.get_num_threads() gives a new thread torch's OpenMP thread count before the kernel splits
         return bool(function(weight.data_ptr(), mask.data_ptr(), weight.numel(), key[1]))
     return bool(apply_mask(weight, mask, keep=False).ne(0).any())
 

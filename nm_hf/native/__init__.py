@@ -10,7 +10,8 @@ each in one pass. It is plain C with no torch headers, built on first use with t
 (`tests/test_native.py` compares the two on the same inputs). `status()` says which path is in use.
 
 Where the compiler takes `-fopenmp`, the kernels split large tensors over torch's own OpenMP threads
-(torch's CPU build has loaded libgomp, so no second thread pool competes with torch's);
+(torch's Linux CPU build has loaded libgomp, so no second thread pool competes with torch's; where another
+runtime got loaded beside it, or in a forked child, they run on one thread);
 `NM_HF_NATIVE_OPENMP=0` builds them without, and `nm_hf.masks` splits over its Python pool instead.
 """
 
@@ -21,6 +22,7 @@ import hashlib
 import logging
 import os
 import platform
+import re
 import shutil
 import subprocess
 import tempfile
@@ -46,6 +48,10 @@ _lock = threading.Lock()
 _loaded: tuple[ctypes.CDLL | None, str] | None = None
 _disabled = [0]  # depth of `disabled()` blocks
 _openmp = [False]  # whether the loaded kernels split themselves over OpenMP threads
+_forked = [False]  # whether this process is a fork() child of one that imported nm_hf
+_parallel_min = [1 << 16]  # the requested split threshold (`set_parallel_min`)
+_SERIAL = 1 << 62  # a threshold no tensor reaches
+_OPENMP_RUNTIME = re.compile(r"/lib(gomp|omp|iomp5)[^/]*\.so[^/]*$")
 
 _i64, _ptr = ctypes.c_int64, ctypes.c_void_p
 _SIGNATURES = {
@@ -146,7 +152,11 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
             function = getattr(library, name)
             function.argtypes, function.restype = argtypes, _RESULT_TYPES.get(name)
         _openmp[0] = bool(library.nm_openmp())
-        return library, f"native kernels ({compiler} {' '.join(flags)}, {path})"
+        note = ""
+        if _openmp[0] and not _one_openmp_runtime():
+            _openmp[0], note = False, "; OpenMP splits off: not the one OpenMP runtime torch uses"
+        _apply_parallel_min(library)
+        return library, f"native kernels ({compiler} {' '.join(flags)}, {path}{note})"
     return None, f"unavailable: the C compiler failed ({problem})"
 
 
@@ -173,23 +183,46 @@ def splits_itself() -> bool:
 
 
 def set_parallel_min(elements: int) -> int:
-    """Elements a kernel must cover before it splits over OpenMP threads; returns the previous value.
+    """Elements a kernel must cover before it splits over OpenMP threads; returns the previous setting.
 
-    For measurements (`benchmarks/train_step.py --native_parallel_min`); no effect without OpenMP.
+    For measurements (`benchmarks/train_step.py --native_parallel_min`). It has no effect where the kernels
+    do not split themselves (`splits_itself()` is False) or in a forked child, which stays on one thread.
     """
+    if isinstance(elements, bool) or not isinstance(elements, int) or not 1 <= elements < 1 << 63:
+        raise ValueError(f"set_parallel_min: elements must be an integer in [1, 2**63), got {elements!r}")
+    previous, _parallel_min[0] = _parallel_min[0], elements
     library = kernels()
-    if library is None:
-        return 0
-    setting = ctypes.c_int64.in_dll(library, "nm_parallel_min")
-    previous, setting.value = setting.value, int(elements)
+    if library is not None:
+        _apply_parallel_min(library)
     return previous
+
+
+def _one_openmp_runtime() -> bool:
+    """True when exactly one OpenMP runtime is mapped into this process (Linux only: elsewhere, False).
+
+    The kernels' parallel regions then run on torch's own threads, sized by `torch.set_num_threads`. A
+    second runtime (clang's libomp beside torch's libgomp) would keep its own spinning pool beside torch's.
+    """
+    try:
+        with open("/proc/self/maps", encoding="utf-8") as maps:
+            runtimes = {line.split()[-1] for line in maps if _OPENMP_RUNTIME.search(line.rstrip())}
+    except OSError:
+        return False
+    return len(runtimes) == 1
+
+
+def _apply_parallel_min(library: ctypes.CDLL) -> None:
+    serial = _forked[0] or not _openmp[0]
+    ctypes.c_int64.in_dll(library, "nm_parallel_min").value = _SERIAL if serial else _parallel_min[0]
 
 
 def _serial_after_fork() -> None:
     # GNU libgomp's threads do not survive fork(), and a forked child's first parallel region waits for them
-    # forever (torch's own ops too: its DataLoader workers run one thread): the child's kernels run serially.
-    if _loaded is not None and _loaded[0] is not None and _openmp[0]:
-        ctypes.c_int64.in_dll(_loaded[0], "nm_parallel_min").value = 1 << 62
+    # forever (torch's own ops too: its DataLoader workers run one thread): the child's kernels run serially,
+    # whether they were loaded before the fork or are loaded in the child.
+    _forked[0] = True
+    if _loaded is not None and _loaded[0] is not None:
+        _apply_parallel_min(_loaded[0])
 
 
 os.register_at_fork(after_in_child=_serial_after_fork)

@@ -21,7 +21,8 @@
  * ops, so they start at once) and torch.set_num_threads() sets their number. Each piece runs the same
  * serial loop, so results do not depend on the split. Without OpenMP the pragmas are ignored and
  * nm_hf/masks.py splits large tensors over its Python thread pool instead (ctypes releases the GIL).
- * A forked child sets nm_parallel_min out of reach: GNU libgomp's threads do not survive fork().
+ * nm_hf sets nm_parallel_min out of reach in a forked child (GNU libgomp's threads do not survive
+ * fork()) and where another OpenMP runtime than torch's was loaded.
  */
 #include <math.h>
 #include <stdint.h>
@@ -29,8 +30,10 @@
 #include <omp.h>
 #endif
 
-/* Elements a kernel must cover before it splits over threads (settable from Python for measurements). */
+/* Elements a kernel must cover before it splits over threads (set from Python: nm_hf.native). */
 int64_t nm_parallel_min = 1 << 16;
+/* Fewest elements per piece (torch's grain for elementwise ops): many threads get no tiny pieces. */
+#define PIECE_MIN 32768
 
 /* 1 when the kernels split themselves over OpenMP threads. */
 int nm_openmp(void) {
@@ -42,12 +45,15 @@ int nm_openmp(void) {
 }
 
 /* Runs CALL once per piece of [0, TOTAL) with START and LEN in scope: in one piece below
- * nm_parallel_min elements (ELEMENTS: the work the call covers), else one piece per thread. */
+ * nm_parallel_min elements (ELEMENTS: the work the call covers), else one piece per thread, with at
+ * least PIECE_MIN elements each. */
 #ifdef _OPENMP
 #define SPLIT(TOTAL, ELEMENTS, CALL)                                                                 \
     do {                                                                                             \
         int64_t total_ = (TOTAL);                                                                    \
-        int threads_ = (ELEMENTS) >= nm_parallel_min ? omp_get_max_threads() : 1;                     \
+        int64_t elements_ = (ELEMENTS);                                                              \
+        int threads_ = elements_ >= nm_parallel_min ? omp_get_max_threads() : 1;                     \
+        if (threads_ > elements_ / PIECE_MIN) threads_ = (int)(elements_ / PIECE_MIN);               \
         if (threads_ > total_) threads_ = (int)total_;                                               \
         if (threads_ <= 1) {                                                                         \
             int64_t START = 0, LEN = total_;                                                         \
