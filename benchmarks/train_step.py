@@ -25,6 +25,9 @@ holds larger temporaries, so this can only overstate the sparse model's peak. Ta
 hidden 256, 2 layers, 8 experts of FFN 512, top-2, vocab 8000; causal-LM batches), whose fused 3-D
 expert weights are sparsified with the linears; `--experts_implementation` picks the experts forward
 ("eager", "batched_mm" or "grouped_mm"). Targets for it: time ratio <= 1.10, memory ratio <= 1.05.
+`--model gpt2` runs the language-model recipe's model (`recipes/configs/lm_python_docs.yaml`: GPT-2, d 128,
+4 layers, 4 heads, FFN 512, vocab 4000, 16 x 128-token causal-LM batches unless --batch_size/--seq_len/
+--vocab say otherwise), whose sparsified layers are GPT-2 `Conv1D`s (weights stored [in, out]).
 
 The plain (unpatched) model is the baseline, printed as "plain"; `--methods dense` adds the patched but
 unmasked model, which isolates the cost of the layer swap itself.
@@ -65,7 +68,14 @@ import torch
 from _machine import busy_machine_note, machine_header
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
-from transformers import MarianConfig, MarianMTModel, MixtralConfig, MixtralForCausalLM
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    MarianConfig,
+    MarianMTModel,
+    MixtralConfig,
+    MixtralForCausalLM,
+)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
@@ -116,6 +126,17 @@ def build_moe_model(vocab: int, seed: int, implementation: str) -> MixtralForCau
     model = MixtralForCausalLM(config)
     model.set_experts_implementation(implementation)
     return model
+
+
+#: --model gpt2: the LM recipe's model and batch (recipes/configs/lm_python_docs.yaml)
+GPT2_DEFAULTS = {"batch_size": 16, "seq_len": 128, "vocab": 4000}
+
+
+def build_gpt2_model(vocab: int, seed: int) -> GPT2LMHeadModel:
+    config = GPT2Config(vocab_size=vocab, n_embd=128, n_layer=4, n_head=4, n_inner=512, n_positions=128,
+                        bos_token_id=0, eos_token_id=0)
+    torch.manual_seed(seed)
+    return GPT2LMHeadModel(config)
 
 
 def make_batches(count: int, batch_size: int, seq_len: int, vocab: int, seed: int, causal: bool = False
@@ -495,9 +516,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=20, help="timed steps per model (default 20)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per model first (default 3)")
-    parser.add_argument("--batch_size", type=int, default=64, help="sentences per batch (default 64)")
-    parser.add_argument("--seq_len", type=int, default=32, help="tokens per sentence (default 32)")
-    parser.add_argument("--vocab", type=int, default=8000, help="vocabulary size (default 8000)")
+    parser.add_argument("--batch_size", type=int, default=None, help="sentences per batch (default 64; gpt2: 16)")
+    parser.add_argument("--seq_len", type=int, default=None, help="tokens per sentence (default 32; gpt2: 128)")
+    parser.add_argument("--vocab", type=int, default=None, help="vocabulary size (default 8000; gpt2: 4000)")
     parser.add_argument("--block", type=int, default=1, help="consecutive steps of one model per turn (default 1)")
     parser.add_argument("--methods", default="sr-ste,ste,fixed",
                         help="comma-separated methods compared with the plain model (default sr-ste,ste,fixed; "
@@ -512,14 +533,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--optim", choices=OPTIMIZERS, default="adamw_torch_fused",
                         help="AdamW implementation, named as Trainer's --optim: adamw_torch_fused (default, "
                              "as the Trainer's default on torch >= 2.8) or adamw_torch (the per-tensor loop)")
-    parser.add_argument("--model", choices=("marian", "moe"), default="marian",
-                        help="marian (default) or moe: a small Mixtral-style mixture-of-experts model")
+    parser.add_argument("--model", choices=("marian", "moe", "gpt2"), default="marian",
+                        help="marian (default), moe (a small Mixtral-style mixture-of-experts model) or gpt2 "
+                             "(the language-model recipe's model)")
     parser.add_argument("--native_parallel_min", type=int, default=None,
                         help="elements a native kernel covers before it splits over OpenMP threads "
                              "(default: the library's; a huge value keeps every call on one thread)")
     parser.add_argument("--experts_implementation", choices=("eager", "batched_mm", "grouped_mm"), default="grouped_mm",
                         help="experts forward of --model moe (default grouped_mm)")
     args = parser.parse_args(argv)
+    defaults = GPT2_DEFAULTS if args.model == "gpt2" else {"batch_size": 64, "seq_len": 32, "vocab": 8000}
+    for flag, value in defaults.items():
+        if getattr(args, flag) is None:
+            setattr(args, flag, value)
     for flag in ("steps", "batch_size", "seq_len", "block"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag} must be >= 1, got {getattr(args, flag)}")
@@ -527,8 +553,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--warmup must be >= 0, got {args.warmup}")
     if args.vocab < 8:
         parser.error(f"--vocab must be >= 8, got {args.vocab}")
-    if args.seq_len > 512:
-        parser.error(f"--seq_len must be <= 512 (the model's max_position_embeddings), got {args.seq_len}")
+    max_positions = 128 if args.model == "gpt2" else 512
+    if args.seq_len > max_positions:
+        parser.error(f"--seq_len must be <= {max_positions} (the model's positions), got {args.seq_len}")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in available_methods()]
     if unknown or not methods:
@@ -556,9 +583,13 @@ def main(argv: list[str] | None = None) -> int:
         print(note)
     moe = args.model == "moe"
     time_target = MOE_TIME_TARGET if moe else TIME_TARGET
-    base = (build_moe_model(args.vocab, args.seed, args.experts_implementation) if moe
-            else build_model(args.vocab, args.seed))
-    batches = make_batches(4, args.batch_size, args.seq_len, args.vocab, args.seed + 1, causal=moe)
+    if moe:
+        base = build_moe_model(args.vocab, args.seed, args.experts_implementation)
+    elif args.model == "gpt2":
+        base = build_gpt2_model(args.vocab, args.seed)
+    else:
+        base = build_model(args.vocab, args.seed)
+    batches = make_batches(4, args.batch_size, args.seq_len, args.vocab, args.seed + 1, causal=args.model != "marian")
     fused = args.optim == "adamw_torch_fused"
     runners = {BASELINE: Runner(BASELINE, copy.deepcopy(base), batches, args.seed, fused)}
     for method in methods:
@@ -568,8 +599,9 @@ def main(argv: list[str] | None = None) -> int:
     n_params = sum(p.numel() for p in base.parameters())
     sparse_layers = list(iter_sparse_layers(runners[methods[0]].model))
     n_sparse = sum(layer.weight.numel() for _, layer in sparse_layers)
-    what = (f"Mixtral-style MoE hidden 256, 2 layers, 8 experts x FFN 512 (top-2, {args.experts_implementation})"
-            if moe else "Marian d_model 256, 3+3 layers, FFN 1024")
+    what = {"moe": f"Mixtral-style MoE hidden 256, 2 layers, 8 experts x FFN 512 (top-2, {args.experts_implementation})",
+            "gpt2": "GPT-2 d 128, 4 layers, FFN 512 (the LM recipe's model)",
+            "marian": "Marian d_model 256, 3+3 layers, FFN 1024"}[args.model]
     print(f"{what}, vocab {args.vocab}: {n_params / 1e6:.2f}M parameters, "
           f"{len(sparse_layers)} layers / {n_sparse / 1e6:.2f}M weights sparsified {args.pattern}")
     print(f"batch {args.batch_size} x {args.seq_len} tokens, {args.optim}, {args.warmup} warm-up + {args.steps} timed "

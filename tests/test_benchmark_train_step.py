@@ -79,3 +79,15 @@ def test_tracker_and_profile_reports(runners, capsys):
         assert label in out
     assert out.count("tracker step: flip counting") == 1
     assert any(line.split() == METHODS for line in out.splitlines())  # the profile's header: one column each
+
+
+def test_gpt2_model_runs_the_lm_recipes_shape(capsys):
+    """--model gpt2 builds the LM recipe's model, whose sparsified layers are GPT-2 Conv1Ds."""
+    ts.main(["--model", "gpt2", "--steps", "1", "--warmup", "0", "--no_memory", "--methods", "sr-ste",
+             "--batch_size", "2", "--seq_len", "8", "--vocab", "64"])
+    out = capsys.readouterr().out
+    assert "GPT-2 d 128, 4 layers" in out
+    assert "16 layers" in out  # 4 blocks x (c_attn, attn c_proj, c_fc, mlp c_proj)
+    assert "batch 2 x 8 tokens" in out
+    with pytest.raises(SystemExit):
+        ts.main(["--model", "gpt2", "--seq_len", "129"])  # the model has 128 positions

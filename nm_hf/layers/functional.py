@@ -38,13 +38,25 @@ class _NMLinearFunction(torch.autograd.Function):
         grad_x = grad_w = grad_b = masked = None
         flat_grad = grad_out.reshape(-1, grad_out.shape[-1])
         if ctx.needs_input_grad[1]:
-            grad_w = flat_grad.t().matmul(x.reshape(-1, x.shape[-1]))
+            flat_x = x.reshape(-1, x.shape[-1])
+            # A weight stored [in, out] (GPT-2 Conv1D) arrives as a transposed view: its gradient is made in the
+            # stored layout (x^T @ grad_out, as Conv1D's own addmm does), so the passes below read all three
+            # tensors contiguously instead of transposing on the fly
+            stored_transposed = weight.dim() == 2 and not weight.is_contiguous() and weight.t().is_contiguous()
+            if stored_transposed:
+                grad_stored = flat_x.t().matmul(flat_grad)
+                stored_weight, stored_mask, grad_w = weight.t(), mask.t(), grad_stored.t()
+            else:
+                grad_stored = grad_w = flat_grad.t().matmul(flat_x)
+                stored_weight, stored_mask = weight, mask
+            # grad_stored is this function's own new tensor (grad_w is it or its transpose): updated in place
             if ctx.freeze_pruned:
-                grad_w = apply_mask_(grad_w, mask)  # grad_w is this function's own new tensor
+                apply_mask_(grad_stored, stored_mask)
             elif ctx.decay and ctx.needs_input_grad[0]:  # the decay term and grad_x's masked weight, one pass
-                masked = masked_and_add_pruned_(grad_w, weight, mask, ctx.decay)
+                masked = masked_and_add_pruned_(grad_stored, stored_weight, stored_mask, ctx.decay)
+                masked = masked.t() if stored_transposed else masked
             elif ctx.decay:  # + decay * (1 - mask) * W, as decay * (W - W*mask)
-                add_pruned_(grad_w, weight, mask, ctx.decay)
+                add_pruned_(grad_stored, stored_weight, stored_mask, ctx.decay)
         if ctx.needs_input_grad[0]:
             grad_x = grad_out.matmul(apply_mask(weight, mask) if masked is None else masked)
         if ctx.has_bias and ctx.needs_input_grad[2]:
