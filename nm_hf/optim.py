@@ -10,7 +10,8 @@ and switches once the mean of the last `window` values of `Z` (fewer at the star
 (with its bias correction of that step) and used as a fixed preconditioner, `m` keeps moving with the
 (straight-through) gradients of the N:M forward pass. Parameters that are not masked keep plain AdamW.
 
-Before the switch every step is exactly `torch.optim.AdamW`'s (single-tensor form, no amsgrad).
+Before the switch every step is exactly `torch.optim.AdamW`'s (no amsgrad): its fused kernel, as the Trainer's
+default `adamw_torch_fused`, for plain CPU and CUDA tensors, its single-tensor form for others (FSDP2's DTensors).
 
 The layers learn the phase through `on_phase(switch_step)`: called with None when the optimizer is
 built, with t at the switch, and with the saved value by `load_state_dict`, so the model's forward
@@ -26,6 +27,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
+from torch.optim.adamw import adamw as functional_adamw
 
 __all__ = ["StepAdamW", "autoswitch_bounds", "autoswitch_window"]
 
@@ -65,6 +67,25 @@ def _whole(value: Any, what: str, low: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise ValueError(f"StepAdamW: {what} must be an integer >= {low}, got {value!r}")
     return value
+
+
+def _fused_takes(params: list[torch.Tensor]) -> bool:
+    """Whether torch's fused AdamW kernel takes these parameters: plain CPU/CUDA floating tensors (a DTensor or
+    another subclass goes through the single-tensor form)."""
+    return all(type(p) in (torch.Tensor, torch.nn.Parameter) and p.device.type in ("cpu", "cuda")
+               and p.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64) for p in params)
+
+
+def _adamw(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
+           exp_avg_sqs: list[torch.Tensor], steps_taken: list[int], *, lr: float, beta1: float, beta2: float,
+           eps: float, weight_decay: float) -> None:
+    """One plain AdamW step of these parameters through torch's functional AdamW (which counts the step)."""
+    fused = _fused_takes(params)
+    steps = [torch.tensor(float(taken), dtype=torch.float32, device=p.device if fused else "cpu")
+             for taken, p in zip(steps_taken, params, strict=True)]
+    functional_adamw(params, grads, exp_avgs, exp_avg_sqs, [], steps, foreach=False, fused=fused,
+                            amsgrad=False, beta1=beta1, beta2=beta2, lr=lr, weight_decay=weight_decay, eps=eps,
+                            maximize=False)
 
 
 class StepAdamW(torch.optim.Optimizer):
@@ -171,7 +192,12 @@ class StepAdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """One AdamW step; before the switch, AutoSwitch measures the masked weights' change of `v`."""
+        """One AdamW step; before the switch, AutoSwitch measures the masked weights' change of `v`.
+
+        The parameters still on plain AdamW go through `torch.optim.adamw.adamw`: torch's fused kernel
+        where it takes them (as the Trainer's default `adamw_torch_fused`), else its single-tensor form.
+        Only the masked weights after the switch take the frozen-`v` update below.
+        """
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -183,6 +209,7 @@ class StepAdamW(torch.optim.Optimizer):
         count = 0
         for group in self.param_groups:
             lr, (beta1, beta2), eps, weight_decay = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+            adamw: tuple[list[torch.Tensor], ...] = ([], [], [], [], [])  # params, grads, m, v, steps taken
             for p in group["params"]:
                 grad = p.grad
                 if grad is None:
@@ -194,24 +221,27 @@ class StepAdamW(torch.optim.Optimizer):
                     state["step"] = 0
                     state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["step"] += 1
-                step = state["step"]
                 exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-                p.mul_(1 - lr * weight_decay)
-                exp_avg.lerp_(grad, 1 - beta1)
                 frozen = state.get("frozen_step")
                 if frozen is None:
                     if watching and id(p) in masked:
-                        # |v_t - v_{t-1}| = (1 - beta2) * |g^2 - v_{t-1}|
+                        # |v_t - v_{t-1}| = (1 - beta2) * |g^2 - v_{t-1}|, before AdamW moves v
                         moved = (grad * grad - exp_avg_sq).abs_().sum(dtype=torch.float64) * (1 - beta2)
                         change = moved if change is None else change + moved.to(change.device)
                         count += p.numel()
-                    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-                    bias_correction2 = 1 - beta2 ** step
-                else:
-                    bias_correction2 = 1 - beta2 ** frozen
-                denom = (exp_avg_sq.sqrt() / math.sqrt(bias_correction2)).add_(eps)
+                    for column, tensor in zip(adamw[:4], (p, grad, exp_avg, exp_avg_sq), strict=True):
+                        column.append(tensor)
+                    adamw[4].append(state["step"])
+                    state["step"] += 1
+                    continue
+                state["step"] += 1
+                step = state["step"]
+                p.mul_(1 - lr * weight_decay)
+                exp_avg.lerp_(grad, 1 - beta1)
+                denom = (exp_avg_sq.sqrt() / math.sqrt(1 - beta2 ** frozen)).add_(eps)
                 p.addcdiv_(exp_avg, denom, value=-lr / (1 - beta1 ** step))
+            if adamw[0]:
+                _adamw(*adamw, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
         if watching:
             if change is not None and count:
                 if hasattr(change, "full_tensor"):  # DTensor (FSDP2): this rank's sum is a partial one

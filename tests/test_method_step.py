@@ -93,7 +93,7 @@ def test_plain_loop_is_dense_adamw_until_the_switch_then_masked():
     nm_hf.sparsify(sparse, SparsityConfig(method="step", method_args={"switch_threshold": 0.0}))
     optimizer = create_sparse_optimizer(sparse, lr=1e-2, weight_decay=0.01, total_steps=8)
     assert isinstance(optimizer, StepAdamW) and (optimizer.min_step, optimizer.max_step) == (1, 4)
-    reference = torch.optim.AdamW(dense.parameters(), lr=1e-2, weight_decay=0.01, foreach=False)
+    reference = torch.optim.AdamW(dense.parameters(), lr=1e-2, weight_decay=0.01, fused=True)  # the Trainer's default
     loop(sparse, optimizer, 4)
     loop(dense, reference, 4)
     # four dense AdamW steps, bit for bit (AutoSwitch only watched)

@@ -41,7 +41,8 @@ def test_before_the_switch_it_is_torch_adamw_bit_for_bit():
     ours, theirs = _params(), _params()
     groups = lambda ps: [{"params": [ps[0]], "weight_decay": 0.1}, {"params": [ps[1]], "weight_decay": 0.0}]  # noqa: E731
     step = StepAdamW(groups(ours), lr=0.01, betas=(0.8, 0.95), eps=1e-6, switch_threshold=0.0, total_steps=100)
-    adamw = torch.optim.AdamW(groups(theirs), lr=0.01, betas=(0.8, 0.95), eps=1e-6, foreach=False)
+    # torch's fused kernel, as the Trainer's default optimizer (adamw_torch_fused) that the other methods train with
+    adamw = torch.optim.AdamW(groups(theirs), lr=0.01, betas=(0.8, 0.95), eps=1e-6, fused=True)
     _run(step, ours, 20)
     _run(adamw, theirs, 20)
     assert step.switch_step is None
