@@ -1,0 +1,35 @@
+"""benchmarks/optimizer_step.py: it times StepAdamW in both phases against fused AdamW (structure only, nothing timed)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def load_benchmark():
+    sys.path.insert(0, str(ROOT / "benchmarks"))  # it imports its sibling `_machine`
+    try:
+        spec = importlib.util.spec_from_file_location("optimizer_step_benchmark", ROOT / "benchmarks" / "optimizer_step.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    return module
+
+
+def test_both_phases_are_measured(capsys):
+    bench = load_benchmark()
+    assert bench.main(["--rounds", "2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    phases = [line.split()[0:2] for line in lines if line.startswith(("before switch", "after switch"))]
+    assert phases == [["before", "switch"], ["after", "switch"]]
+    step_adamw, _ = bench.build(0, rounds=2)
+    assert step_adamw.max_step == 6 and not step_adamw.switched  # T_max after the dense phase's 2 + 2 steps
+    with pytest.raises(SystemExit):
+        bench.main(["--rounds", "0"])
