@@ -73,7 +73,8 @@ def _fused_takes(params: list[torch.Tensor]) -> bool:
     """Whether torch's fused AdamW kernel takes these parameters: plain CPU/CUDA floating tensors (a DTensor or
     another subclass goes through the single-tensor form)."""
     return all(type(p) in (torch.Tensor, torch.nn.Parameter) and p.device.type in ("cpu", "cuda")
-               and p.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64) for p in params)
+               and p.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+               and p.grad is not None and p.grad.stride() == p.stride() for p in params)  # the kernel walks memory
 
 
 def _adamw(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
@@ -81,7 +82,7 @@ def _adamw(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list
            eps: float, weight_decay: float) -> None:
     """One plain AdamW step of these parameters through torch's functional AdamW (which counts the step)."""
     fused = _fused_takes(params)
-    steps = [torch.tensor(float(taken), dtype=torch.float32, device=p.device if fused else "cpu")
+    steps = [torch.full((), float(taken), dtype=torch.float32, device=p.device if fused else "cpu")  # no sync
              for taken, p in zip(steps_taken, params, strict=True)]
     functional_adamw(params, grads, exp_avgs, exp_avg_sqs, [], steps, foreach=False, fused=fused,
                             amsgrad=False, beta1=beta1, beta2=beta2, lr=lr, weight_decay=weight_decay, eps=eps,

@@ -172,3 +172,14 @@ def test_bad_arguments_are_one_line_errors(kwargs, message):
     with pytest.raises(ValueError, match=message) as info:
         StepAdamW(_params(), **kwargs)
     assert "\n" not in str(info.value)
+
+
+def test_a_gradient_laid_out_unlike_its_parameter_is_applied_to_the_right_weights():
+    """The fused kernel walks memory in order: a gradient with other strides goes through the single-tensor form."""
+    p = torch.randn(16, 8).t().clone(memory_format=torch.preserve_format).requires_grad_()
+    q = p.detach().clone().requires_grad_()
+    p.grad = torch.randn(8, 16)  # contiguous, unlike p
+    q.grad = p.grad.clone()
+    StepAdamW([p], lr=0.1, switch_threshold=0.0, total_steps=100).step()
+    torch.optim.AdamW([q], lr=0.1, foreach=False).step()
+    assert torch.equal(p.detach(), q.detach())
