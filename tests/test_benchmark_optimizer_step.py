@@ -2,29 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
+from benchmark_scripts import load_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def load_benchmark():
-    sys.path.insert(0, str(ROOT / "benchmarks"))  # it imports its sibling `_machine`
-    try:
-        spec = importlib.util.spec_from_file_location("optimizer_step_benchmark", ROOT / "benchmarks" / "optimizer_step.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
-    return module
-
-
 def test_both_phases_are_measured(capsys):
-    bench = load_benchmark()
+    bench = load_benchmark("optimizer_step")
     assert bench.main(["--rounds", "2"]) == 0
     lines = capsys.readouterr().out.splitlines()
     phases = [line.split()[0:2] for line in lines if line.startswith(("before switch", "after switch"))]

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import copy
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
+from benchmark_scripts import load_benchmark
 
 from nm_hf.config import SparsityConfig
 from nm_hf.injection import sparsify
@@ -17,18 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def load_train_step():
-    sys.path.insert(0, str(ROOT / "benchmarks"))  # it imports its sibling `_machine`
-    try:
-        spec = importlib.util.spec_from_file_location("train_step_benchmark", ROOT / "benchmarks" / "train_step.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
-    return module
-
-
-ts = load_train_step()
+ts = load_benchmark("train_step")
 METHODS = ["sr-ste", "ste", "fixed", "dense"]
 
 
