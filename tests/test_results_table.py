@@ -442,7 +442,9 @@ More text.
 """
 
 
-def test_readme_summary_is_generated_from_the_results_files(tmp_path, capsys):
+def test_readme_summary_is_generated_from_the_results_files(tmp_path, capsys, monkeypatch):
+    # the translation line reads its default file: point it at one that does not exist, not the repository's
+    monkeypatch.setitem(rt.RESULTS_FILES, "translation", tmp_path / "no_translation.json")
     runs = [lm_run("dense", 1e-3, 42, 80.0, 81.0), lm_run("dense", 4e-3, 42, 75.0, 76.0),
             lm_run("dense", 4e-3, 1, 75.0, 78.0),
             lm_run("sr-ste", 1e-3, 42, 70.0, 71.0), lm_run("sr-ste", 1e-3, 1, 70.0, 72.0),
