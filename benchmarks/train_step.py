@@ -32,10 +32,12 @@ expert weights are sparsified with the linears; `--experts_implementation` picks
 The plain (unpatched) model is the baseline, printed as "plain"; `--methods dense` adds the patched but
 unmasked model, which isolates the cost of the layer swap itself.
 
-Tracker. Then a few extra untimed steps per sparse model measure `SparsityTracker.step()` as
-SparseTrainer calls it (right after the optimizer step, `mark_updated=False`): the flip counting as a
-share of that model's median step (target <= 1%), and apart from it the masks only the tracker computes
-(method "dense"; for the others it just moves the recompute out of the next forward).
+Tracker. Then a few extra untimed steps per sparse model measure `SparsityTracker.step()` right after the
+optimizer step (`mark_updated=False`): the flip counting as a share of that model's median step (target
+<= 1%), and apart from it the masks only the tracker computes (method "dense"; for the others it just
+moves the recompute out of the next forward). Then two copies of each model train side by side, one
+with `step(defer=True)` (SparseTrainer's: the next forward counts the flips and makes mask and masked
+weight in one pass) and one with `step(defer=False)`; the paired ratio of their step times is printed.
 
 `--profile` adds where each model's step time goes beyond the plain model's, in ms and as shares of that
 model's median step, at the `--threads` given (run it with 1 and 2): layer swap (the dense-patched step
@@ -297,6 +299,26 @@ def tracker_cost(runner: Runner, first_index: int, steps: int) -> tuple[float, f
     return statistics.median(counting), statistics.median(extra)
 
 
+def deferral_ratio(runner: Runner, first_index: int, steps: int) -> float:
+    """Median paired ratio of a training step followed by `SparsityTracker.step(defer=True)` (what
+    SparseTrainer does: the next forward counts the flips while it makes mask and masked weight in one
+    pass) to the same with `defer=False` (the tracker computes the masks right away, the forward then
+    masks the weights in a pass of its own), on two copies of the model, interleaved in rotating order."""
+    pair = {}
+    for defer in (False, True):
+        twin = Runner(f"{runner.name} defer={defer}", copy.deepcopy(runner.model), runner.batches, runner.seed)
+        pair[defer] = (twin, SparsityTracker(twin.model), [])
+    for k in range(steps + 1):  # the first round warms up
+        for defer in ((False, True) if k % 2 else (True, False)):
+            twin, tracker, times = pair[defer]
+            start = time.perf_counter()
+            twin.step(first_index + k, record=False)
+            tracker.step(mark_updated=False, defer=defer)
+            times.append(time.perf_counter() - start)
+    eager, deferred = pair[False][2][1:], pair[True][2][1:]
+    return statistics.median(d / e for d, e in zip(deferred, eager, strict=True))
+
+
 @torch.no_grad()
 def piece_seconds(runner: Runner, recomputed: list[bool], calls: list[int], repeats: int) -> dict[str, float]:
     """Seconds per training step of each piece of the sparse step, timed in isolation on the model's own
@@ -434,16 +456,20 @@ def function_overhead(decay: float, freeze: bool, repeats: int, calls: int = 50)
 def report_tracker(runners: dict[str, Runner], methods: list[str], index: int, steps: int
                    ) -> dict[str, tuple[float, float]]:
     """Prints the tracker's cost per step for every sparse model; returns `tracker_cost`'s seconds per model."""
-    print(f"\ntracker: SparsityTracker.step(mark_updated=False) right after the optimizer step (as SparseTrainer "
-          f"calls it),\nmedian over {steps} extra untimed steps; share = of the model's median step above")
-    print(f"{'model':<8} {'flip counting ms':>16} {'share':>7} {'masks only it computes ms':>26} {'share':>7}")
+    print(f"\ntracker: SparsityTracker.step(mark_updated=False) right after the optimizer step, median over {steps} "
+          f"extra untimed steps;\nshare = of the model's median step above. Last column: a step plus "
+          f"step(defer=True) (SparseTrainer's: the\nnext forward counts the flips) / a step plus step(defer=False), "
+          f"paired median over {2 * steps} rounds of two copies")
+    print(f"{'model':<8} {'flip counting ms':>16} {'share':>7} {'masks only it computes ms':>26} {'share':>7} "
+          f"{'deferred/eager':>15}")
     costs = {}
     for method in methods:
         runner = runners[method]
         counting, extra = costs[method] = tracker_cost(runner, index, steps)
+        deferral = deferral_ratio(runner, index + steps, 2 * steps)
         step_seconds = statistics.median(runner.times)
         print(f"{method:<8} {counting * 1e3:>16.2f} {counting / step_seconds:>7.2%} {extra * 1e3:>26.2f} "
-              f"{extra / step_seconds:>7.2%}")
+              f"{extra / step_seconds:>7.2%} {deferral:>15.3f}")
     return costs
 
 
@@ -670,7 +696,7 @@ def main(argv: list[str] | None = None) -> int:
 
     index = step + 1  # after the memory step
     tracker = report_tracker(runners, methods, index, TRACKER_STEPS)
-    index += TRACKER_STEPS
+    index += 3 * TRACKER_STEPS + 1  # tracker_cost, then deferral_ratio (a warm-up round + 2 x steps)
     if args.profile:
         report_profile(runners, methods, index, time_ratios, tracker)
 

@@ -23,7 +23,9 @@ Definitions (sums over all tracked layers; per-layer values go into the history 
   dense weight for method "dense", whose would-be mask is still tracked so SAD compares across methods).
 
 Cost: `step()` asks every layer for `current_mask()`, which is cached until the weights change, so the
-next forward reuses it (for method "dense" it is an extra `nm_mask` per layer per step). Counting the
+next forward reuses it (for method "dense" it is an extra `nm_mask` per layer per step). `step(defer=True)`
+(SparseTrainer's) leaves that to the next forward, which is told of the new mask through
+`nm_hf.layers.add_mask_listener` and then makes mask and masked weight in one pass (see `step`). Counting the
 flips is then one pass over the masks (`count_nonzero(mask ^ previous)`: 0.1-0.4% of a one-thread
 step of the Marian model in `benchmarks/train_step.py`, which reports it), nothing when a layer kept its
 mask; SAD and the other totals are computed only at `log_metrics`. Memory (the trade-off): the
@@ -43,20 +45,24 @@ numbers one process would. The state (`state_dict`) of such a tracker is this ra
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
+import weakref
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_pre_hook
+from torch.utils.hooks import RemovableHandle
 
 from ._files import atomic_write, atomic_write_text
 from .injection import iter_sparse_layers
 from .layers import mark_weights_updated
-from .layers.base import is_sharded, local_tensor
+from .layers.base import add_mask_listener, is_sharded, local_tensor
 from .record import read_record
 
 __all__ = ["SparsityTracker", "HISTORY_FILE", "TRACKER_STATE_FILE", "METRIC_PREFIX", "pack_bits",
@@ -146,6 +152,15 @@ class SparsityTracker:
         self.window_steps = 0
         self.total_steps = 0
         self.history: list[dict[str, Any]] = []
+        # deferred counting (`step(defer=True)`): layers whose flips of the last step are not counted yet;
+        # they are counted when the layer re-chooses its mask (listener) or, at the latest, before the next
+        # optimizer step changes the weights again (global pre-step hook) or anything reads the counts
+        self._pending = [False] * len(self._layers)
+        ref = weakref.ref(self)
+        handles = [add_mask_listener(layer, functools.partial(_on_new_mask, ref, i))
+                   for i, (_, layer) in enumerate(self._layers) if not self._sharded[i]]
+        handles.append(register_optimizer_step_pre_hook(functools.partial(_before_optimizer_step, ref)))
+        weakref.finalize(self, _remove_all, handles)
 
     def _shard_group(self) -> tuple[Any, tuple[int, int]]:
         """The process group the layers' weights are sharded over (None: not sharded), and (rank, size) in it."""
@@ -175,25 +190,53 @@ class SparsityTracker:
     # ------------------------------------------------------------------ per step
 
     @torch.no_grad()
-    def step(self, mark_updated: bool = True) -> None:
+    def step(self, mark_updated: bool = True, defer: bool = False) -> None:
         """Record the mask flips of one optimizer step (call it right after `optimizer.step()`).
 
         With `mark_updated` (the default) the weights are first marked as modified in place (see
         `mark_weights_updated`), so the masks are recomputed even when the optimizer did not bump the
         weights' version counter (fused AdamW does not); the next forward reuses these masks.
+
+        With `defer` the flips are counted when each layer next re-chooses its mask, in the next forward,
+        which then makes the mask and the masked weight in one pass instead of the tracker reading the
+        weights once more now (SparseTrainer defers). Layers no forward re-masks (method "dense", unused
+        layers) are counted before the next torch optimizer step or when the counts are read. The counts
+        are the same as without `defer` as long as a forward or a torch optimizer step comes between
+        this call and the next change to the weights, as in any training loop; weights changed twice by
+        hand with neither in between count as one change. Sharded (FSDP2) layers are always counted now.
         """
         if mark_updated:
             mark_weights_updated(layer for _, layer in self._layers)
-        for i, (_, layer) in enumerate(self._layers):
-            mask, prev = self._local_mask(layer), self._prev_masks[i]
-            if mask.data_ptr() == prev.data_ptr():  # the layer kept its mask (no recompute): no flip
-                continue
-            flips = torch.count_nonzero(mask ^ prev)  # one pass; a 0-dim tensor on the device (no sync)
-            self._window_flips[i] += flips
-            self._total_flips[i] += flips
-            self._prev_masks[i] = mask
+        self._settle()  # a step whose masks nothing has needed yet (see `defer`)
+        for i in range(len(self._layers)):
+            self._pending[i] = True
+            if not defer or self._sharded[i]:
+                self._settle_layer(i)
         self.window_steps += 1
         self.total_steps += 1
+
+    def _count(self, index: int, mask: torch.Tensor) -> None:
+        """Count the flips of layer `index` from its previous mask to `mask`, if its last step is uncounted."""
+        if not self._pending[index]:
+            return
+        self._pending[index] = False
+        prev = self._prev_masks[index]
+        if mask.data_ptr() == prev.data_ptr():  # the layer kept its mask (no recompute): no flip
+            return
+        flips = torch.count_nonzero(mask ^ prev)  # one pass; a 0-dim tensor on the device (no sync)
+        self._window_flips[index] += flips
+        self._total_flips[index] += flips
+        self._prev_masks[index] = mask
+
+    def _settle_layer(self, index: int) -> None:
+        self._count(index, self._local_mask(self._layers[index][1]))  # a recompute may count it first
+
+    @torch.no_grad()
+    def _settle(self) -> None:
+        """Count every deferred step now (from the layers' current masks)."""
+        for i, pending in enumerate(self._pending):
+            if pending:
+                self._settle_layer(i)
 
     @property
     def _prev(self) -> list[torch.Tensor]:
@@ -208,7 +251,9 @@ class SparsityTracker:
 
     @torch.no_grad()
     def _measure(self) -> tuple[dict[str, Any], list[torch.Tensor]]:
-        """Current metrics (totals and per layer) and the packed current masks; changes nothing."""
+        """Current metrics (totals and per layer) and the packed current masks; changes nothing (but
+        counts deferred steps, as would happen anyway)."""
+        self._settle()
         layers: dict[str, dict[str, Any]] = {}
         packed_now: list[torch.Tensor] = []
         sad = sad_init = zeros = 0
@@ -357,6 +402,7 @@ class SparsityTracker:
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue exactly (masks as packed bits on CPU, counters, history)."""
+        self._settle()
         return {
             "format": _FORMAT,
             "names": list(self.names),
@@ -397,6 +443,7 @@ class SparsityTracker:
         self.window_steps = int(state["window_steps"])
         self.total_steps = int(state["total_steps"])
         self.history = list(state["history"])
+        self._pending = [False] * len(self._layers)
 
     def save_state(self, path: str | os.PathLike) -> Path:
         """`torch.save(state_dict())` atomically (`nm_hf._files`: whole file or none)."""
@@ -443,6 +490,24 @@ class SparsityTracker:
 
 _STATE_KEYS = ("names", "numels", "init", "last_log", "prev", "window_flips", "total_flips", "window_steps",
                "total_steps", "history")
+
+
+def _on_new_mask(tracker_ref: weakref.ref, index: int, layer: Any, mask: torch.Tensor) -> None:
+    tracker = tracker_ref()
+    if tracker is not None and not tracker._sharded[index]:
+        with torch.no_grad():
+            tracker._count(index, mask)
+
+
+def _before_optimizer_step(tracker_ref: weakref.ref, optimizer: Any, args: Any, kwargs: Any) -> None:
+    tracker = tracker_ref()
+    if tracker is not None and any(tracker._pending):
+        tracker._settle()
+
+
+def _remove_all(handles: list[RemovableHandle]) -> None:
+    for handle in handles:
+        handle.remove()
 
 
 def _check_state_format(state: Any, path: str | os.PathLike | None = None) -> None:

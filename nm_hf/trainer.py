@@ -258,8 +258,9 @@ class _SparsityCallback(TrainerCallback):
         if not trainer.accelerator.optimizer_step_was_skipped:
             after_optimizer_step(trainer.model, trainer._get_learning_rate())
         if trainer.sparsity_tracker is not None:
-            # the layers' mask cache already knows an optimizer step happened (fused AdamW included)
-            trainer.sparsity_tracker.step(mark_updated=False)
+            # the layers' mask cache already knows an optimizer step happened (fused AdamW included); deferred:
+            # the next forward counts the flips while it re-chooses each mask (one pass over the weights)
+            trainer.sparsity_tracker.step(mark_updated=False, defer=True)
 
     def on_train_end(self, args, state, control, **kwargs):
         self.trainer._end_tracker()

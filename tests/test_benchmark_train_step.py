@@ -6,6 +6,7 @@ import copy
 from pathlib import Path
 
 import pytest
+import torch
 from benchmark_scripts import load_benchmark
 
 from nm_hf.config import SparsityConfig
@@ -62,11 +63,19 @@ def test_tracker_and_profile_reports(runners, capsys):
     ratios = {method: 1.0 for method in METHODS}
     ts.report_profile(runners, METHODS, index=40, ratios=ratios, tracker=tracker)
     out = capsys.readouterr().out
-    assert "flip counting" in out and "masks only it computes" in out
+    assert "flip counting" in out and "masks only it computes" in out and "deferred/eager" in out
     for label, _ in ts.PROFILE_ROWS:
         assert label in out
     assert out.count("tracker step: flip counting") == 1
     assert any(line.split() == METHODS for line in out.splitlines())  # the profile's header: one column each
+
+
+def test_deferral_ratio_trains_copies_and_leaves_the_model_alone(runners):
+    runner = runners["sr-ste"]
+    before = {name: p.detach().clone() for name, p in runner.model.named_parameters()}
+    ratio = ts.deferral_ratio(runner, 50, steps=2)
+    assert 0 < ratio < 10
+    assert all(torch.equal(p, before[name]) for name, p in runner.model.named_parameters())
 
 
 def test_gpt2_model_runs_the_lm_recipes_shape(capsys):

@@ -6,6 +6,7 @@ import copy
 import json
 import math
 import os
+import weakref
 
 import numpy as np
 import pytest
@@ -267,6 +268,95 @@ def test_summary_measures_an_unlogged_window():
     summary = tracker.summary()
     assert summary["sad"] == 4 and summary["flip_rate"] == 4 / 16 and summary["step"] is None
     assert tracker.history == [] and tracker.steps_since_log == 1  # summary changes nothing
+
+
+# --------------------------------------------------------------------------- deferred counting (SparseTrainer's)
+
+
+def _train(model: nn.Module, tracker: SparsityTracker, steps: int, defer: bool, lr: float = 0.05) -> list:
+    """A plain training loop (forward, backward, AdamW, tracker.step) logging every third step."""
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)  # dropout
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    model.train()
+    for step in range(1, steps + 1):
+        ids = torch.randint(0, model.config.vocab_size, (2, 8), generator=g)
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+        tracker.step(mark_updated=False, defer=defer)
+        if step % 3 == 0:
+            tracker.log_metrics(step)
+    return tracker.history
+
+
+@pytest.mark.parametrize("method", ["ste", "dense", "sr-ste-decoupled"])
+def test_deferred_counts_equal_eager_counts_in_a_training_loop(method):
+    """Deferred, a step's flips are counted in the next forward (or, for a forward that uses no mask,
+    before the next optimizer step): the history must be exactly the eager one."""
+    config = (SparsityConfig(method="sr-ste", decay_mode="decoupled", decay=1.0) if method == "sr-ste-decoupled"
+              else SparsityConfig(method=method))
+    torch.manual_seed(0)
+    base = sparsify(tiny_model("gpt2"), config)
+    histories = {}
+    for defer in (False, True):
+        model = copy.deepcopy(base)
+        tracker = SparsityTracker(model)
+        history = _train(model, tracker, 8, defer)
+        summary = tracker.summary()  # counts the unlogged steps 7-8
+        histories[defer] = (history, summary, tracker.state_dict()["prev"])
+    (eager, eager_summary, eager_prev), (deferred, deferred_summary, deferred_prev) = histories[False], histories[True]
+    assert sum(record["flips"] for record in eager) > 0  # the masks moved
+    assert deferred == eager and deferred_summary == eager_summary
+    assert all(torch.equal(a, b) for a, b in zip(eager_prev, deferred_prev, strict=True))
+
+
+def test_deferred_step_leaves_the_mask_to_the_next_forward():
+    model = _one_layer()
+    _set(model, W0)
+    tracker = SparsityTracker(model)
+    before = model[0].current_mask()
+    _set(model, W1)
+    tracker.step(defer=True)
+    assert model[0].cached_mask() is before  # the tracker read nothing
+    model.train()
+    model(torch.ones(1, 8)).sum().backward()  # re-chooses the mask; the flips are counted there
+    assert model[0].cached_mask() is not before
+    logs = tracker.log_metrics(1)
+    assert logs["sparsity/sad"] == 4 and logs["sparsity/flip_rate"] == 4 / 16
+
+
+def test_deferred_step_without_a_forward_is_counted_when_read():
+    model = _one_layer()
+    _set(model, W0)
+    tracker = SparsityTracker(model)
+    _set(model, W1)
+    tracker.step(defer=True)
+    assert tracker.summary()["flip_rate"] == 4 / 16  # counted from the current mask
+    assert tracker.log_metrics(1)["sparsity/sad"] == 4
+    _set(model, W0)
+    tracker.step(defer=True)
+    _set(model, W1)  # changed back with neither a forward nor an optimizer step: the two changes merge
+    tracker.step(defer=True)
+    tracker.log_metrics(3)
+    record = tracker.history[-1]
+    assert record["steps_in_window"] == 2 and record["flips"] == 0 and record["sad"] == 0  # eager: 4 + 4 flips
+
+
+def test_a_dropped_tracker_is_freed_and_no_longer_called():
+    model = _one_layer()
+    _set(model, W0)
+    tracker = SparsityTracker(model)
+    tracker.step(defer=True)
+    ref = weakref.ref(tracker)
+    del tracker
+    assert ref() is None  # neither the layer's listener nor the optimizer hook keeps it alive
+    _set(model, W1)
+    model.train()
+    model(torch.ones(1, 8)).sum().backward()  # a mask recompute and an optimizer step with no tracker left
+    torch.optim.SGD(model.parameters(), lr=0.1).step()
+    assert torch.equal(model[0].current_mask(), torch.tensor(
+        [[0, 0, 1, 1, 1, 1, 0, 0], [0, 0, 1, 1, 0, 0, 1, 1]], dtype=torch.bool))
 
 
 # --------------------------------------------------------------------------- state and history files

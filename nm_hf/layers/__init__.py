@@ -1,6 +1,6 @@
 """Sparse layers and the layer-kind registry (see `kinds` for "which dimension is the input")."""
 
-from .base import SparseLayerMixin, mark_weights_updated, optimizer_steps
+from .base import SparseLayerMixin, add_mask_listener, mark_weights_updated, optimizer_steps
 from .conv import SparseConv, SparseConv1d, SparseConv2d
 from .experts import ExpertWeight, SparseExpertsMixin
 from .functional import apply_mask, nm_linear
@@ -35,6 +35,7 @@ __all__ = [
     "SparseLayerMixin",
     "SparseLinear",
     "Target",
+    "add_mask_listener",
     "apply_mask",
     "as_out_in",
     "available_layer_kinds",

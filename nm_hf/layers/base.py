@@ -24,18 +24,21 @@ from __future__ import annotations
 
 import warnings
 import weakref
-from collections.abc import Iterable
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 from torch.autograd.graph import increment_version
 from torch.optim.optimizer import register_optimizer_step_post_hook
+from torch.utils.hooks import RemovableHandle
 
 from ..config import SparsityConfig
 from ..masks import nm_mask, nm_mask_and_apply, nm_mask_transposable
 from ..methods import SparsityMethod, get_method
 
-__all__ = ["SparseLayerMixin", "mark_weights_updated", "optimizer_steps", "is_sharded", "local_tensor"]
+__all__ = ["SparseLayerMixin", "mark_weights_updated", "optimizer_steps", "is_sharded", "local_tensor",
+           "add_mask_listener"]
 
 try:  # torch builds without distributed support have no DTensor
     from torch.distributed.tensor import DTensor
@@ -89,6 +92,28 @@ def _warn_weak_adam_decay(optimizer: torch.optim.Optimizer) -> None:
 
 # Global: runs after `step()` of every torch.optim.Optimizer (wrapped ones included, e.g. accelerate's).
 register_optimizer_step_post_hook(_after_any_optimizer_step)
+
+
+#: who wants to hear of a layer's new mask: layer -> callbacks (kept off the layers, so that deepcopying or
+#: pickling a model never carries them along)
+_MASK_LISTENERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def add_mask_listener(layer: SparseLayerMixin,
+                      callback: Callable[[SparseLayerMixin, torch.Tensor], None]) -> RemovableHandle:
+    """Call `callback(layer, mask)` each time `layer` re-chooses its (unsharded) mask, e.g. in a training
+    forward; the `SparsityTracker` counts mask flips this way without a pass of its own over the weights.
+    `handle.remove()` stops it."""
+    callbacks = _MASK_LISTENERS.setdefault(layer, OrderedDict())
+    handle = RemovableHandle(callbacks)
+    callbacks[handle.id] = callback
+    return handle
+
+
+@torch.compiler.disable  # a compiled forward breaks its graph where it re-chooses a mask anyway (`nm_mask`)
+def _tell_listeners(layer: SparseLayerMixin, mask: torch.Tensor) -> None:
+    for callback in tuple(_MASK_LISTENERS.get(layer, {}).values()):
+        callback(layer, mask)
 
 
 def mark_weights_updated(layers: Iterable[SparseLayerMixin]) -> None:
@@ -277,6 +302,7 @@ class SparseLayerMixin:
             with torch.inference_mode(False):
                 self._nm_mask_cache, masked = self.choose_mask(self.weight.detach(), want_masked)
             self._nm_mask_key = key
+            _tell_listeners(self, self._nm_mask_cache)
         return self._nm_mask_cache, masked
 
     def compute_mask(self, weight: torch.Tensor) -> torch.Tensor:
