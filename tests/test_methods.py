@@ -73,7 +73,7 @@ def test_a_new_method_is_one_class_and_one_register_call(half_decay):
 def test_the_beyond_sr_ste_methods_are_registered():
     assert {"s-ste", "decaying-mask"} <= set(available_methods())
     fused = {name: get_method(name).fused_forward for name in available_methods()}
-    assert fused["sr-ste"] and fused["ste"] and fused["fixed"] and fused["dense"]
+    assert fused["sr-ste"] and fused["ste"] and fused["fixed"] and fused["dense"] and fused["step"]
     assert not fused["s-ste"] and not fused["decaying-mask"]
     assert get_method("decaying-mask").uses_step and not get_method("sr-ste").uses_step
 
@@ -96,15 +96,23 @@ def test_default_forward_weight_is_the_fused_maths(method):
 
 
 def test_old_methods_never_call_forward_weight(monkeypatch):
-    """The four `W * mask` methods keep the fused path (performance): forward_weight is not called."""
+    """The `W * mask` methods keep the fused path (performance): forward_weight is not called, and STEP's
+    dense phase computes no mask at all."""
     def refuse(*args, **kwargs):
         raise AssertionError("forward_weight called on the fused path")
 
     monkeypatch.setattr(SparsityMethod, "forward_weight", refuse)
-    for method in ("sr-ste", "ste", "fixed", "dense"):
+    for method in ("sr-ste", "ste", "fixed", "dense", "step"):
         model = tiny_model("llama")
         nm_hf.sparsify(model, nm_hf.SparsityConfig(method=method, target_modules=["q_proj"]))
+        layers = [layer for _, layer in nm_hf.injection.iter_sparse_layers(model)]
+        if method == "step":  # dense phase first: no mask computed
+            model(**tiny_inputs(model)).logits.sum().backward()
+            assert all(layer.cached_mask() is None for layer in layers)
+            for layer in layers:
+                get_method("step").set_phase(layer, 0)
         model(**tiny_inputs(model)).logits.sum().backward()
+        assert all(layer.cached_mask() is not None for layer in layers) or method == "dense", method
 
 
 class DoubledWeight(SparsityMethod):

@@ -33,6 +33,8 @@ class SparseConv(SparseLayerMixin):
         if not self.training and not torch.is_grad_enabled():
             return self._conv_forward(x, self.cached_eval_weight(), bias)
         method = self.method
+        if method.dense_training_forward(self):
+            return self._conv_forward(x, weight, bias)
         if method.uses_step or self.nm_mask_interval > 1:
             self.warn_if_steps_uncounted()
         return self._conv_forward(x, method.forward_weight(self, weight, self.current_mask()), bias)

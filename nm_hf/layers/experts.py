@@ -108,6 +108,8 @@ class ExpertWeight(SparseLayerMixin):
         if not self.training and not torch.is_grad_enabled():
             return self.cached_eval_weight(), None
         method = self.method
+        if method.dense_training_forward(self):
+            return weight, None
         if method.uses_step or self.nm_mask_interval > 1:
             self.warn_if_steps_uncounted()
         mask = self.current_mask()

@@ -33,6 +33,8 @@ class Sparse2DLayer(SparseLayerMixin):
         if not self.training and not torch.is_grad_enabled():
             return F.linear(x, self._linear_layout(self.cached_eval_weight()), bias)
         method = self.method
+        if method.dense_training_forward(self):
+            return F.linear(x, self._linear_layout(weight), bias)
         if method.fused_forward:
             if self.nm_mask_interval > 1:
                 self.warn_if_steps_uncounted()

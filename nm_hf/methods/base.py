@@ -113,6 +113,11 @@ class SparsityMethod:
         skipped), else None (the default: always rank)."""
         return None
 
+    def dense_training_forward(self, layer: SparseLayerMixin) -> bool:
+        """True: the training forward uses the dense weight, no mask (STEP's precondition phase); the layers
+        then compute no mask for it. Default False."""
+        return False
+
     def gradient_decay(self, layer: SparseLayerMixin) -> float:
         """Extra `decay * (1 - mask) * W` added to the weight gradient in backward (0: none)."""
         return 0.0

@@ -22,10 +22,8 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 from ..optim import StepAdamW
-from .base import MaskedWeight, SparsityMethod
+from .base import SparsityMethod
 
 if TYPE_CHECKING:
     from ..layers.base import SparseLayerMixin
@@ -103,10 +101,9 @@ class STEPMethod(SparsityMethod):
     def prepare(self, layer: SparseLayerMixin) -> None:
         layer.nm_method_state["switch_step"] = None
 
-    def forward_weight(self, layer: SparseLayerMixin, weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        if layer.nm_method_state.get("switch_step") is None:
-            return weight  # precondition phase: dense
-        return MaskedWeight.apply(weight, mask, 0.0, False)  # straight-through
+    def dense_training_forward(self, layer: SparseLayerMixin) -> bool:
+        # precondition phase: dense; then the default `W * mask`, straight-through (the layers' fused path)
+        return layer.nm_method_state.get("switch_step") is None
 
     def check_state(self, layer: SparseLayerMixin, state: Mapping[str, Any]) -> dict[str, Any]:
         step = state.get("switch_step", "missing") if isinstance(state, Mapping) else "missing"
