@@ -6,13 +6,13 @@ pieces of its worker that run without llm-compressor (the Conv1D <-> Linear swap
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from pathlib import Path
 
 import pytest
 import torch
+from benchmark_scripts import load_benchmark
 from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
 import nm_hf
@@ -21,16 +21,9 @@ from tiny_models import save_pretrained_lm
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def bench():
-    return load_script("compare_pruning")
+    return load_benchmark("compare_pruning")
 
 
 
@@ -122,7 +115,7 @@ def test_tiny_end_to_end_without_llm_compressor(bench, pretrained, tmp_path, one
 def test_peer_worker_swaps_conv1d_for_equal_linear_and_back(one_thread):
     """llm-compressor 0.14 prunes only modules named Linear/Conv1d/...: its worker hands it GPT-2's Conv1D
     layers as equivalent nn.Linear ones, then puts the Conv1D modules back with the new weights."""
-    worker = load_script("llmcompressor_oneshot")
+    worker = load_benchmark("llmcompressor_oneshot")
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_positions=16, n_embd=16, n_layer=1, n_head=2)).eval()
     ids = torch.randint(0, 50, (2, 8))

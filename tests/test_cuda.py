@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from benchmark_scripts import load_benchmark
 from transformers.pytorch_utils import Conv1D
 
 from nm_hf.config import SparsityConfig
@@ -149,14 +150,7 @@ def test_conversion_on_cuda_matches_dense(model_type):
 
 
 def _benchmark_module():
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_inference.py"
-    spec = importlib.util.spec_from_file_location("gpu_inference", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("gpu_inference")
 
 
 def test_benchmark_plan_runs_on_cpu(capsys):

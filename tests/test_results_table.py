@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import statistics
-import sys
 from pathlib import Path
 
 import pytest
+from benchmark_scripts import load_benchmark
 from transformers import HfArgumentParser
 
 from nm_hf.arguments import SparsityArguments
@@ -16,15 +15,7 @@ from nm_hf.arguments import SparsityArguments
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def load_results_table():
-    spec = importlib.util.spec_from_file_location("results_table", ROOT / "benchmarks" / "results_table.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the class is created
-    spec.loader.exec_module(module)
-    return module
-
-
-rt = load_results_table()
+rt = load_benchmark("results_table")
 
 
 def test_run_spec_with_its_own_flags():
