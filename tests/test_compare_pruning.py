@@ -18,7 +18,6 @@ from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 import nm_hf
 from tiny_models import save_pretrained_lm
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")

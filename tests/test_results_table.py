@@ -12,7 +12,6 @@ from transformers import HfArgumentParser
 
 from nm_hf.arguments import SparsityArguments
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 rt = load_benchmark("results_table")
