@@ -19,7 +19,6 @@ import nm_hf
 from tiny_models import save_pretrained_lm
 
 
-
 @pytest.fixture(scope="module")
 def bench():
     return load_benchmark("compare_pruning")

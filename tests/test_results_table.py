@@ -12,8 +12,6 @@ from transformers import HfArgumentParser
 
 from nm_hf.arguments import SparsityArguments
 
-
-
 rt = load_benchmark("results_table")
 
 
