@@ -28,7 +28,7 @@ from .layers import (
     layer_kind_of_sparse,
     sparse_layers_of,
 )
-from .layers.base import is_sharded
+from .layers.base import is_sharded, settle_mask_listeners
 from .record import (
     STATE_FINALIZED,
     STATE_TRAINING,
@@ -472,6 +472,8 @@ def finalize(model: nn.Module) -> nn.Module:
     if not layers:
         raise ValueError(f"{type(inner).__name__} has no sparse layers to finalize (call nm_hf.sparsify first)")
     config = sparsity_config_of(inner)
+    for _, layer in layers:  # e.g. a tracker still waiting for the last step's masks takes them now
+        settle_mask_listeners(layer)
     baked = baked_weights(inner)
     names = [name for name, _ in layers]
     record = current_record(inner, config, names, STATE_FINALIZED,

@@ -49,6 +49,7 @@ import functools
 import json
 import math
 import os
+import warnings
 import weakref
 from pathlib import Path
 from typing import Any
@@ -62,7 +63,7 @@ from torch.utils.hooks import RemovableHandle
 from ._files import atomic_write, atomic_write_text
 from .injection import iter_sparse_layers
 from .layers import mark_weights_updated
-from .layers.base import add_mask_listener, is_sharded, local_tensor
+from .layers.base import add_mask_listener, is_sharded, is_sparse_layer, local_tensor
 from .record import read_record
 
 __all__ = ["SparsityTracker", "HISTORY_FILE", "TRACKER_STATE_FILE", "METRIC_PREFIX", "pack_bits",
@@ -215,28 +216,41 @@ class SparsityTracker:
         self.window_steps += 1
         self.total_steps += 1
 
-    def _count(self, index: int, mask: torch.Tensor) -> None:
-        """Count the flips of layer `index` from its previous mask to `mask`, if its last step is uncounted."""
+    def _count(self, index: int, mask: torch.Tensor, strict: bool = True) -> None:
+        """Count the flips of layer `index` from its previous mask to `mask`, if its last step is uncounted.
+
+        Not `strict` (called from a forward or another optimizer's step, not by the user): a mask that moved
+        to another device or changed shape since is skipped with a warning rather than raising there."""
         if not self._pending[index]:
             return
         self._pending[index] = False
         prev = self._prev_masks[index]
         if mask.data_ptr() == prev.data_ptr():  # the layer kept its mask (no recompute): no flip
             return
+        if not strict and (mask.device != prev.device or mask.shape != prev.shape):
+            warnings.warn(f"SparsityTracker: the mask of {self.names[index]!r} moved from {prev.device} "
+                          f"{tuple(prev.shape)} to {mask.device} {tuple(mask.shape)}; the flips of its last "
+                          "step are not counted", UserWarning, stacklevel=2)
+            return
         flips = torch.count_nonzero(mask ^ prev)  # one pass; a 0-dim tensor on the device (no sync)
         self._window_flips[index] += flips
         self._total_flips[index] += flips
         self._prev_masks[index] = mask
 
-    def _settle_layer(self, index: int) -> None:
-        self._count(index, self._local_mask(self._layers[index][1]))  # a recompute may count it first
+    def _settle_layer(self, index: int, strict: bool = True) -> None:
+        layer = self._layers[index][1]
+        if not is_sparse_layer(layer):  # finalized since (which settles first): nothing left to count
+            self._pending[index] = False
+            return
+        self._count(index, self._local_mask(layer), strict)  # a recompute may count it first
 
     @torch.no_grad()
-    def _settle(self) -> None:
-        """Count every deferred step now (from the layers' current masks)."""
+    def _settle(self, strict: bool = True, params: set[int] | None = None) -> None:
+        """Count every deferred step now, from the layers' current masks (only the layers whose weight's
+        id is in `params`, when given)."""
         for i, pending in enumerate(self._pending):
-            if pending:
-                self._settle_layer(i)
+            if pending and (params is None or id(self._layers[i][1].weight) in params):
+                self._settle_layer(i, strict)
 
     @property
     def _prev(self) -> list[torch.Tensor]:
@@ -492,17 +506,23 @@ _STATE_KEYS = ("names", "numels", "init", "last_log", "prev", "window_flips", "t
                "total_steps", "history")
 
 
-def _on_new_mask(tracker_ref: weakref.ref, index: int, layer: Any, mask: torch.Tensor) -> None:
+def _on_new_mask(tracker_ref: weakref.ref, index: int, layer: Any, mask: torch.Tensor | None) -> None:
+    """A tracked layer re-chose its mask (or, `mask` None, is about to change otherwise: settle now)."""
     tracker = tracker_ref()
-    if tracker is not None and not tracker._sharded[index]:
-        with torch.no_grad():
-            tracker._count(index, mask)
+    if tracker is None or tracker._sharded[index] or not tracker._pending[index]:
+        return
+    with torch.no_grad():
+        if mask is None:
+            tracker._settle_layer(index, strict=False)
+        else:
+            tracker._count(index, mask, strict=False)
 
 
 def _before_optimizer_step(tracker_ref: weakref.ref, optimizer: Any, args: Any, kwargs: Any) -> None:
+    """Before an optimizer changes tracked weights, count the steps no forward has counted yet."""
     tracker = tracker_ref()
     if tracker is not None and any(tracker._pending):
-        tracker._settle()
+        tracker._settle(strict=False, params={id(p) for group in optimizer.param_groups for p in group["params"]})
 
 
 def _remove_all(handles: list[RemovableHandle]) -> None:

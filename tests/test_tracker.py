@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from nm_hf.config import SparsityConfig
-from nm_hf.injection import iter_sparse_layers, sparsify
+from nm_hf.injection import after_optimizer_step, finalize, iter_sparse_layers, sparsify
 from nm_hf.tracker import (
     HISTORY_FILE,
     SparsityTracker,
@@ -284,6 +284,7 @@ def _train(model: nn.Module, tracker: SparsityTracker, steps: int, defer: bool, 
         model(input_ids=ids, labels=ids).loss.backward()
         opt.step()
         opt.zero_grad()
+        after_optimizer_step(model, lr)  # e.g. SR-STE's decoupled decay
         tracker.step(mark_updated=False, defer=defer)
         if step % 3 == 0:
             tracker.log_metrics(step)
@@ -341,6 +342,55 @@ def test_deferred_step_without_a_forward_is_counted_when_read():
     tracker.log_metrics(3)
     record = tracker.history[-1]
     assert record["steps_in_window"] == 2 and record["flips"] == 0 and record["sad"] == 0  # eager: 4 + 4 flips
+
+
+@pytest.mark.parametrize("method", ["ste", "dense"])
+def test_deferred_counts_survive_a_weight_swap_and_finalize(method):
+    """A state dict loaded between a step and its forward (an averaged-weights evaluation) and `finalize`
+    settle a deferred step first; afterwards other optimizers' steps leave the tracker alone."""
+    torch.manual_seed(0)
+    base = sparsify(tiny_model("gpt2"), SparsityConfig(method=method))
+    ids = torch.randint(0, base.config.vocab_size, (2, 8), generator=torch.Generator().manual_seed(1))
+    results = {}
+    for defer in (False, True):
+        torch.manual_seed(0)  # dropout
+        model = copy.deepcopy(base)
+        tracker = SparsityTracker(model)
+        opt = torch.optim.SGD(model.parameters(), lr=0.5)
+        model.train()
+        for _ in range(2):
+            model(input_ids=ids, labels=ids).loss.backward()
+            opt.step()
+            opt.zero_grad()
+            tracker.step(mark_updated=False, defer=defer)
+            trained = copy.deepcopy(model.state_dict())
+            model.load_state_dict(base.state_dict())  # evaluate other weights, then put the trained ones back
+            with torch.no_grad():
+                model.eval()(input_ids=ids)
+            model.load_state_dict(trained)
+            model.train()
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        tracker.step(mark_updated=False, defer=defer)
+        finalize(model)
+        torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=0.1).step()  # an unrelated optimizer
+        results[defer] = tracker.state_dict()["total_flips"]
+    assert sum(results[False]) > 0 and results[True] == results[False]
+
+
+def test_only_the_optimizer_of_the_tracked_weights_settles_a_deferred_step():
+    model = _one_layer("dense")  # its forward needs no mask: only the optimizer hook counts the step
+    _set(model, W0)
+    tracker = SparsityTracker(model)
+    before = model[0].current_mask()
+    _set(model, W1)
+    tracker.step(defer=True)
+    torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=0.1).step()
+    assert model[0].cached_mask() is before  # another model's optimizer: not settled
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    model[0].weight.grad = torch.zeros_like(model[0].weight)
+    opt.step()  # settles first (the weights of the step it counts), then steps
+    assert model[0].cached_mask() is not before and tracker.state_dict()["total_flips"] == [4]
 
 
 def test_a_dropped_tracker_is_freed_and_no_longer_called():

@@ -38,7 +38,7 @@ from ..masks import nm_mask, nm_mask_and_apply, nm_mask_transposable
 from ..methods import SparsityMethod, get_method
 
 __all__ = ["SparseLayerMixin", "mark_weights_updated", "optimizer_steps", "is_sharded", "local_tensor",
-           "add_mask_listener"]
+           "add_mask_listener", "settle_mask_listeners", "is_sparse_layer"]
 
 try:  # torch builds without distributed support have no DTensor
     from torch.distributed.tensor import DTensor
@@ -100,10 +100,11 @@ _MASK_LISTENERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def add_mask_listener(layer: SparseLayerMixin,
-                      callback: Callable[[SparseLayerMixin, torch.Tensor], None]) -> RemovableHandle:
+                      callback: Callable[[SparseLayerMixin, torch.Tensor | None], None]) -> RemovableHandle:
     """Call `callback(layer, mask)` each time `layer` re-chooses its (unsharded) mask, e.g. in a training
-    forward; the `SparsityTracker` counts mask flips this way without a pass of its own over the weights.
-    `handle.remove()` stops it."""
+    forward, and `callback(layer, None)` just before the layer changes otherwise than by a training step
+    (`settle_mask_listeners`); the `SparsityTracker` counts mask flips this way without a pass of its own
+    over the weights. `handle.remove()` stops it."""
     callbacks = _MASK_LISTENERS.setdefault(layer, OrderedDict())
     handle = RemovableHandle(callbacks)
     callbacks[handle.id] = callback
@@ -111,9 +112,20 @@ def add_mask_listener(layer: SparseLayerMixin,
 
 
 @torch.compiler.disable  # a compiled forward breaks its graph where it re-chooses a mask anyway (`nm_mask`)
-def _tell_listeners(layer: SparseLayerMixin, mask: torch.Tensor) -> None:
+def _tell_listeners(layer: SparseLayerMixin, mask: torch.Tensor | None) -> None:
     for callback in tuple(_MASK_LISTENERS.get(layer, {}).values()):
         callback(layer, mask)
+
+
+def settle_mask_listeners(layer: SparseLayerMixin) -> None:
+    """Tell `layer`'s mask listeners that its weights are about to change otherwise than by a training step
+    (a state dict loaded, `finalize` baking them): one waiting for the layer's next mask takes it now."""
+    _tell_listeners(layer, None)
+
+
+def is_sparse_layer(layer: Any) -> bool:
+    """True while `layer` is a sparse layer (False once `finalize` has made it dense again)."""
+    return isinstance(layer, SparseLayerMixin) and "nm_method" in vars(layer)
 
 
 def mark_weights_updated(layers: Iterable[SparseLayerMixin]) -> None:
@@ -198,6 +210,7 @@ class SparseLayerMixin:
         return get_method(self.nm_method)
 
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        settle_mask_listeners(self)
         super()._load_from_state_dict(*args, **kwargs)
         self._nm_generation = self.__dict__.get("_nm_generation", 0) + 1  # FSDP2: see the module docstring
 
