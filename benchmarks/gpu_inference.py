@@ -65,6 +65,49 @@ def cuda_time(fn, reps: int, warmup: int) -> float:
     return statistics.median(times)
 
 
+def graph_time(fn, reps: int, warmup: int) -> float | None:
+    """Median ms of replaying `fn` captured in a CUDA graph (GPU time without the host's per-call work);
+    None if it cannot be captured."""
+    try:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+    except Exception as err:  # noqa: BLE001 - the reason is printed, the column left empty
+        print(f"  (CUDA graph capture failed: {type(err).__name__}: {str(err).splitlines()[0][:120]})")
+        return None
+    return cuda_time(graph.replay, reps, warmup)
+
+
+def probe_columns(x: torch.Tensor, weight: torch.Tensor, sparse, reps: int, warmup: int) -> dict:
+    """Where the sparse matmul's time goes: the same product as a CUDA graph replay, the raw cuSPARSELt
+    op without the tensor subclass's Python dispatch, and that op with the algorithm cuSPARSELt's search
+    picks (`torch._cslt_sparse_mm_search`), when this torch has them."""
+    out = {"dense_graph_ms": graph_time(lambda: F.linear(x, weight), reps, warmup),
+           "sparse_graph_ms": graph_time(lambda: F.linear(x, sparse), reps, warmup)}
+    packed = getattr(sparse, "packed", None)
+    if packed is None or not hasattr(torch, "_cslt_sparse_mm"):
+        return out
+    dense_t = x.t().contiguous()
+    try:  # the raw op takes no padding: token counts below its tile fail, and the columns stay empty
+        out["cslt_raw_ms"] = cuda_time(lambda: torch._cslt_sparse_mm(packed, dense_t), reps, warmup)
+        if hasattr(torch, "_cslt_sparse_mm_search"):
+            alg = int(torch._cslt_sparse_mm_search(packed, dense_t))
+            out["cslt_best_alg"] = alg
+            out["cslt_best_alg_ms"] = cuda_time(lambda: torch._cslt_sparse_mm(packed, dense_t, alg_id=alg),
+                                                reps, warmup)
+            out["cslt_best_alg_graph_ms"] = graph_time(
+                lambda: torch._cslt_sparse_mm(packed, dense_t, alg_id=alg), reps, warmup)
+    except RuntimeError as err:
+        print(f"  (raw cuSPARSELt op failed: {str(err).splitlines()[0][:120]})")
+    return out
+
+
 def bench_matmuls(args: argparse.Namespace, dtype: torch.dtype) -> list[dict]:
     from torch.sparse import SparseSemiStructuredTensor, to_sparse_semi_structured
 
@@ -89,6 +132,11 @@ def bench_matmuls(args: argparse.Namespace, dtype: torch.dtype) -> list[dict]:
             rows.append(row)
             print(f"{shape:>18} {tokens:>7} {dense_ms:>9.4f} {sparse_ms:>9.4f} {row['speedup']:>7.2f}x "
                   f"{diff:>13.2e}")
+            if args.probe:
+                with torch.no_grad():
+                    row.update(probe_columns(x, weight, sparse, args.reps, args.warmup))
+                print("    probe: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                                            for k, v in row.items() if k.startswith(("sparse_graph", "cslt", "dense_graph"))))
     return rows
 
 
@@ -118,10 +166,19 @@ def bench_generation(args: argparse.Namespace, dtype: torch.dtype) -> list[dict]
         prompt = torch.randint(3, args.vocab, (batch, args.prompt), device="cuda", generator=g)
         kwargs = {"max_new_tokens": args.new_tokens, "min_new_tokens": args.new_tokens, "do_sample": False,
                   "attention_mask": torch.ones_like(prompt), "pad_token_id": 0}
+        # a static cache makes transformers compile the decoding step into CUDA graphs (the warm-up, of the
+        # same length, compiles); the dynamic cache runs eagerly, paying each matmul's host-side work
+        warmup = {"cache_implementation": "static"} if args.cache == "static" else {"max_new_tokens": 4,
+                                                                                      "min_new_tokens": 4}
+        if args.cache == "static":
+            kwargs["cache_implementation"] = "static"
         outputs, seconds = {}, {}
         with torch.no_grad():
             for label, model in (("dense", dense), ("sparse", sparse)):
-                model.generate(prompt, **{**kwargs, "max_new_tokens": 4, "min_new_tokens": 4})  # warm-up
+                started = time.perf_counter()
+                model.generate(prompt, **{**kwargs, **warmup})  # warm-up
+                torch.cuda.synchronize()
+                print(f"  {label} warm-up {time.perf_counter() - started:.1f} s")
                 torch.cuda.synchronize()
                 start = time.perf_counter()
                 for _ in range(args.gen_reps):
@@ -133,7 +190,7 @@ def bench_generation(args: argparse.Namespace, dtype: torch.dtype) -> list[dict]
         new = slice(args.prompt, None)
         agree = float((outputs["dense"][:, new] == outputs["sparse"][:, new]).float().mean())
         tokens = batch * args.new_tokens
-        row = {"batch": batch, "dense_tokens_per_s": tokens / seconds["dense"],
+        row = {"batch": batch, "cache": args.cache, "dense_tokens_per_s": tokens / seconds["dense"],
                "sparse_tokens_per_s": tokens / seconds["sparse"], "speedup": seconds["dense"] / seconds["sparse"],
                "tokens_agree": agree, "first_step_logits_rel_diff": logits_diff}
         rows.append(row)
@@ -172,6 +229,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt", type=int, default=64, help="prompt length in tokens")
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--gen-reps", type=int, default=3)
+    parser.add_argument("--cache", choices=["dynamic", "static"], default="dynamic",
+                        help="generation cache; 'static' makes transformers compile decoding into CUDA graphs")
+    parser.add_argument("--probe", action="store_true",
+                        help="also time each sparse matmul as a CUDA graph, as the raw cuSPARSELt op, and with "
+                             "the algorithm cuSPARSELt's search picks (where the time goes)")
     parser.add_argument("--skip-matmul", action="store_true")
     parser.add_argument("--skip-generate", action="store_true")
     parser.add_argument("--plan", action="store_true", help="only check that every layer can be converted")

@@ -19,7 +19,7 @@ from .layers import as_out_in, family_kind, iter_targets
 from .masks import nm_group_counts
 from .record import CONFIG_KEY, read_record
 
-__all__ = ["SemiStructuredError", "semi_structured_problems", "check_semi_structured", "to_semi_structured",
+__all__ = ["SemiStructuredError", "SemiStructuredLinear", "semi_structured_problems", "check_semi_structured", "to_semi_structured",
            "SEMI_STRUCTURED_DTYPES", "left_dense"]
 
 SEMI_STRUCTURED_DTYPES = (torch.float16, torch.bfloat16)
@@ -72,6 +72,10 @@ def semi_structured_problems(
     elif capability is not None and tuple(capability) < (8, 0):
         problems.append(f"{name}: CUDA compute capability {capability[0]}.{capability[1]}; 2:4 sparse tensor "
                         "cores need 8.0+ (Ampere or newer)")
+    elif capability is not None and backend == "cutlass" and capability[0] != 8:
+        # PyTorch's CUTLASS 2:4 kernels are built for sm_8x only (seen failing on an H200, 9.0)
+        problems.append(f"{name}: CUDA compute capability {capability[0]}.{capability[1]}; PyTorch's CUTLASS "
+                        "2:4 kernels run on 8.x only: use backend='cusparselt'")
     if dtype not in SEMI_STRUCTURED_DTYPES:
         problems.append(f"{name}: dtype {dtype}; convert the model to float16 or bfloat16 first")
     if len(shape) != 2:
@@ -83,6 +87,20 @@ def semi_structured_problems(
             problems.append(f"{name}: weight [out={out_features}, in={in_features}] is not a multiple of the "
                             f"{backend} tile ({rows} x {cols}); exclude this layer from sparsification")
     return problems
+
+
+class SemiStructuredLinear(nn.Linear):
+    """An `nn.Linear` holding a semi-structured weight: it multiplies a 2-D view of its input.
+
+    PyTorch's semi-structured tensors implement `mm`/`addmm`, but `F.linear` on a 3-D input whose leading
+    dimensions cannot be folded without a copy decomposes into a batched matmul they refuse (`expand`),
+    which is what batched `generate` hit on an H200. Flattening first always takes the `mm` path.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, x.shape[-1])
+        out = nn.functional.linear(rows, self.weight, self.bias)
+        return out.view(*x.shape[:-1], out.shape[-1])
 
 
 def _is_2d(layer: Any) -> bool:
@@ -206,8 +224,8 @@ def to_semi_structured(model: nn.Module, *, backend: str | None = None) -> nn.Mo
     modules = dict(model.named_modules())
     for name, module, out_in, weight, sparse in converted:
         if not out_in:  # [in, out] kinds (GPT-2 Conv1D): an nn.Linear takes their place
-            linear = nn.Linear(weight.shape[1], weight.shape[0], bias=module.bias is not None,
-                               device="meta")
+            linear = SemiStructuredLinear(weight.shape[1], weight.shape[0], bias=module.bias is not None,
+                                          device="meta")
             linear.weight = nn.Parameter(sparse, requires_grad=False)
             if module.bias is not None:
                 linear.bias = nn.Parameter(module.bias.detach(), requires_grad=False)
@@ -215,6 +233,8 @@ def to_semi_structured(model: nn.Module, *, backend: str | None = None) -> nn.Mo
             setattr(modules[parent_name] if parent_name else model, child, linear)
         else:
             module.weight = nn.Parameter(sparse, requires_grad=False)
+            if type(module) is nn.Linear:  # after finalize every target is a plain nn.Linear or Conv1D
+                module.__class__ = SemiStructuredLinear
     return outer
 
 

@@ -11,6 +11,7 @@ from nm_hf.config import SparsityConfig
 from nm_hf.injection import finalize, iter_sparse_layers, sparsify
 from nm_hf.semi_structured import (
     SemiStructuredError,
+    SemiStructuredLinear,
     check_semi_structured,
     semi_structured_problems,
     to_semi_structured,
@@ -46,6 +47,8 @@ def test_supported_layer_has_no_problems():
     ({"shape": (32, 40)}, "in=40] is not a multiple"),
     ({"shape": (32, 32), "backend": "cutlass"}, "not a multiple of the cutlass tile (32 x 64)"),
     ({"capability": (7, 5)}, "compute capability 7.5; 2:4 sparse tensor cores need 8.0+"),
+    ({"shape": (64, 128), "capability": (9, 0), "backend": "cutlass"},
+     "compute capability 9.0; PyTorch's CUTLASS 2:4 kernels run on 8.x only: use backend='cusparselt'"),
     ({"shape": (2, 16, 16)}, "only 2-D weights"),
     ({"n": 2, "m": 8}, "pattern 2:8; sparse tensor cores only run 2:4"),
 ])
@@ -117,6 +120,18 @@ def test_pattern_is_checked():
     assert check_semi_structured(dense, assume_cuda=True)  # "dense" finalized weights are not 2:4
 
 
+def test_semi_structured_linear_multiplies_a_2d_view():
+    """Its forward equals nn.Linear's for 2-D, 3-D and non-contiguous inputs (on CPU, with a dense weight)."""
+    torch.manual_seed(0)
+    plain = torch.nn.Linear(8, 6)
+    flat = SemiStructuredLinear(8, 6)
+    flat.load_state_dict(plain.state_dict())
+    x = torch.randn(5, 4, 8)
+    for inputs in (x, x[:, :2], x.transpose(0, 1), x[0]):
+        torch.testing.assert_close(flat(inputs), plain(inputs))
+        assert flat(inputs).shape == plain(inputs).shape
+
+
 def test_plain_model_without_record():
     with pytest.raises(SemiStructuredError, match="nothing to convert"):
         to_semi_structured(tiny_model("llama").half())
@@ -133,13 +148,15 @@ def test_conversion_on_cuda_matches_dense(model_type):
         {"n_embd": 64, "n_inner": 128}
     model = tiny_model(model_type, **overrides).half().cuda().eval()
     finalize(sparsify(model, SparsityConfig()))
-    inputs = {k: v.cuda() for k, v in tiny_inputs(model, batch=4, length=16).items()}
+    inputs = {k: v.cuda() for k, v in tiny_inputs(model, batch=8, length=16).items()}
     with torch.no_grad():
         expected = output_tensor(model(**inputs)).float()
     to_semi_structured(model)
     sparse_weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)
                       and isinstance(m.weight, torch.sparse.SparseSemiStructuredTensor)]
     assert len(sparse_weights) == len(model.config.nm_sparsity["targeted_modules"])
+    assert all(type(m) is SemiStructuredLinear for m in model.modules()
+               if isinstance(getattr(m, "weight", None), torch.sparse.SparseSemiStructuredTensor))
     assert not any(isinstance(m, Conv1D) for m in model.modules())
     with torch.no_grad():
         got = output_tensor(model(**inputs)).float()
