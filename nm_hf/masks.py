@@ -30,7 +30,7 @@ import torch
 
 from .native import kernels, splits_itself
 
-__all__ = ["apply_mask", "apply_mask_", "add_pruned_", "masked_and_add_pruned_", "pruned_nonzero", "nm_mask", "nm_mask_and_apply", "nm_mask_transposable", "transposable_patterns", "check_transposable", "check_nm",
+__all__ = ["apply_mask", "apply_mask_", "add_pruned_", "count_changed", "masked_and_add_pruned_", "pruned_nonzero", "nm_mask", "nm_mask_and_apply", "nm_mask_transposable", "transposable_patterns", "check_transposable", "check_nm",
            "nm_group_counts", "magnitude_key", "TRANSPOSABLE_PATTERNS"]
 
 # Pairwise counting costs m*(m-1)/2 comparisons per group: fine up to m=16, topk is cheaper beyond.
@@ -217,6 +217,19 @@ def pruned_nonzero(weight: torch.Tensor, mask: torch.Tensor) -> bool:
         _workers()  # torch.get_num_threads() gives a new thread torch's OpenMP thread count before the kernel splits
         return bool(function(weight.data_ptr(), mask.data_ptr(), weight.numel(), key[1]))
     return bool(apply_mask(weight, mask, keep=False).ne(0).any())
+
+
+def count_changed(mask: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
+    """How many entries of two same-shaped boolean masks differ, as a 0-dim int64 tensor on their device.
+
+    One read of both on CPU with the native kernels (the tracker's flip count); elsewhere
+    `count_nonzero(mask ^ previous)`, which stays on the device (no synchronisation).
+    """
+    if (mask.dtype == torch.bool and previous.dtype == torch.bool and mask.shape == previous.shape
+            and _native_ready(mask, previous)):
+        _workers()  # torch.get_num_threads() gives a new thread torch's OpenMP thread count before the kernel splits
+        return torch.tensor(kernels().count_changed_u8(mask.data_ptr(), previous.data_ptr(), mask.numel()))
+    return torch.count_nonzero(mask ^ previous)
 
 
 def _check_nm(n: int, m: int) -> None:

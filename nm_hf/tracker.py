@@ -26,7 +26,7 @@ Cost: `step()` asks every layer for `current_mask()`, which is cached until the 
 next forward reuses it (for method "dense" it is an extra `nm_mask` per layer per step). `step(defer=True)`
 (SparseTrainer's) leaves that to the next forward, which is told of the new mask through
 `nm_hf.layers.add_mask_listener` and then makes mask and masked weight in one pass (see `step`). Counting the
-flips is then one pass over the masks (`count_nonzero(mask ^ previous)`: 0.1-0.4% of a one-thread
+flips is then one read of the two masks (`nm_hf.masks.count_changed`, a native kernel on CPU: 0.1-0.4% of a one-thread
 step of the Marian model in `benchmarks/train_step.py`, which reports it), nothing when a layer kept its
 mask; SAD and the other totals are computed only at `log_metrics`. Memory (the trade-off): the
 previous step's mask is not copied but held by reference: it is the tensor the layer's mask cache
@@ -64,6 +64,7 @@ from ._files import atomic_write, atomic_write_text
 from .injection import iter_sparse_layers
 from .layers import mark_weights_updated
 from .layers.base import add_mask_listener, is_sharded, is_sparse_layer, local_tensor
+from .masks import count_changed
 from .record import read_record
 
 __all__ = ["SparsityTracker", "HISTORY_FILE", "TRACKER_STATE_FILE", "METRIC_PREFIX", "pack_bits",
@@ -232,7 +233,7 @@ class SparsityTracker:
                           f"{tuple(prev.shape)} to {mask.device} {tuple(mask.shape)}; the flips of its last "
                           "step are not counted", UserWarning, stacklevel=2)
             return
-        flips = torch.count_nonzero(mask ^ prev)  # one pass; a 0-dim tensor on the device (no sync)
+        flips = count_changed(mask, prev)  # one read of both; a 0-dim tensor on the device (no sync)
         self._window_flips[index] += flips
         self._total_flips[index] += flips
         self._prev_masks[index] = mask

@@ -18,6 +18,7 @@ from nm_hf.masks import (
     add_pruned_,
     apply_mask,
     apply_mask_,
+    count_changed,
     masked_and_add_pruned_,
     nm_mask,
     nm_mask_and_apply,
@@ -154,6 +155,19 @@ def test_pruned_nonzero_matches_the_torch_path(dtype, shape, dim):
         assert fast == plain == expected
 
 
+@pytest.mark.parametrize("numel", [1, 7, 4096, 70_001])
+def test_count_changed_matches_the_torch_path(numel):
+    g = torch.Generator().manual_seed(numel)
+    mask = torch.rand(numel, generator=g) > 0.5
+    for previous in (mask.clone(), ~mask, torch.rand(numel, generator=g) > 0.3):
+        fast, plain = both_paths(count_changed, mask, previous)
+        assert fast.dtype == plain.dtype == torch.int64 and fast.ndim == 0
+        assert int(fast) == int(plain) == int((mask != previous).sum())
+    square = mask[: (numel // 64) * 64].view(-1, 64) if numel >= 64 else mask.view(1, -1)
+    fast, plain = both_paths(count_changed, square.t(), square.t().contiguous())  # not contiguous: torch's path
+    assert int(fast) == int(plain) == 0
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("shape,dim", SHAPES)
 def test_masked_and_add_pruned_is_both_separate_calls(dtype, shape, dim):
@@ -248,7 +262,8 @@ def every_kernel(weight: torch.Tensor, grad: torch.Tensor) -> list[torch.Tensor 
     for n, m, dim in ((2, 4, -1), (4, 8, -1), (2, 4, 0), (1, 4, -1)):
         mask, masked = nm_mask_and_apply(weight, n, m, dim)
         results += [nm_mask(weight, n, m, dim), mask, masked, apply_mask(weight, mask, keep=False),
-                    apply_mask_(weight.clone(), mask), pruned_nonzero(weight, mask), pruned_nonzero(masked, mask)]
+                    apply_mask_(weight.clone(), mask), pruned_nonzero(weight, mask), pruned_nonzero(masked, mask),
+                    count_changed(mask, weight.gt(0)).reshape(1)]
         if weight.dtype in (torch.float32, torch.float64):
             grad_copy = grad.clone()
             results += [add_pruned_(grad.clone(), weight, mask, 0.3),

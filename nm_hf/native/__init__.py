@@ -74,10 +74,11 @@ _SIGNATURES = {
     "pruned_nonzero_u16": [_ptr, _ptr, _i64, ctypes.c_uint16],
     "pruned_nonzero_u32": [_ptr, _ptr, _i64, ctypes.c_uint32],
     "pruned_nonzero_u64": [_ptr, _ptr, _i64, ctypes.c_uint64],
+    "count_changed_u8": [_ptr, _ptr, _i64],
     "nm_openmp": [],
 }
 #: functions that return a value (the others return nothing)
-_RESULT_TYPES = {"pruned_nonzero_u16": _i64, "pruned_nonzero_u32": _i64, "pruned_nonzero_u64": _i64,
+_RESULT_TYPES = {"count_changed_u8": _i64, "pruned_nonzero_u16": _i64, "pruned_nonzero_u32": _i64, "pruned_nonzero_u64": _i64,
                  "nm_openmp": ctypes.c_int}
 
 

@@ -317,3 +317,19 @@ int64_t pruned_nonzero_##SUFFIX(const T *restrict w, const uint8_t *restrict mas
 DEFINE_PRUNED_NONZERO(u16, uint16_t)
 DEFINE_PRUNED_NONZERO(u32, uint32_t)
 DEFINE_PRUNED_NONZERO(u64, uint64_t)
+
+/* How many of `count` bytes differ between `a` and `b` (masks are 0/1 bytes): one read of both, no
+ * temporary, where `count_nonzero(a ^ b)` writes and reads a third tensor. */
+static int64_t changed_range(const uint8_t *restrict a, const uint8_t *restrict b, int64_t count) {
+    int64_t changed = 0;
+    for (int64_t i = 0; i < count; i++) changed += a[i] != b[i];
+    return changed;
+}
+int64_t count_changed_u8(const uint8_t *restrict a, const uint8_t *restrict b, int64_t count) {
+    int64_t changed = 0;
+    SPLIT(count, count, {
+        int64_t piece = changed_range(a + START, b + START, LEN);
+        _Pragma("omp atomic") changed += piece;
+    });
+    return changed;
+}
