@@ -34,7 +34,7 @@ from _machine import busy_machine_note, machine_header
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from nm_hf import native  # noqa: E402
-from nm_hf.masks import add_pruned_, apply_mask, nm_mask, nm_mask_transposable  # noqa: E402
+from nm_hf.masks import add_pruned_, apply_mask, count_changed, nm_mask, nm_mask_transposable  # noqa: E402
 
 #: headline case -> target ratio to one elementwise pass
 TARGETS = {"nm_mask 2:4 (dim=-1)": 1.0, "nm_mask 4:8": 2.0, "transposable 2:4 (dim=-1)": 6.0}
@@ -83,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     w = torch.randn(args.size, args.size)
     grad = torch.randn(args.size, args.size)
     mask = nm_mask(w, 2, 4)
+    moved = nm_mask(w + 0.05 * torch.randn(args.size, args.size), 2, 4)  # a next step's mask: some flips
     library_cases: dict[str, Callable[[], object]] = {
         "nm_mask 2:4 (dim=-1)": lambda: nm_mask(w, 2, 4),
         "nm_mask 4:8": lambda: nm_mask(w, 4, 8),
@@ -90,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         "nm_mask 2:4 dim=0": lambda: nm_mask(w, 2, 4, dim=0),
         "apply_mask (W * mask)": lambda: apply_mask(w, mask),
         "add_pruned_ (decay term)": lambda: add_pruned_(grad, w, mask, 1e-4),
+        "count_changed (tracker flips)": lambda: count_changed(moved, mask),
     }
     cases: dict[str, Callable[[], object]] = {}
     for name, fn in library_cases.items():
