@@ -22,6 +22,7 @@ resume (e.g. the Trainer's `optimizer.pt`) continues exactly.
 from __future__ import annotations
 
 import math
+import warnings
 from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -180,6 +181,16 @@ class StepAdamW(torch.optim.Optimizer):
 
     def _switch(self) -> None:
         """Freeze the masked weights' second moment (with the bias correction of their step count now)."""
+        statistic = self.autoswitch_statistic
+        if 0 < self.min_step == self.steps < self.max_step and statistic is not None \
+                and statistic < self.switch_threshold:
+            # the threshold is absolute and `v` scales with the squared gradients: on a model whose gradients
+            # are small it is met from the start, and the switch is then only the lower clip
+            warnings.warn(f"StepAdamW: AutoSwitch's statistic ({statistic:.3g}) was already below switch_threshold "
+                          f"({self.switch_threshold:g}) at the first allowed step ({self.min_step}), so the switch "
+                          "comes from min_switch_fraction, not from the second moment settling; with a frozen "
+                          "second moment taken during learning-rate warm-up some weights get very large updates "
+                          "(see the STEP section of docs/concepts.md)", UserWarning, stacklevel=3)
         self.switch_step = self.steps
         masked = self.masked_ids
         for group in self.param_groups:

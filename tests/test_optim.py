@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 
 import pytest
 import torch
@@ -100,8 +101,17 @@ def test_autoswitch_is_clipped_to_the_bounds(threshold, expected):
     reference, _ = reference_switch(shapes, 200, 0.9, 10, threshold, 20, 100, decaying)
     params = _params()
     optimizer = StepAdamW(params, betas=(0.9, 0.9), total_steps=200, switch_threshold=threshold)
-    _run(optimizer, params, 120, scale=decaying)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _run(optimizer, params, 120, scale=decaying)
     assert optimizer.switch_step == reference == expected
+    # a threshold met at the first allowed step says so: the switch is the clip, not v settling
+    messages = [str(w.message) for w in caught if "AutoSwitch" in str(w.message)]
+    if expected == 20:
+        assert len(messages) == 1 and "already below switch_threshold (1e+09) at the first allowed step (20)" \
+            in messages[0]
+    else:
+        assert messages == []
 
 
 def test_after_the_switch_the_masked_second_moment_is_frozen():
