@@ -255,6 +255,28 @@ def test_the_build_is_cached_in_the_cache_dir(tmp_path, umask_022):
     assert built.stat().st_mtime_ns == before and list(cache.iterdir()) == [built]  # loaded, not rebuilt
 
 
+@pytest.mark.skipif(not HAVE_COMPILER, reason="no C compiler on this machine")
+def test_flags_the_compiler_refused_are_not_tried_again(tmp_path):
+    """A compiler without OpenMP (Apple's clang, say) fails the -fopenmp sets once, not at every import."""
+    real = next(filter(None, map(shutil.which, ("cc", "gcc", "clang"))))
+    calls = tmp_path / "calls.txt"
+    fake = tmp_path / "cc-without-openmp"
+    fake.write_text(f'#!/bin/sh\necho "$*" >> {calls}\n'
+                    f'case "$*" in *-fopenmp*) echo "unsupported option -fopenmp" >&2; exit 1;; esac\n'
+                    f'exec {real} "$@"\n')
+    fake.chmod(0o755)
+    env = {"CC": str(fake), "NM_HF_CACHE_DIR": str(tmp_path / "cache")}
+    first = run_python(STATUS_AND_MASK, **env)
+    assert first.returncode == 0, first.stderr
+    assert "-fopenmp" not in first.stdout.splitlines()[0] and "-march=native" in first.stdout.splitlines()[0]
+    tried = calls.read_text().splitlines()
+    assert len(tried) == 2 and "-fopenmp" in tried[0] and "-fopenmp" not in tried[1]
+    assert len(list((tmp_path / "cache").glob("*.failed"))) == 1
+    again = run_python(STATUS_AND_MASK, **env)
+    assert again.returncode == 0 and again.stdout == first.stdout, again.stderr
+    assert calls.read_text().splitlines() == tried  # the second process ran the compiler not at all
+
+
 def every_kernel(weight: torch.Tensor, grad: torch.Tensor) -> list[torch.Tensor | bool]:
     """The result of every native kernel on `weight` (and `grad` for the decay terms, native in f32/f64 only:
     torch's own fp16 arithmetic may give NaNs other sign bits when its threads split the tensor differently)."""

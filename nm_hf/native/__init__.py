@@ -125,6 +125,17 @@ def _built_file(compiler: str, flags: list[str], cached: Path, scratch: Path) ->
     return cached, ""
 
 
+def _remember_failures(failed: list[tuple[Path, str]]) -> None:
+    """Mark flag sets that failed before one built (a compiler without OpenMP, say), so that later processes
+    do not try them again: each try is a compiler run at import. A compiler that built nothing is not marked
+    (it may be fixed); deleting the cache directory makes every set be tried again."""
+    for marker, problem in failed:
+        try:
+            atomic_write(marker, lambda handle, text=problem: handle.write(text.encode()), fsync=False)
+        except OSError:  # a read-only cache: the next process tries again
+            return
+
+
 def _build() -> tuple[ctypes.CDLL | None, str]:
     if os.environ.get("NM_HF_NATIVE", "1").strip() == "0":
         return None, "disabled (NM_HF_NATIVE=0)"
@@ -134,15 +145,21 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
     source = SOURCE.read_bytes()
     problem = "no flags tried"
     openmp = os.environ.get("NM_HF_NATIVE_OPENMP", "1").strip() != "0"
+    failed: list[tuple[Path, str]] = []  # (marker, complaint) of the flag sets that did not build
     for flags in _FLAG_SETS:
         if "-fopenmp" in flags and not openmp:
             continue
         fingerprint = "\0".join([compiler, *flags, platform.machine(), _cpu_flags()]).encode()
         key = hashlib.sha256(source + b"\0" + fingerprint).hexdigest()[:16]
         cached = _cache_dir() / f"nm_kernels-{key}.so"
+        marker = cached.with_suffix(".failed")
+        if marker.is_file():  # this compiler refused these flags before, while later ones built
+            problem = "cached failure"
+            continue
         with tempfile.TemporaryDirectory(prefix="nm_hf_native_") as scratch:
             path, problem = (cached, "") if cached.is_file() else _built_file(compiler, flags, cached, Path(scratch))
             if problem:
+                failed.append((marker, problem))
                 continue
             try:
                 library = ctypes.CDLL(str(path))  # stays mapped after a scratch file goes
@@ -157,6 +174,7 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
         if _openmp[0] and not _one_openmp_runtime():
             _openmp[0], note = False, "; OpenMP splits off: not the one OpenMP runtime torch uses"
         _apply_parallel_min(library)
+        _remember_failures(failed)
         return library, f"native kernels ({compiler} {' '.join(flags)}, {path}{note})"
     return None, f"unavailable: the C compiler failed ({problem})"
 
