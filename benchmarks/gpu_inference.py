@@ -90,9 +90,10 @@ def probe_columns(x: torch.Tensor, weight: torch.Tensor, sparse, reps: int, warm
     picks (`torch._cslt_sparse_mm_search`), when this torch has them."""
     out = {"dense_graph_ms": graph_time(lambda: F.linear(x, weight), reps, warmup),
            "sparse_graph_ms": graph_time(lambda: F.linear(x, sparse), reps, warmup)}
-    packed = getattr(sparse, "packed", None)
-    if packed is None or not hasattr(torch, "_cslt_sparse_mm"):
-        return out
+    cusparselt = getattr(torch.sparse, "SparseSemiStructuredTensorCUSPARSELT", None)
+    if cusparselt is None or not isinstance(sparse, cusparselt) or not hasattr(torch, "_cslt_sparse_mm"):
+        return out  # the raw op reads cuSPARSELt's packed format only
+    packed = sparse.packed
     dense_t = x.t().contiguous()
     try:  # the raw op takes no padding: token counts below its tile fail, and the columns stay empty
         out["cslt_raw_ms"] = cuda_time(lambda: torch._cslt_sparse_mm(packed, dense_t), reps, warmup)

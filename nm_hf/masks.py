@@ -225,8 +225,10 @@ def count_changed(mask: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
     One read of both on CPU with the native kernels (the tracker's flip count); elsewhere
     `count_nonzero(mask ^ previous)`, which stays on the device (no synchronisation).
     """
-    if (mask.dtype == torch.bool and previous.dtype == torch.bool and mask.shape == previous.shape
-            and _native_ready(mask, previous)):
+    if mask.dtype != torch.bool or previous.dtype != torch.bool or mask.shape != previous.shape:
+        raise ValueError(f"count_changed: needs two boolean masks of one shape, got {mask.dtype} "
+                         f"{tuple(mask.shape)} and {previous.dtype} {tuple(previous.shape)}")
+    if _native_ready(mask, previous):
         _workers()  # torch.get_num_threads() gives a new thread torch's OpenMP thread count before the kernel splits
         return torch.tensor(kernels().count_changed_u8(mask.data_ptr(), previous.data_ptr(), mask.numel()))
     return torch.count_nonzero(mask ^ previous)

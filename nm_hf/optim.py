@@ -54,6 +54,12 @@ def autoswitch_bounds(total_steps: int | None, min_fraction: float, max_fraction
     return round(min_fraction * total_steps), max(1, round(max_fraction * total_steps))
 
 
+def _main_process() -> bool:
+    """False on the other ranks of a distributed run (their warnings would repeat the main one's)."""
+    return not (torch.distributed.is_available() and torch.distributed.is_initialized()) \
+        or torch.distributed.get_rank() == 0
+
+
 def _number(value: Any, what: str, low: float, high: float = math.inf, *, low_open: bool = False) -> float:
     ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
     if ok:
@@ -150,6 +156,8 @@ class StepAdamW(torch.optim.Optimizer):
         self.steps = 0
         self.window_values: deque[float] = deque(maxlen=self.window)
         self.switch_step: int | None = None
+        #: the threshold was already met at the step before `min_step` (the switch is then the clip's)
+        self._met_before_min = False
         self._announce()
 
     # ------------------------------------------------------------------ AutoSwitch
@@ -181,15 +189,13 @@ class StepAdamW(torch.optim.Optimizer):
 
     def _switch(self) -> None:
         """Freeze the masked weights' second moment (with the bias correction of their step count now)."""
-        statistic = self.autoswitch_statistic
-        if 0 < self.min_step == self.steps < self.max_step and statistic is not None \
-                and statistic < self.switch_threshold:
+        if self.steps == self.min_step < self.max_step and self._met_before_min and _main_process():
             # the threshold is absolute and `v` scales with the squared gradients: on a model whose gradients
             # are small it is met from the start, and the switch is then only the lower clip
-            warnings.warn(f"StepAdamW: AutoSwitch's statistic ({statistic:.3g}) was already below switch_threshold "
-                          f"({self.switch_threshold:g}) at the first allowed step ({self.min_step}), so the switch "
-                          "comes from min_switch_fraction, not from the second moment settling; with a frozen "
-                          "second moment taken during learning-rate warm-up some weights get very large updates "
+            warnings.warn(f"StepAdamW: AutoSwitch's statistic was already below switch_threshold "
+                          f"({self.switch_threshold:g}) before the first allowed step ({self.min_step}), so the "
+                          "switch comes from min_switch_fraction, not from the second moment settling; a second "
+                          "moment frozen during learning-rate warm-up gives some weights very large updates "
                           "(see the STEP section of docs/concepts.md)", UserWarning, stacklevel=3)
         self.switch_step = self.steps
         masked = self.masked_ids
@@ -259,6 +265,9 @@ class StepAdamW(torch.optim.Optimizer):
                 if hasattr(change, "full_tensor"):  # DTensor (FSDP2): this rank's sum is a partial one
                     change = change.full_tensor()
                 self.window_values.append(float(change) / count)
+            if self.steps == self.min_step - 1:  # the last step the clip holds back
+                statistic = self.autoswitch_statistic
+                self._met_before_min = statistic is not None and statistic < self.switch_threshold
             if self._should_switch():
                 self._switch()
         return loss

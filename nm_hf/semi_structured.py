@@ -233,7 +233,9 @@ def to_semi_structured(model: nn.Module, *, backend: str | None = None) -> nn.Mo
             setattr(modules[parent_name] if parent_name else model, child, linear)
         else:
             module.weight = nn.Parameter(sparse, requires_grad=False)
-            if type(module) is nn.Linear:  # after finalize every target is a plain nn.Linear or Conv1D
+            kind = family_kind(module)
+            if isinstance(module, nn.Linear) and kind is not None and kind.matches(module):
+                # nn.Linear or a subclass the layer kind knows computes the same map (FalconLinear)
                 module.__class__ = SemiStructuredLinear
     return outer
 

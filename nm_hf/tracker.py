@@ -26,8 +26,9 @@ Cost: `step()` asks every layer for `current_mask()`, which is cached until the 
 next forward reuses it (for method "dense" it is an extra `nm_mask` per layer per step). `step(defer=True)`
 (SparseTrainer's) leaves that to the next forward, which is told of the new mask through
 `nm_hf.layers.add_mask_listener` and then makes mask and masked weight in one pass (see `step`). Counting the
-flips is then one read of the two masks (`nm_hf.masks.count_changed`, a native kernel on CPU: 0.1-0.4% of a one-thread
-step of the Marian model in `benchmarks/train_step.py`, which reports it), nothing when a layer kept its
+flips is then one read of the two masks (`nm_hf.masks.count_changed`, a native kernel on CPU; with
+`count_nonzero(mask ^ previous)` before it, 0.1-0.4% of a one-thread step of the Marian model in
+`benchmarks/train_step.py`, which reports it), nothing when a layer kept its
 mask; SAD and the other totals are computed only at `log_metrics`. Memory (the trade-off): the
 previous step's mask is not copied but held by reference: it is the tensor the layer's mask cache
 held (a recompute makes a new tensor, it never overwrites the cached one), so right after `step()` it

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from nm_hf.masks import (
     check_nm,
     check_transposable,
+    count_changed,
     nm_group_counts,
     nm_mask,
     nm_mask_transposable,
@@ -387,3 +388,12 @@ def test_transposable_errors(kwargs, error, match):
     if error is ValueError and "support" in match:
         with pytest.raises(ValueError, match=match):
             check_transposable(kwargs["n"], kwargs["m"])
+
+
+def test_count_changed_refuses_masks_it_cannot_compare():
+    mask = torch.tensor([True, False, True])
+    assert int(count_changed(mask, torch.tensor([True, True, True]))) == 1
+    for other in (torch.tensor([[True], [False]]), mask.to(torch.uint8)):
+        with pytest.raises(ValueError, match=r"count_changed: needs two boolean masks of one shape, got torch.bool "
+                                             r"\(3,\) and torch\.(bool \(2, 1\)|uint8 \(3,\))"):
+            count_changed(mask, other)

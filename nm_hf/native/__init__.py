@@ -44,6 +44,9 @@ SOURCE = Path(__file__).with_name("nm_kernels.c")
 _FLAG_SETS = (["-O3", "-march=native", "-fopenmp"], ["-O3", "-march=native"], ["-O3", "-fopenmp"], ["-O3"])
 _COMMON_FLAGS = ["-fPIC", "-shared", "-std=c11"]
 
+#: prefix of a build problem that may not recur (never remembered as a refusal)
+_TRANSIENT = "transient: "
+
 _lock = threading.Lock()
 _loaded: tuple[ctypes.CDLL | None, str] | None = None
 _disabled = [0]  # depth of `disabled()` blocks
@@ -113,8 +116,8 @@ def _built_file(compiler: str, flags: list[str], cached: Path, scratch: Path) ->
     built = scratch / "nm_kernels.so"
     try:
         problem = _compile(compiler, flags, built) or ""
-    except (OSError, subprocess.SubprocessError) as err:
-        problem = str(err)
+    except (OSError, subprocess.SubprocessError) as err:  # a timeout or a failed start: may not recur
+        return built, f"{_TRANSIENT}{err}"
     if problem:
         return built, problem
     content = built.read_bytes()
@@ -123,6 +126,15 @@ def _built_file(compiler: str, flags: list[str], cached: Path, scratch: Path) ->
     except OSError:
         return built, ""
     return cached, ""
+
+
+def _file_identity(program: str) -> str:
+    """Size and modification time of the program's file: a compiler upgraded in place changes the cache key."""
+    try:
+        info = Path(shutil.which(program) or program).resolve().stat()
+    except OSError:
+        return ""
+    return f"{info.st_size}:{info.st_mtime_ns}"
 
 
 def _remember_failures(failed: list[tuple[Path, str]]) -> None:
@@ -145,21 +157,25 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
     source = SOURCE.read_bytes()
     problem = "no flags tried"
     openmp = os.environ.get("NM_HF_NATIVE_OPENMP", "1").strip() != "0"
-    failed: list[tuple[Path, str]] = []  # (marker, complaint) of the flag sets that did not build
+    failed: list[tuple[Path, str]] = []  # (marker, complaint) of the flag sets the compiler refused
+    skipped: list[str] = []  # flag sets not tried: refused in an earlier process
     for flags in _FLAG_SETS:
         if "-fopenmp" in flags and not openmp:
             continue
-        fingerprint = "\0".join([compiler, *flags, platform.machine(), _cpu_flags()]).encode()
+        fingerprint = "\0".join([compiler, _file_identity(compiler), *flags, platform.machine(),
+                                  _cpu_flags()]).encode()
         key = hashlib.sha256(source + b"\0" + fingerprint).hexdigest()[:16]
         cached = _cache_dir() / f"nm_kernels-{key}.so"
         marker = cached.with_suffix(".failed")
-        if marker.is_file():  # this compiler refused these flags before, while later ones built
-            problem = "cached failure"
+        if not cached.is_file() and marker.is_file():  # refused before, while later flags built
+            skipped.append(" ".join(flags))
+            problem = f"refused before ({marker})"
             continue
         with tempfile.TemporaryDirectory(prefix="nm_hf_native_") as scratch:
             path, problem = (cached, "") if cached.is_file() else _built_file(compiler, flags, cached, Path(scratch))
             if problem:
-                failed.append((marker, problem))
+                if not problem.startswith(_TRANSIENT):
+                    failed.append((marker, problem))
                 continue
             try:
                 library = ctypes.CDLL(str(path))  # stays mapped after a scratch file goes
@@ -175,6 +191,8 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
             _openmp[0], note = False, "; OpenMP splits off: not the one OpenMP runtime torch uses"
         _apply_parallel_min(library)
         _remember_failures(failed)
+        if skipped:
+            note += f"; not tried again, refused before: {', '.join(skipped)} (markers in {_cache_dir()})"
         return library, f"native kernels ({compiler} {' '.join(flags)}, {path}{note})"
     return None, f"unavailable: the C compiler failed ({problem})"
 
