@@ -77,6 +77,13 @@ def _native_ready(*tensors: torch.Tensor) -> bool:
     return kernels() is not None
 
 
+def _splitting_kernel(name: str):
+    """The native kernel `name`, for a call that splits itself over OpenMP threads: `torch.get_num_threads()`
+    (through `_workers`) first gives a new thread torch's OpenMP thread count."""
+    _workers()
+    return getattr(kernels(), name)
+
+
 def _native_split(total: int, call, unit: int = 1) -> None:
     """Run `call(start, count)` over [0, total) units of `unit` elements: in one piece, or one per worker.
 
@@ -213,8 +220,7 @@ def pruned_nonzero(weight: torch.Tensor, mask: torch.Tensor) -> bool:
     key = _KEY_DTYPES.get(weight.dtype)
     if (key is not None and mask.dtype == torch.bool and mask.shape == weight.shape
             and _native_ready(weight, mask)):
-        function = getattr(kernels(), f"pruned_nonzero_u{weight.element_size() * 8}")
-        _workers()  # torch.get_num_threads() gives a new thread torch's OpenMP thread count before the kernel splits
+        function = _splitting_kernel(f"pruned_nonzero_u{weight.element_size() * 8}")
         return bool(function(weight.data_ptr(), mask.data_ptr(), weight.numel(), key[1]))
     return bool(apply_mask(weight, mask, keep=False).ne(0).any())
 
@@ -229,8 +235,7 @@ def count_changed(mask: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"count_changed: needs two boolean masks of one shape, got {mask.dtype} "
                          f"{tuple(mask.shape)} and {previous.dtype} {tuple(previous.shape)}")
     if _native_ready(mask, previous):
-        _workers()  # torch.get_num_threads() gives a new thread torch's OpenMP thread count before the kernel splits
-        return torch.tensor(kernels().count_changed_u8(mask.data_ptr(), previous.data_ptr(), mask.numel()))
+        return torch.tensor(_splitting_kernel("count_changed_u8")(mask.data_ptr(), previous.data_ptr(), mask.numel()))
     return torch.count_nonzero(mask ^ previous)
 
 
