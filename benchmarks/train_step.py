@@ -328,9 +328,11 @@ def piece_seconds(runner: Runner, recomputed: list[bool], calls: list[int], repe
       same pass where the 2-D layers' forward asks for it), for layers whose step computed a new mask
       (`observe_step`);
     - "forward": `apply_mask(W, mask)`, the masked weight of the forward, for layers computing `W * mask`
-      (not for the forward call whose mask pass made it);
+      (not for the forward call whose mask pass made it, nor where the weight is its own masked copy:
+      `fixed` with +0.0 pruned weights);
     - "backward": `apply_mask(W, mask)` again for the input gradient of the 2-D layers (`nm_linear`
-      does not save the masked weight), plus `apply_mask(grad_W, mask)` where pruned weights are frozen;
+      does not save the masked weight; not where W is its own masked copy), plus `apply_mask(grad_W, mask)`
+      where pruned weights are frozen;
     - "decay": `add_pruned_(grad_W, W, mask, decay)` (`grad_W += decay * (W - W * mask)`) where the
       method has a gradient-mode decay; in the 2-D layers `masked_and_add_pruned_`, which also makes the
       input gradient's masked weight (then not counted under "backward");
@@ -345,22 +347,26 @@ def piece_seconds(runner: Runner, recomputed: list[bool], calls: list[int], repe
         weight, mask = layer.weight.detach(), layer.current_mask()
         method = layer.method
         fused_call = count and layer.is_masked and method.fused_forward and isinstance(layer, Sparse2DLayer)
-        # the forward that re-chooses the mask gets the masked weight from the same pass where it can
-        fused_mask = bool(new_mask and fused_call and layer.choose_mask(weight, True)[1] is not None)
+        # the forward that re-chooses the mask gets the masked weight from the same pass where it can, or
+        # finds the weight already masked (then no call of this step masks it)
+        chosen = layer.choose_mask(weight, True)[1] if fused_call else None
+        already_masked = chosen is weight
+        fused_mask = bool(new_mask and chosen is not None and not already_masked)
         if new_mask:
             totals["mask"] += _median_seconds(layer.choose_mask, repeats, weight, fused_mask)
         if not count or not layer.is_masked or not method.fused_forward:
             continue
         grad = torch.zeros_like(weight)
         decay, freeze = method.gradient_decay(layer), method.freezes_pruned(layer)
-        totals["forward"] += (count - fused_mask) * _median_seconds(apply_mask, repeats, weight, mask)
+        if not already_masked:
+            totals["forward"] += (count - fused_mask) * _median_seconds(apply_mask, repeats, weight, mask)
         two_d = isinstance(layer, Sparse2DLayer)
         if two_d:
             totals["function"] += count * function_overhead(decay, freeze, repeats)
         if two_d and decay and not freeze:  # grad_x's masked weight comes from the decay term's pass
             totals["decay"] += count * _median_seconds(masked_and_add_pruned_, repeats, grad, weight, mask, decay)
             continue
-        if two_d:
+        if two_d and not already_masked:
             totals["backward"] += count * _median_seconds(apply_mask, repeats, weight, mask)
         if freeze:
             totals["backward"] += count * _median_seconds(apply_mask_, repeats, grad, mask)

@@ -210,19 +210,26 @@ def masked_and_add_pruned_(grad: torch.Tensor, weight: torch.Tensor, mask: torch
     return apply_mask(weight, mask)
 
 
-def pruned_nonzero(weight: torch.Tensor, mask: torch.Tensor) -> bool:
-    """True when any entry of `weight` outside `mask` is non-zero (-0.0 counts as zero, NaN as non-zero).
+def pruned_nonzero(weight: torch.Tensor, mask: torch.Tensor, *, signed_zeros: bool = False) -> bool:
+    """True when any entry of `weight` outside `mask` is non-zero (NaN counts as non-zero; -0.0 as zero,
+    unless `signed_zeros`: then False means `weight` equals `apply_mask(weight, mask)` bit for bit).
 
     One read of both on CPU with the native kernels (a fixed mask checks this instead of re-ranking).
     """
     if weight.ndim == 2 and not weight.is_contiguous() and weight.t().is_contiguous() and mask.t().is_contiguous():
-        return pruned_nonzero(weight.t(), mask.t())  # Conv1D weights arrive transposed
+        return pruned_nonzero(weight.t(), mask.t(), signed_zeros=signed_zeros)  # Conv1D weights arrive transposed
     key = _KEY_DTYPES.get(weight.dtype)
     if (key is not None and mask.dtype == torch.bool and mask.shape == weight.shape
             and _native_ready(weight, mask)):
-        function = _splitting_kernel(f"pruned_nonzero_u{weight.element_size() * 8}")
-        return bool(function(weight.data_ptr(), mask.data_ptr(), weight.numel(), key[1]))
-    return bool(apply_mask(weight, mask, keep=False).ne(0).any())
+        bits = weight.element_size() * 8
+        function = _splitting_kernel(f"pruned_nonzero_u{bits}")
+        tested = (1 << bits) - 1 if signed_zeros else key[1]  # every bit, or all but the sign bit
+        return bool(function(weight.data_ptr(), mask.data_ptr(), weight.numel(), tested))
+    pruned = apply_mask(weight, mask, keep=False)
+    found = pruned.ne(0)
+    if signed_zeros and pruned.is_floating_point():
+        found |= torch.signbit(pruned)
+    return bool(found.any())
 
 
 def count_changed(mask: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:

@@ -50,7 +50,8 @@ def test_pieces_follow_the_method(runners):
     assert all(pieces["sr-ste"][key] > 0 for key in ("mask", "decay"))
     assert pieces["sr-ste"]["backward"] == 0  # the decay term's pass also makes grad_x's masked weight
     # each layer runs once per step, and the pass that re-chooses the mask also made its masked weight
-    assert pieces["sr-ste"]["forward"] == 0 and pieces["fixed"]["forward"] > 0  # fixed keeps its mask
+    assert pieces["sr-ste"]["forward"] == 0 and pieces["ste"]["forward"] == 0
+    assert pieces["fixed"]["forward"] == 0  # fixed keeps its mask, and its pruned weights are +0.0: W is W * mask
     assert pieces["ste"]["decay"] == 0 and pieces["fixed"]["decay"] == 0  # no gradient-mode decay
     assert pieces["ste"]["backward"] > 0 and pieces["fixed"]["backward"] > 0
     assert all(value == 0 for value in pieces["dense"].values())  # unmasked: no piece of the sparse step

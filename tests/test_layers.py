@@ -171,6 +171,33 @@ def test_fixed_mask_shortcut_chooses_what_ranking_chooses(kind):
     assert moved is not frozen and torch.equal(moved, ranked()) and not torch.equal(moved, frozen)
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_fixed_layer_uses_its_pruned_weight_unmasked_with_the_same_bits(kind, monkeypatch):
+    """Pruned weights at +0.0 make the weight its own masked copy: forward and backward skip masking it,
+    and outputs and gradients keep the bits of `F.linear` on `W * mask`. A pruned -0.0 takes the masking
+    path (masking writes +0.0 there)."""
+    layer = make_layer(kind, "fixed", dtype=torch.float32)
+    layer.method.prepare(layer)
+    optimizer = torch.optim.AdamW(layer.parameters(), lr=1e-2)
+    masking = []
+    real_apply_mask = nm_hf.layers.functional.apply_mask
+    monkeypatch.setattr(nm_hf.layers.functional, "apply_mask",
+                        lambda *a, **k: masking.append(1) or real_apply_mask(*a, **k))
+    x, grad_out = torch.randn(2, 3, IN), torch.randn(2, 3, OUT)
+    for step in range(4):  # step 0 reuses the mask cached at sparsify time and masks as before
+        if step == 3:  # a pruned -0.0: the same mask, masked on the way
+            with torch.no_grad():
+                layer.weight[~layer.current_mask()] = -0.0
+        expected = reference(layer, x, grad_out)
+        masking.clear()
+        y, gx, gw, gb = run(layer, x, grad_out)
+        assert bool(masking) == (step in (0, 3)), step
+        assert torch.equal(y, expected[0]) and torch.equal(gx, expected[1]), step
+        assert torch.equal(gw, expected[2] * expected[4]) and torch.equal(gb, expected[3]), step
+        optimizer.step()
+        assert torch.equal(layer.weight.detach() != 0, layer.current_mask()), "pruned weights stay +0.0"
+
+
 def test_gradient_mode_layers_ignore_apply_decoupled_decay():
     layer = make_layer("linear", "sr-ste")  # decay_mode="gradient"
     before = layer.weight.detach().clone()

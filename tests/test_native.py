@@ -153,6 +153,11 @@ def test_pruned_nonzero_matches_the_torch_path(dtype, shape, dim):
     for w, m, expected in cases:
         fast, plain = both_paths(pruned_nonzero, w, m)
         assert fast == plain == expected
+        pruned = w[~m]  # with signed_zeros, -0.0 counts too: False means w is its own masked copy
+        signed = bool(((pruned != 0) | torch.signbit(pruned)).any())
+        fast, plain = both_paths(lambda w, m: pruned_nonzero(w, m, signed_zeros=True), w, m)
+        assert fast == plain == signed
+        assert signed == (not torch.equal(bits(w), bits(apply_mask(w, m))))
 
 
 @pytest.mark.parametrize("numel", [1, 7, 4096, 70_001])

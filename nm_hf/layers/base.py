@@ -167,7 +167,7 @@ class SparseLayerMixin:
 
     _NM_ATTRIBUTES = ("nm_n", "nm_m", "nm_method", "nm_method_args", "nm_decay", "nm_decay_mode",
                       "nm_decay_scale", "nm_transposable", "nm_mask_interval", "nm_step", "nm_method_state",
-                      "_nm_mask_cache", "_nm_mask_key", "_nm_eval_weight", "_nm_eval_key", "_nm_dense_class",
+                      "_nm_mask_cache", "_nm_mask_key", "_nm_weight_is_masked", "_nm_eval_weight", "_nm_eval_key", "_nm_dense_class",
                       "_nm_steps_seen", "_nm_step_changes", "_nm_warned_uncounted", "_nm_generation",
                       "_nm_shard_mask", "_nm_shard_key")
 
@@ -185,6 +185,7 @@ class SparseLayerMixin:
         self.nm_method_state = {}
         self._nm_mask_cache: torch.Tensor | None = None
         self._nm_mask_key: tuple | None = None
+        self._nm_weight_is_masked = False  # the weight equals weight * cached mask bit for bit (same key)
         self._nm_eval_weight: torch.Tensor | None = None
         self._nm_eval_key: tuple | None = None
         self._nm_steps_seen: int | None = None
@@ -304,8 +305,9 @@ class SparseLayerMixin:
         return self.current_mask_and_masked(want_masked=False)[0]
 
     def current_mask_and_masked(self, want_masked: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """`current_mask()`, and when this call re-chose the mask, `apply_mask(weight, mask)` from the same
-        pass over the weight (None otherwise: the caller masks the weight itself). For training forwards."""
+        """`current_mask()`, and `apply_mask(weight, mask)` when this call re-chose the mask in the same pass
+        over the weight, or `self.weight` itself while the method found it equal to that bit for bit (None
+        otherwise: the caller masks the weight itself). For training forwards."""
         if is_sharded(self.weight):
             return self._sharded_mask(self.weight), None
         key = self._mask_key()
@@ -313,9 +315,14 @@ class SparseLayerMixin:
         if key is None or self._nm_mask_key != key or self._nm_mask_cache is None:
             # never cache an inference tensor: a later training forward could not save it for backward
             with torch.inference_mode(False):
-                self._nm_mask_cache, masked = self.choose_mask(self.weight.detach(), want_masked)
+                detached = self.weight.detach()
+                self._nm_mask_cache, masked = self.choose_mask(detached, want_masked)
+            # already N:M with +0.0 pruned entries: the weight is its own masked copy while the key holds
+            self._nm_weight_is_masked = masked is detached and not self.mask_is_periodic
             self._nm_mask_key = key
             _tell_listeners(self, self._nm_mask_cache)
+        if self.__dict__.get("_nm_weight_is_masked"):
+            masked = self.weight
         return self._nm_mask_cache, masked
 
     def compute_mask(self, weight: torch.Tensor) -> torch.Tensor:
@@ -324,10 +331,11 @@ class SparseLayerMixin:
 
     def choose_mask(self, weight: torch.Tensor, want_masked: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """`compute_mask(weight)`, and with `want_masked` the masked `weight` where one pass can make both
-        (the mask ranks the weight itself; else None)."""
+        (the mask ranks the weight itself), and `weight` itself where it is already masked; else None."""
         unchanged = self.method.unchanged_mask(self, weight)
         if unchanged is not None:
-            return unchanged, None
+            mask, exact = unchanged
+            return mask, (weight if exact else None)
         ranking = self.method.ranking_weight(self, weight)
         if self.nm_transposable:
             return nm_mask_transposable(ranking, self.nm_n, self.nm_m, dim=self.group_dim), None
@@ -344,6 +352,7 @@ class SparseLayerMixin:
         """Use `mask` (a saved periodic mask) until the next refresh of a periodic mask."""
         self._nm_mask_cache = mask.contiguous()
         self._nm_mask_key = self._mask_key()
+        self._nm_weight_is_masked = False
         self.forget_eval_weight()
 
     def set_step(self, step: int) -> None:
@@ -386,6 +395,7 @@ class SparseLayerMixin:
             return
         if self._nm_mask_cache is not None and self._nm_mask_key is not None:
             self._nm_mask_key = self._mask_key()
+            self._nm_weight_is_masked = False  # the change may have written pruned entries; checked again next time
 
     @torch.no_grad()
     def effective_weight(self) -> torch.Tensor:

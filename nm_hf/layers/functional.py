@@ -22,6 +22,7 @@ class _NMLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, mask, decay, freeze_pruned, masked):  # noqa: D401
         out = F.linear(x, apply_mask(weight, mask) if masked is None else masked, bias)
+        ctx.weight_is_masked = masked is weight  # the weight is already N:M with +0.0 pruned entries
         if out._is_view():  # F.linear with a bias on a 3-D input returns a view of its 2-D result; callers
             # may write into the output in place (wav2vec2's SpecAugment), which autograd forbids on a view
             # made inside a custom Function: the same storage, not tracked as a view
@@ -35,7 +36,8 @@ class _NMLinearFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         x, weight, mask = ctx.saved_tensors
-        grad_x = grad_w = grad_b = masked = None
+        grad_x = grad_w = grad_b = None
+        masked = weight if ctx.weight_is_masked else None
         flat_grad = grad_out.reshape(-1, grad_out.shape[-1])
         if ctx.needs_input_grad[1]:
             flat_x = x.reshape(-1, x.shape[-1])
@@ -76,7 +78,8 @@ def nm_linear(
     """Functional N:M linear in nn.Linear layout (weight [out, in]); handles autocast like F.linear.
 
     `masked`: `apply_mask(weight, mask)` when the caller already has it (made with the mask in one pass),
-    which saves the forward's own masking pass; it must be exactly that tensor.
+    which saves the forward's own masking pass; it must be exactly that tensor. Pass `weight` itself when
+    it already equals that bit for bit (pruned entries +0.0): then the backward does not mask it either.
     """
     device_type = x.device.type
     if torch.is_autocast_enabled(device_type):

@@ -39,9 +39,11 @@ class Sparse2DLayer(SparseLayerMixin):
             if self.nm_mask_interval > 1:
                 self.warn_if_steps_uncounted()
             mask, masked = self.current_mask_and_masked()
-            return nm_linear(x, self._linear_layout(weight), bias, self._linear_layout(mask),
-                             decay=method.gradient_decay(self), freeze_pruned=method.freezes_pruned(self),
-                             masked=None if masked is None else self._linear_layout(masked))
+            linear_weight = self._linear_layout(weight)
+            if masked is not None:  # `weight` itself (already masked) is passed as such: backward skips masking too
+                masked = linear_weight if masked is weight else self._linear_layout(masked)
+            return nm_linear(x, linear_weight, bias, self._linear_layout(mask), decay=method.gradient_decay(self),
+                             freeze_pruned=method.freezes_pruned(self), masked=masked)
         if method.uses_step or self.nm_mask_interval > 1:
             self.warn_if_steps_uncounted()
         return F.linear(x, self._linear_layout(method.forward_weight(self, weight, self.current_mask())), bias)

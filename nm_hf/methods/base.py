@@ -108,9 +108,13 @@ class SparsityMethod:
         """What the mask ranks by magnitude (detached); default the weight itself."""
         return weight
 
-    def unchanged_mask(self, layer: SparseLayerMixin, weight: torch.Tensor) -> torch.Tensor | None:
-        """The layer's previous mask when ranking `weight` provably chooses it again (the ranking is then
-        skipped), else None (the default: always rank)."""
+    def unchanged_mask(self, layer: SparseLayerMixin, weight: torch.Tensor) -> tuple[torch.Tensor, bool] | None:
+        """`(mask, exact)` when ranking `weight` provably chooses the layer's previous `mask` again (the ranking
+        is then skipped), else None (the default: always rank).
+
+        `exact`: `weight` already equals `apply_mask(weight, mask)` bit for bit (its pruned entries are
+        +0.0), so the training forward and backward use it without masking it.
+        """
         return None
 
     def dense_training_forward(self, layer: SparseLayerMixin) -> bool:

@@ -37,17 +37,23 @@ class FixedMethod(SparsityMethod):
         magnitude = weight.abs()
         return torch.where(previous, torch.nextafter(magnitude, torch.full_like(magnitude, math.inf)), magnitude)
 
-    def unchanged_mask(self, layer, weight: torch.Tensor) -> torch.Tensor | None:
+    def unchanged_mask(self, layer, weight: torch.Tensor) -> tuple[torch.Tensor, bool] | None:
         """The previous mask while every weight it prunes is still ±0.0 (what training leaves them).
 
         Ranking would choose it again: its kept weights rank one ulp above 0 and the pruned ones at 0,
-        so each group keeps its n (ties go to the mask). One read of the weights instead of a ranking.
+        so each group keeps its n (ties go to the mask). One read of the weights instead of a ranking;
+        optimizers leave the pruned weights +0.0 (their gradient is zero), and then the weight is its own
+        masked copy (`exact`), which saves the masking passes of forward and backward.
         """
         previous = layer.cached_mask()
         if (previous is None or layer.nm_transposable or previous.shape != weight.shape
-                or previous.device != weight.device or pruned_nonzero(weight, previous)):
+                or previous.device != weight.device):
             return None
-        return previous
+        if not pruned_nonzero(weight, previous, signed_zeros=True):
+            return previous, True
+        if not pruned_nonzero(weight, previous):  # some pruned -0.0: same mask, but masking writes +0.0
+            return previous, False
+        return None
 
     def freezes_pruned(self, layer) -> bool:
         return True

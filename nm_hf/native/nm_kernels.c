@@ -296,8 +296,8 @@ void add_pruned_t_##SUFFIX(T *restrict grad, const T *restrict w, const uint8_t 
 DEFINE_ADD_PRUNED_T(f32, float, fmaf)
 DEFINE_ADD_PRUNED_T(f64, double, fma)
 
-/* 1 if any weight outside the mask is non-zero (-0.0 counts as zero: `magnitude` clears the sign
- * bit), else 0: one read of both, OR-reduced so it vectorises. */
+/* 1 if any weight outside the mask has one of the bits in `magnitude` set (all but the sign bit: -0.0
+ * counts as zero; every bit: only +0.0 does), else 0: one read of both, OR-reduced so it vectorises. */
 #define DEFINE_PRUNED_NONZERO(SUFFIX, T)                                                             \
 static T pruned_bits_##SUFFIX(const T *restrict w, const uint8_t *restrict mask, int64_t count) {    \
     T seen = 0;                                                                                      \
