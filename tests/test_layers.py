@@ -198,6 +198,23 @@ def test_fixed_layer_uses_its_pruned_weight_unmasked_with_the_same_bits(kind, mo
         assert torch.equal(layer.weight.detach() != 0, layer.current_mask()), "pruned weights stay +0.0"
 
 
+def test_unchanged_mask_hook_may_return_a_bare_mask(monkeypatch):
+    """The hook's first form (a mask, no claim that the weight is already masked) still works: masked path."""
+    from nm_hf.methods.fixed import FixedMethod
+
+    previous_form = FixedMethod.unchanged_mask
+    monkeypatch.setattr(FixedMethod, "unchanged_mask",
+                        lambda self, layer, weight: (previous_form(self, layer, weight) or (None,))[0])
+    layer = make_layer("linear", "fixed", dtype=torch.float32)
+    with torch.no_grad():
+        layer.weight.mul_(2.0)  # a new weight version: the hook runs on the next forward
+    x, grad_out = torch.randn(3, IN), torch.randn(3, OUT)
+    expected = reference(layer, x, grad_out)
+    y, gx, gw, _ = run(layer, x, grad_out)
+    assert torch.equal(y, expected[0]) and torch.equal(gx, expected[1])
+    assert torch.equal(gw, expected[2] * expected[4])
+
+
 def test_gradient_mode_layers_ignore_apply_decoupled_decay():
     layer = make_layer("linear", "sr-ste")  # decay_mode="gradient"
     before = layer.weight.detach().clone()

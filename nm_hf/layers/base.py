@@ -333,8 +333,8 @@ class SparseLayerMixin:
         """`compute_mask(weight)`, and with `want_masked` the masked `weight` where one pass can make both
         (the mask ranks the weight itself), and `weight` itself where it is already masked; else None."""
         unchanged = self.method.unchanged_mask(self, weight)
-        if unchanged is not None:
-            mask, exact = unchanged
+        if unchanged is not None:  # a bare mask (the hook's first form) makes no claim about the weight
+            mask, exact = (unchanged, False) if isinstance(unchanged, torch.Tensor) else unchanged
             return mask, (weight if exact else None)
         ranking = self.method.ranking_weight(self, weight)
         if self.nm_transposable:

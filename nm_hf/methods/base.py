@@ -113,7 +113,8 @@ class SparsityMethod:
         is then skipped), else None (the default: always rank).
 
         `exact`: `weight` already equals `apply_mask(weight, mask)` bit for bit (its pruned entries are
-        +0.0), so the training forward and backward use it without masking it.
+        +0.0), so the training forward and backward use it without masking it. A bare mask is taken as
+        `(mask, False)`.
         """
         return None
 
