@@ -124,6 +124,7 @@ def magnitude_key(weight: torch.Tensor) -> tuple[torch.Tensor, int]:
     return weight.contiguous().view(int_dtype), sign_clear
 
 
+_SAME_SIZE_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 _INT_VIEW = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16,
              torch.float64: torch.int64}
 
@@ -226,10 +227,9 @@ def pruned_nonzero(weight: torch.Tensor, mask: torch.Tensor, *, signed_zeros: bo
         tested = (1 << bits) - 1 if signed_zeros else key[1]  # every bit, or all but the sign bit
         return bool(function(weight.data_ptr(), mask.data_ptr(), weight.numel(), tested))
     pruned = apply_mask(weight, mask, keep=False)
-    found = pruned.ne(0)
-    if signed_zeros and pruned.is_floating_point():
-        found |= torch.signbit(pruned)
-    return bool(found.any())
+    if signed_zeros and pruned.is_floating_point():  # on the bits: only +0.0 is all zeros (no signbit for float8)
+        return bool(pruned.view(_SAME_SIZE_INT[pruned.element_size()]).ne(0).any())
+    return bool(pruned.ne(0).any())
 
 
 def count_changed(mask: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:

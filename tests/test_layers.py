@@ -468,3 +468,35 @@ def test_training_under_torch_compile_matches_eager(one_thread):
         runs.append((losses, masks))
     assert runs[1][0] == pytest.approx(runs[0][0], rel=1e-5)
     assert all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1], strict=True))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("write", ["data", "numpy"])
+def test_a_write_the_mask_key_cannot_see_never_makes_the_fixed_forward_dense(kind, write):
+    """Pruned entries written without a version bump (`.data`, numpy; FSDP2 refills its all-gathered tensor the
+    same way) leave the mask stale as before, but the forward still computes with `W * mask`, never W."""
+    layer = make_layer(kind, "fixed", dtype=torch.float32)
+    layer.method.prepare(layer)  # make_layer re-initialises Conv1D weights after sparsify
+    optimizer = torch.optim.SGD(layer.parameters(), lr=1e-2)
+    x, grad_out = torch.randn(2, 3, IN), torch.randn(2, 3, OUT)
+    for _ in range(2):
+        run(layer, x, grad_out)
+        optimizer.step()
+    run(layer, x, grad_out)
+    assert layer._nm_weight_is_masked  # the weight is its own masked copy
+    mask = layer.cached_mask()
+    with torch.no_grad():
+        if write == "data":
+            layer.weight.data.masked_fill_(~mask, 1.0)
+        else:
+            target = layer.weight.detach().numpy()
+            target[~mask.numpy()] = 1.0
+    y = run(layer, x, grad_out)[0]
+    w = linear_layout(layer, layer.weight.detach())
+    assert torch.equal(y, F.linear(x, w * linear_layout(layer, mask), layer.bias.detach()))
+
+
+def test_a_float8_fixed_layer_still_finds_its_mask():
+    layer = make_layer("linear", "fixed", dtype=torch.float32).to(torch.float8_e4m3fn)
+    assert torch.equal(layer.current_mask(), layer.cached_mask())
+    assert layer.effective_weight().dtype == torch.float8_e4m3fn

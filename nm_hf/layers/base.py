@@ -34,7 +34,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch.utils.hooks import RemovableHandle
 
 from ..config import SparsityConfig
-from ..masks import nm_mask, nm_mask_and_apply, nm_mask_transposable
+from ..masks import nm_mask, nm_mask_and_apply, nm_mask_transposable, pruned_nonzero
 from ..methods import SparsityMethod, get_method
 
 __all__ = ["SparseLayerMixin", "mark_weights_updated", "optimizer_steps", "is_sharded", "local_tensor",
@@ -312,7 +312,8 @@ class SparseLayerMixin:
             return self._sharded_mask(self.weight), None
         key = self._mask_key()
         masked = None
-        if key is None or self._nm_mask_key != key or self._nm_mask_cache is None:
+        fresh = key is None or self._nm_mask_key != key or self._nm_mask_cache is None
+        if fresh:
             # never cache an inference tensor: a later training forward could not save it for backward
             with torch.inference_mode(False):
                 detached = self.weight.detach()
@@ -321,9 +322,17 @@ class SparseLayerMixin:
             self._nm_weight_is_masked = masked is detached and not self.mask_is_periodic
             self._nm_mask_key = key
             _tell_listeners(self, self._nm_mask_cache)
-        if self.__dict__.get("_nm_weight_is_masked"):
+        if self.__dict__.get("_nm_weight_is_masked") and (fresh or self._weight_still_masked()):
             masked = self.weight
         return self._nm_mask_cache, masked
+
+    @torch.compiler.disable
+    def _weight_still_masked(self) -> bool:
+        """The flag again on a cache hit: a write the key cannot see (through `.data`, numpy, FSDP2's
+        all-gather refilled at the same address) must not turn into an unmasked forward. One read of the
+        weight and the mask on CPU; elsewhere (a device check would synchronise) the caller masks."""
+        weight = self.weight.detach()
+        return weight.is_cpu and not pruned_nonzero(weight, self._nm_mask_cache, signed_zeros=True)
 
     def compute_mask(self, weight: torch.Tensor) -> torch.Tensor:
         """The mask this layer chooses for `weight` (its own or one from a state dict), uncached."""
