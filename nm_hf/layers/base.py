@@ -85,8 +85,9 @@ def _warn_weak_adam_decay(optimizer: torch.optim.Optimizer) -> None:
     if weak:
         warnings.warn(
             f"{type(optimizer).__name__} normalises every weight's update, so SR-STE's gradient-mode decay "
-            f"{weak[0]._nm_gradient_decay:g} barely acts and training behaves almost like STE; use a larger "
-            f"decay (the docs' results use 1.0) or decay_mode='decoupled' (see docs/concepts.md)",
+            f"{weak[0]._nm_gradient_decay:g} barely acts on the masks: they flip almost as often as with STE; "
+            f"a larger decay keeps them stable (the docs' language-model results use 1.0; see 'Decay placement' "
+            f"in docs/concepts.md for what each choice measured)",
             UserWarning, stacklevel=3)
 
 
