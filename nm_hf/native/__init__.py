@@ -159,11 +159,12 @@ def _build() -> tuple[ctypes.CDLL | None, str]:
     openmp = os.environ.get("NM_HF_NATIVE_OPENMP", "1").strip() != "0"
     failed: list[tuple[Path, str]] = []  # (marker, complaint) of the flag sets the compiler refused
     skipped: list[str] = []  # flag sets not tried: refused in an earlier process
-    machine = [compiler, _file_identity(compiler), platform.machine(), _cpu_flags()]  # the same for every set
+    compiler_identity = [compiler, _file_identity(compiler)]  # computed once: the same for every flag set
+    target = [platform.machine(), _cpu_flags()]
     for flags in _FLAG_SETS:
         if "-fopenmp" in flags and not openmp:
             continue
-        fingerprint = "\0".join([*machine[:2], *flags, *machine[2:]]).encode()
+        fingerprint = "\0".join([*compiler_identity, *flags, *target]).encode()
         key = hashlib.sha256(source + b"\0" + fingerprint).hexdigest()[:16]
         cached = _cache_dir() / f"nm_kernels-{key}.so"
         marker = cached.with_suffix(".failed")
