@@ -500,3 +500,21 @@ def test_a_float8_fixed_layer_still_finds_its_mask():
     layer = make_layer("linear", "fixed", dtype=torch.float32).to(torch.float8_e4m3fn)
     assert torch.equal(layer.current_mask(), layer.cached_mask())
     assert layer.effective_weight().dtype == torch.float8_e4m3fn
+
+
+@pytest.mark.parametrize("method", ["ste", "fixed"])
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_a_new_weight_tensor_at_a_freed_ones_address_misses_the_caches(method, mode):
+    """`torch.func.functional_call` with a fresh weight per call: the allocator hands each new tensor the address of
+    the one freed after the previous call, at the same version (0); the mask and eval-weight caches must not hit."""
+    from torch.func import functional_call
+
+    layer = make_layer("linear", method, dtype=torch.float32).train(mode == "train")
+    x = torch.randn(3, IN)
+    for seed in range(6):
+        weight = torch.randn(OUT, IN, generator=torch.Generator().manual_seed(seed))
+        with torch.no_grad():
+            y = functional_call(layer, {"weight": weight, "bias": layer.bias.detach()}, (x,))
+        masked = weight * nm_mask(weight, layer.nm_n, layer.nm_m, dim=1)
+        assert torch.allclose(y, F.linear(x, masked, layer.bias.detach()), atol=1e-6), seed
+        del weight, y

@@ -22,6 +22,7 @@ optimizer steps counted by `nm_hf.after_optimizer_step`, whatever else changes t
 
 from __future__ import annotations
 
+import itertools
 import warnings
 import weakref
 from collections import OrderedDict
@@ -32,6 +33,7 @@ import torch
 from torch.autograd.graph import increment_version
 from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch.utils.hooks import RemovableHandle
+from torch.utils.weak import WeakIdKeyDictionary
 
 from ..config import SparsityConfig
 from ..masks import nm_mask, nm_mask_and_apply, nm_mask_transposable, pruned_nonzero
@@ -63,6 +65,21 @@ _STEPS = [0]
 _CHECKED_OPTIMIZERS: weakref.WeakSet = weakref.WeakSet()
 #: below this gradient-mode decay, Adam's normalisation leaves SR-STE almost equal to STE (docs/concepts.md)
 ADAM_WEAK_DECAY = 1e-2
+
+
+#: a number per weight tensor object the cache keys were made for (held weakly, off the tensors and the layers):
+#: a new tensor at the address of a freed one has the same version (0), so address and version alone would let
+#: it hit the caches of the tensor it replaces (`torch.func.functional_call` with a fresh weight per call)
+_TENSOR_IDS: WeakIdKeyDictionary = WeakIdKeyDictionary()
+_NEXT_TENSOR_ID = itertools.count()
+
+
+@torch.compiler.disable
+def _tensor_id(tensor: torch.Tensor) -> int:
+    number = _TENSOR_IDS.get(tensor)
+    if number is None:
+        number = _TENSOR_IDS[tensor] = next(_NEXT_TENSOR_ID)
+    return number
 
 
 def optimizer_steps() -> int:
@@ -220,10 +237,10 @@ class SparseLayerMixin:
         w = self.weight
         if w.is_inference():  # no version counter: in-place changes cannot be seen, never reuse
             return None
-        version = w._version
+        version, number = w._version, _tensor_id(w)
         if is_sharded(w):
             w = local_tensor(w)  # the DTensor's own counter sees in-place updates, its local tensor's does not
-        return (_STEPS[0], self.__dict__.get("_nm_generation", 0), version, w.data_ptr(), w.device, w.dtype,
+        return (_STEPS[0], self.__dict__.get("_nm_generation", 0), version, number, w.data_ptr(), w.device, w.dtype,
                 tuple(w.shape))
 
     def _mask_key(self) -> tuple | None:
