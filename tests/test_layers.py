@@ -518,3 +518,21 @@ def test_a_new_weight_tensor_at_a_freed_ones_address_misses_the_caches(method, m
         masked = weight * nm_mask(weight, layer.nm_n, layer.nm_m, dim=1)
         assert torch.allclose(y, F.linear(x, masked, layer.bias.detach()), atol=1e-6), seed
         del weight, y
+
+
+def test_mask_lookups_of_a_fixed_layer_do_not_reread_its_weight(monkeypatch):
+    """The tracker's and PEFT's `current_mask()` on a cache hit return the cached mask without the one-read
+    check the forward needs before it uses the weight unmasked; the forward still checks."""
+    layer = make_layer("linear", "fixed", dtype=torch.float32)
+    x = torch.randn(3, IN)
+    layer(x)  # first forward: chooses the mask; the weight is not yet masked
+    with torch.no_grad():
+        layer.weight.mul_(layer.current_mask())  # now its own masked copy (pruned entries +0.0)
+    layer(x)
+    reads = []
+    real = nm_hf.layers.base.pruned_nonzero
+    monkeypatch.setattr(nm_hf.layers.base, "pruned_nonzero", lambda *a, **k: reads.append(1) or real(*a, **k))
+    mask = layer.current_mask()
+    assert torch.equal(mask, layer.cached_mask()) and reads == []
+    layer(x)  # a training forward on a cache hit checks before using the weight unmasked
+    assert len(reads) == 1

@@ -340,7 +340,8 @@ class SparseLayerMixin:
             self._nm_weight_is_masked = masked is detached and not self.mask_is_periodic
             self._nm_mask_key = key
             _tell_listeners(self, self._nm_mask_cache)
-        if self.__dict__.get("_nm_weight_is_masked") and (fresh or self._weight_still_masked()):
+        # the re-check reads the weight: only for callers that will use it unmasked (not the tracker's lookups)
+        if want_masked and self.__dict__.get("_nm_weight_is_masked") and (fresh or self._weight_still_masked()):
             masked = self.weight
         return self._nm_mask_cache, masked
 
