@@ -26,7 +26,6 @@ from pathlib import Path
 
 import torch
 from _machine import machine_header
-from safetensors import safe_open
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
@@ -35,7 +34,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig  # noqa: E402
 
 from nm_hf.checkpoint import WEIGHTS_NAME, save_compressed  # noqa: E402
 from nm_hf.checkpoint.codec import compress_tensor, decompress_tensor  # noqa: E402
-from nm_hf.checkpoint.compressed import POSITIONS_SUFFIX, VALUES_SUFFIX  # noqa: E402
+from nm_hf.checkpoint.compressed import stored_nm_bytes  # noqa: E402
 from nm_hf.config import SparsityConfig  # noqa: E402
 from nm_hf.injection import finalize, sparsify  # noqa: E402
 from nm_hf.masks import nm_mask  # noqa: E402
@@ -54,12 +53,7 @@ def size_report(directory: Path) -> None:
     dense = sum(modules[name].weight.numel() * modules[name].weight.element_size()
                 for name in model.config.nm_sparsity["targeted_modules"])
     out = save_compressed(model, directory / "compressed")
-    stored = 0
-    with safe_open(str(out / WEIGHTS_NAME), "pt") as handle:
-        for key in handle.keys():
-            if key.endswith((VALUES_SUFFIX, POSITIONS_SUFFIX)):
-                tensor = handle.get_tensor(key)
-                stored += tensor.numel() * tensor.element_size()
+    stored = stored_nm_bytes(out)
     model.save_pretrained(directory / "dense")
     whole, plain = (out / WEIGHTS_NAME).stat().st_size, (directory / "dense" / "model.safetensors").stat().st_size
     print("size: tiny Llama (hidden 64, FFN 256), fp16, 2:4")

@@ -108,6 +108,7 @@ __all__ = [
     "decompress_checkpoint",
     "read_header",
     "compressed_file",
+    "stored_nm_bytes",
     "compressed_pattern",
     "iter_compressed_tensors",
     "load_compressed_state_dict",
@@ -317,6 +318,18 @@ def compressed_file(path: str | os.PathLike) -> Path:
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file (expected an nm_hf compressed checkpoint)")
     return path
+
+
+def stored_nm_bytes(path: str | os.PathLike) -> int:
+    """Bytes of the kept values and position codes in a compressed checkpoint (what the N:M weights cost stored;
+    the dense tensors beside them are not counted)."""
+    stored = 0
+    with open_safetensors(compressed_file(path)) as handle:
+        for key in handle.keys():
+            if key.endswith((VALUES_SUFFIX, POSITIONS_SUFFIX)):
+                tensor = handle.get_tensor(key)
+                stored += tensor.numel() * tensor.element_size()
+    return stored
 
 
 def read_header(path: Path, handle: Any) -> tuple[int, int, int, dict[str, HeaderEntry]]:
