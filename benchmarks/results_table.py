@@ -24,6 +24,13 @@ other in `--runs`). Each run's output goes to ROOT/<name>.log. Runs whose `resul
 repeated (`--force` redoes them). The table reads every run's `results.json`; throughput is also printed
 as a ratio to the dense entry of the same invocation.
 
+`--resume` continues an interrupted run from the last complete checkpoint in its output directory
+(`--resume_from_checkpoint`, its log appended to): pass the saving flags after `--`, e.g.
+`-- --save_strategy steps --save_steps 454 --save_total_limit 1`. Save at epoch boundaries (454 steps
+for Multi30k at batch 64) for a continuation identical to an uninterrupted run: the Trainer restores its
+random state at the start of an epoch, while the recipes' length-grouped sampler draws an epoch's order
+when the epoch starts, so a run resumed mid-epoch sees a different order for the rest of that epoch.
+
 `--render docs/results.md README.md --figures benchmarks/results` regenerates, from the results files, the
 tables between `<!-- results_table.py begin RECIPE -->` and its end marker, the summary lines between
 `<!-- results_table.py begin summary -->` and its end marker, and the figures of each recipe.
@@ -820,28 +827,38 @@ def draw_figures(recipe: str, runs: list[dict], directory: Path) -> dict[Path, i
     return {(path := figure_path(directory, recipe, kind)): draw(recipe, runs, path) for kind, draw in FIGURES.items()}
 
 
+def last_checkpoint(out_dir: Path) -> Path | None:
+    """The newest complete ``checkpoint-N`` of a run (the Trainer writes trainer_state.json last), or None."""
+    complete = [path for path in out_dir.glob("checkpoint-*")
+                if path.name.removeprefix("checkpoint-").isdigit() and (path / "trainer_state.json").is_file()]
+    return max(complete, key=lambda path: int(path.name.removeprefix("checkpoint-")), default=None)
+
+
 def launch(recipe: str, config: str, spec: RunSpec, out_dir: Path, seed: int | None, extra: list[str],
-           threads: int) -> subprocess.Popen:
-    """Start one run in the background, its output in ``<out_dir>.log``."""
+           threads: int, resume: bool = False) -> subprocess.Popen:
+    """Start one run in the background, its output in ``<out_dir>.log``; with `resume`, from the run's last
+    complete checkpoint when it has one (the log appended to)."""
     seed_args = [] if seed is None else ["--seed", str(seed)]
+    checkpoint = last_checkpoint(out_dir) if resume else None
+    resume_args = [] if checkpoint is None else ["--resume_from_checkpoint", str(checkpoint)]
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1",
            "--num_cpu_threads_per_process", str(threads), str(ROOT / "recipes" / f"{recipe}.py"), config,
            "--method", spec.recipe_method, "--sparsity", spec.pattern, "--output_dir", str(out_dir), *spec.argv(),
-           *seed_args, *extra]
+           *seed_args, *extra, *resume_args]
     log = out_dir.parent / f"{out_dir.name}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
-    print("+", shlex.join(redact_command(cmd)), f"> {log}", flush=True)  # extra flags may carry a token
-    with open(log, "w") as f:
+    print("+", shlex.join(redact_command(cmd)), f"{'>>' if checkpoint else '>'} {log}", flush=True)  # may carry a token
+    with open(log, "a" if checkpoint else "w") as f:
         return subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT,
                                 env={**os.environ, "OMP_NUM_THREADS": str(threads)})
 
 
 def run_all(recipe: str, config: str, todo: list[tuple[RunSpec, int | None, Path]], extra: list[str],
-            jobs: int, threads: int, results_file: Path | None = None) -> None:
+            jobs: int, threads: int, results_file: Path | None = None, resume: bool = False) -> None:
     """Run ``todo`` ``jobs`` at a time (each batch starts together and is awaited together); each run is
-    appended to ``results_file`` as soon as it has finished."""
+    appended to ``results_file`` as soon as it has finished. `resume`: see `launch`."""
     for start in range(0, len(todo), jobs):
-        batch = [(spec, out_dir, launch(recipe, config, spec, out_dir, seed, extra, threads))
+        batch = [(spec, out_dir, launch(recipe, config, spec, out_dir, seed, extra, threads, resume))
                  for spec, seed, out_dir in todo[start:start + jobs]]
         failed = []
         for spec, out_dir, proc in batch:
@@ -868,6 +885,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="run every entry once per seed (--seed S); default: the config's seed, once")
     parser.add_argument("--output_root", default="runs/table")
     parser.add_argument("--force", action="store_true", help="rerun runs that already have results.json")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue a run from the last complete checkpoint in its output directory")
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time (in the order of --runs)")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads per run (default: all cores divided by --jobs)")
@@ -928,7 +947,7 @@ def main(argv: list[str] | None = None) -> None:
                 record_run(results_file, spec, out_dir, extra)  # a run finished before it was recorded
             else:
                 todo.append((spec, seed, out_dir))
-        run_all(args.recipe, args.config, todo, extra, args.jobs, threads, results_file)
+        run_all(args.recipe, args.config, todo, extra, args.jobs, threads, results_file, args.resume)
     print()
     print(table(args.recipe, [(spec, [run_dir(root, spec, seed) for seed in seeds]) for spec in specs]))
 

@@ -500,3 +500,30 @@ def test_throughput_is_compared_only_with_the_dense_run_trained_beside_it():
     line = rt.paired_throughput_line(runs)
     assert "sr-ste 2:4 0.975" in line and "ste 2:4" not in line.replace("sr-ste 2:4", "")
     assert rt.paired_throughput_line(runs[4:]) == ""
+
+
+def test_resume_continues_from_the_last_complete_checkpoint_and_appends_the_log(tmp_path, monkeypatch):
+    started = []
+
+    class FakeRun:
+        def __init__(self, cmd, stdout, **kwargs):
+            started.append((cmd, stdout.mode))
+
+        def wait(self):
+            return 0
+
+    monkeypatch.setattr(rt.subprocess, "Popen", FakeRun)
+    spec = rt.parse_run_spec("sr-ste:2:4")
+    out_dir = tmp_path / "sr-ste-2x4"
+    for step, complete in ((454, True), (908, True), (1362, False)):  # 1362: killed while saving
+        (out_dir / f"checkpoint-{step}").mkdir(parents=True)
+        if complete:
+            (out_dir / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
+    (out_dir / "checkpoint-notanumber").mkdir()
+    rt.run_all("translation", "c.yaml", [(spec, None, out_dir)], ["--save_steps", "454"], 1, 1, resume=True)
+    rt.run_all("translation", "c.yaml", [(spec, None, out_dir)], ["--save_steps", "454"], 1, 1)
+    rt.run_all("translation", "c.yaml", [(spec, None, tmp_path / "fresh")], [], 1, 1, resume=True)
+    (resumed, resumed_mode), (again, again_mode), (fresh, fresh_mode) = started
+    assert resumed[-2:] == ["--resume_from_checkpoint", str(out_dir / "checkpoint-908")] and resumed_mode == "a"
+    assert "--resume_from_checkpoint" not in again and again_mode == "w"  # without --resume: from scratch
+    assert "--resume_from_checkpoint" not in fresh and fresh_mode == "w"  # nothing to resume from
