@@ -27,9 +27,13 @@ as a ratio to the dense entry of the same invocation.
 `--resume` continues an interrupted run from the last complete checkpoint in its output directory
 (`--resume_from_checkpoint`, its log appended to): pass the saving flags after `--`, e.g.
 `-- --save_strategy steps --save_steps 454 --save_total_limit 1`. Save at epoch boundaries (454 steps
-for Multi30k at batch 64) for a continuation identical to an uninterrupted run: the Trainer restores its
-random state at the start of an epoch, while the recipes' length-grouped sampler draws an epoch's order
-when the epoch starts, so a run resumed mid-epoch sees a different order for the rest of that epoch.
+for Multi30k at batch 64) for a continuation identical to an uninterrupted run. With
+`--train_sampling_strategy group_by_length` (the translation configs) a mid-epoch resume is not: the
+length-grouped sampler has no generator and draws an epoch's order from the global random state when the
+epoch starts, and the Trainer puts back the checkpoint's random state before that draw only when the run
+resumes at an epoch start (mid-epoch, after it), so a run resumed mid-epoch (after the first epoch) sees a
+different order for the rest of that epoch. The default random sampler (language modeling) is reseeded
+from the seed and the epoch number every epoch, so there a mid-epoch resume is identical too.
 
 `--render docs/results.md README.md --figures benchmarks/results` regenerates, from the results files, the
 tables between `<!-- results_table.py begin RECIPE -->` and its end marker, the summary lines between
