@@ -84,6 +84,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 import nm_hf.masks  # noqa: E402
 from nm_hf import native  # noqa: E402
 from nm_hf.config import SparsityConfig  # noqa: E402
+from nm_hf.cpu_memory import keep_freed_memory  # noqa: E402
 from nm_hf.injection import iter_sparse_layers, sparsify  # noqa: E402
 from nm_hf.layers.functional import nm_linear  # noqa: E402
 from nm_hf.layers.linear import Sparse2DLayer  # noqa: E402
@@ -562,6 +563,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="also print the breakdown of each method's step (mask recompute, masking in forward and "
                         "backward, decay, autograd function, tracker) as shares of the step; adds 'dense'")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--keep_freed_memory", action="store_true",
+                        help="nm_hf.keep_freed_memory() first, as the recipes do on CPU (glibc)")
     parser.add_argument("--optim", choices=OPTIMIZERS, default="adamw_torch_fused",
                         help="AdamW implementation, named as Trainer's --optim: adamw_torch_fused (default, "
                              "as the Trainer's default on torch >= 2.8) or adamw_torch (the per-tensor loop)")
@@ -610,6 +613,8 @@ def main(argv: list[str] | None = None) -> int:
 
     print(machine_header())
     print(f"nm_hf hot path: {native.status()}")
+    if args.keep_freed_memory:
+        print(f"keep_freed_memory: {'applied' if keep_freed_memory() else 'not glibc, nothing changed'}")
     note = busy_machine_note()
     if note:
         print(note)

@@ -8,6 +8,7 @@ from .checkpoint import (
     save_compressed,
 )
 from .config import SparsityConfig
+from .cpu_memory import keep_freed_memory
 from .hub import push_to_hub
 from .injection import (
     SparsifyError,
@@ -82,6 +83,7 @@ __all__ = [
     "find_target_modules",
     "is_sparsified",
     "iter_sparse_layers",
+    "keep_freed_memory",
     "nm_mask_transposable",
     "load_sparse_training_state",
     "set_training_step",

@@ -213,6 +213,12 @@ class ModelArguments:
         metadata={"help": "--prune_criterion wanda/sparsegpt: the first N training examples, in batches of "
                   f"--per_device_train_batch_size, are the calibration data (default {CALIBRATION_SAMPLES})."},
     )
+    keep_freed_memory: bool = field(
+        default=True,
+        metadata={"help": "CPU runs with glibc: keep freed memory in the process for reuse instead of returning it "
+                  "to the OS every step (nm_hf.keep_freed_memory); the page faults it avoids cost a sparse run "
+                  "more than a dense one. Process-wide; memory stays committed at its peak."},
+    )
 
     def __post_init__(self) -> None:
         _check_positive(self, ("vocab_size", "min_frequency", "d_model", "num_attention_heads", "ffn_dim",

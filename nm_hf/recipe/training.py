@@ -9,9 +9,12 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
+
+from nm_hf.cpu_memory import keep_freed_memory
 
 from .launch import user_errors
 from .model_setup import check_prune_method, prune_pretrained
@@ -20,6 +23,8 @@ from .schedule import attach_dense_warmup, check_dense_warmup, dense_warmup_conf
 from .trainer_mixins import with_token_throughput
 
 __all__ = ["check_first_mask", "train_recipe_model"]
+
+logger = logging.getLogger(__name__)
 
 
 def check_first_mask(model_args: Any, sparsity_config: Any, training_args: Any) -> None:
@@ -50,11 +55,16 @@ def train_recipe_model(
 
     --prune_criterion: a one-shot prune of the pretrained model (`prune_pretrained`, calibrated on the
     first training examples), which is then fine-tuned; a refusal exits with `prog: error: ...` before
-    anything is written. The trainer is `with_token_throughput(trainer_class, count_label_tokens)`;
+    anything is written. On CPU, --keep_freed_memory (`nm_hf.keep_freed_memory`) is applied first and
+    recorded in the "train" block. The trainer is `with_token_throughput(trainer_class, count_label_tokens)`;
     with --dense_warmup_fraction it starts dense (`dense_warmup_config`) and switches to --method
     (`attach_dense_warmup`).
     """
     fraction = model_args.dense_warmup_fraction
+    kept = model_args.keep_freed_memory and training_args.device.type == "cpu" and keep_freed_memory()
+    if kept:
+        logger.info("keeping freed memory in the process (glibc: no mmap for large blocks, no trimming); "
+                    "--keep_freed_memory false to turn it off")
     with user_errors(prog):  # --prune_criterion: one-shot prune of the pretrained model, then fine-tune it
         prune_record = prune_pretrained(
             model, sparsity_config, model_args.prune_criterion, train_dataset=train_dataset,
@@ -70,4 +80,5 @@ def train_recipe_model(
         blocks["sparsity_config"]["dense_warmup"] = {"fraction": fraction, **warmup.summary()}
     if prune_record is not None:
         blocks["sparsity_config"]["prune"] = prune_record
+    blocks["train"]["keep_freed_memory"] = kept
     return trainer, blocks

@@ -1,0 +1,43 @@
+"""nm_hf.keep_freed_memory: after it, freeing and re-allocating a large tensor takes no new page faults.
+
+Run in a subprocess: the allocator settings are process-wide and must not leak into the test session."""
+
+import platform
+import subprocess
+import sys
+
+import pytest
+
+CHURN = """
+import resource, sys, torch, nm_hf
+
+def faults_of_churn():
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(4):
+        block = torch.ones(64 * 2**20 // 4)  # 64 MiB, above glibc's largest dynamic mmap threshold (32 MiB)
+        del block
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+default = faults_of_churn()
+applied = nm_hf.keep_freed_memory()
+faults_of_churn()  # the heap grows once to hold the block
+kept = faults_of_churn()
+print(applied, default, kept)
+"""
+
+
+@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc only")
+def test_freed_memory_is_reused_without_page_faults():
+    out = subprocess.run([sys.executable, "-c", CHURN], capture_output=True, text=True, timeout=120, check=True)
+    applied, default, kept = out.stdout.split()
+    assert applied == "True"
+    pages = 4 * 64 * 2**20 // 4096
+    assert int(default) > pages // 2  # glibc's default: every block mapped afresh and faulted in
+    assert int(kept) < pages // 50  # kept: the same heap memory again
+
+
+def test_off_glibc_it_changes_nothing(monkeypatch):
+    import nm_hf
+
+    monkeypatch.setattr(platform, "libc_ver", lambda *args, **kwargs: ("musl", "1.2"))
+    assert nm_hf.keep_freed_memory() is False
