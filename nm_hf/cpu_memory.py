@@ -4,14 +4,15 @@ glibc's malloc hands large freed blocks back to the operating system: blocks abo
 unmapped when freed and the top of the heap is trimmed, so the next training step's allocation of the
 same size faults its pages in again (kernel time, zeroed pages). A sparse training step allocates more
 short-lived tensors than a dense one (each layer's mask and masked weight), which changes where the
-step's large tensors land: on the Multi30k recipe the SR-STE process took ~10k minor page faults per
-forward against ~0 for dense, and ~5-8% more process CPU per step. With the freed memory kept (no mmap
-for large blocks, no trimming) both took no page faults and the gap shrank to about 1% (docs/benchmarks.md,
-"Page faults").
+step's large tensors land: on the Multi30k recipe, each model in its own process, the SR-STE process
+took thousands of minor page faults per forward where dense took almost none, and more process CPU per
+step than the matmuls explain. With the freed memory kept (no mmap for large blocks, no trimming)
+neither takes page faults after the first steps (docs/benchmarks.md, "Page faults: keep_freed_memory",
+has the counts and the end-to-end pairs, `benchmarks/recipe_steps.py` measures them).
 
 The settings are process-wide and keep the memory committed at its peak; the recipes apply them on CPU
-runs (`--keep_freed_memory`, on by default). Other allocators (jemalloc, tcmalloc) reuse freed memory
-on their own; there this is a no-op apart from the glibc check.
+runs (`--keep_freed_memory`, on by default). With another allocator preloaded (jemalloc, tcmalloc),
+which reuses freed memory in its own way, the call only changes glibc's unused settings.
 """
 
 from __future__ import annotations

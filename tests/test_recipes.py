@@ -445,6 +445,29 @@ def test_translation_recipe_end_to_end(tmp_path):
     assert re.search(r"--hub_token \S*redacted", uploaded["README.md"].decode(), re.IGNORECASE)
 
 
+def test_translation_recipe_resumed_at_an_epoch_boundary_equals_an_uninterrupted_run(tmp_path):
+    """The results lanes' `--resume` (benchmarks/results_table.py) relies on this: with the translation
+    configs' length-grouped sampler, a run continued from a checkpoint at an epoch boundary (here after
+    the second epoch) trains on the same batches with the same dropout as the run that went on."""
+    from safetensors.torch import load_file
+
+    write_parallel(tmp_path / "train", 120, seed=0)  # 15 steps per epoch at batch 8
+    write_parallel(tmp_path / "valid", 8, seed=1)
+    write_parallel(tmp_path / "test", 8, seed=2)
+    data = ["--train_file", str(tmp_path / "train.en"), "--validation_file", str(tmp_path / "valid.en"),
+            "--test_file", str(tmp_path / "test.de")]
+    common = [*data, *TINY_TRANSLATION, "--method", "sr-ste", "--max_steps", "40", "--eval_strategy", "no",
+              "--save_strategy", "steps", "--save_steps", "15"]
+    launch("translation.py", [*common, "--output_dir", str(tmp_path / "straight")])
+    launch("translation.py", [*common, "--output_dir", str(tmp_path / "resumed"),
+                              "--resume_from_checkpoint", str(tmp_path / "straight" / "checkpoint-30")])
+    straight, resumed = (load_file(tmp_path / run / "model.safetensors") for run in ("straight", "resumed"))
+    assert straight.keys() == resumed.keys()
+    assert all(torch.equal(straight[name], resumed[name]) for name in straight)
+    results = [json.loads((tmp_path / run / "results.json").read_text()) for run in ("straight", "resumed")]
+    assert results[0]["test_loss"] == results[1]["test_loss"] and results[1]["train"]["steps"] == 40
+
+
 def test_translation_recipe_two_processes(tmp_path):
     """`accelerate launch --multi_gpu --num_processes 2` on CPU: two gloo ranks, one set of outputs."""
     write_parallel(tmp_path / "train", 400, seed=0)
