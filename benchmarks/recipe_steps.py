@@ -3,7 +3,11 @@
 The recipe pairs (`results_table.py --jobs 2`) run each model in a process of its own, and there the
 sparse process paid page faults that `train_step.py` (both models in one process) cannot see. This runs
 a recipe unchanged, with `resource.getrusage` read around every training step and every forward (the
-Trainer's `compute_loss`), and exits right after training (no evaluation, prediction or saving):
+Trainer's `compute_loss`), and exits right after `train()` (no test prediction or saving; evaluations that
+`train()` itself runs, including the one transformers adds at the last step with `--eval_strategy steps`,
+still run and are in the wall time: pass `--eval_strategy no` to leave them out). A step is the Trainer's
+`on_step_begin`..`on_step_end`: fetching and collating its batches comes before it, logging, evaluation and
+checkpointing after it, so those are not counted:
 
     .venv/bin/python benchmarks/recipe_steps.py translation recipes/configs/translation_multi30k.yaml \\
         --method sr-ste --max_steps 40 --output_dir /tmp/steps [more recipe flags]
@@ -72,6 +76,8 @@ def measured(trainer_class: type, record: dict[str, list[float]]) -> type:
             start = time.perf_counter()
             super().train(*args, **kwargs)
             report(record, time.perf_counter() - start)
+            sys.stdout.flush()  # os._exit skips Python's buffers: the report would be lost when stdout is a
+            sys.stderr.flush()  # pipe or a file (unless PYTHONUNBUFFERED is set)
             os._exit(0)  # nothing after training is measured
 
     return Measured
@@ -79,6 +85,9 @@ def measured(trainer_class: type, record: dict[str, list[float]]) -> type:
 
 def report(record: dict[str, list[float]], wall_s: float) -> None:
     steps = len(record["faults"])
+    if not steps:
+        print(f"no training steps in {wall_s:.1f} s")
+        return
     kept = slice(SKIP, None) if steps > SKIP else slice(0, None)
     cpu = [u + s for u, s in zip(record["user_s"], record["system_s"], strict=True)]
     backward = [total - fwd for total, fwd in zip(record["faults"], record["forward_faults"], strict=True)]

@@ -831,19 +831,21 @@ def draw_figures(recipe: str, runs: list[dict], directory: Path) -> dict[Path, i
     return {(path := figure_path(directory, recipe, kind)): draw(recipe, runs, path) for kind, draw in FIGURES.items()}
 
 
-def last_checkpoint(out_dir: Path) -> Path | None:
-    """The newest complete ``checkpoint-N`` of a run (the Trainer writes trainer_state.json last), or None."""
-    complete = [path for path in out_dir.glob("checkpoint-*")
-                if path.name.removeprefix("checkpoint-").isdigit() and (path / "trainer_state.json").is_file()]
-    return max(complete, key=lambda path: int(path.name.removeprefix("checkpoint-")), default=None)
-
-
 def launch(recipe: str, config: str, spec: RunSpec, out_dir: Path, seed: int | None, extra: list[str],
            threads: int, resume: bool = False) -> subprocess.Popen:
     """Start one run in the background, its output in ``<out_dir>.log``; with `resume`, from the run's last
     complete checkpoint when it has one (the log appended to)."""
     seed_args = [] if seed is None else ["--seed", str(seed)]
-    checkpoint = last_checkpoint(out_dir) if resume else None
+    # the recipe refuses --resume_from_checkpoint with a dense warm-up (asp): such a run starts again
+    flags = [*spec.argv(), *extra]
+    warmup = [value for flag, value in zip(flags, flags[1:], strict=False) if flag == "--dense_warmup_fraction"]
+    resumable = resume and not (warmup and float(warmup[-1]) > 0)
+    if resumable:  # (nm_hf.trainer imports transformers' Trainer: only when resuming)
+        from nm_hf.trainer import last_complete_checkpoint
+
+        checkpoint = last_complete_checkpoint(out_dir)
+    else:
+        checkpoint = None
     resume_args = [] if checkpoint is None else ["--resume_from_checkpoint", str(checkpoint)]
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1",
            "--num_cpu_threads_per_process", str(threads), str(ROOT / "recipes" / f"{recipe}.py"), config,

@@ -20,7 +20,9 @@ def test_a_tiny_translation_run_reports_every_step_and_stops_after_training(tmp_
     result = subprocess.run(
         [sys.executable, "benchmarks/recipe_steps.py", "translation", "recipes/configs/translation_demo.yaml",
          "--method", "sr-ste", "--max_steps", "12", "--output_dir", str(out), *TINY],
-        cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        # stdout a pipe and block-buffered, as when redirected to a file: the report must survive os._exit
+        env={**{k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-2000:]
     assert "12 steps in" in result.stdout and "over steps 11-12" in result.stdout
     rows = dict(re.findall(r"^\s+(process CPU|minor faults|  in the forward)\s+([0-9.]+)", result.stdout, re.M))

@@ -32,8 +32,10 @@ def test_freed_memory_is_reused_without_page_faults():
     applied, default, kept = out.stdout.split()
     assert applied == "True"
     pages = 4 * 64 * 2**20 // 4096
-    assert int(default) > pages // 2  # glibc's default: every block mapped afresh and faulted in
     assert int(kept) < pages // 50  # kept: the same heap memory again
+    # glibc's default maps every block afresh and faults it in: one fault per 4 KiB page, or per 2 MiB where
+    # transparent huge pages back the mapping (THP "always", or torch's THP_MEM_ALLOC_ENABLE=1)
+    assert int(default) > max(pages // 512, 20 * int(kept))
 
 
 def test_off_glibc_it_changes_nothing(monkeypatch):

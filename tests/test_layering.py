@@ -18,7 +18,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "nm_hf"
 
 LEVELS = [
     {"nm_hf._files", "nm_hf.native", "nm_hf.masks", "nm_hf.methods", "nm_hf.optim", "nm_hf.data", "nm_hf.tokenization",
-     "nm_hf.redact"},
+     "nm_hf.redact", "nm_hf.cpu_memory"},
     {"nm_hf.config"},
     {"nm_hf.record"},
     {"nm_hf.layers"},

@@ -515,15 +515,23 @@ def test_resume_continues_from_the_last_complete_checkpoint_and_appends_the_log(
     monkeypatch.setattr(rt.subprocess, "Popen", FakeRun)
     spec = rt.parse_run_spec("sr-ste:2:4")
     out_dir = tmp_path / "sr-ste-2x4"
-    for step, complete in ((454, True), (908, True), (1362, False)):  # 1362: killed while saving
+    # 908 < 1362 as numbers, not as names; 1816: killed while saving (no trainer_state.json)
+    for step, complete in ((454, True), (908, True), (1362, True), (1816, False)):
         (out_dir / f"checkpoint-{step}").mkdir(parents=True)
+        (out_dir / f"checkpoint-{step}" / "model.safetensors").write_bytes(b"")
         if complete:
             (out_dir / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
     (out_dir / "checkpoint-notanumber").mkdir()
     rt.run_all("translation", "c.yaml", [(spec, None, out_dir)], ["--save_steps", "454"], 1, 1, resume=True)
     rt.run_all("translation", "c.yaml", [(spec, None, out_dir)], ["--save_steps", "454"], 1, 1)
     rt.run_all("translation", "c.yaml", [(spec, None, tmp_path / "fresh")], [], 1, 1, resume=True)
-    (resumed, resumed_mode), (again, again_mode), (fresh, fresh_mode) = started
-    assert resumed[-2:] == ["--resume_from_checkpoint", str(out_dir / "checkpoint-908")] and resumed_mode == "a"
+    asp_dir = tmp_path / "asp-2x4"  # the recipe refuses to resume a dense warm-up: it starts again
+    (asp_dir / "checkpoint-454").mkdir(parents=True)
+    for name in ("model.safetensors", "trainer_state.json"):
+        (asp_dir / "checkpoint-454" / name).write_text("{}")
+    rt.run_all("translation", "c.yaml", [(rt.parse_run_spec("asp:2:4"), None, asp_dir)], [], 1, 1, resume=True)
+    (resumed, resumed_mode), (again, again_mode), (fresh, fresh_mode), (asp, asp_mode) = started
+    assert resumed[-2:] == ["--resume_from_checkpoint", str(out_dir / "checkpoint-1362")] and resumed_mode == "a"
+    assert "--resume_from_checkpoint" not in asp and asp_mode == "w"
     assert "--resume_from_checkpoint" not in again and again_mode == "w"  # without --resume: from scratch
     assert "--resume_from_checkpoint" not in fresh and fresh_mode == "w"  # nothing to resume from
