@@ -106,6 +106,39 @@ def test_baking_a_state_dict_uses_the_mask_in_use():
         assert torch.equal(baked[key] != 0, layer.current_mask() & (state[key] != 0))
 
 
+@pytest.mark.parametrize("model_type", KIND_MODELS)
+def test_a_copy_of_the_model_keeps_the_periodic_mask_it_trained_with(model_type):
+    """Mid-interval the mask lags the weights: a deep copy (an EMA model, a copy finalized while the
+    original trains on) or a model moved to another dtype must compute with that mask, not re-choose it."""
+    import copy
+
+    model = tiny_model(model_type)
+    nm_hf.sparsify(model, SparsityConfig(method="sr-ste", mask_update_interval=5))
+    train_steps(model, 3)  # the mask is still the one chosen at step 0
+    layers = [layer for _, layer in nm_hf.iter_sparse_layers(model)]
+    in_use = [layer.current_mask().clone() for layer in layers]
+    assert any(not torch.equal(mask, nm_mask(layer.weight.detach(), 2, 4, dim=layer.group_dim))
+               for mask, layer in zip(in_use, layers, strict=True))  # stale: the test can tell them apart
+    inputs = tiny_inputs(model)
+    model.eval()
+    with torch.no_grad():
+        expected = model(**inputs).logits
+    twin = copy.deepcopy(model)
+    for mask, (_, layer) in zip(in_use, nm_hf.iter_sparse_layers(twin), strict=True):
+        assert torch.equal(layer.current_mask(), mask)
+    with torch.no_grad():
+        assert torch.equal(twin(**inputs).logits, expected)
+    nm_hf.finalize(twin)
+    with torch.no_grad():
+        assert torch.equal(twin(**inputs).logits, expected)
+    model.double()  # another dtype: the mask is kept until the next refresh
+    for mask, layer in zip(in_use, layers, strict=True):
+        assert torch.equal(layer.current_mask(), mask)
+    train_steps(model, 2)  # step 5: the refresh chooses a new mask from the weights
+    assert all(torch.equal(layer.current_mask(), nm_mask(layer.weight.detach(), 2, 4, dim=layer.group_dim))
+               for layer in layers)
+
+
 def test_resume_with_the_training_state_is_exact():
     config = SparsityConfig(method="sr-ste", mask_update_interval=3, decay=0.5)
     torch.manual_seed(0)

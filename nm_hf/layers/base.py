@@ -16,8 +16,9 @@ corresponding part of the whole weight's mask as long as no group of m is cut by
 (`sharding_problem`); it is cached apart from the forward's mask.
 
 With `SparsityConfig.mask_update_interval = k > 1` the key is instead the layer's step counter
-divided by k (and the Parameter's identity): the mask is re-chosen from the weights once every k
-optimizer steps counted by `nm_hf.after_optimizer_step`, whatever else changes the weights.
+divided by k (and the weight's shape): the mask is re-chosen from the weights once every k
+optimizer steps counted by `nm_hf.after_optimizer_step`, whatever else changes the weights, and it
+survives a deep copy of the layer or a move of its weight to another device or dtype.
 """
 
 from __future__ import annotations
@@ -247,8 +248,10 @@ class SparseLayerMixin:
         interval = self.nm_mask_interval
         if interval == 1:
             return self._weight_key()
-        w = self.weight  # the mask moves only every `interval` counted steps, not with the weights
-        return ("interval", self.nm_step // interval, w.data_ptr(), w.device, w.dtype, tuple(w.shape))
+        # the mask moves only every `interval` counted steps, not with the weights; it is state the weights
+        # cannot rebuild mid-interval, so a copy of the layer (copy.deepcopy) or a weight moved to another
+        # device or dtype keeps it (moved along in `current_mask_and_masked`) until the next refresh
+        return ("interval", self.nm_step // interval, tuple(self.weight.shape))
 
     @property
     def pattern(self) -> str:
@@ -340,6 +343,8 @@ class SparseLayerMixin:
             self._nm_weight_is_masked = masked is detached and not self.mask_is_periodic
             self._nm_mask_key = key
             _tell_listeners(self, self._nm_mask_cache)
+        elif self._nm_mask_cache.device != self.weight.device:  # a periodic mask follows its weight's moves
+            self._nm_mask_cache = self._nm_mask_cache.to(self.weight.device)
         # the re-check reads the weight: only for callers that will use it unmasked (not the tracker's lookups)
         if want_masked and self.__dict__.get("_nm_weight_is_masked") and (fresh or self._weight_still_masked()):
             masked = self.weight
