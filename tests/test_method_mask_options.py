@@ -139,6 +139,27 @@ def test_a_copy_of_the_model_keeps_the_periodic_mask_it_trained_with(model_type)
                for layer in layers)
 
 
+def test_a_probe_with_meta_weights_keeps_the_periodic_mask():
+    from torch import nn
+    from torch.func import functional_call
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+    nm_hf.sparsify(model, SparsityConfig(method="sr-ste", mask_update_interval=5))
+    x = torch.randn(2, 16)
+    model(x)
+    layers = [layer for _, layer in nm_hf.iter_sparse_layers(model)]
+    in_use = [layer.current_mask().clone() for layer in layers]
+    meta = {name: torch.empty_like(p, device="meta") for name, p in model.named_parameters()}
+    try:  # the sparse forward itself does not run on meta tensors (autocast has no meta device) ...
+        functional_call(model, meta, (x.to("meta"),))
+    except RuntimeError:
+        pass
+    # ... but the attempt must not leave the layers' periodic masks on the meta device
+    assert all(torch.equal(layer.current_mask(), mask) for layer, mask in zip(layers, in_use, strict=True))
+    assert model(x).shape == (2, 4)
+
+
 def test_resume_with_the_training_state_is_exact():
     config = SparsityConfig(method="sr-ste", mask_update_interval=3, decay=0.5)
     torch.manual_seed(0)

@@ -344,6 +344,8 @@ class SparseLayerMixin:
             self._nm_mask_key = key
             _tell_listeners(self, self._nm_mask_cache)
         elif self._nm_mask_cache.device != self.weight.device:  # a periodic mask follows its weight's moves
+            if self.weight.is_meta:  # a shape probe (functional_call with meta weights) must not lose the mask
+                return self._nm_mask_cache.to("meta"), None
             self._nm_mask_cache = self._nm_mask_cache.to(self.weight.device)
         # the re-check reads the weight: only for callers that will use it unmasked (not the tracker's lookups)
         if want_masked and self.__dict__.get("_nm_weight_is_masked") and (fresh or self._weight_still_masked()):
