@@ -488,7 +488,7 @@ class SparseTrainerMixin:
                               "Trainer cannot load on resume (transformers issue #48805); resume from a "
                               "checkpoint written by this SparseTrainer, or start a new run")
 
-    def _read_sparse_state(self, checkpoint: str) -> dict[str, Any] | None:
+    def _read_sparse_state(self, checkpoint: str, doing: str = "resume from") -> dict[str, Any] | None:
         """The checkpoint's `sparse_training_state.pt`, checked to describe this model's sparse layers."""
         path = os.path.join(checkpoint, SPARSE_STATE_FILE)
         if not os.path.isfile(path) or not is_sparsified(self.model):
@@ -497,14 +497,35 @@ class SparseTrainerMixin:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:  # EOFError, RuntimeError, UnpicklingError, ... from a damaged file
             first = str(err).splitlines()[0] if str(err) else "empty or truncated file"
-            raise ResumeError(f"cannot resume from {checkpoint}: {path} is not a readable sparse training state "
+            raise ResumeError(f"cannot {doing} {checkpoint}: {path} is not a readable sparse training state "
                               f"({type(err).__name__}: {first})") from err
         layers = state.get("layers") if isinstance(state, dict) else None
         names = [name for name, _ in iter_sparse_layers(self.model)]
         if not isinstance(layers, dict) or sorted(layers) != sorted(names):
-            raise ResumeError(f"cannot resume from {checkpoint}: {path} is not a sparse training state of this "
+            raise ResumeError(f"cannot {doing} {checkpoint}: {path} is not a sparse training state of this "
                               "model's sparse layers")
         return state
+
+    def _load_best_model(self) -> None:
+        """`Trainer._load_best_model` (load_best_model_at_end), then the best checkpoint's sparse training
+        state: its step count, method state and the masks in use with `mask_update_interval > 1`, so the
+        model in memory, and the model `save_model` bakes, is the one evaluated at that checkpoint."""
+        self._close_tracker_window()  # the history ends with the trained model, not the reloaded one
+        super()._load_best_model()
+        checkpoint = self.state.best_model_checkpoint
+        if not is_sparsified(self.model):
+            return
+        state = self._read_sparse_state(checkpoint, doing="load the best model from")
+        if state is None:
+            if any(layer.method.uses_step or layer.mask_is_periodic or layer.nm_method_state
+                   for _, layer in iter_sparse_layers(self.model)):
+                logger.warning("%s has no %s: the best model's weights are loaded, but the sparse layers keep the "
+                               "step count and method state of the end of training", checkpoint, SPARSE_STATE_FILE)
+            return
+        try:
+            load_sparse_training_state(self.model, state)
+        except ValueError as err:
+            raise ResumeError(f"{os.path.join(checkpoint, SPARSE_STATE_FILE)}: {err}") from err
 
     def _restore_sparse_state(self) -> None:
         """On resume: the layers' step counter, method state and periodic masks, after the weights loaded."""
@@ -542,12 +563,16 @@ class SparseTrainerMixin:
         self.sparsity_tracker = tracker
 
     def _end_tracker(self) -> None:
-        tracker = self.sparsity_tracker
-        if tracker is None:
+        if self.sparsity_tracker is None:
             return
-        if tracker.steps_since_log:  # close the last window so the history ends at the final step
-            tracker.log_metrics(self.state.global_step)
+        self._close_tracker_window()
         self.save_sparsity_history(self.args.output_dir)
+
+    def _close_tracker_window(self) -> None:
+        """Log the steps since the last log, so the history ends at the final step."""
+        tracker = self.sparsity_tracker
+        if tracker is not None and tracker.steps_since_log:
+            tracker.log_metrics(self.state.global_step)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Add the mask metrics to training logs (those with a "loss"), then log as usual."""

@@ -375,3 +375,17 @@ def test_mask_update_interval_on_expert_tensors():
                 assert torch.equal(mask, fresh), f"{name}: no refresh at step {step}"
     assert any(not torch.equal(history[k][n], initial[n]) for n in layers)  # the masks did move, at step k
     assert any(not torch.equal(mask, fresh) for step in used[:k - 1] for mask, fresh in step.values())  # lagging
+
+
+def test_loading_expert_weights_gives_a_periodic_mask_of_their_own():
+    model = tiny_moe("mixtral").train()
+    config = SparsityConfig(method="sr-ste", mask_update_interval=5, target_modules=["experts"])
+    nm_hf.sparsify(model, config)
+    layers = experts(model)
+    stale = {name: layer.current_mask().clone() for name, layer in layers.items()}
+    other = tiny_moe("mixtral", seed=1)
+    nm_hf.sparsify(other, config)
+    model.load_state_dict(other.state_dict())
+    for name, layer in layers.items():
+        assert torch.equal(layer.current_mask(), nm_mask(layer.weight.detach(), 2, 4, dim=layer.group_dim)), name
+        assert not torch.equal(layer.current_mask(), stale[name]), name

@@ -243,3 +243,24 @@ def test_decoupled_decay_does_not_refresh_a_periodic_mask():
     for step in (1, 2, 4, 5):
         assert all(torch.equal(after[step][n], after[step - 1][n]) for n in initial), step
     assert any(not torch.equal(after[3][n], after[2][n]) for n in initial)  # refreshed at step 3
+
+
+@pytest.mark.parametrize("model_type", KIND_MODELS)
+def test_loading_new_weights_gives_a_periodic_mask_of_their_own(model_type):
+    """Mid-interval, a state dict loaded into the model (another checkpoint, the best model at the end of
+    training) brings weights the mask in use was not chosen from: the mask is chosen again from them.
+    A load without the weights (e.g. only biases or adapter keys) keeps it."""
+    model = tiny_model(model_type)
+    nm_hf.sparsify(model, SparsityConfig(method="sr-ste", mask_update_interval=5))
+    train_steps(model, 2)
+    other = tiny_model(model_type, seed=1)
+    nm_hf.sparsify(other, SparsityConfig(method="sr-ste", mask_update_interval=5))
+    layers = dict(nm_hf.iter_sparse_layers(model))
+    in_use = {name: layer.current_mask().clone() for name, layer in layers.items()}
+    not_weights = {k: v for k, v in other.state_dict().items() if not k.endswith(".weight")}
+    model.load_state_dict(not_weights, strict=False)
+    assert all(torch.equal(layer.current_mask(), in_use[name]) for name, layer in layers.items())
+    model.load_state_dict(other.state_dict())
+    for name, layer in layers.items():
+        assert torch.equal(layer.current_mask(), nm_mask(layer.weight.detach(), 2, 4, dim=layer.group_dim)), name
+    assert any(not torch.equal(layer.current_mask(), in_use[name]) for name, layer in layers.items())

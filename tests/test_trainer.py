@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate import Accelerator
+from safetensors.torch import load_file
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForSeq2SeqLM,
@@ -688,3 +689,29 @@ def test_seq2seq_trainer_predict_with_generate(tmp_path):
     for name in getattr(reloaded.config, CONFIG_KEY)["targeted_modules"]:
         counts = nm_group_counts(reloaded.get_submodule(name).weight, 4, dim=1)
         assert bool((counts == 2).all()), name
+
+
+@pytest.mark.parametrize("method", ["sr-ste", "decaying-mask"])
+def test_load_best_model_at_end_restores_the_best_checkpoints_sparse_state(tmp_path, method):
+    """The best checkpoint is not the last: its weights come back with its masks in use (they lag the weights
+    with mask_update_interval > 1) and its step count, so the saved model is the one evaluated there."""
+    cfg = SparsityConfig(method=method, decay=0.05, mask_update_interval=4)
+    data = lm_data(48)
+    args = lm_args(tmp_path / "run", max_steps=12, save_strategy="steps", save_steps=6, eval_strategy="steps",
+                   eval_steps=6, load_best_model_at_end=True, metric_for_best_model="eval_loss",
+                   greater_is_better=True)  # the training loss falls: "best" is the first checkpoint
+    trainer = SparseTrainer(model=gpt2(), args=args, train_dataset=data, eval_dataset=data[:8], sparsity_config=cfg)
+    trainer.train()
+    best = Path(trainer.state.best_model_checkpoint)
+    assert best.name == "checkpoint-6"
+    saved = torch.load(best / SPARSE_STATE_FILE, weights_only=True)
+    best_weights = load_file(best / "model.safetensors")
+    trainer.save_model(str(tmp_path / "final"))
+    final = load_file(tmp_path / "final" / "model.safetensors")
+    moved = 0
+    for name, layer in iter_sparse_layers(trainer.model):
+        mask = saved["layers"][name]["mask"]
+        assert torch.equal(layer.current_mask(), mask) and layer.nm_step == 6, name
+        moved += not torch.equal(mask, nm_mask(best_weights[f"{name}.weight"], 2, 4, dim=group_dim(layer)))
+        assert torch.equal(final[f"{name}.weight"], best_weights[f"{name}.weight"] * mask), name
+    assert moved  # the masks in use at step 6 lag that checkpoint's weights: the test can tell them apart

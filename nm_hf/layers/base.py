@@ -16,9 +16,11 @@ corresponding part of the whole weight's mask as long as no group of m is cut by
 (`sharding_problem`); it is cached apart from the forward's mask.
 
 With `SparsityConfig.mask_update_interval = k > 1` the key is instead the layer's step counter
-divided by k (and the weight's shape): the mask is re-chosen from the weights once every k
-optimizer steps counted by `nm_hf.after_optimizer_step`, whatever else changes the weights, and it
-survives a deep copy of the layer or a move of its weight to another device or dtype.
+divided by k, the weight's shape and a count of state dicts loaded into the weight: the mask is
+re-chosen from the weights once every k optimizer steps counted by `nm_hf.after_optimizer_step` and
+when new weights are loaded (a resume then puts the saved mask back, `restore_mask`); other writes
+(decoupled decay, `mark_weights_updated`) keep it, and it survives a deep copy of the layer or a move
+of its weight to another device or dtype.
 """
 
 from __future__ import annotations
@@ -158,6 +160,13 @@ def mark_weights_updated(layers: Iterable[SparseLayerMixin]) -> None:
         layer._nm_generation = layer.__dict__.get("_nm_generation", 0) + 1
 
 
+def note_weights_loaded(layer: SparseLayerMixin) -> None:
+    """A state dict was just loaded into `layer`'s weight: masks of every kind are chosen again (a periodic
+    mask too: the one in use belonged to the old weights) and FSDP2's re-gathered tensor is seen as new."""
+    layer._nm_generation = layer.__dict__.get("_nm_generation", 0) + 1
+    layer._nm_loads = layer.__dict__.get("_nm_loads", 0) + 1
+
+
 class SparseLayerMixin:
     """N:M settings, method and mask bookkeeping shared by every sparse layer kind."""
 
@@ -187,7 +196,7 @@ class SparseLayerMixin:
     _NM_ATTRIBUTES = ("nm_n", "nm_m", "nm_method", "nm_method_args", "nm_decay", "nm_decay_mode",
                       "nm_decay_scale", "nm_transposable", "nm_mask_interval", "nm_step", "nm_method_state",
                       "_nm_mask_cache", "_nm_mask_key", "_nm_weight_is_masked", "_nm_eval_weight", "_nm_eval_key", "_nm_dense_class",
-                      "_nm_steps_seen", "_nm_step_changes", "_nm_warned_uncounted", "_nm_generation",
+                      "_nm_steps_seen", "_nm_step_changes", "_nm_warned_uncounted", "_nm_generation", "_nm_loads",
                       "_nm_shard_mask", "_nm_shard_key")
 
     def nm_setup(self, config: SparsityConfig) -> None:
@@ -211,6 +220,7 @@ class SparseLayerMixin:
         self._nm_step_changes = 0
         self._nm_warned_uncounted = False
         self._nm_generation = 0
+        self._nm_loads = 0
         self._nm_shard_mask: torch.Tensor | None = None
         self._nm_shard_key: tuple | None = None
         self._tag_weight()
@@ -229,10 +239,13 @@ class SparseLayerMixin:
     def method(self) -> SparsityMethod:
         return get_method(self.nm_method)
 
-    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
-        settle_mask_listeners(self)
-        super()._load_from_state_dict(*args, **kwargs)
-        self._nm_generation = self.__dict__.get("_nm_generation", 0) + 1  # FSDP2: see the module docstring
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:
+        loads_weight = f"{prefix}weight" in state_dict  # not, e.g., a PEFT adapter's keys alone
+        if loads_weight:
+            settle_mask_listeners(self)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if loads_weight:
+            note_weights_loaded(self)  # FSDP2 and periodic masks: see the module docstring
 
     def _weight_key(self) -> tuple | None:
         w = self.weight
@@ -250,8 +263,9 @@ class SparseLayerMixin:
             return self._weight_key()
         # the mask moves only every `interval` counted steps, not with the weights; it is state the weights
         # cannot rebuild mid-interval, so a copy of the layer (copy.deepcopy) or a weight moved to another
-        # device or dtype keeps it (moved along in `current_mask_and_masked`) until the next refresh
-        return ("interval", self.nm_step // interval, tuple(self.weight.shape))
+        # device or dtype keeps it (moved along in `current_mask_and_masked`) until the next refresh; new
+        # weights loaded from a state dict get a mask of their own
+        return ("interval", self.nm_step // interval, tuple(self.weight.shape), self.__dict__.get("_nm_loads", 0))
 
     @property
     def pattern(self) -> str:

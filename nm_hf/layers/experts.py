@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from ..masks import apply_mask
-from .base import SparseLayerMixin
+from .base import SparseLayerMixin, note_weights_loaded, settle_mask_listeners
 
 __all__ = ["EXPERT_PARAMETERS", "ExpertWeight", "SparseExpertsMixin", "expert_parameters", "experts_transposed",
            "sparse_experts_class"]
@@ -149,6 +149,14 @@ class SparseExpertsMixin:
         finally:
             for name in exposed:
                 state.pop(name, None)
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:
+        loaded = [part for name, part in self.nm_parts.items() if f"{prefix}{name}" in state_dict]
+        for part in loaded:
+            settle_mask_listeners(part)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        for part in loaded:
+            note_weights_loaded(part)
 
     def train(self, mode: bool = True):
         if mode:  # the eval caches would only go stale and hold memory
