@@ -82,7 +82,7 @@ def nm_linear(
     it already equals that bit for bit (pruned entries +0.0): then the backward does not mask it either.
     """
     device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):  # not on meta
         dtype = torch.get_autocast_dtype(device_type)
         x, weight = x.to(dtype), weight.to(dtype)
         bias = bias.to(dtype) if bias is not None else None
