@@ -11,8 +11,9 @@ neither takes page faults after the first steps (docs/benchmarks.md, "Page fault
 has the counts and the end-to-end pairs, `benchmarks/recipe_steps.py` measures them).
 
 The settings are process-wide and keep the memory committed at its peak; the recipes apply them on CPU
-runs (`--keep_freed_memory`, on by default). With another allocator preloaded (jemalloc, tcmalloc),
-which reuses freed memory in its own way, the call only changes glibc's unused settings.
+runs (`--keep_freed_memory`, on by default). With another allocator preloaded (jemalloc, tcmalloc:
+`malloc` is not glibc's), which reuses freed memory in its own way, nothing is changed and the call
+says so (False), so a run's record does not claim a setting that had no effect.
 """
 
 from __future__ import annotations
@@ -32,11 +33,23 @@ def keep_freed_memory() -> bool:
     """Make glibc's malloc keep freed memory for reuse by this process: large blocks come from the heap
     instead of their own mappings (`M_MMAP_MAX` 0) and the heap is never trimmed (`M_TRIM_THRESHOLD` at
     its maximum). Affects the whole process from now on. Returns True when applied, False (nothing
-    changed) where the C library is not glibc."""
+    changed) where the C library is not glibc or another allocator's `malloc` is in use."""
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    if not _malloc_is_glibcs():
         return False
     mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
     if mallopt is None:
         return False
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
     return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, _INT_MAX))
+
+
+def _malloc_is_glibcs() -> bool:
+    """True when the `malloc` this process calls is glibc's own (not one interposed by LD_PRELOAD)."""
+    try:
+        glibc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    address = ctypes.cast(ctypes.CDLL(None).malloc, ctypes.c_void_p).value
+    return address == ctypes.cast(glibc.malloc, ctypes.c_void_p).value

@@ -2,7 +2,9 @@
 
 Run in a subprocess: the allocator settings are process-wide and must not leak into the test session."""
 
+import os
 import platform
+import shutil
 import subprocess
 import sys
 
@@ -43,3 +45,26 @@ def test_off_glibc_it_changes_nothing(monkeypatch):
 
     monkeypatch.setattr(platform, "libc_ver", lambda *args, **kwargs: ("musl", "1.2"))
     assert nm_hf.keep_freed_memory() is False
+
+
+SHIM = """
+#include <stddef.h>
+extern void *__libc_malloc(size_t size);
+void *malloc(size_t size) { return __libc_malloc(size); }  /* another allocator's malloc, as LD_PRELOAD puts it */
+"""
+
+
+@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc only")
+@pytest.mark.skipif(shutil.which("cc") is None, reason="needs a C compiler to build the preloaded malloc")
+def test_with_another_malloc_preloaded_it_says_it_changed_nothing(tmp_path):
+    """jemalloc or tcmalloc through LD_PRELOAD: glibc's settings would be set but never used, so the
+    recipes' record must not claim them."""
+    source = tmp_path / "shim.c"
+    source.write_text(SHIM)
+    library = tmp_path / "libshim.so"
+    subprocess.run(["cc", "-shared", "-fPIC", "-o", str(library), str(source)], check=True, timeout=60)
+    script = "import nm_hf; print(nm_hf.keep_freed_memory())"
+    preloaded = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                               check=True, env={**os.environ, "LD_PRELOAD": str(library)})
+    plain = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True)
+    assert preloaded.stdout.split()[-1] == "False" and plain.stdout.split()[-1] == "True"
