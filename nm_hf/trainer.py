@@ -513,8 +513,8 @@ class SparseTrainerMixin:
         self._close_tracker_window()  # the history ends with the trained model, not the reloaded one
         super()._load_best_model()
         checkpoint = self.state.best_model_checkpoint
-        if not is_sparsified(self.model):
-            return
+        if not is_sparsified(self.model) or not any(map(_is_weight_file, os.listdir(checkpoint))):
+            return  # nothing was loaded (transformers warned that it could not locate the best model)
         state = self._read_sparse_state(checkpoint, doing="load the best model from")
         if state is None:
             if any(layer.method.uses_step or layer.mask_is_periodic or layer.nm_method_state

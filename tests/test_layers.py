@@ -239,7 +239,6 @@ def test_autocast_bf16_on_cpu(kind, method):
     assert layer.weight.grad.abs().sum() > 0
 
 
-
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("method", ["sr-ste", "fixed"])
 def test_forward_and_backward_on_the_meta_device(kind, method):
@@ -250,6 +249,7 @@ def test_forward_and_backward_on_the_meta_device(kind, method):
     assert y.is_meta and y.shape == (3, 5, layer.weight.numel() // IN)
     y.sum().backward()
     assert x.grad.is_meta and layer.weight.grad.is_meta and layer.weight.grad.shape == layer.weight.shape
+
 
 def _count_mask_calls(monkeypatch) -> list:
     """Counts the layers' mask rankings (`nm_mask`, or `nm_mask_and_apply` in a training forward)."""
