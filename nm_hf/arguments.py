@@ -126,8 +126,8 @@ class SparsityArguments:
     )
     decay: float = field(
         default=2e-4, metadata={"help": "SR-STE's lambda_w: strength of the pull of pruned weights towards 0. "
-                                "2e-4 is the paper's (SGD); with Adam/AdamW in gradient mode it has to outweigh "
-                                "the data gradient, e.g. 1 (see README, Decay placement)."}
+                                "2e-4 is the paper's; under AdamW 2e-4 and 1 trained equally well here, 1 with "
+                                "steadier masks (docs/concepts.md, Decay placement)."}
     )
     decay_mode: str = field(
         default="gradient",

@@ -33,9 +33,9 @@ class SparsityConfig:
             AutoSwitch, then STE with the second moment frozen; trains with its own optimizer,
             `nm_hf.optim.StepAdamW`); see docs/concepts.md.
         decay: SR-STE's lambda_w, the strength pulling pruned weights towards zero. The default is
-            the paper's (tuned with SGD); Adam normalises each weight's update, so with Adam the
-            gradient-mode decay only acts once `decay * |w|` outweighs a pruned weight's data gradient
-            (the docs' small-GPT-2 results use 1). Only methods that use a decay read it.
+            the paper's (tuned with SGD). Under Adam a small gradient-mode decay leaves the masks
+            flipping more, yet in the docs' AdamW sweep 2e-4 trained as well as 1 (docs/concepts.md,
+            "Decay placement"). Only methods that use a decay read it.
         decay_mode: "gradient" (the paper's: `decay * (1 - mask) * W` added to the gradient in
             backward) or "decoupled" (`W -= lr * decay * (1 - mask) * W` after each optimizer step).
         target_modules: "all-linear" (every linear map: nn.Linear, GPT-2 Conv1D, mixture-of-experts

@@ -430,29 +430,6 @@ def test_input_size_not_divisible_by_m():
         SparseConv1D(4, 6)
 
 
-@pytest.mark.parametrize(("optimizer", "decay", "mode", "warns"), [
-    ("AdamW", 2e-4, "gradient", True),
-    ("Adam", 2e-4, "gradient", True),
-    ("AdamW", 1.0, "gradient", False),
-    ("AdamW", 2e-4, "decoupled", False),
-    ("SGD", 2e-4, "gradient", False),
-])
-def test_adam_with_a_weak_gradient_decay_warns_once(optimizer, decay, mode, warns):
-    import warnings
-
-    import nm_hf
-    from tiny_models import tiny_model, train_steps
-
-    model = tiny_model("llama")
-    nm_hf.sparsify(model, nm_hf.SparsityConfig(decay=decay, decay_mode=mode))
-    opt = getattr(torch.optim, optimizer)(model.parameters(), lr=1e-3)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        train_steps(model, 2, lr=1e-3, optimizer=opt, call_hook=False)
-    messages = [str(w.message) for w in caught if "barely acts" in str(w.message)]
-    assert len(messages) == (1 if warns else 0), messages
-
-
 def test_training_under_torch_compile_matches_eager(one_thread):
     """Masks are recomputed inside the compiled forward (a graph break at nm_mask) and training matches eager."""
     import copy

@@ -64,10 +64,6 @@ def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.detach()
 
 _STEPS = [0]
-#: optimizers already checked for a weak gradient-mode decay (each is checked on its first step only)
-_CHECKED_OPTIMIZERS: weakref.WeakSet = weakref.WeakSet()
-#: below this gradient-mode decay, Adam's normalisation leaves SR-STE almost equal to STE (docs/concepts.md)
-ADAM_WEAK_DECAY = 1e-2
 
 
 #: a number per weight tensor object the cache keys were made for (held weakly, off the tensors and the layers):
@@ -92,23 +88,6 @@ def optimizer_steps() -> int:
 
 def _after_any_optimizer_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
     _STEPS[0] += 1
-    if optimizer not in _CHECKED_OPTIMIZERS:
-        _CHECKED_OPTIMIZERS.add(optimizer)
-        if isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
-            _warn_weak_adam_decay(optimizer)
-
-
-def _warn_weak_adam_decay(optimizer: torch.optim.Optimizer) -> None:
-    """Warn once: with Adam, a small gradient-mode decay is normalised away (SR-STE behaves like STE)."""
-    weak = [p for group in optimizer.param_groups for p in group["params"]
-            if 0 < getattr(p, "_nm_gradient_decay", 0.0) < ADAM_WEAK_DECAY]
-    if weak:
-        warnings.warn(
-            f"{type(optimizer).__name__} normalises every weight's update, so SR-STE's gradient-mode decay "
-            f"{weak[0]._nm_gradient_decay:g} barely acts on the masks: they flip almost as often as with STE; "
-            f"a larger decay keeps them stable (the docs' language-model results use 1.0; see 'Decay placement' "
-            f"in docs/concepts.md for what each choice measured)",
-            UserWarning, stacklevel=3)
 
 
 # Global: runs after `step()` of every torch.optim.Optimizer (wrapped ones included, e.g. accelerate's).
@@ -223,15 +202,9 @@ class SparseLayerMixin:
         self._nm_loads = 0
         self._nm_shard_mask: torch.Tensor | None = None
         self._nm_shard_key: tuple | None = None
-        self._tag_weight()
-
-    def _tag_weight(self) -> None:
-        # read only by the Adam warning; a copy that loses it just does not warn
-        self.weight._nm_gradient_decay = self.nm_decay if self.nm_decay_mode == "gradient" else 0.0
 
     def nm_teardown(self) -> None:
         """Remove every N:M attribute (the layer is about to become its dense class again)."""
-        self.weight.__dict__.pop("_nm_gradient_decay", None)
         for name in self._NM_ATTRIBUTES:
             self.__dict__.pop(name, None)
 
