@@ -70,7 +70,10 @@ def _workers() -> int:
 
 
 def _native_ready(*tensors: torch.Tensor) -> bool:
-    """True when the native kernels are loaded and can take these tensors as flat buffers."""
+    """True when the native kernels are loaded and can take these tensors as flat buffers (not while
+    torch.compile traces: it gets the torch expressions, which give the same bits)."""
+    if torch.compiler.is_compiling():
+        return False
     for t in tensors:  # a plain loop: this runs several times per layer and step
         if type(t) not in _PLAIN_TYPES or not t.is_cpu or not t.is_contiguous() or not t.numel():
             return False

@@ -312,6 +312,7 @@ class SparseLayerMixin:
         """
         return self.current_mask_and_masked(want_masked=False)[0]
 
+    @torch.compiler.disable  # the cache lookup is Python state: one graph break per layer, not one per step of it
     def current_mask_and_masked(self, want_masked: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
         """`current_mask()`, and `apply_mask(weight, mask)` when this call re-chose the mask in the same pass
         over the weight, or `self.weight` itself while the method found it equal to that bit for bit (None
@@ -432,6 +433,7 @@ class SparseLayerMixin:
                                       shape=weight.shape, stride=weight.stride())
         return self.method.bake(self, weight.detach(), self.current_mask())
 
+    @torch.compiler.disable
     def cached_eval_weight(self) -> torch.Tensor:
         """`effective_weight()`, cached while the weights and the mask do not change (eval without gradients)."""
         weight_key = self._weight_key()

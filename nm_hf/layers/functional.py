@@ -23,9 +23,10 @@ class _NMLinearFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, mask, decay, freeze_pruned, masked):  # noqa: D401
         out = F.linear(x, apply_mask(weight, mask) if masked is None else masked, bias)
         ctx.weight_is_masked = masked is weight  # the weight is already N:M with +0.0 pruned entries
-        if out._is_view():  # F.linear with a bias on a 3-D input returns a view of its 2-D result; callers
-            # may write into the output in place (wav2vec2's SpecAugment), which autograd forbids on a view
-            # made inside a custom Function: the same storage, not tracked as a view
+        # F.linear with a bias on a 3-D input returns a view of its 2-D result; callers may write into the
+        # output in place (wav2vec2's SpecAugment), which autograd forbids on a view made inside a custom
+        # Function: the same storage, not tracked as a view (always when compiling: `_is_view` is not traceable)
+        if torch.compiler.is_compiling() or out._is_view():
             out = torch.ops.aten._unsafe_view(out, out.shape)
         ctx.save_for_backward(x, weight, mask)
         ctx.decay = decay
