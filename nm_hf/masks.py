@@ -193,6 +193,11 @@ def add_pruned_(grad: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, al
         _native_split(rows, lambda s, c: function(g + s * cols * size, w + s * size, bits + s, c, cols, rows, alpha),
                       unit=cols)
         return grad
+    if torch.compiler.is_compiling():
+        # traced: inductor's addmm fusion (torch 2.13, fx_passes/post_grad.py) turns `add(mm, term, alpha=a)`
+        # into `addmm(term, ...)` and drops the alpha, so the term is scaled before the add (may differ from
+        # eager by an ulp)
+        return grad.add_((weight - apply_mask(weight, mask)).mul(alpha))
     return grad.add_(weight - apply_mask(weight, mask), alpha=alpha)
 
 

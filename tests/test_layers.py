@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -461,6 +463,30 @@ def test_training_under_torch_compile_matches_eager(one_thread, model_type):
     assert runs[1][0] == pytest.approx(runs[0][0], rel=1e-5)
     assert all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1], strict=True))
 
+
+
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
+                    reason="inductor's CPU code needs a C++ compiler")
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+@pytest.mark.parametrize("input_grad", [False, True])
+def test_sr_ste_decay_term_survives_inductor(one_thread, kind, input_grad):
+    """Inductor's addmm fusion drops the alpha of `add(mm, term, alpha=decay)` (torch 2.13): the traced
+    backward must not express the decay term that way, or the term comes out 1/decay times too large."""
+    import copy
+
+    import nm_hf
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 8) if kind == "linear" else Conv1D(8, 16))
+    nm_hf.sparsify(model, SparsityConfig(method="sr-ste", decay=0.5))
+    x = torch.randn(4, 16, requires_grad=input_grad)
+    grads = []
+    for compiled in (False, True):
+        twin = copy.deepcopy(model).train()
+        forward = torch.compile(twin, backend="inductor") if compiled else twin
+        forward(x).square().sum().backward()
+        grads.append(twin[0].weight.grad)
+    torch.testing.assert_close(grads[1], grads[0])
 
 
 @pytest.mark.parametrize("model_type", ["llama", "gpt2"])
