@@ -36,20 +36,21 @@ def keep_freed_memory() -> bool:
     changed) where the C library is not glibc or another allocator's `malloc` is in use."""
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False
-    if not _malloc_is_glibcs():
+    process = ctypes.CDLL(None)  # the symbols this process resolves (an LD_PRELOAD library's first)
+    if not _malloc_is_glibcs(process):
         return False
-    mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
+    mallopt = getattr(process, "mallopt", None)
     if mallopt is None:
         return False
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
     return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, _INT_MAX))
 
 
-def _malloc_is_glibcs() -> bool:
-    """True when the `malloc` this process calls is glibc's own (not one interposed by LD_PRELOAD)."""
+def _malloc_is_glibcs(process: ctypes.CDLL) -> bool:
+    """True when the `malloc` `process` calls is glibc's own (not one interposed by LD_PRELOAD)."""
     try:
         glibc = ctypes.CDLL("libc.so.6")
     except OSError:
         return False
-    address = ctypes.cast(ctypes.CDLL(None).malloc, ctypes.c_void_p).value
+    address = ctypes.cast(process.malloc, ctypes.c_void_p).value
     return address == ctypes.cast(glibc.malloc, ctypes.c_void_p).value

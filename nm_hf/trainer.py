@@ -516,16 +516,24 @@ class SparseTrainerMixin:
         if not is_sparsified(self.model) or not any(map(_is_weight_file, os.listdir(checkpoint))):
             return  # nothing was loaded (transformers warned that it could not locate the best model)
         state = self._read_sparse_state(checkpoint, doing="load the best model from")
-        if state is None:
-            if any(layer.method.uses_step or layer.mask_is_periodic or layer.nm_method_state
-                   for _, layer in iter_sparse_layers(self.model)):
-                logger.warning("%s has no %s: the best model's weights are loaded, but the sparse layers keep the "
-                               "step count and method state of the end of training", checkpoint, SPARSE_STATE_FILE)
-            return
+        if state is not None:
+            self._load_sparse_state(checkpoint, state)
+        elif self._needs_sparse_state():
+            logger.warning("%s has no %s: the best model's weights are loaded, but the sparse layers keep the "
+                           "step count and method state of the end of training", checkpoint, SPARSE_STATE_FILE)
+
+    def _load_sparse_state(self, checkpoint: str, state: dict[str, Any]) -> None:
+        """`load_sparse_training_state`, its refusal as a ResumeError naming the checkpoint's file."""
         try:
             load_sparse_training_state(self.model, state)
         except ValueError as err:
             raise ResumeError(f"{os.path.join(checkpoint, SPARSE_STATE_FILE)}: {err}") from err
+
+    def _needs_sparse_state(self) -> bool:
+        """True when a layer's behaviour depends on state the weights cannot rebuild (step count, method
+        state, periodic masks): a checkpoint without `sparse_training_state.pt` then cannot restore it."""
+        return any(layer.method.uses_step or layer.mask_is_periodic or layer.nm_method_state
+                   for _, layer in iter_sparse_layers(self.model))
 
     def _restore_sparse_state(self) -> None:
         """On resume: the layers' step counter, method state and periodic masks, after the weights loaded."""
@@ -534,15 +542,11 @@ class SparseTrainerMixin:
         if resume_dir is None or not is_sparsified(self.model):
             return
         if state is not None:
-            try:
-                load_sparse_training_state(self.model, state)
-            except ValueError as err:
-                raise ResumeError(f"{os.path.join(resume_dir, SPARSE_STATE_FILE)}: {err}") from err
+            self._load_sparse_state(resume_dir, state)
             return
         # an older or plain-Trainer checkpoint: the step count is the best guess (skipped fp16 steps aside)
         set_training_step(self.model, self.state.global_step)
-        if any(layer.method.uses_step or layer.mask_is_periodic or layer.nm_method_state
-               for _, layer in iter_sparse_layers(self.model)):
+        if self._needs_sparse_state():
             logger.warning("%s has no %s: the sparse layers' step counter is set to the global step %d; method state "
                            "and masks in use start afresh, so this resume is not exact", resume_dir,
                            SPARSE_STATE_FILE, self.state.global_step)
