@@ -120,7 +120,10 @@ def _remember_merge_mask(module: nn.Module, adapter: str, mask: torch.Tensor) ->
 def is_sparsity_preserving(peft_model: nn.Module) -> bool:
     """True when every LoRA adapter on an N:M layer of `peft_model` is masked (`preserve_sparsity` ran)."""
     _, lora_layer, _ = _import_peft()
-    layers = [m for m in peft_model.modules() if isinstance(m, lora_layer) and _on_nm_layer(m)]
+    lora_layers = [m for m in peft_model.modules() if isinstance(m, lora_layer)]
+    if any(_on_nm_expert_parameter(m) for m in lora_layers):
+        return False  # LoRA on an N:M expert Parameter is never masked (see preserve_sparsity)
+    layers = [m for m in lora_layers if _on_nm_layer(m)]
     return bool(layers) and all(isinstance(m.lora_variant.get(a), MaskedLoraVariant)
                                 for m in layers for a in m.lora_A)
 
@@ -128,6 +131,13 @@ def is_sparsity_preserving(peft_model: nn.Module) -> bool:
 def _on_nm_layer(module: nn.Module) -> bool:
     base = module.get_base_layer()
     return isinstance(base, SparseLayerMixin) and base.is_masked
+
+
+def _on_nm_expert_parameter(module: nn.Module) -> bool:
+    """A LoRA layer on an N:M expert Parameter (PEFT's ParamWrapper, `LoraConfig(target_parameters=...)`)."""
+    parameter = getattr(module, "parameter_name", None)
+    parts = module.get_base_layer().__dict__.get("nm_parts") or {}
+    return parameter in parts and parts[parameter].is_masked
 
 
 def _names(names: list[str], k: int = 3) -> str:
@@ -150,8 +160,9 @@ def preserve_sparsity(peft_model: nn.Module) -> nn.Module:
 
     Checked for every layer before anything changes (one `ValueError` lists the problems): the adapter
     layer must be a plain LoRA `Linear` (no DoRA or other variant; nn.Linear and GPT-2 Conv1D bases),
-    not merged, and the base weights must already obey their pattern (pruned entries zero: load with
-    `nm_hf.load_sparse`, prune with `nm_hf.prune`, or sparsify with method "fixed"). Calling it again
+    not merged, not on an N:M expert Parameter (`LoraConfig(target_parameters=...)`), and the base
+    weights must already obey their pattern (pruned entries zero: load with `nm_hf.load_sparse`, prune
+    with `nm_hf.prune`, or sparsify with method "fixed"). Calling it again
     masks adapters added since; masked ones are left as they are.
     """
     _, lora_layer, lora_linear = _import_peft()
@@ -159,10 +170,16 @@ def preserve_sparsity(peft_model: nn.Module) -> nn.Module:
         raise TypeError(f"preserve_sparsity needs a PEFT model (torch.nn.Module), got {type(peft_model).__name__}")
     layers = [(name, module) for name, module in peft_model.named_modules()
               if isinstance(module, lora_layer) and _on_nm_layer(module)]
-    if not layers:
+    on_experts = [name for name, module in peft_model.named_modules()
+                  if isinstance(module, lora_layer) and _on_nm_expert_parameter(module)]
+    if not layers and not on_experts:
         raise ValueError(f"preserve_sparsity: no LoRA adapter of {type(peft_model).__name__} sits on an N:M "
                          f"layer; {_record_hint(peft_model)}")
     problems: dict[str, list[str]] = {}
+    if on_experts:
+        problems["LoRA on N:M expert Parameters (target_parameters): their deltas cannot be masked, and the sparse "
+                 "experts cannot compute with a reparametrized weight; adapt the linear layers only "
+                 "(target_modules), or keep the expert weights dense"] = on_experts
     for name, module in layers:
         base = module.get_base_layer()
         if not isinstance(module, lora_linear):

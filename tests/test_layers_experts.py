@@ -79,6 +79,20 @@ def test_all_linear_targets_every_expert_weight_along_its_input(model_type):
         assert "model.layers.0.mlp.gate_proj" in targeted and not any("layers.0" in n for n in layers)
 
 
+@pytest.mark.parametrize("model_type", ["mixtral", "gpt_oss", "llama4_text"])
+def test_group_dim_of_an_experts_module_and_an_expert_weight_is_their_input(model_type):
+    from nm_hf.layers import group_dim_of
+
+    model = tiny_moe(model_type)
+    dim = 1 if model_type in TRANSPOSED else 2
+    owner = next(module for name, module in model.named_modules() if name.endswith("experts"))
+    assert group_dim_of(owner) == dim  # dense: the layout alone says it
+    nm_hf.sparsify(model, SparsityConfig(n=2, m=4))
+    for name, layer in experts(model).items():
+        assert group_dim_of(layer) == group_dim_of(layer.owner) == layer.group_dim == dim, name
+        assert check_nm(layer.effective_weight(), 2, 4, dim=group_dim_of(layer)), name
+
+
 def test_experts_named_or_excluded():
     model = tiny_moe("qwen3_moe")
     nm_hf.sparsify(model, SparsityConfig(target_modules=["experts"]))

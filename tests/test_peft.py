@@ -176,3 +176,38 @@ def test_sparsify_refuses_adapter_layers_named_explicitly_and_leaves_the_model_a
     assert not list(iter_sparse_layers(model))
     assert getattr(model.config, "nm_sparsity", None) is None
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+# --------------------------------------------------------------------------- LoRA on expert Parameters
+
+
+def tiny_mixtral():
+    from transformers import AutoConfig
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model("mixtral", vocab_size=96, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                  head_dim=8, max_position_embeddings=64, num_key_value_heads=2, intermediate_size=16,
+                                  num_local_experts=4, num_experts_per_tok=2)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+@pytest.mark.parametrize("sparsify_first", [True, False])
+def test_lora_on_nm_expert_parameters_is_refused_with_the_reason(sparsify_first):
+    """PEFT's LoRA on a Parameter (target_parameters) parametrizes it, which would replace the masked weight:
+    the forward says so (not a KeyError), and preserve_sparsity does not pass it as N:M-preserving."""
+    config = SparsityConfig(method="fixed")
+    lora_config = LoraConfig(r=4, target_modules=["q_proj"], target_parameters=["experts.gate_up_proj"],
+                             init_lora_weights=False)
+    model = tiny_mixtral()
+    if sparsify_first:
+        sparsify(model, config)
+    model = get_peft_model(model, lora_config)
+    if not sparsify_first:
+        sparsify(model, config)
+    ids = torch.randint(3, 96, (2, 8), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(TypeError, match=r"'gate_up_proj' are reparametrized .*target_parameters"):
+        model(input_ids=ids)
+    with pytest.raises(ValueError, match=r"LoRA on N:M expert Parameters \(target_parameters\).*mlp\.experts'"):
+        preserve_sparsity(model)
+    assert not is_sparsity_preserving(model)
+    assert not any(m.lora_variant for m in model.modules() if isinstance(m, peft.tuners.lora.Linear))

@@ -132,6 +132,8 @@ class SparseExpertsMixin:
     nm_parts: dict[str, ExpertWeight]
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self._modules.get("parametrizations") is not None:
+            _refuse_parametrized(self)
         exposed: dict[str, torch.Tensor] = {}
         recomputable: dict[int, _Recomputable] = {}
         for name, part in self.nm_parts.items():
@@ -168,6 +170,24 @@ class SparseExpertsMixin:
         parts = ", ".join(f"{name}: n:m={part.pattern}, method={part.nm_method}" for name, part in self.nm_parts.items())
         base = super().extra_repr()
         return f"{base}, {parts}" if base else parts
+
+
+def _refuse_parametrized(module: nn.Module) -> None:
+    """Raise when a sparse expert Parameter is reparametrized (`torch.nn.utils.parametrize`).
+
+    A parametrization moves the Parameter to `parametrizations.<name>.original` and puts a class property
+    in front of the instance attribute this forward exposes, so the experts would compute with the
+    parametrized dense tensor, never the N:M one. PEFT's LoRA on expert Parameters
+    (`LoraConfig(target_parameters=...)`) registers such a parametrization around every forward.
+    """
+    wrapped = [name for name in module.nm_parts if name in module.parametrizations]
+    if wrapped:
+        raise TypeError(
+            f"{type(module).__name__}: the N:M expert weight(s) {', '.join(repr(n) for n in wrapped)} are "
+            "reparametrized (torch.nn.utils.parametrize, e.g. PEFT LoRA with target_parameters=[...]); the "
+            "parametrization would replace the masked weight, so the experts would not compute N:M. Put LoRA on "
+            "the linear layers only (target_modules), or keep these expert weights dense "
+            "(SparsityConfig(exclude_modules=[...]))")
 
 
 #: tensor types whose storage the saved-tensor hooks may read (subclasses such as DTensor are left alone)

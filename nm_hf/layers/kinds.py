@@ -292,13 +292,16 @@ def sparse_layers_of(name: str, module: nn.Module) -> Iterator[tuple[str, Sparse
             yield f"{name}.{parameter}" if name else parameter, layer
 
 
-def group_dim_of(module: nn.Module) -> int:
-    """Input dimension of `module`'s weight; TypeError for modules of no registered kind."""
+def group_dim_of(module: nn.Module | SparseLayerMixin) -> int:
+    """Input dimension of `module`'s weight (an experts module's 3-D expert weights, an `ExpertWeight`'s
+    tensor: 2 for `[E, out, in]`, 1 for `[E, in, out]`); TypeError for modules of no registered kind."""
+    if isinstance(module, SparseLayerMixin) and module.is_parameter_target:
+        return module.group_dim  # an ExpertWeight: not a module, its owner's layout fixed it at sparsify time
     kind = family_kind(module)
     if kind is None:
         raise TypeError(f"{type(module).__name__} is not a layer kind nm_hf knows "
-                        f"({', '.join(k.dense_class.__name__ for k in _KINDS.values())})")
-    return kind.group_dim
+                        f"({', '.join(k.name for k in _KINDS.values())})")
+    return kind.group_dim_for(module)
 
 
 def as_out_in(module: nn.Module, weight: torch.Tensor | None = None) -> torch.Tensor:
