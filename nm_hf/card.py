@@ -30,7 +30,7 @@ from .checkpoint.inspect import inspect_checkpoint
 from .checkpoint.layout import skeleton
 from .layers import iter_targets
 from .methods import UnknownMethodError, get_method
-from .record import is_compressed, read_record, require_record
+from .record import STATE_TRAINING, is_compressed, read_record, require_record
 from .redact import redact_secrets
 from .report import SparsityReport, sparsity_report
 
@@ -387,7 +387,9 @@ def write_model_card(
                    dataset_split=split, metric_type=metric_type, metric_name=display, metric_value=value)
         for metric_type, display, split, value in metrics
     ]
-    tags = list(dict.fromkeys(["nm-sparsity", pattern, method, "nm_hf", "sparse"] + ([task] if task else [])))
+    nm_ok = report.nm_ok
+    tags = list(dict.fromkeys(["nm-sparsity", pattern, method, "nm_hf"] + (["sparse"] if nm_ok else [])
+                              + ([task] if task else [])))
     card_data = ModelCardData(
         library_name="transformers",
         license=license,
@@ -419,16 +421,22 @@ def write_model_card(
         ("layers left dense", ", ".join(left_dense) if left_dense else
          ("none" if ignored is not None else "not recorded")),
         ("measured sparsity of the targeted layers", f"{sparsity:.2%}"),
-        ("N:M pattern holds", "yes" if report.nm_ok else "NO"),
+        ("N:M pattern holds", "yes" if nm_ok else "NO"),
         ("weights format", "nm_hf compressed" if compressed else "safetensors (dense, pruned weights are zeros)"),
     ]
+    if nm_ok:
+        headline = (f"A {arch or 'transformers'} model whose linear layers{_experts_clause(experts, dense_experts)} "
+                    f"are **{pattern} sparse**: in every group of {m} consecutive weights along the input dimension "
+                    f"at most {n} are non-zero (the pattern sparse tensor cores accelerate).")
+    else:  # a dense baseline, dense training weights saved before finalize, or broken weights: say so
+        why = ("the record says state='training': these are the dense training weights, saved before "
+               "`nm_hf.finalize`" if record.get("state") == STATE_TRAINING else "see the per-layer table")
+        headline = (f"A {arch or 'transformers'} model trained for the {pattern} pattern whose saved "
+                    f"weights are **not {pattern} sparse** ({why}).")
     body = [
         f"# {name}",
         "",
-        f"A {arch or 'transformers'} model whose linear layers{_experts_clause(experts, dense_experts)} are "
-        f"**{pattern} sparse**: in every group of {m} "
-        f"consecutive weights along the input dimension at most {n} are non-zero (the pattern sparse tensor "
-        f"cores accelerate). Trained with `nm_hf`" + (f", starting from `{base_model}`" if base_model else "")
+        headline + " Trained with `nm_hf`" + (f", starting from `{base_model}`" if base_model else "")
         + f". {method_sentence}",
         "",
         "## Sparsity",

@@ -37,6 +37,7 @@ from .checkpoint.directory import (
     copy_extra_files,
     dense_weight_files,
     file_inside,
+    is_nm_hf_card,
     read_config,
     read_json,
     refuse_overlap,
@@ -67,7 +68,7 @@ def check_repo_id(repo_id: str) -> str:
     return repo_id
 
 
-def _copy_checkpoint(src: Path, stage: Path, compressed: bool) -> None:
+def _copy_checkpoint(src: Path, stage: Path, compressed: bool, skip: Iterable[str] = ()) -> None:
     """Copy a checkpoint as it is: weight files, index, config.json and the files that travel with it."""
     weights = [compressed_file(src)] if compressed else dense_weight_files(src)
     for path in weights:
@@ -77,7 +78,7 @@ def _copy_checkpoint(src: Path, stage: Path, compressed: bool) -> None:
     if (src / DENSE_INDEX).exists():
         shutil.copyfile(file_inside(src, DENSE_INDEX, "index"), stage / DENSE_INDEX)
     shutil.copyfile(file_inside(src, CONFIG_NAME, "the model config"), stage / CONFIG_NAME)
-    copy_extra_files(src, stage)
+    copy_extra_files(src, stage, skip)
 
 
 def _check_extra_files(extra_files: Iterable[str | os.PathLike]) -> list[Path]:
@@ -132,12 +133,17 @@ def prepare_upload(
 
     with atomic_directory(out, overwrite) as stage:
         if src is not None:
+            # the source's README.md stays behind when the upload gets a new card or the user's own, and
+            # when it is a card nm_hf wrote for the other weights format (its usage and facts would be wrong)
+            converted = compressed != is_compressed(record)
+            skip = ({CARD_NAME} if model_card or any(p.name == CARD_NAME for p in extras)
+                    or (converted and is_nm_hf_card(src / CARD_NAME)) else set())
             if compressed and not is_compressed(record):
-                write_compressed(src, stage, config, record, record_group_dims(record, config))
+                write_compressed(src, stage, config, record, record_group_dims(record, config), skip=skip)
             elif not compressed and is_compressed(record):
-                write_decompressed(src, stage, config, record)
+                write_decompressed(src, stage, config, record, skip=skip)
             else:
-                _copy_checkpoint(src, stage, is_compressed(record))
+                _copy_checkpoint(src, stage, is_compressed(record), skip)
         elif compressed:
             write_compressed_model(model, stage, record, group_dims)
         else:

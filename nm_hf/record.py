@@ -176,7 +176,11 @@ def record_group_dims(record: Mapping[str, Any], config: Mapping[str, Any] | Non
         missing = [name for name in targeted if name not in dims]
         if missing:
             raise RecordError(f"the '{CONFIG_KEY}' record's group_dims lacks {missing[:3]}")
-        return {name: int(dims[name]) for name in targeted}
+        bad = [name for name in targeted if isinstance(dims[name], bool) or not isinstance(dims[name], int)]
+        if bad:
+            raise RecordError(f"the '{CONFIG_KEY}' record's group_dims holds {dims[bad[0]]!r} for {bad[0]!r}, "
+                              "not a dimension index")
+        return {name: dims[name] for name in targeted}
     if isinstance(record.get("conv1d_modules"), list):
         conv1d = set(record["conv1d_modules"])
         return {name: 0 if name in conv1d else 1 for name in targeted}

@@ -114,6 +114,21 @@ def test_hugging_face_cache_snapshots_are_read(tmp_path):
     assert nm_hf.load_compressed(tmp_path / "c").config.nm_sparsity["n"] == 2
 
 
+def test_hugging_face_cache_snapshot_subfolders_are_read(tmp_path):
+    """`load_sparse(repo, subfolder="x")`: hf_hub_download links snapshots/<rev>/x/* to ../../../blobs/*."""
+    assert cli_main(["compress", str(saved(tmp_path / "plain")), str(tmp_path / "packed")]) == 0
+    repo = tmp_path / "hub" / "models--u--m"
+    folder = repo / "snapshots" / "0123abcd" / "sparse24"
+    folder.mkdir(parents=True)
+    (repo / "blobs").mkdir()
+    for i, path in enumerate(sorted((tmp_path / "packed").iterdir())):
+        blob = repo / "blobs" / f"blob{i}"
+        blob.write_bytes(path.read_bytes())
+        (folder / path.name).symlink_to(Path("..") / ".." / ".." / "blobs" / blob.name)
+    assert nm_hf.load_sparse(folder).config.nm_sparsity["n"] == 2
+    assert cli_main(["decompress", str(folder), str(tmp_path / "d")]) == 0
+
+
 # ----------------------------------------------------------------------------- what an upload holds
 
 

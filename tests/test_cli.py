@@ -404,3 +404,34 @@ def test_inspect_layers_names_fused_experts_saved_per_expert(tmp_path, capsys, r
     names = [row["name"] for row in json.loads(capsys.readouterr().out)["layers"]]
     assert len(names) == 2 * 4 * 2 and "model.layers.1.block_sparse_moe.experts.3.w3" in names
     assert not any(name.endswith(".w2") for name in names)
+
+
+@pytest.mark.parametrize("model_type,rows", [("gpt_oss", 2), ("llama4_text", 2), ("mixtral", 2 * 4 * 2)])
+def test_inspect_layers_selects_fused_expert_weights_of_a_compressed_checkpoint(tmp_path, capsys, model_type, rows):
+    """`--layers experts.gate_up_proj` selects the same weights in a compressed checkpoint as in the normal one:
+    fused keys have no `.weight` suffix (gpt_oss, llama4), Mixtral saves them as `experts.{e}.w1/w3`."""
+    _moe_saved(tmp_path / "dense", model_type)
+    assert main(["compress", str(tmp_path / "dense"), str(tmp_path / "packed")]) == 0
+    capsys.readouterr()
+    rows_expected, rows = rows, {}
+    for name in ("dense", "packed"):
+        args = ["inspect", str(tmp_path / name), "--layers", "experts.gate_up_proj", "--json"]
+        assert main(args) == 0, capsys.readouterr().err
+        rows[name] = [row["name"] for row in json.loads(capsys.readouterr().out)["layers"]]
+    assert rows["packed"] == rows["dense"] and len(rows["dense"]) == rows_expected
+
+
+@pytest.mark.parametrize("group_dim,message", [(None, "holds None for"), ([1], "holds [1] for"),
+                                               (5, "group dim 5 of")])
+def test_malformed_group_dims_are_one_line_errors(tmp_path, capsys, group_dim, message):
+    """A hand-edited group_dims entry was a TypeError / IndexError traceback from `inspect` and `compress`."""
+    saved_model(tmp_path / "m")
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    first = config["nm_sparsity"]["targeted_modules"][0]
+    config["nm_sparsity"]["group_dims"][first] = group_dim
+    (tmp_path / "m" / "config.json").write_text(json.dumps(config))
+    assert main(["inspect", str(tmp_path / "m")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and str(tmp_path / "m") in err
+    assert main(["compress", str(tmp_path / "m"), str(tmp_path / "c")]) == 2
+    assert str(tmp_path / "m") in capsys.readouterr().err and not (tmp_path / "c").exists()

@@ -181,6 +181,21 @@ def test_special_values_survive_bit_exactly():
     assert torch.signbit(back[1, 1]) and not torch.signbit(back[1, 2])
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float8_e4m3fn, torch.float8_e5m2])
+def test_every_float_dtype_round_trips_its_bits(dtype):
+    """Values move as raw bits: bfloat16's CPU gather rewrote a NaN payload (0x7fc0 -> 0xffff) and
+    float8 had no gather/scatter at all (NotImplementedError instead of a compressed file)."""
+    w = torch.tensor([[1.0, 0.0, -2.0, 0.0], [0.0, 0.5, 0.0, -0.0]]).to(dtype)
+    bits_dtype = torch.uint8 if w.element_size() == 1 else torch.int16
+    bits = w.view(bits_dtype)
+    bits[0, 0] = 0x7F if w.element_size() == 1 else 0x7FC0  # a NaN (e4m3fn, e5m2, bf16, fp16 payloads)
+    values, packed, entry = compress_tensor(w, 2, 4, 1)
+    back = decompress_tensor(values, packed, 2, 4, (2, 4), 1)
+    assert back.dtype == dtype
+    assert torch.equal(back.view(bits_dtype), torch.where(w != 0, bits, 0).to(bits_dtype))  # pruned -0.0 -> +0.0
+    assert entry["sha256"] == codec.tensor_sha256(back)
+
+
 def test_violating_tensor_is_refused_with_counts():
     w = nm_weight((4, 16), 2, 4, dim=1)
     w[1, 0:4] = torch.tensor([1.0, 2.0, 3.0, 0.0])
@@ -471,7 +486,7 @@ def test_failed_save_leaves_nothing(tmp_path, monkeypatch):
 def test_failure_after_the_weights_leaves_nothing(tmp_path, monkeypatch):
     model = sparse_model("gpt2", torch.float16)
 
-    def broken_copy(src, dst):
+    def broken_copy(src, dst, skip=()):
         raise RuntimeError("killed while copying the tokenizer")
 
     monkeypatch.setattr(compressed, "copy_extra_files", broken_copy)

@@ -27,6 +27,7 @@ from nm_hf.checkpoint import (
     restore_sparsity,
     save_compressed,
 )
+from nm_hf.cli import main
 from nm_hf.config import SparsityConfig
 from nm_hf.hub import prepare_upload, push_to_hub
 from nm_hf.injection import finalize, iter_sparse_layers, sparsify
@@ -394,3 +395,37 @@ def test_load_sparse_from_the_hub_over_http(tmp_path, hub):
     downloads = {path for method, path in hub.requests if method == "GET" and "/resolve/" in path}
     assert any(p.endswith("/model.safetensors") for p in downloads)
     assert any(p.endswith(f"/{WEIGHTS_NAME}") for p in downloads)
+
+
+@pytest.mark.parametrize("kind", ["training", "dense"])
+def test_card_of_weights_that_are_not_nm_does_not_call_them_sparse(tmp_path, kind):
+    """A dense-method baseline or a state='training' directory: the headline and tags said "2:4 sparse"."""
+    model = tiny_model("llama")
+    sparsify(model, SparsityConfig(method="dense") if kind == "dense" else SparsityConfig())
+    if kind == "dense":
+        finalize(model)
+    model.save_pretrained(tmp_path)
+    text = write_model_card(tmp_path).content
+    assert "**2:4 sparse**" not in text and "**not 2:4 sparse**" in text
+    assert "sparse" not in _front_matter(text)["tags"] and "| N:M pattern holds | NO |" in text
+    assert ("state='training'" in text) == (kind == "training")
+
+
+def test_a_card_for_the_other_weights_format_is_not_carried_over(tmp_path):
+    """A recipe's output_dir holds the card of its dense weights: `compress` / `prepare_upload(compressed=True,
+    model_card=False)` carried it (plain `from_pretrained` usage, "safetensors (dense)") next to compressed
+    weights, and a README.md of one's own was refused as "already in the upload"."""
+    sparse_model("llama", torch.float16).save_pretrained(tmp_path / "run")
+    write_model_card(tmp_path / "run")
+    assert main(["compress", str(tmp_path / "run"), str(tmp_path / "c")]) == 0
+    assert not (tmp_path / "c" / "README.md").exists()
+    assert not (prepare_upload(tmp_path / "run", tmp_path / "up", compressed=True, model_card=False)
+                / "README.md").exists()
+    own = tmp_path / "own" / "README.md"
+    own.parent.mkdir()
+    own.write_text("# my card\n")
+    folder = prepare_upload(tmp_path / "run", tmp_path / "up2", model_card=False, extra_files=[own])
+    assert (folder / "README.md").read_text() == "# my card\n"
+    (tmp_path / "run" / "README.md").write_text("# written by hand\n")  # not nm_hf's: travels as before
+    assert (prepare_upload(tmp_path / "run", tmp_path / "up3", compressed=True, model_card=False)
+            / "README.md").read_text() == "# written by hand\n"

@@ -221,6 +221,16 @@ def dtype_from_name(name: str) -> torch.dtype:
     return dtype
 
 
+#: integer dtype of each element size: values are moved as raw bits (gather/scatter on floats may rewrite a
+#: NaN's payload, e.g. bfloat16 on CPU, and are not implemented for float8)
+_BITS_DTYPE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _bits(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` viewed as integers of the same size (its exact bits)."""
+    return tensor.view(_BITS_DTYPE[tensor.element_size()])
+
+
 def _grouped(weight: torch.Tensor, m: int, group_dim: int, name: str) -> torch.Tensor:
     if weight.ndim == 0 or not -weight.ndim <= group_dim < weight.ndim:
         raise ValueError(f"{name}: group_dim={group_dim} does not fit a tensor of shape {tuple(weight.shape)}")
@@ -253,7 +263,7 @@ def compress_tensor(weight: torch.Tensor, n: int, m: int, group_dim: int, name: 
             violations += int(over.sum())
             worst = max(worst, int(counts.max()))
             continue
-        values.append(chunk.gather(1, decode_positions(chunk_codes, n, m)).reshape(-1))
+        values.append(_bits(chunk).gather(1, decode_positions(chunk_codes, n, m)).reshape(-1).view(weight.dtype))
         codes.append(chunk_codes)
     if violations:
         raise ValueError(f"{name}: {violations} of {groups.shape[0]} groups of {m} have more than {n} "
@@ -286,14 +296,14 @@ def decompress_tensor(values: torch.Tensor, packed: torch.Tensor, n: int, m: int
     if groups and int(codes.max()) >= math.comb(m, n):
         bad = int((codes >= math.comb(m, n)).sum())
         raise ValueError(f"{name}: {bad} position codes out of range (>= C({m},{n}) = {math.comb(m, n)})")
-    dense = torch.zeros(groups, m, dtype=values.dtype)
-    kept = values.view(groups, n)
+    dense = torch.zeros(groups, m, dtype=_BITS_DTYPE[values.element_size()])  # all-zero bits: +0.0
+    kept = _bits(values).view(groups, n)
     for start in range(0, groups, CHUNK_GROUPS):
         stop = min(groups, start + CHUNK_GROUPS)
         dense[start:stop].scatter_(1, decode_positions(codes[start:stop], n, m), kept[start:stop])
     moved_shape = list(shape)
     moved_shape.append(moved_shape.pop(group_dim))
-    return dense.reshape(moved_shape).movedim(-1, group_dim).contiguous()
+    return dense.view(values.dtype).reshape(moved_shape).movedim(-1, group_dim).contiguous()
 
 
 

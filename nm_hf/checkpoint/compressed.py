@@ -6,7 +6,8 @@ Layout of a compressed directory (docs/checkpoints.md, "Compressed checkpoints")
   dimension of every targeted weight) and `"compressed": {"format": "nm-compressed", "version": 1,
   "file": "nm_compressed.safetensors"}`. Records written before `group_dims` existed have
   `conv1d_modules` (or nothing, read by model type): `nm_hf.record.record_group_dims` reads them all.
-- `generation_config.json`, tokenizer files, README.md, results, `runs/`, ...: copied unchanged.
+- `generation_config.json`, tokenizer files, README.md, results, `runs/`, ...: copied unchanged (but a
+  model card nm_hf wrote describes the other weights format and stays behind: `write_model_card` makes one).
 - `nm_compressed.safetensors`: for every targeted weight `W` (key `k`), two tensors:
     - `k + ".nm_values"`: the kept values, 1-D, dtype of `W`: group after group, ascending position
       inside a group. Groups are the runs of m along the layer's input dimension (`group_dim`),
@@ -40,7 +41,7 @@ import json
 import os
 import shutil
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +76,7 @@ from .codec import (
     tensor_sha256,
 )
 from .directory import (
+    CARD_NAME,
     COMPRESSED_NAME,
     CONFIG_NAME,
     DENSE_NAME,
@@ -82,6 +84,7 @@ from .directory import (
     checkpoint_dir,
     copy_extra_files,
     file_inside,
+    is_nm_hf_card,
     open_safetensors,
     read_config,
     read_dense_tensors,
@@ -219,7 +222,7 @@ def _marker() -> dict[str, Any]:
 
 
 def write_compressed(src: Path, stage: Path, config: dict[str, Any], record: dict[str, Any],
-                     group_dims: dict[str, int], model: nn.Module | None = None) -> None:
+                     group_dims: dict[str, int], model: nn.Module | None = None, skip: Iterable[str] = ()) -> None:
     """Write the compressed form of the normal checkpoint in `src` into the (staging) directory `stage`.
 
     Targets saved in another layout than in memory (per-expert matrices of fused experts) are found
@@ -231,18 +234,25 @@ def write_compressed(src: Path, stage: Path, config: dict[str, Any], record: dic
     metadata = {"format": "pt", META_FORMAT: FORMAT, META_VERSION: str(FORMAT_VERSION),
                 META_HEADER: json.dumps(header, sort_keys=True)}
     save_file(out, str(stage / WEIGHTS_NAME), metadata=metadata)
-    copy_extra_files(src, stage)
+    copy_extra_files(src, stage, skip)
     saved = with_compressed_marker({**record, "group_dims": dict(group_dims)}, _marker())
     atomic_write_json(stage / CONFIG_NAME, {**config, CONFIG_KEY: saved}, sort_keys=True)
 
 
-def write_decompressed(src: Path, stage: Path, config: dict[str, Any], record: dict[str, Any]) -> None:
+def write_decompressed(src: Path, stage: Path, config: dict[str, Any], record: dict[str, Any],
+                       skip: Iterable[str] = ()) -> None:
     """Write a normal transformers checkpoint of the compressed checkpoint `src` into `stage`."""
     state_dict = load_compressed_state_dict(src)
     save_file(state_dict, str(stage / DENSE_NAME), metadata={"format": "pt"})
-    copy_extra_files(src, stage)
+    copy_extra_files(src, stage, skip)
     atomic_write_json(stage / CONFIG_NAME, {**config, CONFIG_KEY: without_compressed_marker(record)},
                       sort_keys=True)
+
+
+def _stale_card(src: Path) -> set[str]:
+    """{README.md} when `src` holds a model card nm_hf wrote for its weights format (wrong after a conversion:
+    its usage snippet and "weights format"); a card written by hand travels unchanged."""
+    return {CARD_NAME} if is_nm_hf_card(src / CARD_NAME) else set()
 
 
 def compress_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *, overwrite: bool = False,
@@ -257,9 +267,12 @@ def compress_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *, overw
     if is_compressed(record):
         raise CheckpointError(f"{src} is already compressed")
     refuse_overlap(src, dst)
-    group_dims = group_dims or record_group_dims(record, config)
+    try:
+        group_dims = group_dims or record_group_dims(record, config)
+    except ValueError as err:
+        raise CheckpointError(f"{src / CONFIG_NAME}: {err}") from None
     with atomic_directory(dst, overwrite) as stage:
-        write_compressed(src, stage, config, record, group_dims)
+        write_compressed(src, stage, config, record, group_dims, skip=_stale_card(src))
     return Path(dst)
 
 
@@ -271,7 +284,7 @@ def decompress_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *, ove
         raise CheckpointError(f"{src} is not compressed (no 'compressed' marker in its '{CONFIG_KEY}' record)")
     refuse_overlap(src, dst)
     with atomic_directory(dst, overwrite) as stage:
-        write_decompressed(src, stage, config, record)
+        write_decompressed(src, stage, config, record, skip=_stale_card(src))
     return Path(dst)
 
 

@@ -3,8 +3,8 @@
 Every file taken from a directory must resolve inside it: an index entry naming `../x` or an
 absolute path, or a symlink pointing out of the directory, is refused with an error naming the
 entry (a checkpoint is often uploaded or compressed afterwards, and must never pull in a file from
-elsewhere). The one exception is a Hugging Face cache snapshot (`.../snapshots/<rev>/`), whose
-files are symlinks into the repository's own `blobs/` folder.
+elsewhere). The one exception is a Hugging Face cache snapshot (`.../snapshots/<rev>/`, or a
+subfolder of one), whose files are symlinks into the repository's own `blobs/` folder.
 
 Files that describe training rather than the model (optimizer, scheduler and scaler state,
 `training_args.bin`, RNG states, `trainer_state.json`, tracker state) are never copied.
@@ -40,6 +40,8 @@ __all__ = [
     "open_safetensors",
     "read_dense_tensors",
     "is_training_state",
+    "is_nm_hf_card",
+    "CARD_NAME",
     "extra_files",
     "copy_extra_files",
     "refuse_overlap",
@@ -50,6 +52,8 @@ DENSE_NAME = "model.safetensors"
 DENSE_INDEX = "model.safetensors.index.json"
 #: the weights file of a compressed checkpoint (`nm_hf.checkpoint.compressed`)
 COMPRESSED_NAME = "nm_compressed.safetensors"
+#: the model card
+CARD_NAME = "README.md"
 #: the Trainer's TensorBoard logs (`output_dir/runs/<date>_<host>/events.out.tfevents.*`); the Hub
 #: shows them in a "Training metrics" tab, so they travel with the model
 TENSORBOARD_DIR = "runs"
@@ -102,8 +106,12 @@ def read_config(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]
 def _allowed_roots(directory: Path) -> list[Path]:
     root = directory.resolve()
     roots = [root]
-    if root.parent.name == "snapshots":  # a Hugging Face cache snapshot: files link to ../../blobs/
-        roots.append(root.parent.parent / "blobs")
+    # a Hugging Face cache snapshot (`snapshots/<rev>/`, or a `subfolder=` inside one): files link to
+    # the repository's `blobs/`
+    for folder in (root, *root.parents):
+        if folder.parent.name == "snapshots":
+            roots.append(folder.parent.parent / "blobs")
+            break
     return roots
 
 
@@ -169,6 +177,19 @@ def is_training_state(name: str) -> bool:
     """True for files that describe training (optimizer, scheduler, RNG, trainer args), not the model."""
     return (name in _TRAINING_FILES or name.startswith(_TRAINING_PREFIXES)
             or name.endswith(_TRAINING_SUFFIXES))
+
+
+def is_nm_hf_card(path: Path) -> bool:
+    """Whether `path` is a model card `nm_hf.card.write_model_card` wrote (its metadata tags `nm_hf`):
+    it describes one weights format, so a conversion to the other leaves it behind."""
+    from huggingface_hub import metadata_load
+
+    try:
+        path = file_inside(path.parent, path.name, "model card")  # never read a file from elsewhere
+        tags = (metadata_load(path) or {}).get("tags") if path.is_file() else None
+    except (OSError, ValueError, UnicodeDecodeError):  # CheckpointError included: extra_files reports it
+        return False
+    return isinstance(tags, list) and "nm_hf" in tags and "nm-sparsity" in tags
 
 
 def extra_files(src: Path, skip: Iterable[str] = ()) -> list[str]:

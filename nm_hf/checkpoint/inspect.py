@@ -24,6 +24,7 @@ from torch import nn
 from ..layers import family_kind
 from ..layers.experts import EXPERT_PARAMETERS
 from ..record import (
+    RecordError,
     is_compressed,
     read_record,
     record_group_dims,
@@ -191,7 +192,7 @@ def inspect_checkpoint(path: str | os.PathLike, *, pattern: str | tuple[int, int
         # the targets as stored: their state-dict keys, or the keys save_pretrained wrote them under
         # (per-expert matrices of fused experts), which the header marks as N:M with their group dim
         targeted = _compressed_nm_keys(directory)
-        wanted = [weight_key(x) for x in _select(layers, set(targeted), directory)] if layers else targeted
+        wanted = _compressed_selection(layers, record, config, targeted, directory) if layers else targeted
         rows: dict[str, Any] = {}
         for key, tensor, entry in iter_compressed_tensors(directory):  # every tensor is verified
             if key in wanted:
@@ -210,19 +211,10 @@ def inspect_checkpoint(path: str | os.PathLike, *, pattern: str | tuple[int, int
             located.update(dict.fromkeys(handle.keys(), file))
     keys = set(located)
     model = _skeleton(directory) if record is None else None
-    if layers:
-        in_record = list(record["targeted_modules"]) if record is not None else []
-        # expert Parameters saved per expert are selectable by their in-memory name too
-        parameter_names = ([name for name, key in record_weight_keys(record).items() if key == name]
-                           if record is not None else list(_expert_targets(model)))
-        names = _select(layers, keys, directory, parameter_names)
-        dims = (record_group_dims(record, config) if record is not None and set(names) <= set(in_record)
-                else _dims_for(names, model if record is None else _skeleton(directory), config, directory, keys))
-    elif record is not None:
-        names = list(record["targeted_modules"])
-        dims = record_group_dims(record, config)
-    else:
-        names, dims = _default_layers(model, keys, directory)
+    try:
+        names, dims = _names_and_dims(record, config, layers, keys, model, directory)
+    except RecordError as err:
+        raise CheckpointError(f"{directory / CONFIG_NAME}: {err}") from None
     keys_of = record_weight_keys(record) if record is not None else {}
     # Parameters (keys without `.weight`): the record's, the skeleton's expert weights, fused keys on disk
     experts = _expert_targets(model) if record is None else {}
@@ -248,8 +240,49 @@ def inspect_checkpoint(path: str | os.PathLike, *, pattern: str | tuple[int, int
             if dim is None:
                 raise CheckpointError(f"{directory}: {key!r} ({name!r} as saved) does not hold whole groups of {m} "
                                       "along any dimension")
+            if not -tensor.ndim <= dim < tensor.ndim:
+                raise CheckpointError(f"{directory}: group dim {dim} of {name!r} does not fit its weight "
+                                      f"{key!r} of shape {list(tensor.shape)}")
             report.layers.append(layer_sparsity(row, tensor, n, m, dim))
     return report, record
+
+
+def _names_and_dims(record: dict[str, Any] | None, config: dict[str, Any], layers: Sequence[str] | None,
+                    keys: set[str], model: nn.Module | None, directory: Path) -> tuple[list[str], dict[str, int]]:
+    """(layer names to check, their group dims): `layers`, else the record's targets, else every linear layer."""
+    if layers:
+        in_record = list(record["targeted_modules"]) if record is not None else []
+        # expert Parameters saved per expert are selectable by their in-memory name too
+        parameter_names = ([name for name, key in record_weight_keys(record).items() if key == name]
+                           if record is not None else list(_expert_targets(model)))
+        names = _select(layers, keys, directory, parameter_names)
+        dims = (record_group_dims(record, config) if record is not None and set(names) <= set(in_record)
+                else _dims_for(names, model if record is None else _skeleton(directory), config, directory, keys))
+        return names, dims
+    if record is not None:
+        return list(record["targeted_modules"]), record_group_dims(record, config)
+    return _default_layers(model, keys, directory)
+
+
+def _compressed_selection(layers: Sequence[str], record: dict[str, Any], config: dict[str, Any],
+                          targeted: list[str], directory: Path) -> list[str]:
+    """Stored N:M keys of the `layers` names: a key (fused expert Parameters), a key without its `.weight`,
+    or a targeted Parameter saved under other keys (Mixtral's `experts.gate_up_proj` as `experts.{e}.w1/w3`)."""
+    stored = set(targeted)
+    elsewhere = {name: key for name, key in record_weight_keys(record).items() if key not in stored}
+    saved_as: dict[str, list[str]] = {}
+    if elsewhere:
+        try:
+            dims = record_group_dims(record, config)
+        except RecordError as err:
+            raise CheckpointError(f"{directory / CONFIG_NAME}: {err}") from None
+        layout = record_layout({**record, "targeted_modules": list(elsewhere)}, dims, stored, directory=directory)
+        saved_as = {name: list(keys) for name, keys in layout.items() if keys}
+    wanted: list[str] = []
+    for name in _select(layers, stored, directory, list(saved_as)):
+        keys = saved_as.get(name) or [name if name in stored else weight_key(name)]
+        wanted += [key for key in keys if key not in wanted]
+    return wanted
 
 
 def _compressed_nm_keys(directory: Path) -> list[str]:
