@@ -8,7 +8,8 @@ uploaded), so every value that may be a secret is replaced by `REDACTED`:
   (`--include_tokens_per_second`, `--tokenizer_name`) and `key_value` names (`--num_key_value_heads`)
   are not secrets;
 - the value of an assignment to such a name (`HF_TOKEN=X python ...`, `push(token="X")`);
-- anything shaped like a Hugging Face token (`hf_` followed by 16 or more letters and digits).
+- anything shaped like a Hugging Face token (`hf_` followed by 16 or more letters and digits);
+- the user and password of a URL (`https://user:pass@host/...` becomes `https://REDACTED@host/...`).
 
 `redact_command` works on an argv list, `redact_secrets` on a command written as one string; both
 apply the same rules.
@@ -24,9 +25,11 @@ __all__ = ["REDACTED", "is_secret_flag", "redact_command", "redact_secrets"]
 REDACTED = "REDACTED"
 _SECRET_WORDS = ("token", "password", "passwd", "secret", "key", "auth", "credential")
 # "tokens"/"tokenizer" name token counts and tokenizers (--include_tokens_per_second, --tokenizer_name);
-# "key_value" names attention heads (--num_key_value_heads), "author" a person
-_NOT_SECRET = re.compile(r"token(?:s|izer)|key[_-]?value|author")
+# "key_value" names attention heads (--num_key_value_heads), "author" a person; access tokens stay secret
+_NOT_SECRET = re.compile(r"(?<!access[_-])token(?:s|izer)|key[_-]?value|author")
 _HF_TOKEN = re.compile(r"hf_[A-Za-z0-9]{16,}")
+# the userinfo of a URL: `scheme://user[:password]@`
+_URL_USERINFO = re.compile(r"(?<![\w+.-])([A-Za-z][A-Za-z0-9+.-]*://)[^\s/?#@'\"]+@")
 _VALUE = r"""('[^']*'|"[^"]*"|[^\s'"]+)"""
 # `--name value` / `--name=value` inside a string; a value starting with `--` is the next flag
 _FLAG = re.compile(r"(?<![\w-])(--?[A-Za-z][\w.-]*)(=|[ \t]+(?!--))" + _VALUE)
@@ -48,8 +51,10 @@ def _hidden(value: str) -> str:
 
 
 def _redact_fragments(text: str) -> str:
-    """Secret assignments and token-shaped values of `text` redacted (the rules that need no flag context)."""
+    """Secret assignments, URL credentials and token-shaped values of `text` redacted (the rules that need no
+    flag context)."""
     text = _ASSIGNMENT.sub(lambda m: m[1] + m[2] + _hidden(m[3]) if is_secret_flag(m[1]) else m[0], text)
+    text = _URL_USERINFO.sub(lambda m: f"{m[1]}{REDACTED}@", text)
     return _HF_TOKEN.sub(REDACTED, text)
 
 

@@ -24,7 +24,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize("flag", ["--hub_token", "--hf-token", "--api_key", "--password", "--client_secret",
-                                  "--auth", "--HUB_TOKEN", "--wandb_api_key", "--credentials_file"])
+                                  "--auth", "--HUB_TOKEN", "--wandb_api_key", "--credentials_file",
+                                  "--access_tokens", "--access-tokens"])
 def test_secret_flags(flag):
     assert is_secret_flag(flag)
 
@@ -44,6 +45,18 @@ def test_redact_command_both_forms_and_token_shaped_values():
         "recipes/translation.py", "c.yaml", "--push_to_hub", "--hub_model_id", "a/b", "--hub_token", "REDACTED",
         "--api-key=REDACTED", "--password", "--max_steps", "-1", "--run_name", "REDACTED",
         "--include_tokens_per_second", "true"]
+
+
+def test_url_credentials_are_redacted_in_both_forms():
+    from nm_hf.redact import redact_secrets
+
+    argv = ["r.py", "--dataset_url", "https://alice:s3cret@data.example.org/x.tar?y=1", "--mirror=ftp://bob@host/d",
+            "--homepage", "https://example.org/a@b", "--email", "a@b.org"]
+    assert redact_command(argv) == ["r.py", "--dataset_url", "https://REDACTED@data.example.org/x.tar?y=1",
+                                    "--mirror=ftp://REDACTED@host/d", "--homepage", "https://example.org/a@b",
+                                    "--email", "a@b.org"]
+    assert redact_secrets(" ".join(argv)) == " ".join(redact_command(argv))
+    assert "s3cret" not in redact_secrets("git clone https://alice:s3cret@github.com/a/b.git")
 
 
 def test_launch_command(monkeypatch):
