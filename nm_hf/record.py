@@ -104,11 +104,9 @@ def require_record(source: Any, where: str | os.PathLike | None = None,
     for key in _REQUIRED:
         if key not in record:
             raise error(f"{where}: the '{CONFIG_KEY}' record has no {key!r}")
-    try:
-        n, m = int(record["n"]), int(record["m"])
-    except (TypeError, ValueError):
-        raise error(f"{where}: the '{CONFIG_KEY}' record has a non-integer n or m ({record['n']!r}, "
-                    f"{record['m']!r})") from None
+    n, m = record["n"], record["m"]
+    if any(isinstance(v, bool) or not isinstance(v, int) for v in (n, m)):  # 2.5 or "2" is not what nm_hf writes
+        raise error(f"{where}: the '{CONFIG_KEY}' record has a non-integer n or m ({n!r}, {m!r})")
     if not 1 <= n <= m or not isinstance(record["targeted_modules"], list):
         raise error(f"{where}: the '{CONFIG_KEY}' record is malformed (n={n}, m={m}, targeted_modules "
                     f"{type(record['targeted_modules']).__name__})")

@@ -45,6 +45,9 @@ def test_require_record_names_the_source():
         require_record({"nm_sparsity": {"n": 2, "m": 4}}, "x")
     with pytest.raises(RecordError, match="malformed"):
         require_record({"nm_sparsity": {"n": 5, "m": 4, "targeted_modules": []}}, "x")
+    for n in (2.5, "2", True, None):  # a hand-edited record: refused, not truncated to 2 or read as 1
+        with pytest.raises(RecordError, match=r"x: .*non-integer n or m"):
+            require_record({"nm_sparsity": {"n": n, "m": 4, "targeted_modules": []}}, "x")
 
 
 def test_compressed_marker_round_trip():
