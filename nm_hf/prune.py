@@ -19,7 +19,10 @@ see the block's dense sub-layers (all statistics of a block are gathered before 
 pruned), as in both papers. Padded positions (`attention_mask == 0`) are left out of the statistics.
 
 Everything is checked before the model changes (criterion, config, targets, blocks, calibration data,
-which is run up to the first block then); an error or interrupt while pruning restores the weights.
+which is run through the dense model up to the last block with targets then, to record what each block
+receives besides its hidden states: models such as Gemma 2/3, GPT-OSS or Qwen with sliding windows give
+each block the attention mask and rotary embeddings of its own attention type); an error or interrupt
+while pruning restores the weights.
 Afterwards the model is sparsified with `config` (`nm_hf.sparsify`): the record says
 `state="training"`, `fixed` keeps the pruned mask frozen (the ASP recipe: one-shot prune, fine-tune),
 `sr-ste` and the other recomputing methods continue from the pruned weights (their first mask is the
@@ -165,41 +168,65 @@ def _token_mask(inputs: Mapping[str, Any]) -> torch.Tensor | None:
     return None
 
 
-@torch.no_grad()
-def _capture_first_block(model: nn.Module, first: nn.Module, calibration: Iterable[Any]
-                         ) -> list[tuple[tuple, dict, torch.Tensor | None]]:
-    """(args, kwargs, token mask) the first block receives for each calibration batch (no weight changes)."""
-    captured: list[tuple[tuple, dict, torch.Tensor | None]] = []
-    current: dict[str, Any] = {}
+def _without_hidden(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """A block's call with its hidden states left out (`_with_hidden` puts the pruned model's back)."""
+    if args:
+        return (None, *args[1:]), kwargs
+    return args, {key: value for key, value in kwargs.items() if key != "hidden_states"}
 
-    def stop(module, args, kwargs):
-        captured.append((args, kwargs, current.get("mask")))
-        raise _Captured
+
+@torch.no_grad()
+def _capture_block_inputs(model: nn.Module, block_list: nn.ModuleList, last: int, calibration: Iterable[Any]
+                          ) -> list[tuple[list[tuple[tuple, dict]], torch.Tensor | None]]:
+    """For each calibration batch: the (args, kwargs) blocks 0..`last` receive in the dense model, and its token mask.
+
+    Block 0's call is kept whole; the later ones without their hidden states (those come from the pruned
+    blocks before them), but with their own other inputs: the model may give each block a different
+    attention mask or rotary embedding (its attention type: sliding window, local, global). No weight
+    changes.
+    """
+    captured: list[tuple[list[tuple[tuple, dict]], torch.Tensor | None]] = []
+    calls: dict[int, tuple[tuple, dict]] = {}
+
+    def recorder(index: int) -> Any:
+        def record(module, args, kwargs):
+            if index not in calls:
+                calls[index] = (args, kwargs) if index == 0 else _without_hidden(args, kwargs)
+            if index == last:
+                raise _Captured
+        return record
 
     device = _device_of(model)
     no_cache = "use_cache" in inspect.signature(model.forward).parameters
-    handle = first.register_forward_pre_hook(stop, with_kwargs=True)
+    handles = [block_list[index].register_forward_pre_hook(recorder(index), with_kwargs=True)
+               for index in range(last + 1)]
     try:
         for batch in calibration:
             inputs = _batch_inputs(batch, device, no_cache)
-            current["mask"] = _token_mask(inputs)
+            calls.clear()
             try:
                 model(**inputs)
             except _Captured:
-                continue
-            raise PruneError(f"a calibration batch ran through {type(model).__name__} without reaching its first "
-                             "block: cannot collect the blocks' inputs")
+                if len(calls) == last + 1:
+                    captured.append(([calls[index] for index in range(last + 1)], _token_mask(inputs)))
+                    continue
+            raise PruneError(f"a calibration batch ran through {type(model).__name__} without calling each of its "
+                             f"blocks 0..{last} in turn: cannot collect the blocks' inputs")
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
     if not captured:
         raise PruneError("calibration is empty: pass at least one batch of model inputs")
     return captured
 
 
 def _tokens(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """The layer input as [tokens, features] in float32, padded positions left out."""
+    """The layer input as [tokens, features] in float32, padded positions left out (also from an input the
+    model flattened to [batch * length, features], e.g. Qwen2-MoE's shared expert)."""
     if mask is not None and x.ndim == 3 and tuple(x.shape[:2]) == tuple(mask.shape):
         x = x[mask.to(x.device)]
+    elif mask is not None and x.ndim == 2 and x.shape[0] == mask.numel():
+        x = x[mask.reshape(-1).to(x.device)]
     return x.reshape(-1, x.shape[-1]).float()
 
 
@@ -315,7 +342,8 @@ def prune(model: nn.Module, config: SparsityConfig | Mapping[str, Any] | None = 
     inner.eval()
     snapshots: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     try:
-        captured = None if blocks is None else _capture_first_block(inner, blocks[1][0], calibration)
+        captured = None if blocks is None else _capture_block_inputs(
+            inner, blocks[1], max(_by_block(blocks[0], targets)), calibration)
         # nothing has changed up to here: from now on every change is undone on an error
         try:
             if blocks is None:
@@ -348,14 +376,15 @@ def _prune_blocks(blocks: tuple[str, nn.ModuleList], targets: list[Target], capt
     from tqdm.auto import tqdm
 
     list_name, block_list = blocks
-    by_block: dict[int, list[Target]] = {}
-    for target in targets:
-        index = int(target.module_name[len(list_name) + 1:].split(".", 1)[0])
-        by_block.setdefault(index, []).append(target)
-    inputs = [(args, kwargs) for args, kwargs, _ in captured]
-    masks = [mask for _, _, mask in captured]
+    by_block = _by_block(list_name, targets)
+    calls = [batch_calls for batch_calls, _ in captured]
+    masks = [mask for _, mask in captured]
     last = max(by_block)
+    hidden: list[torch.Tensor] = []
     for index in tqdm(range(last + 1), desc=f"nm_hf.prune ({criterion})", unit="block", disable=not progress):
+        # block 0 as the model called it; later blocks: the pruned blocks' output and their own other inputs
+        inputs = [batch_calls[0] for batch_calls in calls] if index == 0 else \
+            [_with_hidden(*batch_calls[index], states) for batch_calls, states in zip(calls, hidden, strict=True)]
         block = block_list[index]
         layers = by_block.get(index, [])
         stats = {t.name: _Statistics(int(as_out_in(t.module).shape[1]), t.weight.device, criterion == "sparsegpt")
@@ -379,4 +408,13 @@ def _prune_blocks(blocks: tuple[str, nn.ModuleList], targets: list[Target], capt
             stats[target.name] = None  # free the Hessian
         if index < last:
             with torch.no_grad():
-                inputs = [_with_hidden(args, kwargs, _block_output(block(*args, **kwargs))) for args, kwargs in inputs]
+                hidden = [_block_output(block(*args, **kwargs)) for args, kwargs in inputs]
+
+
+def _by_block(list_name: str, targets: list[Target]) -> dict[int, list[Target]]:
+    """The targets grouped by the index of the block (item of the list `list_name`) that holds them."""
+    by_block: dict[int, list[Target]] = {}
+    for target in targets:
+        index = int(target.module_name[len(list_name) + 1:].split(".", 1)[0])
+        by_block.setdefault(index, []).append(target)
+    return by_block

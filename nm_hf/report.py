@@ -125,8 +125,12 @@ def sparsity_report(
         raise ValueError("without a sparsity record in the model config, pass n= and m= with names=")
     targets = {target.name: target for target in iter_targets(model)}
     modules = dict(model.named_modules())
+    sparse = dict(sparse_layers)
     for name in names:
-        if name in targets:
+        if name in sparse:  # the weight its forward pass uses, not the dense one it trains
+            layer = sparse[name]
+            report.layers.append(layer_sparsity(name, layer.effective_weight(), n, m, layer.group_dim))
+        elif name in targets:
             target = targets[name]
             report.layers.append(layer_sparsity(name, target.weight, n, m, target.group_dim))
         elif name in modules:

@@ -10,8 +10,9 @@ import torch
 import nm_hf
 from nm_hf.config import SparsityConfig
 from nm_hf.injection import find_target_modules, iter_sparse_layers, sparsify, sparsity_config_of
-from nm_hf.layers import as_out_in, group_dim_of
+from nm_hf.layers import as_out_in, group_dim_of, iter_targets
 from nm_hf.masks import check_nm, nm_mask
+from nm_hf.prune import _prune_sparsegpt, _Statistics
 from nm_hf.record import CONFIG_KEY
 from tiny_models import VOCAB, tiny_model
 
@@ -112,6 +113,67 @@ def test_wanda_masks_follow_the_inputs_of_the_already_pruned_blocks(model_type):
         module = model.get_submodule(name)
         assert torch.equal(out_in(module) != 0, expected(module, dense.get_submodule(name).weight, inputs[name])), name
     assert all(check_nm(layer.weight, 2, 4, dim=layer.group_dim) for _, layer in iter_sparse_layers(model))
+
+
+@pytest.mark.parametrize("criterion", ["wanda", "sparsegpt"])
+def test_each_block_gets_its_own_attention_mask_and_rotary_embeddings(criterion):
+    # Gemma 3: block 0 attends in a sliding window with local rotary embeddings, block 1 globally; the
+    # statistics of block 1 must come from its own inputs (here block 0 is not pruned: the dense model's)
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model("gemma3_text", vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
+                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                  max_position_embeddings=64, sliding_window=4, pad_token_id=0,
+                                  layer_types=["sliding_attention", "full_attention"])
+    dense = AutoModelForCausalLM.from_config(config)
+    model = copy.deepcopy(dense)
+    names = ["model.layers.1.self_attn.o_proj", "model.layers.1.mlp.down_proj"]
+    batches = calibration()
+    inputs = layer_inputs(dense, names, batches)
+    nm_hf.prune(model, SparsityConfig(target_modules=names), criterion=criterion, calibration=batches,
+                progress=False)
+    alone = copy.deepcopy(dense)
+    for name in names:
+        x, reference = inputs[name], dense.get_submodule(name).weight.detach()
+        weight = model.get_submodule(name).weight.detach()
+        if criterion == "wanda":
+            expected = nm_mask(reference.abs() * x.norm(dim=0)[None, :], 2, 4, dim=1)
+            assert torch.equal(weight != 0, expected), name
+        else:  # SparseGPT's update with the Hessian of the layer's real inputs
+            stats = _Statistics(x.shape[1], x.device, hessian=True)
+            stats.add(x)
+            target = {t.name: t for t in iter_targets(alone)}[name]
+            _prune_sparsegpt(target, stats, SparsityConfig(), block_size=128, damping=0.01)
+            assert torch.allclose(weight, target.weight, rtol=1e-4, atol=1e-6), name
+
+
+def test_padding_is_left_out_of_inputs_the_model_flattens():
+    # Qwen2-MoE's shared expert gets the hidden states as [batch * length, hidden]
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model("qwen2_moe", vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
+                                  moe_intermediate_size=32, shared_expert_intermediate_size=64, num_experts=4,
+                                  num_experts_per_tok=2, num_hidden_layers=1, num_attention_heads=4,
+                                  num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0)
+    dense = AutoModelForCausalLM.from_config(config)
+    model = copy.deepcopy(dense)
+    name = "model.layers.0.mlp.shared_expert.up_proj"
+    batches = calibration()
+    seen, current = [], {}
+    handle = dense.get_submodule(name).register_forward_hook(
+        lambda module, args, out: seen.append(args[0][current["mask"].reshape(-1)]))
+    with torch.no_grad():
+        for batch in batches:
+            current["mask"] = batch["attention_mask"].bool()
+            dense(**batch, use_cache=False)
+    handle.remove()
+    x = torch.cat(seen)
+    nm_hf.prune(model, SparsityConfig(target_modules=[name]), criterion="wanda", calibration=batches, progress=False)
+    reference = dense.get_submodule(name).weight.detach()
+    expected = nm_mask(reference.abs() * x.norm(dim=0)[None, :], 2, 4, dim=1)
+    assert torch.equal(model.get_submodule(name).weight != 0, expected)
 
 
 @pytest.mark.parametrize("model_type", ["llama", "gpt2"])
@@ -252,7 +314,8 @@ def test_an_interrupt_while_pruning_restores_every_weight(criterion):
     before = state(model)
 
     def interrupt(module, args, kwargs):
-        raise KeyboardInterrupt  # block 1 runs only after block 0 was pruned
+        if not torch.equal(model.model.layers[0].mlp.up_proj.weight, before["model.layers.0.mlp.up_proj.weight"]):
+            raise KeyboardInterrupt  # block 0 was pruned: interrupt block 1
 
     handle = model.model.layers[1].register_forward_pre_hook(interrupt, with_kwargs=True)
     with pytest.raises(KeyboardInterrupt):

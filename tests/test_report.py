@@ -26,3 +26,15 @@ def test_report_on_offloaded_weights_names_the_layer():
     layer.weight = torch.nn.Parameter(torch.empty(layer.weight.shape, device="meta"))
     with pytest.raises(ValueError, match="'model.layers.0.self_attn.q_proj': its weight is on the meta device"):
         nm_hf.sparsity_report(model)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2"])
+def test_report_of_chosen_layers_of_a_sparse_model_counts_the_weights_the_forward_uses(model_type):
+    model = tiny_model(model_type)
+    nm_hf.sparsify(model, nm_hf.SparsityConfig(method="sr-ste"))
+    full = {row.name: row for row in nm_hf.sparsity_report(model).layers}
+    names = list(full)[:2]
+    chosen = nm_hf.sparsity_report(model, names=names)
+    assert [row.name for row in chosen.layers] == names
+    assert chosen.layers == [full[name] for name in names]
+    assert chosen.nm_ok and chosen.sparsity == pytest.approx(0.5)
