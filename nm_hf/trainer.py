@@ -303,6 +303,7 @@ class SparseTrainerMixin:
         optimizer = (kwargs.get("optimizers") or (None, None))[0]
         optimizer_cls = (kwargs.get("optimizer_cls_and_kwargs") or (None, None))[0]
         self._check_optimizer(_intended_config(model, self._nm_config_arg), optimizer, optimizer_cls)
+        self._check_not_sharded_at_load(model)  # before sparsify changes the model in place
         if isinstance(model, nn.Module):
             self.sparsity_config = prepare_sparse_model(model, self._nm_config_arg)
         super().__init__(*args, **kwargs)
@@ -312,9 +313,24 @@ class SparseTrainerMixin:
         self._check_supported()
         self.add_callback(_SparsityCallback(self))
 
+    def _check_not_sharded_at_load(self, model: Any) -> None:
+        """Refuse a model `from_pretrained(distributed_config=...)` sharded at load time (FSDP2 / TP / PP / EP).
+
+        Such a model trains, but `save_model` cannot bake it: the masks cannot be chosen from the sharded
+        (DTensor) state dict, and transformers' save gathers the model's own dense weights whatever state
+        dict it is given (`gather_full_state_dict`), so the saved file would not be the N:M model.
+        """
+        if getattr(model, "is_distributed_loading_by_transformers", False):
+            raise NotImplementedError(
+                f"{type(self).__name__} does not support a model sharded at load time (from_pretrained("
+                "distributed_config=...)): its save_model cannot write the baked N:M weights of such a model; load "
+                "it without distributed_config and use DDP (accelerate launch --multi_gpu), or train with torch's "
+                "fully_shard in your own loop as docs/distributed.md shows")
+
     def _check_supported(self) -> None:
         from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
+        self._check_not_sharded_at_load(self.model)
         if getattr(self, "is_fsdp_enabled", False):
             # FSDP2 below the Trainer is tested (torch's fully_shard + nm_hf); this Trainer path is not: accelerate
             # and transformers build FSDP only on GPUs (on CPU they build DDP), so it has never run here

@@ -715,3 +715,14 @@ def test_load_best_model_at_end_restores_the_best_checkpoints_sparse_state(tmp_p
         moved += not torch.equal(mask, nm_mask(best_weights[f"{name}.weight"], 2, 4, dim=group_dim(layer)))
         assert torch.equal(final[f"{name}.weight"], best_weights[f"{name}.weight"] * mask), name
     assert moved  # the masks in use at step 6 lag that checkpoint's weights: the test can tell them apart
+
+
+def test_a_model_sharded_at_load_time_is_refused_before_it_is_sparsified(tmp_path):
+    """`from_pretrained(distributed_config=...)` shards the model at load time: training ran, but save_model then
+    failed on the DTensor state dict (and transformers' save gathers the dense weights whatever it is given), so the
+    trainer refuses it up front, leaving the model untouched."""
+    model = gpt2()
+    model._is_distributed_loading_by_transformers = True  # what from_pretrained(distributed_config=...) sets
+    with pytest.raises(NotImplementedError, match="sharded at load time"):
+        SparseTrainer(model=model, args=lm_args(tmp_path), train_dataset=lm_data(8), sparsity_config=SparsityConfig())
+    assert not list(iter_sparse_layers(model))
