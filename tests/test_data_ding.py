@@ -131,6 +131,36 @@ def test_split_is_deterministic_disjoint_and_order_independent():
     assert len(splits_of_leave) == 1
 
 
+def test_pairs_sharing_a_german_sentence_stay_in_one_split():
+    """Dictionary synonyms: two English entries with one German translation. Keyed by the English side
+    alone, about 4 percent of the demo's test targets were training targets too."""
+    pairs = [{"en": f"sentence number {i}", "de": f"Satz Nummer {i}"} for i in range(40)]
+    linked = [("to feel well", "sich gut fühlen"), ("to feel good", "sich gut fühlen"),
+              ("to feel good", "sich wohl fühlen"), ("to be comfortable", "sich wohl fühlen")]
+    pairs += [{"en": en, "de": de} for en, de in linked]
+    for seed in range(20):  # whatever the hash order puts where, the linked pairs go together
+        shuffled = pairs[:]
+        random.Random(seed).shuffle(shuffled)
+        splits = split_ding_pairs(shuffled, validation_size=0.3, test_size=0.3)
+        where = {name for name, rows in splits.items() for p in rows if "fühlen" in p["de"]}
+        assert len(where) == 1, where
+        german = {name: {p["de"] for p in rows} for name, rows in splits.items()}
+        assert german["train"].isdisjoint(german["test"]) and german["train"].isdisjoint(german["validation"])
+
+
+def test_carved_file_splits_share_no_target_sentence(tmp_path):
+    from nm_hf.data.translation import load_translation_data
+
+    en = [f"sentence number {i}" for i in range(40)] + [f"phrase {g}, variant {v}" for g in range(20) for v in range(3)]
+    de = [f"Satz Nummer {i}" for i in range(40)] + [f"Ausdruck {g}" for g in range(20) for _ in range(3)]
+    (tmp_path / "train.en").write_text("\n".join(en) + "\n", encoding="utf-8")
+    (tmp_path / "train.de").write_text("\n".join(de) + "\n", encoding="utf-8")
+    data = load_translation_data(train_file=str(tmp_path / "train"), validation_size=20, test_size=20,
+                                 cache_dir=str(tmp_path / "cache"))
+    german = {name: {p["de"] for p in data[name]["translation"]} for name in data}
+    assert german["train"].isdisjoint(german["test"]) and german["train"].isdisjoint(german["validation"])
+
+
 def test_split_is_pinned_and_independent_of_python_hash_seed():
     # MD5-based, so these values are the same in every process (Python's own str hash is salted per run).
     assert stable_hash("I need the book by Monday.") == 5102373589371319067

@@ -571,10 +571,53 @@ def test_recipe_refuses_bad_flags_before_loading_anything(tmp_path, capsys):
     (["--max_steps", "-1", "--num_train_epochs", "0"], "--num_train_epochs 0.0: must be > 0"),
     (["--do_train", "false"], "--do_train false is not supported: the recipes always train"),
     (["--do_eval", "false"], "--do_eval false is not supported"),
+    (["--resume_from_checkpoint", "/nonexistent/checkpoint-5"],
+     "--resume_from_checkpoint /nonexistent/checkpoint-5: no such directory"),
 ])
 def test_training_flags_that_would_run_differently_are_refused(tmp_path, capsys, argv, message):
     for recipe in ("translation", "language_modeling"):
         assert message in run_main(recipe, [*argv, "--output_dir", str(tmp_path / "never")], capsys)
+    assert not (tmp_path / "never").exists()
+
+
+@pytest.mark.parametrize(("recipe", "argv", "flags"), [
+    ("translation", ["--dropout", "0.3", "--encoder_layers", "2"], "--dropout, --encoder_layers"),
+    ("language_modeling", ["--d_model", "64"], "--d_model"),
+])
+def test_model_size_flags_with_a_pretrained_model_are_refused(tmp_path, capsys, recipe, argv, flags):
+    """They only shape a model built from scratch: with --model_name_or_path they were ignored without a word
+    (a config file's sizes too)."""
+    config = write(tmp_path / "c.yaml", "vocab_size: 500\n")
+    line = run_main(recipe, [str(config), "--model_name_or_path", str(tmp_path / "pretrained"), *argv,
+                             "--output_dir", str(tmp_path / "never")], capsys)
+    assert f"--vocab_size, {flags}: only for a model built from scratch" in line
+    assert not (tmp_path / "never").exists()
+
+
+@pytest.mark.parametrize(("recipe", "argv", "message"), [
+    ("translation", ["--train_file", "x.en", "--ding_min_words", "2"],
+     "--ding_min_words: only for the built-in data; --dataset_name/--train_file replace it"),
+    ("language_modeling", ["--train_file", "x.txt", "--dataset", "python_docs"],
+     "--dataset: only for the built-in data"),
+    ("language_modeling", ["--text_column", "body"], "--text_column: only for --dataset_name/--train_file data"),
+])
+def test_data_flags_the_data_source_would_ignore_are_refused(tmp_path, capsys, recipe, argv, message):
+    module = load_recipe(recipe)
+    with pytest.raises(SystemExit) as info:  # refused while parsing: nothing loaded, nothing trained
+        module.parse_recipe_args_or_exit(module.ARGUMENT_TYPES, [*argv, "--output_dir", str(tmp_path / "never")],
+                                         module.RECIPE_DEFAULTS, prog=module.PROG)
+    assert info.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "never").exists()
+
+
+def test_translation_refuses_predict_with_generate_false_before_training(tmp_path, capsys):
+    """Without generation the BLEU metric gets logits: a TypeError traceback after the whole training run."""
+    write_parallel(tmp_path / "train", 40, seed=0)
+    flags = [*TINY_TRANSLATION, "--max_steps", "1", "--eval_strategy", "no", "--train_file", str(tmp_path / "train")]
+    line = run_main("translation", [*flags, "--predict_with_generate", "false", "--output_dir",
+                                    str(tmp_path / "never")], capsys)
+    assert "--predict_with_generate false is not supported" in line
     assert not (tmp_path / "never").exists()
 
 

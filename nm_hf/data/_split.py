@@ -55,6 +55,31 @@ def resolve_size(size: SplitSize | None, n: int, name: str) -> int:
     return min(size, n)
 
 
+def linked_keys(sources: Sequence[str], targets: Sequence[str]) -> list[str]:
+    """A carving key for each sentence pair such that pairs sharing a source *or* a target sentence, directly
+    or through a chain of pairs, share it: the smallest source sentence of their group.
+
+    Keyed by the source alone, two sources with one translation ("to feel well" and "to feel good" ->
+    "sich gut fühlen") could land in train and test, and the model would have seen the test target. A
+    pair whose group has one source sentence keeps that sentence as its key. Independent of row order.
+    """
+    parent: dict[str, str] = {}
+
+    def find(node: str) -> str:
+        root = node
+        while parent.get(root, root) != root:
+            root = parent[root]
+        while node != root:
+            parent[node], node = root, parent[node]
+        return root
+
+    for source, target in zip(sources, targets, strict=True):
+        a, b = find("s\0" + source), find("t\0" + target)
+        if a != b:  # the smaller node becomes the root, so a root is its group's smallest node: a source
+            parent[max(a, b)] = min(a, b)
+    return [find("s\0" + source)[2:] for source in sources]
+
+
 def hash_split(keys: Sequence[str], sizes: dict[str, int]) -> tuple[list[int], dict[str, list[int]]]:
     """Carve splits of (about) ``sizes[name]`` rows out of ``keys`` by hash order.
 

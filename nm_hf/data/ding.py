@@ -35,7 +35,8 @@ dropped entirely (the alignment is unknown); a pair is kept only if
 
 :func:`load_ding_pairs` removes exact duplicates (after cleaning, first occurrence kept) and
 :func:`load_ding` splits by a stable MD5 hash of the English sentence (so one English sentence with two
-German translations never straddles train and test), independent of file order and Python's hash seed.
+German translations never straddles train and test, and pairs sharing a German sentence stay together too),
+independent of file order and Python's hash seed.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ import re
 
 import datasets
 
-from nm_hf.data._split import SplitSize, hash_split, resolve_size, stable_hash
+from nm_hf.data._split import SplitSize, hash_split, linked_keys, resolve_size, stable_hash
 
 DING_PATH = "/usr/share/trans/de-en"
 
@@ -180,8 +181,9 @@ def split_ding_pairs(
 ) -> dict[str, list[dict[str, str]]]:
     """Split pairs into train/validation/test by the MD5 of the English side (file-order independent).
 
-    Sizes are row counts (int) or fractions (float); equal English sentences stay in one split, so a
-    split can be a few rows larger than asked. Every split is in hash order, so taking its first N rows
+    Sizes are row counts (int) or fractions (float); equal English sentences stay in one split, and so do
+    equal German ones (pairs linked through a shared sentence are keyed by the group's first English
+    sentence, `linked_keys`), so a split can be a few rows larger than asked. Every split is in hash order, so taking its first N rows
     (``max_train_samples``) is an unbiased sample rather than the alphabetical start of the dictionary.
     """
     ordered = sorted(pairs, key=lambda p: (stable_hash(p["en"]), p["en"], p["de"]))
@@ -190,7 +192,7 @@ def split_ding_pairs(
         "test": resolve_size(test_size, n, "test_size"),
         "validation": resolve_size(validation_size, n, "validation_size"),
     }
-    rest, carved = hash_split([p["en"] for p in ordered], sizes)
+    rest, carved = hash_split(linked_keys([p["en"] for p in ordered], [p["de"] for p in ordered]), sizes)
     return {
         "train": [ordered[i] for i in rest],
         "validation": [ordered[i] for i in carved["validation"]],

@@ -22,8 +22,10 @@
    ``validation_size``/``test_size`` rows each (int, or float fraction; default 5% capped at 2,000).
 3. ``dataset="pydoc"`` (the default): the English help texts that ship with CPython in
    ``pydoc_data.topics.topics`` (79 topics, about 465,000 characters / 65,000 words on Python 3.11),
-   split into paragraphs at blank lines (about 2,600 rows, each ending with a blank line so that the
-   concatenated stream reads like the original), and into train/validation/test by the MD5 of
+   split into paragraphs at blank lines (about 2,100 distinct ones -- topics repeat paragraphs of one
+   another, and a repeat is kept once so that no text is in two splits -- about 53,000 words, each
+   ending with a blank line so that the concatenated stream reads like the original), and into
+   train/validation/test by the MD5 of
    ``"<topic>/<paragraph index>"`` (5% each by default). Paragraph-level splitting gives even split
    sizes; with 79 topics a topic-level split would be very lumpy. It is small -- a smoke-test corpus that
    needs no download, not a benchmark.
@@ -67,7 +69,12 @@ _PARAGRAPH_BREAK = re.compile(r"\n[ \t]*\n")
 
 
 def load_pydoc_paragraphs() -> list[dict[str, str]]:
-    """The paragraphs of CPython's bundled pydoc help topics as ``{"id": "<topic>/<i>", "text": ...}``."""
+    """The paragraphs of CPython's bundled pydoc help topics as ``{"id": "<topic>/<i>", "text": ...}``.
+
+    Topics repeat paragraphs of one another (``specialnames`` and ``customization`` share most of their
+    text): a repeated paragraph is kept once, at its first occurrence, so that the split by id cannot put
+    the same text in two splits.
+    """
     try:
         from pydoc_data.topics import topics
     except ImportError as err:  # stripped-down Python builds may omit pydoc_data
@@ -76,9 +83,13 @@ def load_pydoc_paragraphs() -> list[dict[str, str]]:
             "pass --train_file or --dataset_name instead"
         ) from err
     rows: list[dict[str, str]] = []
+    seen: set[str] = set()
     for topic in sorted(topics):
         for i, paragraph in enumerate(p for p in _PARAGRAPH_BREAK.split(topics[topic]) if p.strip()):
-            rows.append({"id": f"{topic}/{i}", "text": paragraph.strip("\n").rstrip() + "\n\n"})
+            text = paragraph.strip("\n").rstrip() + "\n\n"
+            if text not in seen:
+                seen.add(text)
+                rows.append({"id": f"{topic}/{i}", "text": text})
     return rows
 
 

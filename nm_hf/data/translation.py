@@ -28,7 +28,7 @@ need one preprocessing function for every source. Sources, first match wins:
 
    ``validation``/``test`` splits whose file is not given are carved out of the training file
    deterministically: by a stable MD5 hash of the source sentence (so identical source sentences stay in
-   one split), ``validation_size``/``test_size`` rows each (an int, or a float fraction; default 5% of
+   one split, and so do pairs sharing a target sentence), ``validation_size``/``test_size`` rows each (an int, or a float fraction; default 5% of
    the training rows capped at 2,000). The same applies to Hub datasets lacking those splits.
 3. ``dataset="ding"`` (the default): English-German example sentences of the Ding dictionary, see
    :mod:`nm_hf.data.ding` (``validation_size``/``test_size`` default to 1,500 pairs each).
@@ -46,7 +46,7 @@ from collections.abc import Callable, Iterator
 import datasets
 
 from nm_hf.data._checks import given_files, json_records, open_text, scan_text_file
-from nm_hf.data._split import SplitSize, complete_splits, hub_splits, truncate_splits
+from nm_hf.data._split import SplitSize, complete_splits, hub_splits, linked_keys, truncate_splits
 from nm_hf.data.ding import DING_PATH, load_ding
 
 JSON_EXTENSIONS = (".json", ".jsonl")
@@ -223,9 +223,13 @@ def _load_file(
     return datasets.Dataset.from_dict({"translation": rows}, features=features)
 
 
-def _source_keys(source_lang: str) -> Callable[[datasets.Dataset], list[str]]:
-    """The carving key of each row: its source sentence (one sentence's translations stay in one split)."""
-    return lambda train: [row[source_lang] for row in train["translation"]]
+def _pair_keys(source_lang: str, target_lang: str) -> Callable[[datasets.Dataset], list[str]]:
+    """The carving key of each row: its source sentence, shared by every pair linked to it through an equal
+    source or target sentence (`linked_keys`: no sentence of either side in two splits)."""
+    def keys(train: datasets.Dataset) -> list[str]:
+        rows = train["translation"]
+        return linked_keys([row[source_lang] for row in rows], [row[target_lang] for row in rows])
+    return keys
 
 
 def _normalise_hub_split(
@@ -288,7 +292,7 @@ def load_translation_data(
         raw = datasets.load_dataset(dataset_name, dataset_config_name, cache_dir=cache_dir)
         splits = hub_splits(raw, dataset_name, lambda name, ds: _normalise_hub_split(
             name, ds, source_lang, target_lang, dataset_name))
-        result = complete_splits(splits, _source_keys(source_lang), validation_size, test_size)
+        result = complete_splits(splits, _pair_keys(source_lang, target_lang), validation_size, test_size)
     elif files:
         if "train" not in files:
             raise ValueError(
@@ -302,7 +306,7 @@ def load_translation_data(
             name: _load_file(path, source_lang, target_lang, f"--{name}_file", cache_dir)
             for name, path in files.items()
         }
-        result = complete_splits(splits, _source_keys(source_lang), validation_size, test_size)
+        result = complete_splits(splits, _pair_keys(source_lang, target_lang), validation_size, test_size)
     elif dataset == "ding":
         if {source_lang, target_lang} != {"en", "de"}:
             raise ValueError(

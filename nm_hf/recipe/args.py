@@ -11,7 +11,7 @@ real type objects to pick argparse types and choices. Help strings go through ar
 """
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from ..prune import CALIBRATED, CRITERIA
 
@@ -44,6 +44,10 @@ def _check_probability(owner: object, names: tuple[str, ...]) -> None:
 @dataclass
 class DataArguments:
     """Where the data comes from and how much of it to use; shared by both recipes."""
+
+    #: flags of the built-in data sets (--dataset ...), and flags of the data given by name or file
+    BUILTIN_ONLY: ClassVar[tuple[str, ...]] = ("dataset",)
+    SOURCE_ONLY: ClassVar[tuple[str, ...]] = ()
 
     dataset_name: str | None = field(
         default=None, metadata={"help": "A Hub dataset id or local dataset directory (datasets.load_dataset)."}
@@ -87,6 +91,12 @@ class DataArguments:
         if self.train_file is None and (self.validation_file or self.test_file):
             raise ValueError("--validation_file/--test_file need --train_file")
 
+    def inert_flags(self) -> tuple[tuple[str, ...], str]:
+        """The fields this run ignores, and why (see `nm_hf.recipe.launch.check_inert_flags`)."""
+        if self.dataset_name is not None or self.train_file is not None:
+            return self.BUILTIN_ONLY, "only for the built-in data; --dataset_name/--train_file replace it"
+        return self.SOURCE_ONLY, "only for --dataset_name/--train_file data, not the built-in data set"
+
     def split_sizes(self) -> dict[str, int | float | None]:
         """``validation_size``/``test_size`` for the data loaders: whole numbers as row counts."""
         def as_size(value: float | None) -> int | float | None:
@@ -104,6 +114,8 @@ class DataArguments:
 
 @dataclass
 class TranslationDataArguments(DataArguments):
+    BUILTIN_ONLY: ClassVar[tuple[str, ...]] = ("dataset", "ding_min_words", "ding_max_words", "ding_sentences_only")
+
     dataset: str = field(default="ding", metadata={"help": "Built-in data set: ding (Debian's trans-de-en)."})
     source_lang: str = field(default="en", metadata={"help": "Source language code (key in 'translation')."})
     target_lang: str = field(default="de", metadata={"help": "Target language code."})
@@ -137,6 +149,8 @@ class TranslationDataArguments(DataArguments):
 
 @dataclass
 class TextDataArguments(DataArguments):
+    SOURCE_ONLY: ClassVar[tuple[str, ...]] = ("text_column",)
+
     dataset: str = field(default="pydoc", metadata={"help": "Built-in data set: pydoc (CPython's help texts) or python_docs (pydoc plus the standard "
                   "library's docstrings, 5x larger)."})
     text_column: str = field(default="text", metadata={"help": "Column holding the text."})
@@ -177,6 +191,11 @@ def _check_prune(owner: "ModelArguments") -> None:
 @dataclass
 class ModelArguments:
     """A pretrained model, or the size of a new one built from a config (with a tokenizer trained here)."""
+
+    #: flags that size a model built from scratch or its tokenizer; with --model_name_or_path they would do nothing
+    SCRATCH_ONLY: ClassVar[tuple[str, ...]] = (
+        "vocab_size", "min_frequency", "d_model", "num_attention_heads", "ffn_dim", "dropout", "attention_dropout",
+        "max_position_embeddings")
 
     model_name_or_path: str | None = field(
         default=None,
@@ -220,6 +239,13 @@ class ModelArguments:
                   "more than a dense one. Process-wide; memory stays committed at its peak."},
     )
 
+    def inert_flags(self) -> tuple[tuple[str, ...], str]:
+        """The fields this run ignores, and why (see `nm_hf.recipe.launch.check_inert_flags`)."""
+        if not self.model_name_or_path:
+            return (), ""
+        return self.SCRATCH_ONLY, (f"only for a model built from scratch; --model_name_or_path "
+                                   f"{self.model_name_or_path} keeps its own config and tokenizer")
+
     def __post_init__(self) -> None:
         _check_positive(self, ("vocab_size", "min_frequency", "d_model", "num_attention_heads", "ffn_dim",
                                "max_position_embeddings"), allow_none=False)
@@ -235,6 +261,9 @@ class ModelArguments:
 @dataclass
 class TranslationModelArguments(ModelArguments):
     """A pre-LN mBART-style encoder-decoder (see docs) unless --model_name_or_path is given."""
+
+    SCRATCH_ONLY: ClassVar[tuple[str, ...]] = (*ModelArguments.SCRATCH_ONLY, "encoder_layers", "decoder_layers",
+                                               "activation_function", "activation_dropout", "scale_embedding")
 
     encoder_layers: int = field(default=6, metadata={"help": "Encoder layers."})
     decoder_layers: int = field(default=6, metadata={"help": "Decoder layers."})
@@ -259,6 +288,9 @@ class TranslationModelArguments(ModelArguments):
 @dataclass
 class CausalLMModelArguments(ModelArguments):
     """A GPT-2-style (Conv1D) or Llama-style decoder unless --model_name_or_path is given."""
+
+    SCRATCH_ONLY: ClassVar[tuple[str, ...]] = (*ModelArguments.SCRATCH_ONLY, "model_type", "num_layers",
+                                               "num_key_value_heads")
 
     model_type: str = field(
         default="gpt2", metadata={"help": "Architecture of a model built from scratch.", "choices": ["gpt2", "llama"]}

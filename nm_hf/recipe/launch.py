@@ -32,6 +32,7 @@ __all__ = [
     "REDACTED",
     "adaptive_training_defaults",
     "check_launch",
+    "check_inert_flags",
     "check_training_arguments",
     "common_training_defaults",
     "exit_with_error",
@@ -157,7 +158,11 @@ def check_training_arguments(training_args: Any, explicit: frozenset[str] | set[
 
     - `--max_steps 0` trains 1 step and a negative value other than -1 trains `--num_train_epochs`;
     - `--do_train/--do_eval/--do_predict false`: the recipes always train, then evaluate on the
-      validation and test splits; a flag saying otherwise would be ignored.
+      validation and test splits; a flag saying otherwise would be ignored;
+    - `--predict_with_generate false` (translation): BLEU/chrF need generated ids, and the metric would
+      fail on logits after the whole training run;
+    - a `--resume_from_checkpoint` that is not a directory: the Trainer would only find out after the data,
+      tokenizer and model are built, with a traceback.
     """
     steps = training_args.max_steps
     if steps == 0 or steps < -1:
@@ -170,6 +175,26 @@ def check_training_arguments(training_args: Any, explicit: frozenset[str] | set[
         if flag in explicit and not getattr(training_args, flag):
             raise ArgumentsError(f"--{flag} false is not supported: the recipes always train, then evaluate "
                                  "on the validation and test splits (remove the flag)")
+    if getattr(training_args, "predict_with_generate", True) is False:
+        raise ArgumentsError("--predict_with_generate false is not supported: the translation recipe scores "
+                             "generated translations (BLEU/chrF); remove the flag")
+    resume = training_args.resume_from_checkpoint
+    if resume and not os.path.isdir(resume):
+        raise ArgumentsError(f"--resume_from_checkpoint {resume}: no such directory (pass a checkpoint-N "
+                             "directory that an earlier run saved with --save_strategy steps)")
+
+
+def check_inert_flags(values: Sequence[Any], explicit: frozenset[str] | set[str]) -> None:
+    """Refuse flags the user set (in the config file or as flags) that this run would ignore without a word:
+    what each parsed dataclass's `inert_flags()` names, e.g. the size flags of a model built from scratch
+    (`--d_model`, `--dropout`, ...) with `--model_name_or_path`, or `--ding_min_words` with `--train_file`."""
+    for value in values:
+        names, reason = value.inert_flags() if hasattr(value, "inert_flags") else ((), "")
+        ignored = [name for name in names if name in explicit]
+        if ignored:
+            flags = ", ".join(f"--{name}" for name in ignored)
+            raise ArgumentsError(f"{flags}: {reason}, so {'they' if len(ignored) > 1 else 'it'} would be ignored "
+                                 "(remove it from the config file or the command line)")
 
 
 def check_launch(training_args: Any) -> None:
@@ -262,6 +287,7 @@ def parse_recipe_args_or_exit(
                 parsed = parse_recipe_args_full(dataclass_types, args, {**defaults, **extra}, prog, description)
         training_args = parsed.values[-1]
         check_training_arguments(training_args, parsed.explicit)
+        check_inert_flags(parsed.values, parsed.explicit)
         hub = take_over_hub_push(training_args)
         check_launch(training_args)
     except ValueError as err:  # ArgumentsError and the dataclasses' own checks
