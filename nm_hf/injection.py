@@ -10,6 +10,7 @@ business (`nm_hf.layers.kinds`); what the method does is the method registry's (
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 from collections.abc import Iterator
@@ -118,6 +119,13 @@ def _head_module_ids(model: nn.Module) -> set[int]:
     return set()
 
 
+def _computed_weight(weight: torch.Tensor) -> bool:
+    """True for a weight that is no Parameter: recomputed by a forward pre-hook (the hook-based
+    `torch.nn.utils.weight_norm`, `spectral_norm`) from Parameters of other names. Masking it works
+    until `finalize`, whose baked weight the next forward overwrites and the state dict never holds."""
+    return not isinstance(weight, nn.Parameter)
+
+
 def _embedding_weights(model: nn.Module) -> set[int]:
     return {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
 
@@ -203,6 +211,7 @@ def _preset_targets(model: nn.Module, config: SparsityConfig, units: dict[str, T
         and not (every and target.input_features % config.m)
         and id(target.module) not in heads
         and id(target.weight) not in tied
+        and not _computed_weight(target.weight)
         and not HEAD_NAMES.intersection(target.module_name.split("."))
         and target.module_name not in adapters
     ]
@@ -221,9 +230,15 @@ def ignored_reasons(model: nn.Module, config: SparsityConfig, targets: list[str]
         refusal = target.refusal
         if refusal is not None:
             reasons[name] = refusal
+        elif _computed_weight(target.weight):
+            reasons[name] = _COMPUTED_WEIGHT
         elif target.input_features % config.m:
             reasons[name] = f"{target.input_features} input features are not divisible by m={config.m}"
     return reasons
+
+
+_COMPUTED_WEIGHT = ("its weight is not a Parameter but recomputed in every forward by a hook (the hook-based "
+                    "torch.nn.utils.weight_norm / spectral_norm): finalize could not bake the N:M weights into it")
 
 
 def _resolve_targets(model: nn.Module, config: SparsityConfig) -> tuple[list[str], list[str]]:
@@ -268,6 +283,10 @@ def _resolve_targets(model: nn.Module, config: SparsityConfig) -> tuple[list[str
         if weight.is_meta or weight.device.type == "meta":
             problems.append(f"{name!r} has its weight on the meta device; load real weights first "
                             "(sparsify after from_pretrained, without init_empty_weights)")
+            continue
+        if _computed_weight(weight):
+            problems.append(f"{name!r}: {_COMPUTED_WEIGHT}; remove the hook first (torch.nn.utils.remove_weight_norm) "
+                            f"or {hint}")
             continue
         if not weight.dtype.is_floating_point:
             problems.append(f"{name!r} has {weight.dtype} weights (quantized?); N:M needs floating-point "
@@ -341,7 +360,7 @@ def sparsify(model: nn.Module, config: SparsityConfig | dict[str, Any] | None = 
     """Convert the targeted layers of `model` to N:M sparse layers, in place; returns `model`.
 
     Everything is checked first (unknown names, nothing matched, sizes not divisible by m,
-    non-float or meta weights, layers already sparse, tied embeddings); on any problem a
+    non-float, meta or hook-computed weights, layers already sparse, tied embeddings); on any problem a
     `SparsifyError` lists them all and the model is unchanged. The config (and the targeted layer
     names) is recorded on `model.config` so `save_pretrained` stores it in config.json. Compiled
     (`torch.compile`) and DDP-wrapped models are sparsified inside their wrapper, under the names
@@ -390,10 +409,15 @@ def sparsify(model: nn.Module, config: SparsityConfig | dict[str, Any] | None = 
 @torch.no_grad()
 def _undo_conversion(model: nn.Module, units: dict[str, Target], targets: list[str], previous_record: Any,
                      snapshots: dict[str, torch.Tensor]) -> None:
+    # newest first: a Parameter shared by two targets gets back the copy taken before either changed it
+    for name in reversed(targets):
+        if name in snapshots:
+            weight = units[name].weight
+            # an inference tensor can be written in inference mode only (plain tensors under no_grad, as here)
+            with torch.inference_mode() if weight.is_inference() else contextlib.nullcontext():
+                weight.copy_(snapshots[name])
     for name in targets:
         target = units[name]
-        if name in snapshots:
-            target.weight.copy_(snapshots[name])
         layer = dict(sparse_layers_of(target.module_name, target.module)).get(name)
         if layer is not None:
             _restore_dense_class(layer)

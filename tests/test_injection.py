@@ -16,6 +16,7 @@ from nm_hf.injection import (
     SparsifyError,
     finalize,
     find_target_modules,
+    ignored_reasons,
     is_sparsified,
     iter_sparse_layers,
     sparsify,
@@ -595,3 +596,50 @@ def test_compiled_and_wrapped_models_record_the_inner_names(tmp_path):
     wrapped = nn.DataParallel(tiny_model("llama"))
     sparsify(wrapped, SparsityConfig())
     assert wrapped.module.config.nm_sparsity["targeted_modules"] == LLAMA_TARGETS
+
+
+def test_interrupt_restores_a_weight_shared_by_two_targets(monkeypatch):
+    from nm_hf.methods.fixed import FixedMethod
+
+    model = Toy()
+    model.block["twin"] = nn.Linear(8, 8)
+    model.block["twin"].weight = model.tail.weight  # one Parameter, two targets: pruned by the first, copied by the second
+    before = snapshot(model)
+    calls = []
+    real = FixedMethod.prepare
+
+    def interrupted(self, layer):
+        calls.append(layer)
+        if layer is model.tail:  # the last target, after its twin zeroed the shared weight
+            raise KeyboardInterrupt
+        real(self, layer)
+
+    monkeypatch.setattr(FixedMethod, "prepare", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        sparsify(model, SparsityConfig(method="fixed"))
+    assert len(calls) == 4
+    assert_unchanged(model, before)
+
+
+def test_failure_on_inference_tensor_weights_leaves_model_unchanged():
+    with torch.inference_mode():
+        model = Toy()
+    before = snapshot(model)
+    # "fixed" zeroes pruned weights in place, which torch refuses for inference tensors outside inference mode
+    with pytest.raises(RuntimeError, match="inference tensor"):
+        sparsify(model, SparsityConfig(method="fixed"))
+    assert_unchanged(model, before)
+    assert not is_sparsified(model)
+
+
+@pytest.mark.filterwarnings("ignore:.*weight_norm.*:FutureWarning")
+def test_hook_computed_weight_is_refused_or_left_dense():
+    model = Toy()
+    nn.utils.weight_norm(model.tail)  # the hook-based form: `tail.weight` is recomputed from weight_g / weight_v
+    refuse(model, SparsityConfig(target_modules=["tail"]), "'tail'", "not a Parameter", "weight_norm")
+    sparsify(model, SparsityConfig(target_modules="all"))
+    assert targeted(model) == ["block.up", "block.down"]
+    assert "not a Parameter" in ignored_reasons(model, SparsityConfig(target_modules="all"), targeted(model))["tail"]
+    finalize(model)
+    model(torch.tensor([[1, 2]]))  # the hook recomputes tail.weight: it was never a target, nothing was lost
+    assert type(model.tail) is nn.Linear
