@@ -107,7 +107,10 @@ def _name_matches(name: str, entry: str) -> bool:
 
 
 def _head_module_ids(model: nn.Module) -> set[int]:
-    """The output embedding: "all-linear" never targets it."""
+    """The output embedding and every module outside the model's backbone (`model.base_model`, when it is
+    a part of the model: the task heads of a `...For<Task>` class, whatever their names, e.g. GPT-2's
+    `multiple_choice_head` or Electra's `discriminator_predictions`): "all-linear" never targets them."""
+    heads: set[int] = set()
     get_out = getattr(model, "get_output_embeddings", None)
     if callable(get_out):
         try:
@@ -115,8 +118,12 @@ def _head_module_ids(model: nn.Module) -> set[int]:
         except (AttributeError, NotImplementedError):
             out = None
         if isinstance(out, nn.Module):
-            return {id(out)}
-    return set()
+            heads.add(id(out))
+    backbone = getattr(model, "base_model", model)
+    if isinstance(backbone, nn.Module) and backbone is not model:
+        inside = {id(module) for module in backbone.modules()}
+        heads.update(id(module) for module in model.modules() if id(module) not in inside)
+    return heads
 
 
 def _computed_weight(weight: torch.Tensor) -> bool:

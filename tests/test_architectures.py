@@ -26,12 +26,14 @@ def input_dim(module: nn.Module) -> int:
 
 
 def expected_targets(model: nn.Module) -> list[str]:
-    """Every linear-like projection except the output embedding, weights tied to an embedding, and heads."""
+    """Every linear-like projection of the backbone (`base_model`) except weights tied to an embedding and
+    named heads; nothing outside it (the output embedding, task heads)."""
     out_emb = model.get_output_embeddings()
     embedding_weights = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    backbone = {id(m) for m in model.base_model.modules()}
     names = []
     for name, module in model.named_modules():
-        if not isinstance(module, (nn.Linear, Conv1D)) or module is out_emb:
+        if not isinstance(module, (nn.Linear, Conv1D)) or module is out_emb or id(module) not in backbone:
             continue
         if id(module.weight) in embedding_weights or HEAD_PARTS.intersection(name.split(".")):
             continue

@@ -643,3 +643,28 @@ def test_hook_computed_weight_is_refused_or_left_dense():
     finalize(model)
     model(torch.tensor([[1, 2]]))  # the hook recomputes tail.weight: it was never a target, nothing was lost
     assert type(model.tail) is nn.Linear
+
+
+@pytest.mark.parametrize(("model_type", "auto", "head"), [
+    ("gpt2", "GPT2DoubleHeadsModel", "multiple_choice_head.summary"),
+    ("electra", "ElectraForPreTraining", "discriminator_predictions.dense"),
+    ("distilbert", "DistilBertForMaskedLM", "vocab_transform"),
+])
+def test_all_linear_leaves_every_layer_outside_the_backbone_dense(model_type, auto, head):
+    """Task heads whose names are not in the list (GPT-2's multiple-choice head, Electra's discriminator,
+    DistilBERT's MLM transform) sit outside `model.base_model`: "all-linear" leaves them dense."""
+    import transformers
+    from transformers import AutoConfig
+
+    config = AutoConfig.for_model(model_type, vocab_size=64, **({"n_embd": 16, "n_layer": 1, "n_head": 2}
+                                  if model_type == "gpt2" else {"hidden_size": 16, "num_hidden_layers": 1,
+                                  "num_attention_heads": 2, "intermediate_size": 32, "embedding_size": 16}
+                                  if model_type == "electra" else {"dim": 16, "n_layers": 1, "n_heads": 2,
+                                  "hidden_dim": 32}))
+    model = getattr(transformers, auto)(config)
+    sparsify(model, SparsityConfig())
+    names = targeted(model)
+    prefix = model.base_model_prefix + "."
+    assert names and all(name.startswith(prefix) for name in names), names
+    assert type(model.get_submodule(head)) is nn.Linear
+    assert head in model.config.nm_sparsity["ignored_modules"]
