@@ -325,7 +325,7 @@ def finish_run(
         if results.get("samples"):
             print("\n" + format_samples(results["samples"], title="samples from the test set"), flush=True)
         print(f"outputs in {output_dir}/", flush=True)
-        if hub is not None:
+        if hub is not None and training_args.process_index == 0:  # one push, not one per node (save_on_each_node)
             from nm_hf.hub import push_to_hub
 
             info = push_to_hub(output_dir, hub.repo_id, token=hub.token, private=hub.private,

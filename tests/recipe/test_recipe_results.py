@@ -98,3 +98,20 @@ def test_finish_run_card_and_pushed_card_list_the_runs_learning_rate(tmp_path, m
         for row in ("| learning_rate | 0.00125 |", "| seed | 11 |", "| max_steps | 7 |"):
             assert row in card, row
         assert token not in card
+
+
+def test_finish_run_pushes_from_the_first_process_only(tmp_path, monkeypatch):
+    """With --save_on_each_node every node's main process saves; only global process 0 pushes to the Hub."""
+    out = tmp_path / "out"
+    model = finalize(sparsify(tiny_model("llama"), SparsityConfig()))
+    model.save_pretrained(out)
+    args = TrainingArguments(output_dir=str(out), use_cpu=True, report_to=[], save_on_each_node=True)
+    pushes = []
+    monkeypatch.setattr("nm_hf.hub.push_to_hub", lambda *a, **k: pushes.append(a))
+    for rank in (1, 0):  # the main process of a second node, then the first node's
+        monkeypatch.setattr(type(args), "process_index", property(lambda self, rank=rank: rank))
+        monkeypatch.setattr(type(args), "should_save", property(lambda self: True))
+        finish_run(args, {"test_loss": 1.5}, model=model, task="text-generation", dataset_name=None,
+                   base_model=None, hub=HubTarget("tester/x", "hf_secret", False))
+        assert (out / "results.json").is_file()
+        assert len(pushes) == (rank == 0)
