@@ -361,6 +361,8 @@ HEADLINES = {
 }
 #: flags that vary inside one table row (the grid's and the seeds' axes), not part of its label
 ROW_AXES = ("learning_rate",)
+#: the seed the learning-rate grid runs (the configs' seed): the rates of a row are compared on it alone
+GRID_SEED = 42
 MARKER = "<!-- results_table.py {} {} -->"  # begin/end, recipe: the generated region of a markdown file
 
 
@@ -397,31 +399,52 @@ def validation_grid(recipe: str, runs: list[dict]) -> dict[str, dict[float, dict
     return by_row
 
 
-def compared_value(grid: dict[float, dict[object, float]], lr: float) -> float:
-    """What rate `lr` of a row's grid is compared on: its mean over the seeds every rate of the row ran
-    (over all its seeds when the rates share none)."""
+def compared_value(grid: dict[float, dict[object, float]], lr: float) -> float | None:
+    """What rate `lr` of a row's grid is compared on: its GRID_SEED value when any rate of the row ran that
+    seed (None for a rate that has not, which is then no candidate yet); in a row without it, the mean over
+    the seeds every rate ran (over all its seeds when the rates share none)."""
+    if any(GRID_SEED in seeds for seeds in grid.values()):
+        return grid[lr].get(GRID_SEED)
     common = set.intersection(*(set(seeds) for seeds in grid.values()))
     return statistics.fmean([value for seed, value in grid[lr].items() if not common or seed in common])
+
+
+def at_grid_edge(grid: dict[float, dict[object, float]], lr: float) -> bool:
+    """True when `lr` is the lowest or the highest of two or more compared rates of a row's grid: the
+    protocol wants the best inside, so the grid needs extending."""
+    rates = sorted(rate for rate in grid if compared_value(grid, rate) is not None)
+    return len(rates) > 1 and lr in (rates[0], rates[-1])
 
 
 def chosen_learning_rates(recipe: str, runs: list[dict]) -> dict[str, float]:
     """Per row: the learning rate with the best validation metric (lower perplexity, higher BLEU).
 
-    Rates are compared on the seeds every rate of the row has run (the grid's seed, while only the chosen
-    rate has more): a mean over three seeds against one seed's value would favour whichever rate had the
-    luckier seed, and adding seeds at the chosen rate could move the choice. A row whose rates share no
-    seed is compared on each rate's mean over all its seeds.
+    Rates are compared on the grid's seed (GRID_SEED) alone, as the protocol says: a mean over three seeds
+    against one seed's value would favour whichever rate had the luckier seed, and adding seeds (at the
+    chosen rate, or at every rate) must not move the choice. A rate without that seed is no candidate. A
+    row that never ran it is compared on the seeds all its rates ran (each rate's mean over all its seeds
+    when they share none). Ties go to the rate recorded first.
     """
     pick = max if HEADLINES[recipe][2] else min
-    return {row: pick(grid, key=lambda lr, grid=grid: compared_value(grid, lr))
-            for row, grid in validation_grid(recipe, runs).items()}
+    chosen = {}
+    for row, grid in validation_grid(recipe, runs).items():
+        candidates = [lr for lr in grid if compared_value(grid, lr) is not None]
+        chosen[row] = pick(candidates, key=lambda lr, grid=grid: compared_value(grid, lr))
+    return chosen
+
+
+def latest_runs(runs: list[dict]) -> list[dict]:
+    """`runs` less every entry that a later one of the same row, learning rate and seed replaces (a rerun
+    recorded under another output directory or command): each run counts once, as the grid shows it."""
+    last = {(row_label(r), r.get("learning_rate"), r.get("seed")): i for i, r in enumerate(runs)}
+    return [r for i, r in enumerate(runs) if last[(row_label(r), r.get("learning_rate"), r.get("seed"))] == i]
 
 
 def runs_at_chosen_rate(runs: list[dict], row: str, chosen: dict[str, float]) -> list[dict]:
     """The runs of table row `row` at its chosen learning rate (none when the row has no chosen rate)."""
     if row not in chosen:
         return []
-    return [r for r in runs if row_label(r) == row and r.get("learning_rate") is not None
+    return [r for r in latest_runs(runs) if row_label(r) == row and r.get("learning_rate") is not None
             and float(r["learning_rate"]) == chosen[row]]
 
 
@@ -439,7 +462,7 @@ def grid_table(recipe: str, runs: list[dict]) -> str:
     """Validation metric per learning rate (rows: method and pattern), the chosen rate in bold.
 
     A cell shows the value the rates are compared on (`compared_value`) and, where the rate has more seeds,
-    their number and mean."""
+    their number and mean; a chosen rate at the edge of its row's grid is marked `(edge)`."""
     key, _, _ = HEADLINES[recipe]
     by_row = validation_grid(recipe, runs)
     rates = sorted({lr for grid in by_row.values() for lr in grid})
@@ -452,10 +475,14 @@ def grid_table(recipe: str, runs: list[dict]) -> str:
             if lr not in grid:
                 cells.append("-")
                 continue
-            cell = _cell(compared_value(grid, lr), "{:.2f}")
-            if len(grid[lr]) > 1:
-                cell += f" ({len(grid[lr])} seeds: {_cell(statistics.fmean(grid[lr].values()), '{:.2f}')})"
-            cells.append(f"**{cell}**" if chosen.get(row) == lr else cell)
+            value = compared_value(grid, lr)
+            cell = _cell(value, "{:.2f}")
+            if len(grid[lr]) > 1 or value is None:
+                count = f"{len(grid[lr])} seed{'s' if len(grid[lr]) > 1 else ''}"
+                cell += f" ({count}: {_cell(statistics.fmean(grid[lr].values()), '{:.2f}')})"
+            if chosen.get(row) == lr:
+                cell = f"**{cell}**" + (" (edge)" if at_grid_edge(grid, lr) else "")
+            cells.append(cell)
         lines.append(f"| {row} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -464,6 +491,7 @@ def seeds_table(recipe: str, runs: list[dict]) -> str:
     """Per row, at its chosen learning rate: test metrics as mean ± sd over the seeds, and the run details."""
     key, tests, _ = HEADLINES[recipe]
     chosen = chosen_learning_rates(recipe, runs)
+    grids = validation_grid(recipe, runs)
     titles = ["method", "lr", *[title for title, _, _ in tests], f"val {key}", "seeds", "sparsity",
               "SAD from init", "mean flip rate", "train tokens/s"]
     lines = ["| " + " | ".join(titles) + " |", "|" + "---|" * len(titles)]
@@ -473,7 +501,7 @@ def seeds_table(recipe: str, runs: list[dict]) -> str:
             continue
         picked = runs_at_chosen_rate(runs, row, chosen)
         seeds = sorted({r.get("seed") for r in picked}, key=str)
-        cells = [row, _lr(chosen[row])]
+        cells = [row, _lr(chosen[row]) + (" (edge)" if at_grid_edge(grids[row], chosen[row]) else "")]
         cells += [_mean_sd(_numbers([(r.get("test") or {}).get(name) for r in picked]), fmt) for _, name, fmt in tests]
         cells.append(_mean_sd(_numbers([(r.get("validation") or {}).get(key) for r in picked]), "{:.2f}"))
         cells.append(f"{len(picked)} ({', '.join(map(str, seeds))})")
@@ -504,7 +532,8 @@ _COLOURS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab
 _MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">")
 
 
-#: two runs count as side by side when their training overlapped for this share of the shorter one
+#: two runs count as side by side when their training overlapped for this share of each (of the longer one: a
+#: resumed run's short last part inside a dense run's training is no pair)
 PAIRED_OVERLAP = 0.8
 
 
@@ -521,11 +550,12 @@ def _training_interval(run: dict) -> tuple[float, float] | None:
 
 def paired_throughput(runs: list[dict]) -> dict[str, list[float]]:
     """Per non-dense row: its tokens/s over that of the dense run that trained beside it (the dense run whose
-    training overlapped most, at least PAIRED_OVERLAP of the shorter of the two), one ratio per such run."""
+    training overlapped most, at least PAIRED_OVERLAP of the longer of the two), one ratio per such run."""
     def interval_and_speed(run: dict) -> tuple[tuple[float, float], float] | None:
         interval, speed = _training_interval(run), (run.get("throughput") or {}).get("tokens_per_second")
         return (interval, float(speed)) if interval and _numbers([speed]) and speed > 0 else None
 
+    runs = latest_runs(runs)
     dense = [found for run in runs if run["method"] == "dense" and (found := interval_and_speed(run))]
     ratios: dict[str, list[float]] = {}
     for run in runs:
@@ -535,7 +565,7 @@ def paired_throughput(runs: list[dict]) -> dict[str, list[float]]:
         (start, end), speed = found
         best, partner = 0.0, None
         for (d_start, d_end), d_speed in dense:
-            overlap = (min(end, d_end) - max(start, d_start)) / min(end - start, d_end - d_start)
+            overlap = (min(end, d_end) - max(start, d_start)) / max(end - start, d_end - d_start)
             if overlap > best:
                 best, partner = overlap, d_speed
         if partner is not None and best >= PAIRED_OVERLAP:
@@ -550,7 +580,7 @@ def paired_throughput_line(runs: list[dict]) -> str:
         return ""
     parts = [f"{row} {', '.join(f'{r:.3f}' for r in ratios[row])}" for row in rows_in_order(runs) if row in ratios]
     return (f"Throughput, sparse / dense train tokens/s, only for runs that trained side by side with a dense run "
-            f"(one core each, training overlapping at least {PAIRED_OVERLAP:.0%}), every learning rate and seed: "
+            f"(one core each, training overlapping at least {PAIRED_OVERLAP:.0%} of each), every learning rate and seed: "
             + "; ".join(parts) + ". The `train tokens/s` column above mixes runs with different neighbours.")
 
 
@@ -559,10 +589,12 @@ def render_section(recipe: str, runs: list[dict], source: Path, figures: list[tu
     line linking `figures` ((title, relative link) pairs)."""
     if not runs:
         return f"_No runs recorded yet in `{_relative(source)}`._"
+    replaced = len(runs) - len(latest_runs(runs))
     lines = [
-        f"{len(runs)} runs recorded in `{_relative(source)}`. Test metrics at each row's "
-        "chosen learning rate (best validation metric on the seeds all its rates ran), mean ± sd over the seeds "
-        "run so far:",
+        f"{len(runs)} runs recorded in `{_relative(source)}`"
+        + (f" ({replaced} replaced by a later entry of the same row, rate and seed)" if replaced else "")
+        + f". Test metrics at each row's chosen learning rate (best validation metric on seed {GRID_SEED}, the "
+        "grid's; `(edge)`: the best lies at the edge of the rates run), mean ± sd over the seeds run so far:",
         "", seeds_table(recipe, runs), "",
         "Learning-rate grid (validation metric; the chosen rate in bold):", "", grid_table(recipe, runs)]
     paired = paired_throughput_line(runs)
@@ -831,6 +863,15 @@ def draw_figures(recipe: str, runs: list[dict], directory: Path) -> dict[Path, i
     return {(path := figure_path(directory, recipe, kind)): draw(recipe, runs, path) for kind, draw in FIGURES.items()}
 
 
+def _finished(checkpoint: Path) -> bool:
+    """True for a checkpoint saved at the end of training (its trainer_state.json: global_step >= max_steps)."""
+    try:
+        state = json.loads((checkpoint / "trainer_state.json").read_text())
+        return 0 < int(state["max_steps"]) <= int(state["global_step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
 def launch(recipe: str, config: str, spec: RunSpec, out_dir: Path, seed: int | None, extra: list[str],
            threads: int, resume: bool = False) -> subprocess.Popen:
     """Start one run in the background, its output in ``<out_dir>.log``; with `resume`, from the run's last
@@ -844,6 +885,11 @@ def launch(recipe: str, config: str, spec: RunSpec, out_dir: Path, seed: int | N
         from nm_hf.trainer import last_complete_checkpoint
 
         checkpoint = last_complete_checkpoint(out_dir)
+        if checkpoint is not None and _finished(Path(checkpoint)):
+            # saved at max_steps (the session ended in the final evaluation): the trainer refuses to resume it,
+            # so the run starts again
+            print(f"{checkpoint} is the end of training: {out_dir.name} starts again", flush=True)
+            checkpoint = None
     else:
         checkpoint = None
     resume_args = [] if checkpoint is None else ["--resume_from_checkpoint", str(checkpoint)]

@@ -423,6 +423,8 @@ class SparseTrainerMixin:
                 raise ResumeError(f"resume_from_checkpoint=True: no complete checkpoint in {self.args.output_dir}")
         elif isinstance(resume_from_checkpoint, (str, os.PathLike)):
             resume_dir = os.fspath(resume_from_checkpoint)
+        if resume_dir is not None:
+            self._check_not_finished(resume_dir)
         self._nm_tracker_state = self._check_resume(resume_dir) if resume_dir is not None else None
         self._nm_sparse_state = self._read_sparse_state(resume_dir) if resume_dir is not None else None
         self._nm_resume_dir = resume_dir
@@ -430,6 +432,23 @@ class SparseTrainerMixin:
         self._set_decay_scale(1.0 / self.args.gradient_accumulation_steps)
         return super().train(resume_from_checkpoint=resume_dir, trial=trial,
                              ignore_keys_for_eval=ignore_keys_for_eval, **kwargs)
+
+    def _check_not_finished(self, checkpoint: str) -> None:
+        """Refuse a checkpoint saved at the end of training (`max_steps` reached): transformers (5.23) resumed
+        mid-epoch trains one step past `max_steps` before it checks, so the "resumed" model would not be the
+        checkpoint's or an uninterrupted run's."""
+        state_file = os.path.join(checkpoint, "trainer_state.json")
+        if self.args.max_steps <= 0 or not os.path.isfile(state_file):
+            return
+        try:
+            with open(state_file, encoding="utf-8") as f:
+                step = int(json.load(f).get("global_step", 0))
+        except (OSError, ValueError, TypeError):
+            return  # the Trainer reports an unreadable state itself
+        if step >= self.args.max_steps:
+            raise ResumeError(f"{checkpoint} was saved at step {step}, the end of training (max_steps="
+                              f"{self.args.max_steps}): there is nothing left to train, and resuming would train one "
+                              "step more; load its weights to evaluate them, or raise max_steps to train on")
 
     def _check_resume(self, checkpoint: str) -> dict[str, Any] | None:
         """Refuse a checkpoint of another sparsity config; read its tracker state (None when it has none)."""

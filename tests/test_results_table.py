@@ -298,12 +298,12 @@ def test_render_chooses_the_lr_on_validation_and_reports_seeds_at_it(tmp_path):
     assert rt.chosen_learning_rates("language_modeling", runs) == {
         "dense": 4e-3, "sr-ste 2:4": 1e-3, "sr-ste 2:4 (decay=2e-4)": 1e-3, "asp 2:4": 1e-3}
     grid = rows(rt.grid_table("language_modeling", runs))
-    assert grid["dense"] == {"validation perplexity": "dense", "lr 0.001": "80.00", "lr 0.004": "**75.00**"}
-    assert grid["sr-ste 2:4"]["lr 0.001"] == "**70.00 (3 seeds: 70.00)**" and grid["sr-ste 2:4"]["lr 0.004"] == "72.00"
+    assert grid["dense"] == {"validation perplexity": "dense", "lr 0.001": "80.00", "lr 0.004": "**75.00** (edge)"}  # two rates: the best is at an edge
+    assert grid["sr-ste 2:4"]["lr 0.001"] == "**70.00 (3 seeds: 70.00)** (edge)" and grid["sr-ste 2:4"]["lr 0.004"] == "72.00"
     table = rows(rt.seeds_table("language_modeling", runs))
     assert table["sr-ste 2:4"]["test ppl"] == f"72.33 ± {statistics.stdev([71.0, 72.0, 74.0]):.2f}"
-    assert table["sr-ste 2:4"]["seeds"] == "3 (1, 2, 42)" and table["sr-ste 2:4"]["lr"] == "0.001"
-    assert table["dense"]["test ppl"] == "76.00" and table["dense"]["lr"] == "0.004"
+    assert table["sr-ste 2:4"]["seeds"] == "3 (1, 2, 42)" and table["sr-ste 2:4"]["lr"] == "0.001 (edge)"
+    assert table["dense"]["test ppl"] == "76.00" and table["dense"]["lr"] == "0.004 (edge)"
     assert table["asp 2:4"]["test ppl"] == "66.00"  # the schedule's own flag is not part of the label
 
     path = tmp_path / "lm.json"
@@ -316,7 +316,7 @@ def test_render_chooses_the_lr_on_validation_and_reports_seeds_at_it(tmp_path):
     rt.main(["language_modeling", "--render", str(doc), "--results_file", str(path)])
     text = doc.read_text()
     assert text.startswith("# Results\n\nhand-written text\n\n" + begin) and text.endswith(f"{end}\n\nmore text\n")
-    assert "old table" not in text and "| sr-ste 2:4 | 0.001 | 72.33 ±" in text and "8 runs recorded" in text
+    assert "old table" not in text and "| sr-ste 2:4 | 0.001 (edge) | 72.33 ±" in text and "8 runs recorded" in text
     rt.main(["language_modeling", "--render", str(doc), "--results_file", str(path)])
     assert doc.read_text() == text  # rendering twice changes nothing
 
@@ -461,7 +461,7 @@ def test_readme_summary_is_generated_from_the_results_files(tmp_path, capsys, mo
             in lm_line)
     assert "60.00" not in lm_line and "50.00" not in lm_line
     assert mt_line.startswith("- **Translation** (Multi30k En->De;") and mt_line.endswith("no runs recorded yet.")
-    assert "| sr-ste 2:4 | 0.001 | 71.50 ±" in doc.read_text()  # the same file, the same rates, in the table
+    assert "| sr-ste 2:4 | 0.001 (edge) | 71.50 ±" in doc.read_text()  # the same file, the same rates, in the table
 
     rt.main(["language_modeling", "--render", str(readme), "--results_file", str(lm)])
     assert readme.read_text() == text  # rendering twice changes nothing
@@ -530,8 +530,61 @@ def test_resume_continues_from_the_last_complete_checkpoint_and_appends_the_log(
     for name in ("model.safetensors", "trainer_state.json"):
         (asp_dir / "checkpoint-454" / name).write_text("{}")
     rt.run_all("translation", "c.yaml", [(rt.parse_run_spec("asp:2:4"), None, asp_dir)], [], 1, 1, resume=True)
-    (resumed, resumed_mode), (again, again_mode), (fresh, fresh_mode), (asp, asp_mode) = started
+    done_dir = tmp_path / "ste-2x4"  # saved at max_steps (the session ended in the final evaluation): starts again
+    (done_dir / "checkpoint-2200").mkdir(parents=True)
+    (done_dir / "checkpoint-2200" / "model.safetensors").write_bytes(b"")
+    (done_dir / "checkpoint-2200" / "trainer_state.json").write_text('{"global_step": 2200, "max_steps": 2200}')
+    rt.run_all("translation", "c.yaml", [(rt.parse_run_spec("ste:2:4"), None, done_dir)], [], 1, 1, resume=True)
+    (resumed, resumed_mode), (again, again_mode), (fresh, fresh_mode), (asp, asp_mode), (done, done_mode) = started
+    assert "--resume_from_checkpoint" not in done and done_mode == "w"
     assert resumed[-2:] == ["--resume_from_checkpoint", str(out_dir / "checkpoint-1362")] and resumed_mode == "a"
     assert "--resume_from_checkpoint" not in asp and asp_mode == "w"
     assert "--resume_from_checkpoint" not in again and again_mode == "w"  # without --resume: from scratch
     assert "--resume_from_checkpoint" not in fresh and fresh_mode == "w"  # nothing to resume from
+
+
+def test_the_rate_is_chosen_on_seed_42_even_when_every_rate_has_more_seeds():
+    # seed 42 prefers 4e-3; seeds 1 and 2 at both rates would hand the mean to 8e-3: the choice stays on 42
+    runs = [lm_run("dense", 4e-3, 42, 54.0, 53.0), lm_run("dense", 8e-3, 42, 55.0, 54.0),
+            lm_run("dense", 4e-3, 1, 58.0, 57.0), lm_run("dense", 4e-3, 2, 58.0, 57.0),
+            lm_run("dense", 8e-3, 1, 55.0, 54.0), lm_run("dense", 8e-3, 2, 55.0, 54.0)]
+    assert rt.chosen_learning_rates("language_modeling", runs) == {"dense": 4e-3}
+    # a rate run so far only with another seed is no candidate against the grid's seed
+    early = [lm_run("dense", 4e-3, 42, 55.0, 54.0), lm_run("dense", 8e-3, 1, 50.0, 49.0)]
+    assert rt.chosen_learning_rates("language_modeling", early) == {"dense": 4e-3}
+    # a row with one rate and three seeds shows seed 42's value, then the seeds' mean (as every other cell)
+    one_rate = [lm_run("sr-ste", 1.6e-2, 42, 54.53, 53.0), lm_run("sr-ste", 1.6e-2, 1, 53.92, 52.0),
+                lm_run("sr-ste", 1.6e-2, 2, 53.27, 52.5)]
+    assert rows(rt.grid_table("language_modeling", one_rate))["sr-ste 2:4"]["lr 0.016"] == (
+        "**54.53 (3 seeds: 53.91)**")
+
+
+def test_a_duplicate_run_counts_once_the_later_entry_everywhere():
+    first = lm_run("sr-ste", 4e-3, 42, 55.0, 50.0)
+    rerun = lm_run("sr-ste", 4e-3, 42, 54.0, 52.0)  # same row, rate and seed, recorded later (another dir/command)
+    runs = [first, lm_run("sr-ste", 4e-3, 1, 56.0, 51.0), rerun]
+    table = rows(rt.seeds_table("language_modeling", runs))["sr-ste 2:4"]
+    assert table["seeds"] == "2 (1, 42)"
+    assert table["test ppl"] == f"51.50 ± {statistics.stdev([51.0, 52.0]):.2f}"
+    assert rows(rt.grid_table("language_modeling", runs))["sr-ste 2:4"]["lr 0.004"] == "**54.00 (2 seeds: 55.00)**"
+    assert "3 runs recorded" in rt.render_section("language_modeling", runs, Path("lm.json"))
+    assert "(1 replaced by a later entry" in rt.render_section("language_modeling", runs, Path("lm.json"))
+
+
+def test_a_best_rate_at_the_edge_of_its_grid_is_flagged():
+    edge = [lm_run("ste", 4e-3, 42, 56.0, 55.0), lm_run("ste", 8e-3, 42, 55.0, 54.0), lm_run("ste", 1.6e-2, 42, 54.0, 53.0)]
+    assert rows(rt.grid_table("language_modeling", edge))["ste 2:4"]["lr 0.016"] == "**54.00** (edge)"
+    assert rows(rt.seeds_table("language_modeling", edge))["ste 2:4"]["lr"] == "0.016 (edge)"
+    inside = [*edge, lm_run("ste", 3.2e-2, 42, 60.0, 59.0)]
+    assert rows(rt.grid_table("language_modeling", inside))["ste 2:4"]["lr 0.016"] == "**54.00**"
+    single = [lm_run("ste", 4e-3, 42, 56.0, 55.0)]  # one rate: no grid, no edge
+    assert rows(rt.seeds_table("language_modeling", single))["ste 2:4"]["lr"] == "0.004"
+
+
+def test_a_resumed_runs_short_last_part_inside_a_dense_run_is_no_pair():
+    def timed(run: dict, end: str, seconds: float, speed: float) -> dict:
+        return {**run, "finished_at": end, "throughput": {"tokens_per_second": speed, "train_runtime_s": seconds}}
+
+    runs = [timed(lm_run("dense", 4e-3, 42, 55.0, 54.0), "2026-12-04T01:00:00+00:00", 1000, 6000.0),
+            timed(lm_run("ste", 1.6e-2, 42, 54.0, 53.0), "2026-12-04T00:55:00+00:00", 35, 900.0)]  # resumed: 35 s
+    assert rt.paired_throughput(runs) == {}

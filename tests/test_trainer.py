@@ -726,3 +726,17 @@ def test_a_model_sharded_at_load_time_is_refused_before_it_is_sparsified(tmp_pat
     with pytest.raises(NotImplementedError, match="sharded at load time"):
         SparseTrainer(model=model, args=lm_args(tmp_path), train_dataset=lm_data(8), sparsity_config=SparsityConfig())
     assert not list(iter_sparse_layers(model))
+
+
+def test_a_checkpoint_at_the_end_of_training_is_refused_not_trained_one_step_more(tmp_path):
+    """transformers resumed mid-epoch from a checkpoint at max_steps trained one step past it (3 -> 4 here; the
+    Multi30k results had two such runs): the resume is refused before anything is loaded; more steps are fine."""
+    args = lm_args(tmp_path, max_steps=3, save_strategy="steps", save_steps=3)  # 8 steps per epoch: ends mid-epoch
+    SparseTrainer(model=gpt2(), args=args, train_dataset=lm_data(64), sparsity_config=SparsityConfig()).train()
+    trainer = SparseTrainer(model=gpt2(), args=args, train_dataset=lm_data(64), sparsity_config=SparsityConfig())
+    with pytest.raises(ResumeError, match="saved at step 3, the end of training"):
+        trainer.train(resume_from_checkpoint=True)
+    assert trainer.state.global_step == 0
+    longer = lm_args(tmp_path, max_steps=5, save_strategy="steps", save_steps=3)
+    trainer = SparseTrainer(model=gpt2(), args=longer, train_dataset=lm_data(64), sparsity_config=SparsityConfig())
+    assert trainer.train(resume_from_checkpoint=True).global_step == 5
