@@ -161,6 +161,9 @@ def _check_selector(value: Any, name: str, allow_none: bool) -> str | tuple[str,
             return None
         raise ValueError(f"SparsityConfig.{name} must be 'all-linear', a list of names or a regex")
     if isinstance(value, str):
+        if allow_none and value in TARGET_PRESETS:  # exclude_modules: a preset would exclude every target
+            raise ValueError(f"SparsityConfig.{name}={value!r}: the presets select targets; exclude layers by "
+                             "name or regex (leave target_modules at its default to keep them all)")
         if value not in TARGET_PRESETS:
             try:
                 re.compile(value)

@@ -57,3 +57,10 @@ def test_method_args_are_checked_by_the_method():
     with pytest.raises(ValueError, match="method 'sr-ste' has no argument"):
         SparsityConfig(method_args={"beta": 1.0})
     assert SparsityConfig(method_args={}).method_args == {}
+
+
+@pytest.mark.parametrize("preset", ["all-linear", "all"])
+def test_a_preset_as_exclude_modules_is_refused_when_the_config_is_built(preset):
+    """It passed validation and then failed in sparsify as a regex that matched no layer."""
+    with pytest.raises(ValueError, match=f"exclude_modules='{preset}': the presets select targets"):
+        SparsityConfig(exclude_modules=preset)
