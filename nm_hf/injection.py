@@ -30,6 +30,7 @@ from .layers import (
     sparse_layers_of,
 )
 from .layers.base import is_sharded, settle_mask_listeners
+from .methods import SparsityMethod
 from .record import (
     STATE_FINALIZED,
     STATE_TRAINING,
@@ -401,9 +402,12 @@ def sparsify(model: nn.Module, config: SparsityConfig | dict[str, Any] | None = 
         for name in targets:
             target = units[name]
             layers[name] = target.kind.convert(target.module, target.parameter, config)
-        # method hooks (e.g. "fixed" zeroes its pruned weights): keep copies so an interrupt can undo them
+        # method hooks (e.g. "fixed" zeroes its pruned weights): keep copies so an interrupt can undo them; a
+        # method without its own hook (sr-ste, ste, ...) changes nothing, and copying a 7B model's weights would
+        # double their memory for nothing
         for name, layer in layers.items():
-            snapshots[name] = layer.weight.detach().clone()
+            if type(layer.method).prepare is not SparsityMethod.prepare:
+                snapshots[name] = layer.weight.detach().clone()
             layer.method.prepare(layer)
     except BaseException:
         _undo_conversion(inner, units, targets, previous_record, snapshots)
