@@ -192,11 +192,14 @@ def test_group_dim_heuristics_for_older_records():
 
 def test_inspect_gpt2_double_heads_mixes_conv1d_and_linear(tmp_path, capsys):
     from transformers import GPT2DoubleHeadsModel
+    from transformers.pytorch_utils import Conv1D
 
     from tiny_models import tiny_config
 
     model = GPT2DoubleHeadsModel(tiny_config("gpt2"))
-    finalize(sparsify(model, SparsityConfig()))
+    # "all-linear" leaves the head outside the backbone dense: named here to mix the two layouts
+    names = [name for name, module in model.named_modules() if isinstance(module, Conv1D)]
+    finalize(sparsify(model, SparsityConfig(target_modules=[*names, "multiple_choice_head.summary"])))
     assert "multiple_choice_head.summary" in model.config.nm_sparsity["targeted_modules"]
     assert model.config.nm_sparsity["group_dims"]["multiple_choice_head.summary"] == 1
     model.config.nm_sparsity.pop("group_dims")  # an oldest record: read by model type and layer name
