@@ -212,6 +212,8 @@ def _config_tokens(config: Mapping[str, Any], actions: Mapping[str, argparse.Act
         takes_list = action.nargs in ("+", "*")
         if value is None:
             direct[key] = None
+        elif isinstance(value, bool) and value is False and "no" in (action.choices or ()):
+            tokens.append(f"--{key}=no")  # YAML reads an unquoted `no` as false: `eval_strategy: no` means "no"
         elif isinstance(value, bool):
             tokens.append(f"--{key}={'true' if value else 'false'}")
         elif isinstance(value, (list, tuple)):

@@ -76,3 +76,13 @@ def test_explicit_fields_come_from_the_file_and_the_flags(tmp_path):
                                     defaults={"logging_steps": 3})
     assert parsed.explicit == {"max_steps", "d_model", "learning_rate", "predict_with_generate"}
     assert parsed.config_path == str(config) and parsed.values[-1].logging_steps == 3
+
+
+def test_an_unquoted_no_is_the_choice_no(tmp_path):
+    """YAML reads `eval_strategy: no` as false; where "no" is one of the choices it means "no" (it was
+    `invalid choice: 'false'`). Booleans elsewhere stay booleans."""
+    config = write(tmp_path / "run.yaml", "eval_strategy: no\nsave_strategy: no\npredict_with_generate: no\n"
+                                          "output_dir: out\n")
+    *_, training = parse_recipe_args(TYPES, [str(config)])
+    assert training.eval_strategy == "no" and training.save_strategy == "no"
+    assert training.predict_with_generate is False
