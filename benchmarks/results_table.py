@@ -863,15 +863,6 @@ def draw_figures(recipe: str, runs: list[dict], directory: Path) -> dict[Path, i
     return {(path := figure_path(directory, recipe, kind)): draw(recipe, runs, path) for kind, draw in FIGURES.items()}
 
 
-def _finished(checkpoint: Path) -> bool:
-    """True for a checkpoint saved at the end of training (its trainer_state.json: global_step >= max_steps)."""
-    try:
-        state = json.loads((checkpoint / "trainer_state.json").read_text())
-        return 0 < int(state["max_steps"]) <= int(state["global_step"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
-
-
 def launch(recipe: str, config: str, spec: RunSpec, out_dir: Path, seed: int | None, extra: list[str],
            threads: int, resume: bool = False) -> subprocess.Popen:
     """Start one run in the background, its output in ``<out_dir>.log``; with `resume`, from the run's last
@@ -882,10 +873,11 @@ def launch(recipe: str, config: str, spec: RunSpec, out_dir: Path, seed: int | N
     warmup = [value for flag, value in zip(flags, flags[1:], strict=False) if flag == "--dense_warmup_fraction"]
     resumable = resume and not (warmup and float(warmup[-1]) > 0)
     if resumable:  # (nm_hf.trainer imports transformers' Trainer: only when resuming)
-        from nm_hf.trainer import last_complete_checkpoint
+        from nm_hf.trainer import last_complete_checkpoint, saved_steps
 
         checkpoint = last_complete_checkpoint(out_dir)
-        if checkpoint is not None and _finished(Path(checkpoint)):
+        steps = saved_steps(checkpoint) if checkpoint is not None else None
+        if steps is not None and 0 < steps[1] <= steps[0]:
             # saved at max_steps (the session ended in the final evaluation): the trainer refuses to resume it,
             # so the run starts again
             print(f"{checkpoint} is the end of training: {out_dir.name} starts again", flush=True)

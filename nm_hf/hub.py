@@ -30,6 +30,7 @@ from .checkpoint.compressed import (
     write_dense_model,
 )
 from .checkpoint.directory import (
+    CARD_NAME,
     CONFIG_NAME,
     DENSE_INDEX,
     CheckpointError,
@@ -37,10 +38,10 @@ from .checkpoint.directory import (
     copy_extra_files,
     dense_weight_files,
     file_inside,
-    is_nm_hf_card,
     read_config,
     read_json,
     refuse_overlap,
+    stale_card,
 )
 from .injection import unwrap_model
 from .record import is_compressed, read_record, record_group_dims
@@ -51,7 +52,6 @@ if TYPE_CHECKING:
 __all__ = ["prepare_upload", "push_to_hub", "check_repo_id"]
 
 RESULTS_NAME = "results.json"
-CARD_NAME = "README.md"
 _REPO_PART = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?")
 
 
@@ -137,7 +137,7 @@ def prepare_upload(
             # when it is a card nm_hf wrote for the other weights format (its usage and facts would be wrong)
             converted = compressed != is_compressed(record)
             skip = ({CARD_NAME} if model_card or any(p.name == CARD_NAME for p in extras)
-                    or (converted and is_nm_hf_card(src / CARD_NAME)) else set())
+                    else stale_card(src) if converted else set())
             if compressed and not is_compressed(record):
                 write_compressed(src, stage, config, record, record_group_dims(record, config), skip=skip)
             elif not compressed and is_compressed(record):

@@ -30,7 +30,6 @@ from .layers import (
     sparse_layers_of,
 )
 from .layers.base import is_sharded, settle_mask_listeners
-from .methods import SparsityMethod
 from .record import (
     STATE_FINALIZED,
     STATE_TRAINING,
@@ -406,7 +405,7 @@ def sparsify(model: nn.Module, config: SparsityConfig | dict[str, Any] | None = 
         # method without its own hook (sr-ste, ste, ...) changes nothing, and copying a 7B model's weights would
         # double their memory for nothing
         for name, layer in layers.items():
-            if type(layer.method).prepare is not SparsityMethod.prepare:
+            if layer.method.has_prepare:
                 snapshots[name] = layer.weight.detach().clone()
             layer.method.prepare(layer)
     except BaseException:

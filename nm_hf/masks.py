@@ -389,8 +389,8 @@ def _choose_mask(weight: torch.Tensor, n: int, m: int, dim: int, with_masked: bo
 
     if _native_ready(raw, out) and raw.dtype in _NATIVE_KEYS:
         # float8 and friends are ranked on float32 keys: their masked weight cannot come from those keys
-        masked = torch.empty(raw.shape, dtype=raw.dtype) if with_masked and raw.element_size() == \
-            weight.element_size() else None
+        keys_are_weights = raw.element_size() == weight.element_size()
+        masked = torch.empty(raw.shape, dtype=raw.dtype) if with_masked and keys_are_weights else None
         _native_mask(raw, out, sign_clear, n, m, rows, inner, masked)
         if masked is not None:
             masked = masked.view(weight.dtype).reshape(weight.shape)

@@ -81,7 +81,7 @@ from .save_warning import dense_save_intended
 from .tracker import HISTORY_FILE, TRACKER_STATE_FILE, SparsityTracker
 
 __all__ = ["SparseTrainer", "SparseSeq2SeqTrainer", "SparseTrainerMixin", "prepare_sparse_model",
-           "last_complete_checkpoint", "ResumeError", "HISTORY_FILE", "PLOT_FILE", "TRACKER_STATE_FILE",
+           "last_complete_checkpoint", "saved_steps", "ResumeError", "HISTORY_FILE", "PLOT_FILE", "TRACKER_STATE_FILE",
            "SPARSE_STATE_FILE", "create_sparse_optimizer"]
 
 logger = logging.getLogger(__name__)
@@ -233,6 +233,15 @@ def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
             return path
         logger.warning("skipping %s: an incomplete checkpoint (%s; a run stopped while saving it?)", path, reason)
     return None
+
+
+def saved_steps(checkpoint: str | os.PathLike) -> tuple[int, int] | None:
+    """(global_step, max_steps) of a Trainer checkpoint, from its trainer_state.json; None without a readable one."""
+    try:
+        state = json.loads((Path(checkpoint) / TRAINER_STATE_NAME).read_text(encoding="utf-8"))
+        return int(state.get("global_step", 0)), int(state.get("max_steps", 0))
+    except (OSError, UnicodeDecodeError, ValueError, TypeError, AttributeError):
+        return None
 
 
 def _is_weight_file(name: str) -> bool:
@@ -437,14 +446,10 @@ class SparseTrainerMixin:
         """Refuse a checkpoint saved at the end of training (`max_steps` reached): transformers (5.23) resumed
         mid-epoch trains one step past `max_steps` before it checks, so the "resumed" model would not be the
         checkpoint's or an uninterrupted run's."""
-        state_file = os.path.join(checkpoint, "trainer_state.json")
-        if self.args.max_steps <= 0 or not os.path.isfile(state_file):
+        steps = saved_steps(checkpoint)  # None: the Trainer reports a missing or unreadable state itself
+        if self.args.max_steps <= 0 or steps is None:
             return
-        try:
-            with open(state_file, encoding="utf-8") as f:
-                step = int(json.load(f).get("global_step", 0))
-        except (OSError, ValueError, TypeError):
-            return  # the Trainer reports an unreadable state itself
+        step = steps[0]
         if step >= self.args.max_steps:
             raise ResumeError(f"{checkpoint} was saved at step {step}, the end of training (max_steps="
                               f"{self.args.max_steps}): there is nothing left to train, and resuming would train one "

@@ -58,7 +58,6 @@ from ..record import (
     CONFIG_KEY,
     STATE_TRAINING,
     is_compressed,
-    record_group_dims,
     record_weight_keys,
     require_record,
     with_compressed_marker,
@@ -76,20 +75,20 @@ from .codec import (
     tensor_sha256,
 )
 from .directory import (
-    CARD_NAME,
     COMPRESSED_NAME,
     CONFIG_NAME,
     DENSE_NAME,
     CheckpointError,
     checkpoint_dir,
+    checkpoint_group_dims,
     copy_extra_files,
     file_inside,
-    is_nm_hf_card,
     open_safetensors,
     read_config,
     read_dense_tensors,
     read_json,
     refuse_overlap,
+    stale_card,
 )
 from .layout import record_layout, resolve_model_class
 
@@ -249,12 +248,6 @@ def write_decompressed(src: Path, stage: Path, config: dict[str, Any], record: d
                       sort_keys=True)
 
 
-def _stale_card(src: Path) -> set[str]:
-    """{README.md} when `src` holds a model card nm_hf wrote for its weights format (wrong after a conversion:
-    its usage snippet and "weights format"); a card written by hand travels unchanged."""
-    return {CARD_NAME} if is_nm_hf_card(src / CARD_NAME) else set()
-
-
 def compress_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *, overwrite: bool = False,
                         group_dims: dict[str, int] | None = None) -> Path:
     """Write the compressed form of the saved (finalized) checkpoint `src` to the new directory `dst`.
@@ -267,12 +260,9 @@ def compress_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *, overw
     if is_compressed(record):
         raise CheckpointError(f"{src} is already compressed")
     refuse_overlap(src, dst)
-    try:
-        group_dims = group_dims or record_group_dims(record, config)
-    except ValueError as err:
-        raise CheckpointError(f"{src / CONFIG_NAME}: {err}") from None
+    group_dims = group_dims or checkpoint_group_dims(src, record, config)
     with atomic_directory(dst, overwrite) as stage:
-        write_compressed(src, stage, config, record, group_dims, skip=_stale_card(src))
+        write_compressed(src, stage, config, record, group_dims, skip=stale_card(src))
     return Path(dst)
 
 
@@ -284,7 +274,7 @@ def decompress_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *, ove
         raise CheckpointError(f"{src} is not compressed (no 'compressed' marker in its '{CONFIG_KEY}' record)")
     refuse_overlap(src, dst)
     with atomic_directory(dst, overwrite) as stage:
-        write_decompressed(src, stage, config, record, skip=_stale_card(src))
+        write_decompressed(src, stage, config, record, skip=stale_card(src))
     return Path(dst)
 
 

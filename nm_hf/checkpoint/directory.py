@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
-from ..record import require_record
+from ..record import RecordError, record_group_dims, require_record
 
 __all__ = [
     "CheckpointError",
@@ -41,6 +41,8 @@ __all__ = [
     "read_dense_tensors",
     "is_training_state",
     "is_nm_hf_card",
+    "stale_card",
+    "checkpoint_group_dims",
     "CARD_NAME",
     "extra_files",
     "copy_extra_files",
@@ -101,6 +103,14 @@ def read_config(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]
     config = read_json(file_inside(directory, CONFIG_NAME, "the model config"), "the model config")
     record = require_record(config, where=directory / CONFIG_NAME, error=CheckpointError)
     return config, record
+
+
+def checkpoint_group_dims(directory: Path, record: dict[str, Any], config: dict[str, Any]) -> dict[str, int]:
+    """`record_group_dims` of a checkpoint's record; a malformed record is a CheckpointError naming its config.json."""
+    try:
+        return record_group_dims(record, config)
+    except RecordError as err:
+        raise CheckpointError(f"{directory / CONFIG_NAME}: {err}") from None
 
 
 def _allowed_roots(directory: Path) -> list[Path]:
@@ -190,6 +200,12 @@ def is_nm_hf_card(path: Path) -> bool:
     except (OSError, ValueError, UnicodeDecodeError):  # CheckpointError included: extra_files reports it
         return False
     return isinstance(tags, list) and "nm_hf" in tags and "nm-sparsity" in tags
+
+
+def stale_card(src: Path) -> set[str]:
+    """{README.md} when `src` holds a model card nm_hf wrote for its weights format (wrong after a conversion:
+    its usage snippet and "weights format"), else nothing: a card written by hand travels unchanged."""
+    return {CARD_NAME} if is_nm_hf_card(src / CARD_NAME) else set()
 
 
 def extra_files(src: Path, skip: Iterable[str] = ()) -> list[str]:

@@ -38,6 +38,7 @@ from .directory import (
     CONFIG_NAME,
     CheckpointError,
     checkpoint_dir,
+    checkpoint_group_dims,
     dense_weight_files,
     file_inside,
     open_safetensors,
@@ -272,10 +273,7 @@ def _compressed_selection(layers: Sequence[str], record: dict[str, Any], config:
     elsewhere = {name: key for name, key in record_weight_keys(record).items() if key not in stored}
     saved_as: dict[str, list[str]] = {}
     if elsewhere:
-        try:
-            dims = record_group_dims(record, config)
-        except RecordError as err:
-            raise CheckpointError(f"{directory / CONFIG_NAME}: {err}") from None
+        dims = checkpoint_group_dims(directory, record, config)
         layout = record_layout({**record, "targeted_modules": list(elsewhere)}, dims, stored, directory=directory)
         saved_as = {name: list(keys) for name, keys in layout.items() if keys}
     wanted: list[str] = []

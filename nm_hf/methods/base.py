@@ -104,6 +104,12 @@ class SparsityMethod:
     def prepare(self, layer: SparseLayerMixin) -> None:
         """Called once when `layer` is sparsified (after every targeted layer was converted)."""
 
+    @property
+    def has_prepare(self) -> bool:
+        """True when the method defines its own `prepare` (it may write the weights, as `fixed` does):
+        `sparsify` keeps a copy of the weights to undo it on an error, and only then."""
+        return type(self).prepare is not SparsityMethod.prepare
+
     def ranking_weight(self, layer: SparseLayerMixin, weight: torch.Tensor) -> torch.Tensor:
         """What the mask ranks by magnitude (detached); default the weight itself."""
         return weight
