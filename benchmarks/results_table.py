@@ -532,6 +532,9 @@ _COLOURS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab
 _MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">")
 
 
+#: the windows when the results runs were suspended (SIGSTOP, for a quiet benchmark or a demo), written by whoever
+#: stopped them: {"windows": [{"start": ISO, "end": ISO, "why": ...}]}
+SUSPENSIONS = ROOT / "benchmarks" / "results" / "suspensions.json"
 #: two runs count as side by side when their training overlapped for this share of each (of the longer one: a
 #: resumed run's short last part inside a dense run's training is no pair)
 PAIRED_OVERLAP = 0.8
@@ -548,12 +551,28 @@ def _training_interval(run: dict) -> tuple[float, float] | None:
     return end - float(seconds), end
 
 
-def paired_throughput(runs: list[dict]) -> dict[str, list[float]]:
+def load_suspensions(path: Path = SUSPENSIONS) -> list[tuple[float, float]]:
+    """The (start, end) POSIX seconds of every recorded suspension window in `path` (none when it is absent)."""
+    if not path.is_file():
+        return []
+    windows = json.loads(path.read_text()).get("windows", [])
+    return [(datetime.datetime.fromisoformat(w["start"]).timestamp(),
+             datetime.datetime.fromisoformat(w["end"]).timestamp()) for w in windows]
+
+
+def paired_throughput(runs: list[dict], suspensions: list[tuple[float, float]] = ()) -> dict[str, list[float]]:
     """Per non-dense row: its tokens/s over that of the dense run that trained beside it (the dense run whose
-    training overlapped most, at least PAIRED_OVERLAP of the longer of the two), one ratio per such run."""
+    training overlapped most, at least PAIRED_OVERLAP of the longer of the two), one ratio per such run.
+
+    A run whose training spans one of `suspensions` ((start, end) seconds: its processes were stopped for a
+    while) has a tokens/s that counts the stop as training time, so it is left out on either side of a pair."""
     def interval_and_speed(run: dict) -> tuple[tuple[float, float], float] | None:
         interval, speed = _training_interval(run), (run.get("throughput") or {}).get("tokens_per_second")
-        return (interval, float(speed)) if interval and _numbers([speed]) and speed > 0 else None
+        if not interval or not _numbers([speed]) or speed <= 0:
+            return None
+        if any(start < interval[1] and interval[0] < end for start, end in suspensions):
+            return None
+        return interval, float(speed)
 
     runs = latest_runs(runs)
     dense = [found for run in runs if run["method"] == "dense" and (found := interval_and_speed(run))]
@@ -573,20 +592,22 @@ def paired_throughput(runs: list[dict]) -> dict[str, list[float]]:
     return ratios
 
 
-def paired_throughput_line(runs: list[dict]) -> str:
+def paired_throughput_line(runs: list[dict], suspensions: list[tuple[float, float]] = ()) -> str:
     """The markdown line of `paired_throughput`, rows in table order; empty when no run had a dense partner."""
-    ratios = paired_throughput(runs)
+    ratios = paired_throughput(runs, suspensions)
     if not ratios:
         return ""
     parts = [f"{row} {', '.join(f'{r:.3f}' for r in ratios[row])}" for row in rows_in_order(runs) if row in ratios]
     return (f"Throughput, sparse / dense train tokens/s, only for runs that trained side by side with a dense run "
-            f"(one core each, training overlapping at least {PAIRED_OVERLAP:.0%} of each), every learning rate and seed: "
-            + "; ".join(parts) + ". The `train tokens/s` column above mixes runs with different neighbours.")
+            f"(one core each, training overlapping at least {PAIRED_OVERLAP:.0%} of each, neither one's training across "
+            f"a window in `{_relative(SUSPENSIONS)}` when the runs were stopped), every learning rate and seed: "
+            + "; ".join(parts) + ". The `train tokens/s` column above mixes runs with different neighbours and stops.")
 
 
-def render_section(recipe: str, runs: list[dict], source: Path, figures: list[tuple[str, str]] = ()) -> str:
+def render_section(recipe: str, runs: list[dict], source: Path, figures: list[tuple[str, str]] = (),
+                   suspensions: list[tuple[float, float]] | None = None) -> str:
     """The generated markdown of one results file: the seeds table at the chosen rates, the lr grid, and a
-    line linking `figures` ((title, relative link) pairs)."""
+    line linking `figures` ((title, relative link) pairs); `suspensions` default to `load_suspensions()`."""
     if not runs:
         return f"_No runs recorded yet in `{_relative(source)}`._"
     replaced = len(runs) - len(latest_runs(runs))
@@ -597,7 +618,7 @@ def render_section(recipe: str, runs: list[dict], source: Path, figures: list[tu
         "grid's; `(edge)`: the best lies at the edge of the rates run), mean ± sd over the seeds run so far:",
         "", seeds_table(recipe, runs), "",
         "Learning-rate grid (validation metric; the chosen rate in bold):", "", grid_table(recipe, runs)]
-    paired = paired_throughput_line(runs)
+    paired = paired_throughput_line(runs, load_suspensions() if suspensions is None else suspensions)
     if paired:
         lines += ["", paired]
     if figures:

@@ -588,3 +588,20 @@ def test_a_resumed_runs_short_last_part_inside_a_dense_run_is_no_pair():
     runs = [timed(lm_run("dense", 4e-3, 42, 55.0, 54.0), "2026-12-04T01:00:00+00:00", 1000, 6000.0),
             timed(lm_run("ste", 1.6e-2, 42, 54.0, 53.0), "2026-12-04T00:55:00+00:00", 35, 900.0)]  # resumed: 35 s
     assert rt.paired_throughput(runs) == {}
+
+
+def test_a_run_trained_across_a_suspension_window_is_no_pair(tmp_path):
+    def timed(run: dict, end: str, seconds: float, speed: float) -> dict:
+        return {**run, "finished_at": end, "throughput": {"tokens_per_second": speed, "train_runtime_s": seconds}}
+
+    runs = [timed(lm_run("dense", 4e-3, 42, 55.0, 54.0), "2026-12-04T01:00:00+00:00", 1000, 3000.0),
+            timed(lm_run("sr-ste", 1.6e-2, 42, 54.0, 53.0), "2026-12-04T01:00:30+00:00", 1000, 5850.0)]
+    windows = tmp_path / "suspensions.json"
+    windows.write_text(json.dumps({"windows": [
+        {"start": "2026-12-04T00:50:00+00:00", "end": "2026-12-04T00:55:00+00:00", "why": "quiet window"}]}))
+    assert rt.paired_throughput(runs) == {"sr-ste 2:4": [pytest.approx(1.95)]}
+    stopped = rt.load_suspensions(windows)
+    assert rt.paired_throughput(runs, stopped) == {}
+    assert "Throughput, sparse" not in rt.render_section("language_modeling", runs, windows, suspensions=stopped)
+    assert "sr-ste 2:4 1.950" in rt.render_section("language_modeling", runs, windows, suspensions=[])
+    assert rt.load_suspensions(tmp_path / "absent.json") == []
