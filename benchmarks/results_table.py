@@ -387,7 +387,11 @@ def _lr(value) -> str:
     return "-" if value is None else f"{float(value):g}"
 
 
-def validation_grid(recipe: str, runs: list[dict]) -> dict[str, dict[float, dict[object, float]]]:
+#: per row, per learning rate, per seed: a validation metric (`validation_grid`)
+Grid = dict[str, dict[float, dict[object, float]]]
+
+
+def validation_grid(recipe: str, runs: list[dict]) -> Grid:
     """Per row, per learning rate, per seed: the validation headline metric."""
     key, _, _ = HEADLINES[recipe]
     by_row: dict[str, dict[float, dict[object, float]]] = {}
@@ -416,20 +420,21 @@ def at_grid_edge(grid: dict[float, dict[object, float]], lr: float) -> bool:
     return len(rates) > 1 and lr in (rates[0], rates[-1])
 
 
-def chosen_learning_rates(recipe: str, runs: list[dict]) -> dict[str, float]:
+def chosen_learning_rates(recipe: str, runs: list[dict], *, grid: Grid | None = None) -> dict[str, float]:
     """Per row: the learning rate with the best validation metric (lower perplexity, higher BLEU).
 
     Rates are compared on the grid's seed (GRID_SEED) alone, as the protocol says: a mean over three seeds
     against one seed's value would favour whichever rate had the luckier seed, and adding seeds (at the
     chosen rate, or at every rate) must not move the choice. A rate without that seed is no candidate. A
     row that never ran it is compared on the seeds all its rates ran (each rate's mean over all its seeds
-    when they share none). Ties go to the rate recorded first.
+    when they share none). Ties go to the rate recorded first. `grid`: `validation_grid(recipe, runs)` when the
+    caller has it (a rendered section builds it once for its two tables).
     """
     pick = max if HEADLINES[recipe][2] else min
     chosen = {}
-    for row, grid in validation_grid(recipe, runs).items():
-        candidates = [lr for lr in grid if compared_value(grid, lr) is not None]
-        chosen[row] = pick(candidates, key=lambda lr, grid=grid: compared_value(grid, lr))
+    for row, row_grid in (validation_grid(recipe, runs) if grid is None else grid).items():
+        candidates = [lr for lr in row_grid if compared_value(row_grid, lr) is not None]
+        chosen[row] = pick(candidates, key=lambda lr, row_grid=row_grid: compared_value(row_grid, lr))
     return chosen
 
 
@@ -458,15 +463,16 @@ def is_plain_row(run: dict) -> bool:
     return row_label(run) == run["method"] + (f" {run['pattern']}" if run.get("pattern") else "")
 
 
-def grid_table(recipe: str, runs: list[dict]) -> str:
+def grid_table(recipe: str, runs: list[dict], *, grid: Grid | None = None) -> str:
     """Validation metric per learning rate (rows: method and pattern), the chosen rate in bold.
 
     A cell shows the value the rates are compared on (`compared_value`) and, where the rate has more seeds,
-    their number and mean; a chosen rate at the edge of its row's grid is marked `(edge)`."""
+    their number and mean; a chosen rate at the edge of its row's grid is marked `(edge)`. `grid`: as for
+    `chosen_learning_rates`."""
     key, _, _ = HEADLINES[recipe]
-    by_row = validation_grid(recipe, runs)
-    rates = sorted({lr for grid in by_row.values() for lr in grid})
-    chosen = chosen_learning_rates(recipe, runs)
+    by_row = validation_grid(recipe, runs) if grid is None else grid
+    rates = sorted({lr for row_grid in by_row.values() for lr in row_grid})
+    chosen = chosen_learning_rates(recipe, runs, grid=by_row)
     lines = [f"| validation {key} | " + " | ".join(f"lr {_lr(lr)}" for lr in rates) + " |",
              "|" + "---|" * (len(rates) + 1)]
     for row in rows_in_order(runs):
@@ -487,11 +493,12 @@ def grid_table(recipe: str, runs: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def seeds_table(recipe: str, runs: list[dict]) -> str:
-    """Per row, at its chosen learning rate: test metrics as mean ± sd over the seeds, and the run details."""
+def seeds_table(recipe: str, runs: list[dict], *, grid: Grid | None = None) -> str:
+    """Per row, at its chosen learning rate: test metrics as mean ± sd over the seeds, and the run details.
+    `grid`: as for `chosen_learning_rates`."""
     key, tests, _ = HEADLINES[recipe]
-    chosen = chosen_learning_rates(recipe, runs)
-    grids = validation_grid(recipe, runs)
+    grids = validation_grid(recipe, runs) if grid is None else grid
+    chosen = chosen_learning_rates(recipe, runs, grid=grids)
     titles = ["method", "lr", *[title for title, _, _ in tests], f"val {key}", "seeds", "sparsity",
               "SAD from init", "mean flip rate", "train tokens/s"]
     lines = ["| " + " | ".join(titles) + " |", "|" + "---|" * len(titles)]
@@ -611,13 +618,14 @@ def render_section(recipe: str, runs: list[dict], source: Path, figures: list[tu
     if not runs:
         return f"_No runs recorded yet in `{_relative(source)}`._"
     replaced = len(runs) - len(latest_runs(runs))
+    grid = validation_grid(recipe, runs)  # once for both tables (and the chosen rates each shows)
     lines = [
         f"{len(runs)} runs recorded in `{_relative(source)}`"
         + (f" ({replaced} replaced by a later entry of the same row, rate and seed)" if replaced else "")
         + f". Test metrics at each row's chosen learning rate (best validation metric on seed {GRID_SEED}, the "
         "grid's; `(edge)`: the best lies at the edge of the rates run), mean ± sd over the seeds run so far:",
-        "", seeds_table(recipe, runs), "",
-        "Learning-rate grid (validation metric; the chosen rate in bold):", "", grid_table(recipe, runs)]
+        "", seeds_table(recipe, runs, grid=grid), "",
+        "Learning-rate grid (validation metric; the chosen rate in bold):", "", grid_table(recipe, runs, grid=grid)]
     paired = paired_throughput_line(runs, load_suspensions() if suspensions is None else suspensions)
     if paired:
         lines += ["", paired]

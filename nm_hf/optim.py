@@ -105,7 +105,8 @@ class StepAdamW(torch.optim.Optimizer):
         total_steps: optimizer steps in the whole run; sets the clipping bounds (see module docstring).
             None: no clipping.
         switch_threshold: AutoSwitch switches once the windowed mean of `mean |v_t - v_{t-1}|` is below it.
-        window: steps in AutoSwitch's window; None: `1 / (1 - beta2)`.
+        window: steps in AutoSwitch's window; None: `1 / (1 - beta2)`, with the beta2 of the param groups
+            holding `masked_params` (a group's own betas, else `betas`; refused if those groups differ).
         min_switch_fraction, max_switch_fraction: the clipping bounds as fractions of `total_steps`.
         masked_params: the weights AutoSwitch watches and whose `v` is frozen (the sparse layers'
             weights); None: every parameter.
@@ -149,7 +150,7 @@ class StepAdamW(torch.optim.Optimizer):
                                        for i, p in enumerate(group["params"]) if id(p) in masked)
         self.total_steps = total_steps
         self.switch_threshold = float(switch_threshold)
-        self.window = autoswitch_window(float(betas[1]), window)
+        self.window = autoswitch_window(self._watched_beta2(float(betas[1]), window is not None), window)
         self.min_step, self.max_step = autoswitch_bounds(total_steps, low, high)
         self.on_phase = on_phase
         #: optimizer steps taken, the AutoSwitch values in the window, the step after which it switched
@@ -176,6 +177,28 @@ class StepAdamW(torch.optim.Optimizer):
     def autoswitch_statistic(self) -> float | None:
         """The mean of the window AutoSwitch compares with `switch_threshold` (None before the first step)."""
         return sum(self.window_values) / len(self.window_values) if self.window_values else None
+
+    def _watched_beta2(self, default: float, window_given: bool) -> float:
+        """The beta2 of the `v` AutoSwitch watches, for its window: the groups holding masked weights may carry
+        their own betas (as in any AdamW), and their `v` moves with theirs, not the constructor's (`default`,
+        used when no group holds a masked weight). Groups of masked weights with different beta2 have no
+        window of their own to share: refused unless `window` is given."""
+        watched: dict[float, list[int]] = {}
+        for g, group in enumerate(self.param_groups):
+            group_betas = group["betas"]
+            if not isinstance(group_betas, (tuple, list)) or len(group_betas) != 2:
+                raise ValueError(f"StepAdamW: param group {g}'s betas must be a pair (beta1, beta2), got "
+                                 f"{group_betas!r}")
+            for i, beta in enumerate(group_betas):
+                _number(beta, f"param group {g}'s betas[{i}]", 0.0, math.nextafter(1.0, 0.0))
+            if any((g, i) in self._masked_slots for i in range(len(group["params"]))):
+                watched.setdefault(float(group_betas[1]), []).append(g)
+        if len(watched) > 1 and not window_given:
+            groups = "; ".join(f"param group{'s' if len(gs) > 1 else ''} {', '.join(map(str, gs))}: beta2 {b:g}"
+                               for b, gs in watched.items())
+            raise ValueError(f"StepAdamW: the masked weights' param groups have different beta2 ({groups}), so "
+                             "AutoSwitch's window (1 / (1 - beta2)) is ambiguous: give them one beta2 or pass window=")
+        return next(iter(watched), default)
 
     def _announce(self) -> None:
         if self.on_phase is not None:

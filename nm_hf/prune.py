@@ -341,9 +341,9 @@ def prune(model: nn.Module, config: SparsityConfig | Mapping[str, Any] | None = 
     was_training = inner.training
     inner.eval()
     snapshots: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    by_block = None if blocks is None else _by_block(blocks[0], targets)  # once: the capture and the pruning use it
     try:
-        captured = None if blocks is None else _capture_block_inputs(
-            inner, blocks[1], max(_by_block(blocks[0], targets)), calibration)
+        captured = None if blocks is None else _capture_block_inputs(inner, blocks[1], max(by_block), calibration)
         # nothing has changed up to here: from now on every change is undone on an error
         try:
             if blocks is None:
@@ -351,7 +351,7 @@ def prune(model: nn.Module, config: SparsityConfig | Mapping[str, Any] | None = 
                     _snapshot(snapshots, target)
                     _prune_magnitude(target, config)
             else:
-                _prune_blocks(blocks, targets, captured, config, criterion, block_size, damping, progress,
+                _prune_blocks(blocks[1], by_block, captured, config, criterion, block_size, damping, progress,
                               snapshots)
             sparsify(inner, config)
         except BaseException:
@@ -370,13 +370,13 @@ def _snapshot(snapshots: dict[str, tuple[torch.Tensor, torch.Tensor]], target: T
     snapshots[target.name] = (weight, weight.detach().to("cpu", copy=True))
 
 
-def _prune_blocks(blocks: tuple[str, nn.ModuleList], targets: list[Target], captured: list, config: SparsityConfig,
-                  criterion: str, block_size: int, damping: float, progress: bool,
+def _prune_blocks(block_list: nn.ModuleList, by_block: dict[int, list[Target]], captured: list,
+                  config: SparsityConfig, criterion: str, block_size: int, damping: float, progress: bool,
                   snapshots: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Wanda or SparseGPT, block by block; `by_block`: the targets per block index (`_by_block`, computed once
+    by `prune`, which also sized the capture with it)."""
     from tqdm.auto import tqdm
 
-    list_name, block_list = blocks
-    by_block = _by_block(list_name, targets)
     calls = [batch_calls for batch_calls, _ in captured]
     masks = [mask for _, mask in captured]
     last = max(by_block)

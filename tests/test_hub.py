@@ -139,6 +139,40 @@ def test_load_sparse_ties_when_a_kept_weight_is_zero(tmp_path):
     assert mask[first_zero] and mask[nonzero].all()
 
 
+@pytest.mark.parametrize("method, config", [
+    ("fixed", {}), ("sr-ste", {"decay": 2e-4}), ("sr-ste", {"mask_update_interval": 3}), ("s-ste", {}), ("step", {}),
+    ("decaying-mask", {"method_args": {"decay_steps": 4}}),
+])
+def test_load_sparse_computes_what_was_saved_with_the_method_state_afresh(tmp_path, method, config):
+    """A trained model, saved finalized and reloaded: the same outputs in eval and in training mode (S-STE's
+    saved weights carry its old scale, so the reloaded scale is 1), and the state of a new run (step 0, STEP
+    dense), as load_sparse's docstring says."""
+    import nm_hf
+
+    model = tiny_model("llama")
+    sparsify(model, SparsityConfig(method=method, **config))
+    optimizer = nm_hf.create_sparse_optimizer(model, lr=0.02, total_steps=10)
+    inputs = tiny_inputs(model)
+    for _ in range(7):  # STEP switches by step 5, the decaying mask is exact N:M from step 4
+        model(**inputs, labels=inputs["input_ids"]).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        nm_hf.after_optimizer_step(model, 0.02)
+    with torch.no_grad():
+        before = {mode: output_tensor(model.train(mode)(**inputs)) for mode in (False, True)}
+    states = [dict(layer.nm_method_state) for _, layer in iter_sparse_layers(model)]
+    finalize(model).save_pretrained(tmp_path)
+    reloaded = load_sparse(tmp_path)
+    with torch.no_grad():
+        for mode in (False, True):
+            assert torch.equal(output_tensor(reloaded.train(mode)(**inputs)), before[mode]), mode
+    assert {layer.nm_step for _, layer in iter_sparse_layers(reloaded)} == {0}
+    fresh = {"s-ste": {"scale": 1.0}, "step": {"switch_step": None}}.get(method, {})
+    assert all(layer.nm_method_state == fresh for _, layer in iter_sparse_layers(reloaded))
+    if fresh:
+        assert all(state != fresh for state in states)  # the trained model's state was not the fresh one
+
+
 def test_load_sparse_compressed_dir(tmp_path):
     model = sparse_model("marian", torch.float16)
     save_compressed(model, tmp_path / "c")

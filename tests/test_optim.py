@@ -196,3 +196,32 @@ def test_a_gradient_laid_out_unlike_its_parameter_is_applied_to_the_right_weight
     StepAdamW([p], lr=0.1, switch_threshold=0.0, total_steps=100).step()
     torch.optim.AdamW([q], lr=0.1, foreach=False).step()
     assert torch.equal(p.detach(), q.detach())
+
+
+def test_the_window_follows_the_beta2_of_the_masked_weights_groups():
+    """A group's own betas set its `v`'s speed, so AutoSwitch's window is that group's 1 / (1 - beta2), not the
+    constructor's: the same run switches where an optimizer built with that beta2 does."""
+    threshold, total = 1e-3, 200
+    reference_params, params = _params(), _params()
+    reference = StepAdamW(reference_params, betas=(0.9, 0.9), total_steps=total, switch_threshold=threshold)
+    grouped = StepAdamW([{"params": params, "betas": (0.9, 0.9)}], total_steps=total, switch_threshold=threshold)
+    assert grouped.window == reference.window == 10
+    _run(reference, reference_params, 120, scale=decaying)
+    _run(grouped, params, 120, scale=decaying)
+    assert grouped.switch_step == reference.switch_step is not None
+    assert grouped.switch_step < reference.max_step  # the statistic decided, not the clip
+    # only the groups holding masked weights count
+    plain = StepAdamW([{"params": params[:1], "betas": (0.9, 0.99)}, {"params": params[1:], "betas": (0.9, 0.9)}],
+                      masked_params=params[:1])
+    assert plain.window == 100
+
+
+def test_masked_weights_groups_with_different_beta2_need_a_window():
+    params = _params()
+    groups = [{"params": params[:1], "betas": (0.9, 0.99)}, {"params": params[1:]}]
+    with pytest.raises(ValueError, match=r"param group 0: beta2 0.99; param group 1: beta2 0.999.*pass window=") as info:
+        StepAdamW(groups)
+    assert "\n" not in str(info.value)
+    assert StepAdamW(groups, window=50).window == 50
+    with pytest.raises(ValueError, match=r"param group 1's betas\[1\] must be"):
+        StepAdamW([{"params": params[:1]}, {"params": params[1:], "betas": (0.9, 1.0)}])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import sys
 
 import pytest
 import torch
@@ -235,6 +236,25 @@ def test_the_model_is_left_sparsified_with_the_method_and_keeps_the_pruned_mask(
     optimizer.step()
     nm_hf.after_optimizer_step(model, 0.1)
     assert any(layer.weight[~pruned[name]].any() for name, layer in iter_sparse_layers(model))
+
+
+@pytest.mark.parametrize("criterion", ["wanda", "sparsegpt"])
+def test_the_targets_are_grouped_by_block_once(criterion, monkeypatch):
+    """The grouping of the targets by block sizes the calibration capture and drives the pruning: computed once."""
+    module = sys.modules["nm_hf.prune"]  # `nm_hf.prune` is the function
+    calls = []
+
+    def counted(*args):
+        calls.append(args[0])
+        return original(*args)
+
+    original = module._by_block
+    monkeypatch.setattr(module, "_by_block", counted)
+    model = tiny_model("llama")
+    nm_hf.prune(model, SparsityConfig(), criterion=criterion, calibration=calibration(2), progress=False)
+    assert calls == ["model.layers"]
+    for _, layer in iter_sparse_layers(model):
+        assert check_nm(layer.weight, 2, 4, dim=1)
 
 
 def test_progress_bar_over_blocks(capsys):

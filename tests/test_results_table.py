@@ -605,3 +605,18 @@ def test_a_run_trained_across_a_suspension_window_is_no_pair(tmp_path):
     assert "Throughput, sparse" not in rt.render_section("language_modeling", runs, windows, suspensions=stopped)
     assert "sr-ste 2:4 1.950" in rt.render_section("language_modeling", runs, windows, suspensions=[])
     assert rt.load_suspensions(tmp_path / "absent.json") == []
+
+
+def test_a_rendered_section_builds_the_validation_grid_once(monkeypatch):
+    """The seeds table, the grid table and the chosen rates of each share one grid, with the same text."""
+    runs = [lm_run("dense", 4e-3, 42, 54.0, 53.0), lm_run("dense", 8e-3, 42, 55.0, 54.0),
+            lm_run("sr-ste", 4e-3, 42, 56.0, 55.0), lm_run("sr-ste", 4e-3, 1, 57.0, 56.0)]
+    expected = "\n".join(["", rt.seeds_table("language_modeling", runs), "",
+                          "Learning-rate grid (validation metric; the chosen rate in bold):", "",
+                          rt.grid_table("language_modeling", runs)])
+    built = []
+    original = rt.validation_grid
+    monkeypatch.setattr(rt, "validation_grid", lambda *args: built.append(args) or original(*args))
+    section = rt.render_section("language_modeling", runs, Path("lm.json"), suspensions=[])
+    assert len(built) == 1
+    assert expected in section

@@ -156,6 +156,18 @@ def load_sparse(path_or_model_id: str | os.PathLike, model_class: Any = None, **
     `sparsify` (see `restore_sparsity`). Raises `CheckpointError` when a local directory is missing,
     config.json has no nm_sparsity record or the weights break the stored N:M pattern (naming the layers).
     Do not pass `device_map`: accelerate's dispatch hooks stop `sparsify`; move the model with `.to()`.
+
+    "Ready to train" is a new run from these N:M weights, not a continuation, because a saved model holds
+    only the baked weights: the eval forward is the saved model's (the training forward too where it was
+    exactly N:M, i.e. not during `decaying-mask`'s decay or STEP's dense phase), but the method state
+    starts afresh, as after any `sparsify`. The step counter is 0 (the
+    `decaying-mask` schedule and `mask_update_interval` restart; `nm_hf.set_training_step` sets it),
+    S-STE's scale is 1 (the saved weights already carry the old one), STEP starts in its dense phase (a
+    new `StepAdamW` switches again), and the pruned weights' training values are gone (zeros), as is the
+    optimizer state. To continue a run exactly, resume the Trainer from a checkpoint
+    (`resume_from_checkpoint`: dense weights, optimizer, `sparse_training_state.pt`); a plain loop saves
+    the dense weights and `nm_hf.sparse_training_state(model)` and restores them with
+    `nm_hf.load_sparse_training_state`.
     """
     from transformers import AutoConfig
 

@@ -230,7 +230,7 @@ class ModelArguments:
     calibration_samples: int | None = field(
         default=None,
         metadata={"help": "--prune_criterion wanda/sparsegpt: the first N training examples, in batches of "
-                  f"--per_device_train_batch_size, are the calibration data (default {CALIBRATION_SAMPLES})."},
+                  f"--per_device_train_batch_size, are the calibration data (unset: {CALIBRATION_SAMPLES})."},
     )
     keep_freed_memory: bool = field(
         default=True,
