@@ -410,8 +410,22 @@ class SparseTrainerMixin:
         # the Trainer averages the data gradient over the micro-batches of one update (fewer in the last
         # update of an epoch when the batches do not divide evenly): scale the decay the same way
         steps = getattr(self, "current_gradient_accumulation_steps", None) or self.args.gradient_accumulation_steps
-        self._set_decay_scale(1.0 / steps)
+        self._set_decay_scale(self._nm_loss_scale() / steps)
         return super().training_step(model, inputs, num_items_in_batch)
+
+    def _nm_loss_scale(self) -> float:
+        """fp16's loss scale while a gradient-mode decay is in use, else 1.
+
+        The decay is added to the gradient in backward, where the gradient is still multiplied by the
+        GradScaler's scale; the unscaling after backward divides the decay too, so it is scaled up here.
+        Reading the scale costs one device sync per micro-batch, only in that case.
+        """
+        scaler = getattr(self.accelerator, "scaler", None)
+        config = self.sparsity_config
+        if scaler is None or not scaler.is_enabled() or config is None or config.decay_mode != "gradient" \
+                or not config.effective_decay:
+            return 1.0
+        return float(scaler.get_scale())
 
     # ------------------------------------------------------------------ training / resume / tracker
 

@@ -311,6 +311,24 @@ def test_gradient_accumulation_applies_gradient_decay_once_per_update(tmp_path):
         torch.testing.assert_close(w_acc[~pruned], w_ste[~pruned], rtol=0, atol=2e-6)
 
 
+def test_gradient_decay_is_not_divided_by_the_fp16_loss_scale(tmp_path):
+    # fp16 training scales the loss before backward and unscales the gradients after it; the decay term
+    # added in backward must come out of the unscaling as decay * (1 - mask) * W, not divided by the scale.
+    # A CPU GradScaler stands in for the one accelerate builds for fp16 on a GPU.
+    lr, decay = 0.1, 2.0
+    cfg = SparsityConfig(method="sr-ste", decay=decay, decay_mode="gradient")
+    plain = _one_step(tmp_path, "plain", cfg, batch=4, accumulation=1, lr=lr)
+    model = gpt2()
+    args = lm_args(tmp_path / "scaled", max_steps=1, per_device_train_batch_size=4, optim="sgd", learning_rate=lr,
+                   lr_scheduler_type="constant", max_grad_norm=0.0, logging_steps=1)
+    trainer = SparseTrainer(model=model, args=args, train_dataset=lm_data(4), sparsity_config=cfg)
+    trainer.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    trainer.train()
+    for name, _ in iter_sparse_layers(plain):
+        torch.testing.assert_close(model.get_submodule(name).weight.detach(),
+                                   plain.get_submodule(name).weight.detach(), rtol=1e-5, atol=1e-6)
+
+
 def test_decoupled_decay_shrinks_pruned_weights_after_the_step(tmp_path):
     lr, decay = 0.1, 0.5
     ste = _one_step(tmp_path, "ste", SparsityConfig(method="ste"), batch=4, accumulation=1, lr=lr)
