@@ -50,6 +50,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any], *, 
     temporary file is removed and `path` is left as it was.
     """
     path = Path(path)
+    if path.is_dir():  # else the rename fails naming the hidden temporary file
+        raise IsADirectoryError(f"{path} is a directory; give a file name")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:

@@ -210,7 +210,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         runs = _load_runs(args.runs, args.labels)
         out = plot_histories(runs, args.output, title=args.title)
-    except (FileNotFoundError, ValueError, MatplotlibMissing) as err:
+    except (OSError, ValueError, MatplotlibMissing) as err:  # a missing run, an -o that cannot be written, ...
         print(f"error: {err}", file=sys.stderr)
         return 2
     for label in (label for label, doc in runs if _too_short(doc)):

@@ -19,8 +19,9 @@ Definitions (sums over all tracked layers; per-layer values go into the history 
 - `flip_rate`: fraction of mask entries that changed in one optimizer step, averaged over the
   `step()` calls since the last log. One weight swapped into a group and one out count as 2 flips.
 - `pruned_weight_norm`: L2 norm of the weights the mask currently removes (SR-STE drives it down).
-- `sparsity`: fraction of exact zeros in the weights the forward pass uses (`weight * mask`; the
-  dense weight for method "dense", whose would-be mask is still tracked so SAD compares across methods).
+- `sparsity`: fraction of exact zeros in `weight * mask`, the weights the layers compute with outside
+  training (the dense weight for method "dense", whose would-be mask is still tracked so SAD compares
+  across methods); a training forward may use more (STEP's dense phase, decaying-mask while alpha > 0).
 
 Cost: `step()` asks every layer for `current_mask()`, which is cached until the weights change, so the
 next forward reuses it (for method "dense" it is an extra `nm_mask` per layer per step). `step(defer=True)`
@@ -139,7 +140,8 @@ class SparsityTracker:
         self._group, self._shard = self._shard_group()
         self._sharded = [is_sharded(layer.weight) for _, layer in self._layers]
         self._local_shapes = [tuple(local_tensor(layer.weight).shape) for _, layer in self._layers]
-        self._reduced_total_flips = 0
+        # sharded: the flip total summed over the shards at the last `_measure` (None: not summed since a load)
+        self._reduced_total_flips: int | None = 0
 
         with torch.no_grad():
             masks = [self._local_mask(layer) for _, layer in self._layers]
@@ -360,6 +362,8 @@ class SparsityTracker:
         """
         if self.history and not self.window_steps:
             record = self.history[-1]
+            if self._group is not None and self._reduced_total_flips is None:
+                self._measure()  # restored by load_state_dict: sum the shards' flip totals (one all-reduce)
         else:
             record, _ = self._measure()
             record["step"] = None  # not logged: the tracker does not know the global step
@@ -460,6 +464,7 @@ class SparsityTracker:
         self.total_steps = int(state["total_steps"])
         self.history = list(state["history"])
         self._pending = [False] * len(self._layers)
+        self._reduced_total_flips = None  # this rank's totals were restored: summed again at the next measure
 
     def save_state(self, path: str | os.PathLike) -> Path:
         """`torch.save(state_dict())` atomically (`nm_hf._files`: whole file or none)."""

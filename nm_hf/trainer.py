@@ -607,6 +607,7 @@ class SparseTrainerMixin:
 
     def _start_tracker(self) -> None:
         self._restore_sparse_state()
+        self._share_method_state()
         tracker = SparsityTracker(self.model)
         resume_dir, state = self._nm_resume_dir, self._nm_tracker_state
         if state is not None:
@@ -619,6 +620,27 @@ class SparseTrainerMixin:
                            "as the initial ones", resume_dir, TRACKER_STATE_FILE, self.state.global_step)
         self._nm_tracker_state = None
         self.sparsity_tracker = tracker
+
+    def _share_method_state(self) -> None:
+        """Multi-process: every rank takes the main process's method state (S-STE's scale).
+
+        A method state computed at `sparsify` from each rank's own initial weights (a model built from
+        a config without the same seed on every rank) would otherwise stay per rank after DDP copied the
+        main process's weights to all ranks: the ranks would train different forwards, and the checkpoint
+        (rank 0's) would not resume the others. One small broadcast when training begins.
+        """
+        import torch.distributed as dist
+
+        if self.args.world_size <= 1 or not dist.is_available() or not dist.is_initialized():
+            return
+        layers = [layer for _, layer in iter_sparse_layers(self.model)]
+        if not layers:
+            return
+        states = [[dict(layer.nm_method_state) for layer in layers]]
+        dist.broadcast_object_list(states, src=0)
+        for layer, state in zip(layers, states[0], strict=True):
+            layer.nm_method_state = layer.method.check_state(layer, state or {})
+            layer.forget_eval_weight()
 
     def _end_tracker(self) -> None:
         if self.sparsity_tracker is None:

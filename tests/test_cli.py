@@ -323,6 +323,13 @@ def test_plot_command(tmp_path, capsys):
         runs.append(str(tmp_path / name))
     assert main(["plot", *runs, "-o", str(tmp_path / "out.png")]) == 0
     assert (tmp_path / "out.png").read_bytes().startswith(b"\x89PNG")
+    assert "not enough logged steps" not in capsys.readouterr().err
+    short = SparsityTracker(sparsify(tiny_model("gpt2"), SparsityConfig(method="ste")))
+    short.step()
+    short.log_metrics(1)  # one logged step: not drawn, and the command says so (as python -m nm_hf.plot does)
+    short.save(tmp_path / "short" / HISTORY_FILE)
+    assert main(["plot", runs[0], str(tmp_path / "short"), "-o", str(tmp_path / "out2.png")]) == 0
+    assert "note: ste (short): not enough logged steps (fewer than 2), not drawn" in capsys.readouterr().err
     assert main(["plot", str(tmp_path / "missing"), "-o", str(tmp_path / "x.png")]) == 2
     assert capsys.readouterr().err.startswith("nm-hf plot: error: ")
 

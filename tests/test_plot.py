@@ -147,6 +147,11 @@ def test_plot_cli_errors(tmp_path, capsys):
     assert plot_main([str(tmp_path / "missing"), "-o", str(tmp_path / "x.png")]) == 2
     assert "no sparsity_history.json found" in capsys.readouterr().err
     assert not (tmp_path / "x.png").exists()
+    _write_run(tmp_path / "run", "ste", 0.02)
+    assert plot_main([str(tmp_path / "run"), "-o", str(tmp_path / "run")]) == 2  # -o names a directory
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'run'} is a directory" in err and ".tmp" not in err, err
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
 
 
 def test_plot_labels_fall_back_to_directory_names(tmp_path, monkeypatch):

@@ -446,6 +446,32 @@ def test_state_dict_resume_continues_identically(tmp_path):
         assert packed.dtype == torch.uint8 and packed.numel() == math.ceil(numel / 8)  # 1 bit per weight
 
 
+def test_sharded_summary_right_after_a_resume_sums_the_restored_flips(monkeypatch):
+    """A sharded (FSDP2) tracker sums its flip total over the shards at `_measure`; one restored by
+    `load_state_dict` at a log boundary (no step since) must not report a mean flip rate of 0."""
+    import nm_hf.tracker as tracker_module
+
+    # one shard of a one-rank group: the all-reduce is the identity, the sharded code path runs
+    monkeypatch.setattr(tracker_module.dist, "all_reduce", lambda tensor, group=None: None)
+    model = sparsify(tiny_model("gpt2"), SparsityConfig(method="ste"))
+    tracker = SparsityTracker(model)
+    tracker._group = object()
+    g = torch.Generator().manual_seed(0)
+    for _ in range(2):
+        with torch.no_grad():
+            for _, layer in iter_sparse_layers(model):
+                layer.weight.add_(torch.randn(layer.weight.shape, generator=g) * 0.05)
+        tracker.step()
+    tracker.log_metrics(2)
+    expected = tracker.summary()
+    assert expected["mean_flip_rate"] > 0
+
+    resumed = SparsityTracker(model)
+    resumed._group = object()
+    resumed.load_state_dict(tracker.state_dict())
+    assert resumed.summary() == expected
+
+
 def test_load_state_rejects_another_model(tmp_path):
     tracker = SparsityTracker(sparsify(tiny_model("gpt2"), SparsityConfig()))
     tracker.save_state(tmp_path / "t.pt")
