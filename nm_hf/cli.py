@@ -20,9 +20,7 @@ from .checkpoint.compressed import compress_checkpoint, decompress_checkpoint
 from .checkpoint.directory import CheckpointError
 from .checkpoint.inspect import inspect_checkpoint, parse_pattern
 from .layers import available_layer_kinds
-from .plot import NOT_ENOUGH_STEPS, PLOT_FILE, MatplotlibMissing, plot_histories
-from .plot import _load_runs as load_runs
-from .plot import _too_short as too_short
+from .plot import PLOT_FILE, MatplotlibMissing, plot_runs
 from .record import is_compressed
 
 __all__ = ["main", "build_parser"]
@@ -82,10 +80,7 @@ def _decompress(args: argparse.Namespace) -> int:
 
 
 def _plot(args: argparse.Namespace) -> int:
-    runs = load_runs(args.runs, args.labels)
-    out = plot_histories(runs, args.output, title=args.title)
-    for label in (label for label, doc in runs if too_short(doc)):  # as `python -m nm_hf.plot` says it
-        print(f"note: {label}: {NOT_ENOUGH_STEPS} (fewer than 2), not drawn", file=sys.stderr)
+    out = plot_runs(args.runs, args.output, labels=args.labels, title=args.title, notes=sys.stderr)
     print(f"wrote {out}")
     return 0
 

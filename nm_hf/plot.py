@@ -21,7 +21,7 @@ import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from ._files import atomic_write
 from .tracker import HISTORY_FILE, SparsityTracker
@@ -194,9 +194,15 @@ def _load_runs(run_dirs: Sequence[str | os.PathLike],
 
 
 def plot_runs(run_dirs: Sequence[str | os.PathLike], output: str | os.PathLike,
-              labels: Sequence[str] | None = None, title: str | None = None) -> Path:
-    """Read each run's `sparsity_history.json` (a run directory or the file) and plot them together."""
-    return plot_histories(_load_runs(run_dirs, labels), output, title=title)
+              labels: Sequence[str] | None = None, title: str | None = None, notes: TextIO | None = None) -> Path:
+    """Read each run's `sparsity_history.json` (a run directory or the file) and plot them together;
+    a run with too few logged steps to draw is named on `notes` (e.g. `sys.stderr`) when given."""
+    runs = _load_runs(run_dirs, labels)
+    out = plot_histories(runs, output, title=title)
+    if notes is not None:
+        for label in (label for label, doc in runs if _too_short(doc)):
+            print(f"note: {label}: {NOT_ENOUGH_STEPS} (fewer than 2), not drawn", file=notes)
+    return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -208,13 +214,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--title", help="figure title")
     args = parser.parse_args(argv)
     try:
-        runs = _load_runs(args.runs, args.labels)
-        out = plot_histories(runs, args.output, title=args.title)
+        out = plot_runs(args.runs, args.output, labels=args.labels, title=args.title, notes=sys.stderr)
     except (OSError, ValueError, MatplotlibMissing) as err:  # a missing run, an -o that cannot be written, ...
         print(f"error: {err}", file=sys.stderr)
         return 2
-    for label in (label for label, doc in runs if _too_short(doc)):
-        print(f"note: {label}: {NOT_ENOUGH_STEPS} (fewer than 2), not drawn", file=sys.stderr)
     print(f"wrote {out}")
     return 0
 
