@@ -78,7 +78,10 @@ def iter_sparse_layers(model: nn.Module) -> Iterator[tuple[str, SparseLayerMixin
     (mixture-of-experts expert weights, whose layer object is owned by the experts module).
     """
     for name, module in unwrap_model(model).named_modules():
-        yield from sparse_layers_of(name, module)
+        if isinstance(module, SparseLayerMixin):  # `sparse_layers_of`'s first case, without a generator per module
+            yield name, module
+        elif module.__dict__.get("nm_parts"):
+            yield from sparse_layers_of(name, module)
 
 
 def is_sparsified(model: nn.Module) -> bool:

@@ -246,12 +246,19 @@ def count_changed(mask: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
     One read of both on CPU with the native kernels (the tracker's flip count); elsewhere
     `count_nonzero(mask ^ previous)`, which stays on the device (no synchronisation).
     """
+    counted = count_changed_native(mask, previous)
+    return torch.count_nonzero(mask ^ previous) if counted is None else torch.tensor(counted)
+
+
+def count_changed_native(mask: torch.Tensor, previous: torch.Tensor) -> int | None:
+    """`count_changed` as a Python int where the native kernel takes the two masks (CPU), else None (the
+    caller counts on the device); the same checks. For callers that add the count to a tensor anyway."""
     if mask.dtype != torch.bool or previous.dtype != torch.bool or mask.shape != previous.shape:
         raise ValueError(f"count_changed: needs two boolean masks of one shape, got {mask.dtype} "
                          f"{tuple(mask.shape)} and {previous.dtype} {tuple(previous.shape)}")
     if _native_ready(mask, previous):
-        return torch.tensor(_splitting_kernel("count_changed_u8")(mask.data_ptr(), previous.data_ptr(), mask.numel()))
-    return torch.count_nonzero(mask ^ previous)
+        return _splitting_kernel("count_changed_u8")(mask.data_ptr(), previous.data_ptr(), mask.numel())
+    return None
 
 
 def _check_nm(n: int, m: int) -> None:
@@ -382,19 +389,21 @@ def _choose_mask(weight: torch.Tensor, n: int, m: int, dim: int, with_masked: bo
     outer = math.prod(weight.shape[:d])
     inner = math.prod(weight.shape[d + 1:])
     rows = outer * (size // m)
+    if rows and inner and raw.dtype in _NATIVE_KEYS and _native_ready(raw):
+        # the kernels see flat buffers: mask and masked weight are made in the weight's shape and dtype (no views
+        # to build per call; this runs in every training forward of every layer)
+        out = torch.empty(weight.shape, dtype=torch.bool, device=weight.device)
+        # float8 and friends are ranked on float32 keys: their masked weight cannot come from those keys
+        keys_are_weights = raw.element_size() == weight.element_size()
+        masked = (torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
+                  if with_masked and keys_are_weights else None)
+        _native_mask(raw, out, sign_clear, n, m, rows, inner, masked)
+        return out, masked
     raw = raw.reshape(rows, m, inner)
     out = torch.empty(raw.shape, dtype=torch.bool, device=weight.device)
     if rows == 0 or inner == 0:
         return out.reshape(weight.shape), None
 
-    if _native_ready(raw, out) and raw.dtype in _NATIVE_KEYS:
-        # float8 and friends are ranked on float32 keys: their masked weight cannot come from those keys
-        keys_are_weights = raw.element_size() == weight.element_size()
-        masked = torch.empty(raw.shape, dtype=raw.dtype) if with_masked and keys_are_weights else None
-        _native_mask(raw, out, sign_clear, n, m, rows, inner, masked)
-        if masked is not None:
-            masked = masked.view(weight.dtype).reshape(weight.shape)
-        return out.reshape(weight.shape), masked
     chunk_rows = max(1, _CHUNK_ELEMENTS // (m * inner))
     if weight.device.type != "cpu" or rows <= chunk_rows:
         _rank_chunk(raw, out, sign_clear, n, m)

@@ -66,7 +66,7 @@ from ._files import atomic_write, atomic_write_text
 from .injection import iter_sparse_layers
 from .layers import mark_weights_updated
 from .layers.base import add_mask_listener, is_sharded, is_sparse_layer, local_tensor
-from .masks import count_changed
+from .masks import count_changed_native
 from .record import read_record
 
 __all__ = ["SparsityTracker", "HISTORY_FILE", "TRACKER_STATE_FILE", "METRIC_PREFIX", "pack_bits",
@@ -236,7 +236,11 @@ class SparsityTracker:
                           f"{tuple(prev.shape)} to {mask.device} {tuple(mask.shape)}; the flips of its last "
                           "step are not counted", UserWarning, stacklevel=2)
             return
-        flips = count_changed(mask, prev)  # one read of both; a 0-dim tensor on the device (no sync)
+        # one read of both: a Python int on CPU (no tensor made per layer and step), else a 0-dim tensor on the
+        # device (no sync)
+        flips = count_changed_native(mask, prev)
+        if flips is None:
+            flips = torch.count_nonzero(mask ^ prev)
         self._window_flips[index] += flips
         self._total_flips[index] += flips
         self._prev_masks[index] = mask
@@ -518,11 +522,11 @@ def _on_new_mask(tracker_ref: weakref.ref, index: int, layer: Any, mask: torch.T
     tracker = tracker_ref()
     if tracker is None or tracker._sharded[index] or not tracker._pending[index]:
         return
-    with torch.no_grad():
-        if mask is None:
+    if mask is None:
+        with torch.no_grad():
             tracker._settle_layer(index, strict=False)
-        else:
-            tracker._count(index, mask, strict=False)
+    else:  # counting two boolean masks into integer counters records nothing for autograd
+        tracker._count(index, mask, strict=False)
 
 
 def _before_optimizer_step(tracker_ref: weakref.ref, optimizer: Any, args: Any, kwargs: Any) -> None:

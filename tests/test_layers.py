@@ -14,7 +14,7 @@ import nm_hf.layers
 from nm_hf.config import SparsityConfig
 from nm_hf.injection import apply_decoupled_decay
 from nm_hf.layers import SparseConv1D, SparseLinear, mark_weights_updated, nm_linear
-from nm_hf.masks import nm_mask
+from nm_hf.masks import apply_mask, nm_mask
 
 IN, OUT = 16, 12
 DECAY = 0.3  # large, so that a missing or doubled decay term is far outside the tolerances
@@ -403,6 +403,43 @@ def test_gradcheck_input_and_bias_float64():
     mask = nm_mask(w.detach(), 2, 4)
     assert torch.autograd.gradcheck(lambda xx, ww, bb: nm_linear(xx, ww, bb, mask, freeze_pruned=True), (x, w, b))
     assert torch.autograd.gradcheck(lambda xx, bb: nm_linear(xx, w, bb, mask, decay=0.5), (x, b))
+
+
+@pytest.mark.parametrize("shape", [(16, 12), (8, 1), (12, 8, "non-contiguous")])
+@pytest.mark.parametrize("variant", ["decay", "freeze", "straight", "masked given", "weight is masked"])
+def test_nm_linear_stored_transposed_is_the_transposed_call_bit_for_bit(shape, variant):
+    """`stored_transposed=True` (weight, mask and masked given as stored [in, out], as SparseConv1D passes them)
+    gives the output and every gradient of the call on their [out, in] views, bit for bit (the weight's
+    gradient in the stored layout), also where the stored weight is not contiguous or has a dimension of 1."""
+    torch.manual_seed(0)
+    stored = torch.randn(shape[0], shape[1])
+    if len(shape) == 3:
+        stored = stored.t().contiguous().t()
+    mask = nm_mask(stored, 2, 4, dim=0)
+    if variant == "weight is masked":
+        stored = apply_mask(stored, mask)
+    x = torch.randn(3, 5, shape[0])
+    bias = torch.randn(shape[1])
+    decay = 0.5 if variant == "decay" else 0.0
+    results = []
+    for given_stored in (False, True):
+        w = stored.clone().requires_grad_()
+        b = bias.clone().requires_grad_()
+        xx = x.clone().requires_grad_()
+        m = mask if given_stored else mask.t()
+        weight = w if given_stored else w.t()
+        masked = None
+        if variant == "masked given":
+            masked = apply_mask(w.detach(), mask)
+            masked = masked if given_stored else masked.t()
+        elif variant == "weight is masked":
+            masked = weight
+        y = nm_linear(xx, weight, b, m, decay=decay, freeze_pruned=variant == "freeze", masked=masked,
+                      stored_transposed=given_stored)
+        y.pow(2).sum().backward()
+        results.append([y.detach(), xx.grad, w.grad, b.grad])
+    for a, b in zip(*results, strict=True):
+        assert a.shape == b.shape and torch.equal(a.view(torch.int32), b.view(torch.int32))
 
 
 @pytest.mark.parametrize("n, m", [(1, 4), (4, 8), (1, 2), (2, 8)])

@@ -25,6 +25,7 @@ of its weight to another device or dtype.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import warnings
 import weakref
@@ -36,7 +37,6 @@ import torch
 from torch.autograd.graph import increment_version
 from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch.utils.hooks import RemovableHandle
-from torch.utils.weak import WeakIdKeyDictionary
 
 from ..config import SparsityConfig
 from ..masks import nm_mask, nm_mask_and_apply, nm_mask_transposable, pruned_nonzero
@@ -68,17 +68,33 @@ _STEPS = [0]
 
 #: a number per weight tensor object the cache keys were made for (held weakly, off the tensors and the layers):
 #: a new tensor at the address of a freed one has the same version (0), so address and version alone would let
-#: it hit the caches of the tensor it replaces (`torch.func.functional_call` with a fresh weight per call)
-_TENSOR_IDS: WeakIdKeyDictionary = WeakIdKeyDictionary()
+#: it hit the caches of the tensor it replaces (`torch.func.functional_call` with a fresh weight per call).
+#: id(tensor) -> (weak reference to that tensor, its number): an entry whose reference no longer gives back the
+#: very tensor asked about (dead, or another object now at that id) is replaced, and a dead tensor's entry is
+#: removed by its reference's callback. (A plain dict looked up by id: `WeakIdKeyDictionary.get` builds a
+#: reference object per lookup, and every training forward of every layer asks.)
+_TENSOR_NUMBERS: dict[int, tuple[weakref.ref, int]] = {}
 _NEXT_TENSOR_ID = itertools.count()
 
 
-@torch.compiler.disable
-def _tensor_id(tensor: torch.Tensor) -> int:
-    number = _TENSOR_IDS.get(tensor)
-    if number is None:
-        number = _TENSOR_IDS[tensor] = next(_NEXT_TENSOR_ID)
+def _forget_tensor_number(key: int, ref: weakref.ref, numbers: dict = _TENSOR_NUMBERS) -> None:
+    entry = numbers.get(key)  # (the dict bound at definition: callbacks may run as the interpreter exits)
+    if entry is not None and entry[0] is ref:
+        del numbers[key]
+
+
+def _tensor_number(tensor: torch.Tensor) -> int:
+    """`_tensor_id` for eager callers (and those already outside compiled graphs)."""
+    key = id(tensor)
+    entry = _TENSOR_NUMBERS.get(key)
+    if entry is not None and entry[0]() is tensor:
+        return entry[1]
+    number = next(_NEXT_TENSOR_ID)
+    _TENSOR_NUMBERS[key] = (weakref.ref(tensor, functools.partial(_forget_tensor_number, key)), number)
     return number
+
+
+_tensor_id = torch.compiler.disable(_tensor_number)
 
 
 def optimizer_steps() -> int:
@@ -111,10 +127,15 @@ def add_mask_listener(layer: SparseLayerMixin,
     return handle
 
 
-@torch.compiler.disable  # a compiled forward breaks its graph where it re-chooses a mask anyway (`nm_mask`)
-def _tell_listeners(layer: SparseLayerMixin, mask: torch.Tensor | None) -> None:
-    for callback in tuple(_MASK_LISTENERS.get(layer, {}).values()):
-        callback(layer, mask)
+def _tell_listeners_now(layer: SparseLayerMixin, mask: torch.Tensor | None) -> None:
+    callbacks = _MASK_LISTENERS.get(layer)
+    if callbacks:
+        for callback in tuple(callbacks.values()):
+            callback(layer, mask)
+
+
+# a compiled forward breaks its graph where it re-chooses a mask anyway (`nm_mask`)
+_tell_listeners = torch.compiler.disable(_tell_listeners_now)
 
 
 def settle_mask_listeners(layer: SparseLayerMixin) -> None:
@@ -220,20 +241,23 @@ class SparseLayerMixin:
         if loads_weight:
             note_weights_loaded(self)  # FSDP2 and periodic masks: see the module docstring
 
-    def _weight_key(self) -> tuple | None:
-        w = self.weight
+    def _weight_key(self, w: torch.Tensor | None = None) -> tuple | None:
+        """The cache key of `w` (default: `self.weight`, which callers that hold it pass)."""
+        if w is None:
+            w = self.weight
         if w.is_inference():  # no version counter: in-place changes cannot be seen, never reuse
             return None
-        version, number = w._version, _tensor_id(w)
+        version = w._version
+        number = _tensor_id(w) if torch.compiler.is_compiling() else _tensor_number(w)
         if is_sharded(w):
             w = local_tensor(w)  # the DTensor's own counter sees in-place updates, its local tensor's does not
         return (_STEPS[0], self.__dict__.get("_nm_generation", 0), version, number, w.data_ptr(), w.device, w.dtype,
                 tuple(w.shape))
 
-    def _mask_key(self) -> tuple | None:
+    def _mask_key(self, weight: torch.Tensor | None = None) -> tuple | None:
         interval = self.nm_mask_interval
         if interval == 1:
-            return self._weight_key()
+            return self._weight_key(weight)
         # the mask moves only every `interval` counted steps, not with the weights; it is state the weights
         # cannot rebuild mid-interval, so a copy of the layer (copy.deepcopy) or a weight moved to another
         # device or dtype keeps it (moved along in `current_mask_and_masked`) until the next refresh; new
@@ -317,28 +341,34 @@ class SparseLayerMixin:
         """`current_mask()`, and `apply_mask(weight, mask)` when this call re-chose the mask in the same pass
         over the weight, or `self.weight` itself while the method found it equal to that bit for bit (None
         otherwise: the caller masks the weight itself). For training forwards."""
-        if is_sharded(self.weight):
-            return self._sharded_mask(self.weight), None
-        key = self._mask_key()
+        weight = self.weight
+        if is_sharded(weight):
+            return self._sharded_mask(weight), None
+        # the state is read and written through the instance dict (what `nm_setup` set; nn.Module's
+        # `__setattr__` would only end there too, after its checks): this runs in every training forward
+        state = self.__dict__
+        key = self._mask_key(weight)
         masked = None
-        fresh = key is None or self._nm_mask_key != key or self._nm_mask_cache is None
+        cache = state.get("_nm_mask_cache")
+        fresh = key is None or state.get("_nm_mask_key") != key or cache is None
         if fresh:
             # never cache an inference tensor: a later training forward could not save it for backward
             with torch.inference_mode(False):
-                detached = self.weight.detach()
-                self._nm_mask_cache, masked = self.choose_mask(detached, want_masked)
+                detached = weight.detach()
+                cache, masked = self.choose_mask(detached, want_masked)
+            state["_nm_mask_cache"] = cache
             # already N:M with +0.0 pruned entries: the weight is its own masked copy while the key holds
-            self._nm_weight_is_masked = masked is detached and not self.mask_is_periodic
-            self._nm_mask_key = key
-            _tell_listeners(self, self._nm_mask_cache)
-        elif self._nm_mask_cache.device != self.weight.device:  # a periodic mask follows its weight's moves
-            if self.weight.is_meta:  # a shape probe (functional_call with meta weights) must not lose the mask
-                return self._nm_mask_cache.to("meta"), None
-            self._nm_mask_cache = self._nm_mask_cache.to(self.weight.device)
+            state["_nm_weight_is_masked"] = masked is detached and not self.mask_is_periodic
+            state["_nm_mask_key"] = key
+            _tell_listeners_now(self, cache)  # this method is already outside compiled graphs
+        elif cache.device != weight.device:  # a periodic mask follows its weight's moves
+            if weight.is_meta:  # a shape probe (functional_call with meta weights) must not lose the mask
+                return cache.to("meta"), None
+            cache = state["_nm_mask_cache"] = cache.to(weight.device)
         # the re-check reads the weight: only for callers that will use it unmasked (not the tracker's lookups)
-        if want_masked and self.__dict__.get("_nm_weight_is_masked") and (fresh or self._weight_still_masked()):
-            masked = self.weight
-        return self._nm_mask_cache, masked
+        if want_masked and state.get("_nm_weight_is_masked") and (fresh or self._weight_still_masked()):
+            masked = weight
+        return cache, masked
 
     @torch.compiler.disable
     def _weight_still_masked(self) -> bool:

@@ -28,22 +28,22 @@ class Sparse2DLayer(SparseLayerMixin):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight, bias = self.weight, self.bias
-        if not self.is_masked:
+        method = self.method  # `is_masked` is `method.masks_forward`: the method is looked up once per call
+        if not method.masks_forward:
             return F.linear(x, self._linear_layout(weight), bias)
         if not self.training and not torch.is_grad_enabled():
             return F.linear(x, self._linear_layout(self.cached_eval_weight()), bias)
-        method = self.method
         if method.dense_training_forward(self):
             return F.linear(x, self._linear_layout(weight), bias)
         if method.fused_forward:
             if self.nm_mask_interval > 1:
                 self.warn_if_steps_uncounted()
             mask, masked = self.current_mask_and_masked()
-            linear_weight = self._linear_layout(weight)
-            if masked is not None:  # `weight` itself (already masked) is passed as such: backward skips masking too
-                masked = linear_weight if masked is weight else self._linear_layout(masked)
-            return nm_linear(x, linear_weight, bias, self._linear_layout(mask), decay=method.gradient_decay(self),
-                             freeze_pruned=method.freezes_pruned(self), masked=masked)
+            # weight, mask and masked go in their stored layout (`weight` itself, when already masked, as such:
+            # backward skips masking too); a Conv1D's [in, out] is transposed inside the function
+            return nm_linear(x, weight, bias, mask, decay=method.gradient_decay(self),
+                             freeze_pruned=method.freezes_pruned(self), masked=masked,
+                             stored_transposed=self.group_dim != 1)
         if method.uses_step or self.nm_mask_interval > 1:
             self.warn_if_steps_uncounted()
         return F.linear(x, self._linear_layout(method.forward_weight(self, weight, self.current_mask())), bias)

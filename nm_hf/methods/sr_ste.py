@@ -30,13 +30,13 @@ class SRSTEMethod(SparsityMethod):
             return 0.0
         return layer.nm_decay * layer.nm_decay_scale
 
-    @torch.no_grad()
     def after_optimizer_step(self, layer, lr: float) -> bool:
         if layer.nm_decay_mode != "decoupled" or not layer.nm_decay:
-            return False
-        weight = layer.weight
-        weight.sub_(weight.masked_fill(layer.current_mask(), 0), alpha=lr * layer.nm_decay)
-        layer.restamp_mask()  # shrinking pruned weights cannot change the mask
+            return False  # (checked before entering no_grad: this runs for every layer after every step)
+        with torch.no_grad():
+            weight = layer.weight
+            weight.sub_(weight.masked_fill(layer.current_mask(), 0), alpha=lr * layer.nm_decay)
+            layer.restamp_mask()  # shrinking pruned weights cannot change the mask
         return True
 
     def extra_repr(self, layer) -> str:
