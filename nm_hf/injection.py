@@ -160,7 +160,12 @@ def _select(model: nn.Module, selector: str | tuple[str, ...], field: str) -> tu
             continue
         for n in matched:
             found = _entry_hits(units, n)
-            if not found and n in named:
+            if not found and n in named and isinstance(getattr(named[n], "base_layer", None), nn.Module) \
+                    and isinstance(getattr(named[n], "adapter_layer_names", None), tuple):
+                problems.append(f"{field} entry {entry!r} matched {n!r}, a PEFT {type(named[n]).__name__} adapter "
+                                f"layer: name the layer under it ({n + '.base_layer'!r}), or sparsify the base "
+                                "model before get_peft_model")
+            elif not found and n in named:
                 problems.append(f"{field} entry {entry!r} matched {n!r}, a {type(named[n]).__name__}, "
                                 "not a linear layer")
             hits += [h for h in found if h not in hits]
@@ -208,10 +213,28 @@ def _adapter_layers(model: nn.Module) -> dict[str, str]:
     return found
 
 
+def _saved_originals(model: nn.Module) -> dict[str, str]:
+    """Modules under `original_module` of a PEFT `modules_to_save` wrapper, by name, with their wrapper's name.
+
+    The wrapper's forward runs its trainable copy (`modules_to_save`), which `sparsify` never converts: a sparse
+    original would only run with the adapters disabled, and the copy would train and merge dense.
+    """
+    wrappers = [name for name, module in model.named_modules()
+                if "modules_to_save" in (getattr(module, "adapter_layer_names", None) or ())
+                and isinstance(getattr(module, "original_module", None), nn.Module)]
+    found = {}
+    for wrapper in wrappers:
+        prefix = f"{wrapper}.original_module" if wrapper else "original_module"
+        for name, _ in model.named_modules():
+            if name == prefix or name.startswith(prefix + "."):
+                found[name] = wrapper
+    return found
+
+
 def _preset_targets(model: nn.Module, config: SparsityConfig, units: dict[str, Target]) -> list[str]:
     """Targets of "all-linear" (linear kinds) / "all" (every kind, input sizes divisible by m only)."""
     heads = _head_module_ids(model)
-    adapters = _adapter_layers(model)
+    adapters = {**_adapter_layers(model), **_saved_originals(model)}
     tied = _embedding_weights(model)
     every = config.target_modules == "all"
     return [
@@ -269,6 +292,7 @@ def _resolve_targets(model: nn.Module, config: SparsityConfig) -> tuple[list[str
 
     embedding_weights = _embedding_weights(model)
     adapters = _adapter_layers(model)
+    originals = _saved_originals(model)
     for name in targets:
         target = units[name]
         mod = target.module
@@ -277,6 +301,11 @@ def _resolve_targets(model: nn.Module, config: SparsityConfig) -> tuple[list[str
             problems.append(f"{name!r} is {adapters[target.module_name]}, a PEFT adapter layer: sparsify the base "
                             "model before adding adapters, and keep merged LoRA deltas N:M with "
                             "nm_hf.peft.preserve_sparsity")
+            continue
+        if target.module_name in originals:
+            problems.append(f"{name!r} is in PEFT's modules_to_save ({originals[target.module_name]!r}): its forward "
+                            "runs a trainable copy that would stay dense; sparsify the base model before "
+                            f"get_peft_model (the copy of a sparse layer is sparse), or {hint}")
             continue
         if _is_sparse_target(target):
             problems.append(f"{name!r} is already sparse (the model was sparsified before)")
@@ -532,11 +561,29 @@ def after_optimizer_step(model: nn.Module, lr: float) -> int:
     count drives `mask_update_interval` and scheduled methods ("decaying-mask"). Returns the number of
     layers the hooks changed.
     """
+    layers = list(iter_sparse_layers(model))
+    _check_shards(layers)
     changed = 0
-    for _, layer in iter_sparse_layers(model):
+    for _, layer in layers:
         layer.nm_step += 1
         changed += bool(layer.method.after_optimizer_step(layer, lr))
     return changed
+
+
+def _check_shards(layers: list[tuple[str, SparseLayerMixin]]) -> None:
+    """Refuse sharded weights that cannot be masked shard by shard (`SparseLayerMixin.sharding_problem`) at the
+    first step, not when `finalize` or the tracker first look at the shards: the forward sees whole all-gathered
+    weights and never checks."""
+    problems = []
+    for name, layer in layers:
+        if is_sharded(layer.weight):
+            try:
+                layer.check_sharding()
+            except ValueError as err:
+                problems.append(f"{name!r}: {err}")
+    if problems:
+        raise ValueError("after_optimizer_step: sharded sparse layers cannot be masked shard by shard (nothing was "
+                         "counted):\n  - " + "\n  - ".join(problems))
 
 
 #: the older name of `after_optimizer_step` (the same function, kept importable): call one of them once per step

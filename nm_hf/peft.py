@@ -145,7 +145,14 @@ def _names(names: list[str], k: int = 3) -> str:
     return shown + (f" and {len(names) - k} more" if len(names) > k else "")
 
 
-def _record_hint(peft_model: nn.Module) -> str:
+def _record_hint(peft_model: nn.Module, lora_layer: type) -> str:
+    if any(isinstance(m, SparseLayerMixin) and m.is_masked for m in peft_model.modules()):
+        adapted = [name for name, m in peft_model.named_modules() if isinstance(m, lora_layer)]
+        if not adapted:
+            return ("it has N:M layers but no LoRA layer: add the adapter first (peft.get_peft_model), then call "
+                    "preserve_sparsity on the PEFT model")
+        return (f"it has N:M layers, but the LoRA layers ({_names(adapted)}) sit on none of them: target the "
+                "N:M layers in LoraConfig(target_modules=...)")
     config = getattr(peft_model, "config", None)
     if config is not None and getattr(config, "nm_sparsity", None) is not None:
         return ("its config has an nm_sparsity record but its layers are plain: load the base model with "
@@ -174,7 +181,7 @@ def preserve_sparsity(peft_model: nn.Module) -> nn.Module:
                   if isinstance(module, lora_layer) and _on_nm_expert_parameter(module)]
     if not layers and not on_experts:
         raise ValueError(f"preserve_sparsity: no LoRA adapter of {type(peft_model).__name__} sits on an N:M "
-                         f"layer; {_record_hint(peft_model)}")
+                         f"layer; {_record_hint(peft_model, lora_layer)}")
     problems: dict[str, list[str]] = {}
     if on_experts:
         problems["LoRA on N:M expert Parameters (target_parameters): their deltas cannot be masked, and the sparse "

@@ -300,6 +300,13 @@ class SparseTrainerMixin:
 
     def __init__(self, *args: Any, sparsity_config: SparsityConfig | dict[str, Any] | None = None,
                  **kwargs: Any) -> None:
+        if kwargs.get("peft_config") is not None:
+            # TRL would wrap the sparsified model in LoRA after this sparsifies it: the frozen base trains no mask
+            # (metrics stay 0) and save_model writes the adapter alone, not the masked base it was trained against
+            raise ValueError(
+                f"{type(self).__name__}: peft_config is not supported (the base weights would be frozen: no mask "
+                "to train, and the masked base would not be saved); for LoRA on an N:M model use the plain trainer on "
+                "a base from nm_hf.load_sparse or nm_hf.prune, with nm_hf.peft.preserve_sparsity (docs/pretrained.md)")
         self._nm_config_arg = _as_config(sparsity_config)
         self.sparsity_config = None
         self.sparsity_tracker = None

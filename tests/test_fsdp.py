@@ -156,3 +156,27 @@ def test_mark_weights_updated_reaches_a_forward_tensor_whose_key_cannot_change()
     mark_weights_updated([layer])
     layer._parameters["weight"] = full
     assert torch.equal(layer.current_mask(), first.flip(1))
+
+
+def test_a_shard_boundary_cutting_groups_is_refused_at_the_first_step_not_at_finalize():
+    """The forward masks the whole all-gathered weight and never checks the shards: without a tracker, a cut
+    group (or a periodic mask) used to surface only in `finalize`, after the whole run."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    import nm_hf
+
+    model = torch.nn.Sequential(SparseConv1D(8, 12, config=SparsityConfig(method="ste")))  # [12, 8]: 6 rows a rank
+    dist.init_process_group("fake", rank=0, world_size=2, store=FakeStore())
+    try:
+        mesh = init_device_mesh("cpu", (2,))
+        local = model[0].weight.detach()[:6].clone()
+        model[0].weight = torch.nn.Parameter(DTensor.from_local(local, mesh, [Shard(0)], run_check=False,
+                                                                shape=(12, 8), stride=(8, 1)))
+        with pytest.raises(ValueError, match=r"'0': SparseConv1D: weight \(12, 8\) sharded 2 ways .* chunks of 6 rows"):
+            nm_hf.after_optimizer_step(model, 0.01)
+        assert model[0].nm_step == 0  # nothing counted
+    finally:
+        dist.destroy_process_group()

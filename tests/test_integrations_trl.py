@@ -147,3 +147,16 @@ def test_sft_trainer_given_a_model_path_sparsifies_what_it_loads(tmp_path):
     for name in saved.config.nm_sparsity["targeted_modules"]:
         module = saved.get_submodule(name)
         assert check_nm(module.weight, 2, 4, dim=group_dim_of(module)), name
+
+
+def test_the_mixin_refuses_a_peft_config_before_it_changes_the_model(tmp_path):
+    peft = pytest.importorskip("peft")
+    tokenizer = trained_tokenizer()
+    model = tiny_llama(len(tokenizer))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="peft_config is not supported .*nm_hf.peft.preserve_sparsity"):
+        SparseSFT(model=model, args=sft_args(tmp_path), train_dataset=datasets.Dataset.from_dict({"text": texts()}),
+                  processing_class=tokenizer, peft_config=peft.LoraConfig(r=4, target_modules="all-linear"),
+                  sparsity_config=SparsityConfig(n=2, m=4, method="sr-ste"))
+    assert not list(iter_sparse_layers(model))
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

@@ -611,3 +611,29 @@ def test_mask_lookups_of_a_fixed_layer_do_not_reread_its_weight(monkeypatch):
     assert torch.equal(mask, layer.cached_mask()) and reads == []
     layer(x)  # a training forward on a cache hit checks before using the weight unmasked
     assert len(reads) == 1
+
+
+@pytest.mark.parametrize("method", ["ste", "decaying-mask"])
+def test_a_compiled_forward_is_not_recompiled_at_every_counted_step(one_thread, method):
+    """A layer whose forward reads the counted steps (a periodic mask; decaying-mask's factor) must not guard its
+    compiled frame on `nm_step`: it changes every step, and after 8 recompiles torch.compile runs the layer eagerly."""
+    import nm_hf
+
+    torch.manual_seed(0)
+    config = (SparsityConfig(method="ste", mask_update_interval=2) if method == "ste"
+              else SparsityConfig(method=method, method_args={"decay_steps": 10}))
+    model = nn.Sequential(nn.Linear(16, 8))
+    nm_hf.sparsify(model, config)
+    compiled = torch.compile(model, backend="aot_eager")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    x = torch.randn(4, 16)
+    torch._dynamo.reset()
+    try:
+        for step in range(6):
+            with torch._dynamo.config.patch(error_on_recompile=step >= 2):
+                compiled(x).square().sum().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            nm_hf.after_optimizer_step(model, 0.01)
+    finally:
+        torch._dynamo.reset()

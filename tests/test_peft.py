@@ -165,6 +165,37 @@ def test_sparsify_all_linear_skips_the_adapter_layers():
     assert "base_model.model.model.layers.0.self_attn.k_proj" in sparse  # a layer without adapter
 
 
+def test_sparsify_never_converts_a_modules_to_save_original_whose_copy_would_train_dense():
+    """PEFT's modules_to_save wrapper runs its trainable copy: a sparse original only ran with the adapters
+    disabled, while the copy trained and merged dense (all-linear used to convert it, silently)."""
+    model = lora(tiny_model("llama"), targets=["q_proj"], modules_to_save=["down_proj"])
+    sparsify(model, SparsityConfig(method="fixed"))
+    assert not [n for n, _ in iter_sparse_layers(model) if "down_proj" in n]
+    model = lora(tiny_model("llama"), targets=["q_proj"], modules_to_save=["down_proj"])
+    with pytest.raises(SparsifyError, match=r"(?s)not modified.*down_proj\.original_module' is in PEFT's "
+                                            r"modules_to_save .*sparsify the base model before get_peft_model"):
+        sparsify(model, SparsityConfig(method="fixed", target_modules=r".*down_proj\.original_module"))
+    assert not list(iter_sparse_layers(model))
+
+
+def test_naming_an_adapted_layer_on_a_peft_model_points_at_its_base_layer():
+    model = lora(tiny_model("llama"), targets=["q_proj"])
+    with pytest.raises(SparsifyError, match=r"matched 'base_model\.model\.model\.layers\.0\.self_attn\.q_proj', a "
+                                            r"PEFT Linear adapter layer: name the layer under it \('base_model.*"
+                                            r"q_proj\.base_layer'\)"):
+        sparsify(model, SparsityConfig(target_modules=["q_proj"]))
+    sparsify(model, SparsityConfig(method="fixed", target_modules=["q_proj.base_layer"]))
+    assert len(list(iter_sparse_layers(model))) == 2
+
+
+def test_lora_beside_the_nm_layers_is_named_as_such(finalized_llama):
+    base = load_sparse(finalized_llama)
+    with pytest.raises(ValueError, match=r"has N:M layers but no LoRA layer: add the adapter first"):
+        preserve_sparsity(base)
+    with pytest.raises(ValueError, match=r"the LoRA layers \('base_model\.model\.lm_head'\) sit on none of them"):
+        preserve_sparsity(lora(base, targets=["lm_head"]))
+
+
 @pytest.mark.parametrize("selector", [("q_proj.lora_A.default",), r".*\.lora_B\.default"])
 def test_sparsify_refuses_adapter_layers_named_explicitly_and_leaves_the_model_alone(selector):
     model = lora(tiny_model("llama"))

@@ -417,6 +417,7 @@ class SparseLayerMixin:
         """Drop the cached eval weight (after a change it cannot see: step, method state)."""
         self._nm_eval_weight, self._nm_eval_key = None, None
 
+    @torch.compiler.disable  # Python bookkeeping: traced, its reads of nm_step would recompile the layer every step
     def warn_if_steps_uncounted(self) -> None:
         """Warn once when optimizer steps happen but `nm_hf.after_optimizer_step` never counts them.
 

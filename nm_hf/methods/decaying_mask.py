@@ -76,6 +76,7 @@ class DecayingMaskMethod(SparsityMethod):
         start, steps = args["decay_start"], args["decay_steps"]
         return (f"{self.summary} Schedule: {args['schedule']}, from step {start} to step {start + steps}.")
 
+    @torch.compiler.disable
     def factor(self, layer) -> float:
         """alpha for the layer's next forward (after `layer.nm_step` counted optimizer steps)."""
         args = layer.nm_method_args
