@@ -583,7 +583,7 @@ def _check_shards(layers: list[tuple[str, SparseLayerMixin]]) -> None:
                 problems.append(f"{name!r}: {err}")
     if problems:
         raise ValueError("after_optimizer_step: sharded sparse layers cannot be masked shard by shard (nothing was "
-                         "counted):\n  - " + "\n  - ".join(problems))
+                         "counted): " + "; ".join(problems))
 
 
 #: the older name of `after_optimizer_step` (the same function, kept importable): call one of them once per step
