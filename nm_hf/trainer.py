@@ -329,6 +329,17 @@ class SparseTrainerMixin:
         self._check_supported()
         self.add_callback(_SparsityCallback(self))
 
+    def _check_some_sparse_weight_trains(self) -> None:
+        """Refuse to train when every sparse layer's weight is frozen (a PEFT model: LoRA froze the base):
+        no mask would move, the mask metrics would stay 0, and `save_model` would write what PEFT saves (the
+        adapter), not the masked base the adapter was trained against."""
+        layers = [layer for _, layer in iter_sparse_layers(self.model)]
+        if layers and not any(layer.weight.requires_grad for layer in layers):
+            raise ValueError(
+                f"{type(self).__name__}: every sparse layer's weight is frozen (requires_grad=False; a PEFT model?), "
+                "so no N:M weight would train; for LoRA on an N:M model use the plain trainer on a base from "
+                "nm_hf.load_sparse or nm_hf.prune, with nm_hf.peft.preserve_sparsity (docs/pretrained.md)")
+
     def _check_not_sharded_at_load(self, model: Any) -> None:
         """Refuse a model `from_pretrained(distributed_config=...)` sharded at load time (FSDP2 / TP / PP / EP).
 
@@ -446,6 +457,7 @@ class SparseTrainerMixin:
         raises `ResumeError` before anything is loaded. The sparse training state is restored after the
         Trainer has loaded the weights and the optimizer (when training begins).
         """
+        self._check_some_sparse_weight_trains()
         resume_dir: str | None = None
         if resume_from_checkpoint is True:
             resume_dir = last_complete_checkpoint(self.args.output_dir)

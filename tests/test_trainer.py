@@ -758,3 +758,19 @@ def test_a_checkpoint_at_the_end_of_training_is_refused_not_trained_one_step_mor
     longer = lm_args(tmp_path, max_steps=5, save_strategy="steps", save_steps=3)
     trainer = SparseTrainer(model=gpt2(), args=longer, train_dataset=lm_data(64), sparsity_config=SparsityConfig())
     assert trainer.train(resume_from_checkpoint=True).global_step == 5
+
+
+def test_training_refuses_a_model_whose_sparse_weights_are_all_frozen(tmp_path):
+    """A PEFT model (LoRA froze the base) would move no mask and save the adapter, not the masked base."""
+    trainer = SparseTrainer(model=gpt2(), args=lm_args(tmp_path, max_steps=2), train_dataset=lm_data(),
+                            sparsity_config=SparsityConfig(method="sr-ste"))
+    for _, layer in iter_sparse_layers(trainer.model):
+        layer.weight.requires_grad_(False)
+    before = weights(trainer.model)
+    with pytest.raises(ValueError, match="every sparse layer's weight is frozen .*preserve_sparsity"):
+        trainer.train()
+    assert all(torch.equal(v, before[k]) for k, v in weights(trainer.model).items())
+    assert trainer.state.global_step == 0
+    next(layer for _, layer in iter_sparse_layers(trainer.model)).weight.requires_grad_(True)
+    trainer.train()  # one layer that trains is enough
+    assert trainer.state.global_step == 2
