@@ -16,7 +16,6 @@ import os
 import sys
 from pathlib import Path
 
-import torch
 from transformers import TrainingArguments
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ for tiny_models
@@ -24,16 +23,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ for tiny_
 from nm_hf.config import SparsityConfig  # noqa: E402
 from nm_hf.injection import iter_sparse_layers  # noqa: E402
 from nm_hf.trainer import SparseTrainer  # noqa: E402
-from tiny_models import VOCAB, tiny_model  # noqa: E402
+from tiny_models import lm_rows, tiny_model  # noqa: E402
 
 
 def main() -> None:
     out = Path(sys.argv[1])
-    g = torch.Generator().manual_seed(0)
-    data = []
-    for _ in range(16):
-        ids = torch.randint(3, VOCAB, (16,), generator=g)
-        data.append({"input_ids": ids, "labels": ids.clone()})
+    data = lm_rows(16, 16, seed=0)
     # a different initialisation on each rank (a model built from a config without a common seed)
     model = tiny_model("gpt2", seed=int(os.environ["RANK"]), resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     args = TrainingArguments(output_dir=str(out / "run"), max_steps=2, per_device_train_batch_size=2,

@@ -13,7 +13,6 @@ import json
 import sys
 from pathlib import Path
 
-import torch
 from transformers import TrainingArguments
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ for tiny_models
@@ -22,7 +21,7 @@ from nm_hf.config import SparsityConfig  # noqa: E402
 from nm_hf.injection import iter_sparse_layers  # noqa: E402
 from nm_hf.tracker import SparsityTracker  # noqa: E402
 from nm_hf.trainer import SparseTrainer  # noqa: E402
-from tiny_models import VOCAB, tiny_model  # noqa: E402
+from tiny_models import lm_rows, tiny_model  # noqa: E402
 
 HISTORY_WRITES = 0
 _save = SparsityTracker.save
@@ -39,11 +38,7 @@ SparsityTracker.save = _counting_save
 
 def main() -> None:
     out = Path(sys.argv[1])
-    g = torch.Generator().manual_seed(0)
-    data = []
-    for _ in range(32):
-        ids = torch.randint(3, VOCAB, (16,), generator=g)
-        data.append({"input_ids": ids, "labels": ids.clone()})
+    data = lm_rows(32, 16, seed=0)
     model = tiny_model("gpt2", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     args = TrainingArguments(output_dir=str(out / "run"), max_steps=6, per_device_train_batch_size=4,
                              logging_steps=2, save_strategy="steps", save_steps=3, learning_rate=1e-2,
