@@ -86,6 +86,10 @@ __all__ = ["SparseTrainer", "SparseSeq2SeqTrainer", "SparseTrainerMixin", "prepa
 
 logger = logging.getLogger(__name__)
 
+#: what the refusals of a frozen (PEFT) base tell the user to do instead
+_LORA_ON_NM = ("for LoRA on an N:M model use the plain trainer on a base from nm_hf.load_sparse or nm_hf.prune, "
+               "with nm_hf.peft.preserve_sparsity (docs/pretrained.md)")
+
 #: what `Trainer._save_checkpoint` writes last: its presence marks a checkpoint that was saved completely
 TRAINER_STATE_NAME = "trainer_state.json"
 #: model weight files a checkpoint may hold (one is enough)
@@ -305,8 +309,7 @@ class SparseTrainerMixin:
             # (metrics stay 0) and save_model writes the adapter alone, not the masked base it was trained against
             raise ValueError(
                 f"{type(self).__name__}: peft_config is not supported (the base weights would be frozen: no mask "
-                "to train, and the masked base would not be saved); for LoRA on an N:M model use the plain trainer on "
-                "a base from nm_hf.load_sparse or nm_hf.prune, with nm_hf.peft.preserve_sparsity (docs/pretrained.md)")
+                f"to train, and the masked base would not be saved); {_LORA_ON_NM}")
         self._nm_config_arg = _as_config(sparsity_config)
         self.sparsity_config = None
         self.sparsity_tracker = None
@@ -337,8 +340,7 @@ class SparseTrainerMixin:
         if layers and not any(layer.weight.requires_grad for layer in layers):
             raise ValueError(
                 f"{type(self).__name__}: every sparse layer's weight is frozen (requires_grad=False; a PEFT model?), "
-                "so no N:M weight would train; for LoRA on an N:M model use the plain trainer on a base from "
-                "nm_hf.load_sparse or nm_hf.prune, with nm_hf.peft.preserve_sparsity (docs/pretrained.md)")
+                f"so no N:M weight would train; {_LORA_ON_NM}")
 
     def _check_not_sharded_at_load(self, model: Any) -> None:
         """Refuse a model `from_pretrained(distributed_config=...)` sharded at load time (FSDP2 / TP / PP / EP).
