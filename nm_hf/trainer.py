@@ -74,6 +74,7 @@ from .injection import (
     sparsity_config_of,
     unwrap_model,
 )
+from .layers import SparseLayerMixin
 from .methods import get_method
 from .plot import PLOT_FILE
 from .record import CONFIG_KEY, STATE_FINALIZED, config_from_record, read_record, write_record
@@ -317,6 +318,8 @@ class SparseTrainerMixin:
         self._nm_tracker_state: dict[str, Any] | None = None
         self._nm_sparse_state: dict[str, Any] | None = None
         self._nm_decay_scale: float | None = None
+        self._nm_layers: list[SparseLayerMixin] | None = None  # the model's sparse layers (`_nm_sparse_layers`)
+        self._nm_decay_in_use: tuple[int, bool] | None = None  # (global step, answer) of `_nm_gradient_decay_in_use`
         self._nm_bake = False
         model = kwargs.get("model", args[0] if args else None)
         optimizer = (kwargs.get("optimizers") or (None, None))[0]
@@ -416,13 +419,25 @@ class SparseTrainerMixin:
     def call_model_init(self, trial=None):
         model = super().call_model_init(trial)
         self.sparsity_config = prepare_sparse_model(model, self._nm_config_arg)
-        self._nm_decay_scale = None  # a new model: its layers still have the default scale
+        self._nm_forget_layers()  # a new model: its layers still have the default scale
         return model
+
+    def _nm_forget_layers(self) -> None:
+        """Drop what was cached about the model's layers (a new model, a new `train()` call)."""
+        self._nm_decay_scale = None
+        self._nm_layers = None
+        self._nm_decay_in_use = None
+
+    def _nm_sparse_layers(self) -> list[SparseLayerMixin]:
+        """The model's sparse layers, found once per model and `train()` call (wrapping keeps the layer objects)."""
+        if self._nm_layers is None:
+            self._nm_layers = [layer for _, layer in iter_sparse_layers(self.model)]
+        return self._nm_layers
 
     def _set_decay_scale(self, scale: float) -> None:
         """Gradient-mode decay is added in every micro-batch's backward: scale it so one update gets it once."""
         if scale != self._nm_decay_scale:
-            for _, layer in iter_sparse_layers(self.model):
+            for layer in self._nm_sparse_layers():
                 layer.nm_decay_scale = scale
             self._nm_decay_scale = scale
 
@@ -441,11 +456,23 @@ class SparseTrainerMixin:
         Reading the scale costs one device sync per micro-batch, only in that case.
         """
         scaler = getattr(self.accelerator, "scaler", None)
-        config = self.sparsity_config
-        if scaler is None or not scaler.is_enabled() or config is None or config.decay_mode != "gradient" \
-                or not config.effective_decay:
+        if scaler is None or not scaler.is_enabled() or not self._nm_gradient_decay_in_use():
             return 1.0
         return float(scaler.get_scale())
+
+    def _nm_gradient_decay_in_use(self) -> bool:
+        """True when a sparse layer's method adds a decay to its gradient in backward (`SparsityMethod.gradient_decay`
+        non-zero: the methods decide, not the config).
+
+        Asked once per optimizer step, not per micro-batch: a method may follow the layer's step count, which
+        moves only between updates. The answer does not depend on the scale being chosen: the layers' current
+        `nm_decay_scale` is never 0 (1 / accumulation steps, times a loss scale).
+        """
+        step = self.state.global_step
+        if self._nm_decay_in_use is None or self._nm_decay_in_use[0] != step:
+            in_use = any(layer.method.gradient_decay(layer) for layer in self._nm_sparse_layers())
+            self._nm_decay_in_use = (step, in_use)
+        return self._nm_decay_in_use[1]
 
     # ------------------------------------------------------------------ training / resume / tracker
 
@@ -472,7 +499,7 @@ class SparseTrainerMixin:
         self._nm_tracker_state = self._check_resume(resume_dir) if resume_dir is not None else None
         self._nm_sparse_state = self._read_sparse_state(resume_dir) if resume_dir is not None else None
         self._nm_resume_dir = resume_dir
-        self._nm_decay_scale = None
+        self._nm_forget_layers()
         self._set_decay_scale(1.0 / self.args.gradient_accumulation_steps)
         return super().train(resume_from_checkpoint=resume_dir, trial=trial,
                              ignore_keys_for_eval=ignore_keys_for_eval, **kwargs)

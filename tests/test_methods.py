@@ -37,7 +37,7 @@ class HalfDecay(SparsityMethod):
     arg_defaults = {"strength": 0.5}
 
     def gradient_decay(self, layer) -> float:
-        return layer.nm_method_args["strength"]
+        return layer.nm_method_args["strength"] * layer.nm_decay_scale
 
 
 @pytest.fixture

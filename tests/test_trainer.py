@@ -28,7 +28,8 @@ from nm_hf.config import SparsityConfig
 from nm_hf.injection import SparsifyError, finalize, iter_sparse_layers, sparsify
 from nm_hf.layers import SparseLayerMixin
 from nm_hf.masks import check_nm, nm_group_counts, nm_mask
-from nm_hf.methods import available_methods, get_method
+from nm_hf.methods import SparsityMethod, available_methods, get_method, register_method
+from nm_hf.methods.base import _REGISTRY
 from nm_hf.plot import PLOT_FILE
 from nm_hf.record import CONFIG_KEY
 from nm_hf.tracker import HISTORY_FILE, TRACKER_STATE_FILE, SparsityTracker
@@ -327,6 +328,61 @@ def test_gradient_decay_is_not_divided_by_the_fp16_loss_scale(tmp_path):
     for name, _ in iter_sparse_layers(plain):
         torch.testing.assert_close(model.get_submodule(name).weight.detach(),
                                    plain.get_submodule(name).weight.detach(), rtol=1e-5, atol=1e-6)
+
+
+class _StepDecay(SparsityMethod):
+    """A toy method: STE plus a gradient decay of `strength` from optimizer step `from_step` on, scaled like SR-STE's;
+    it uses no `SparsityConfig.decay` (effective_decay 0), so only the method can tell the trainer a decay is in use."""
+
+    name = "test-step-decay"
+    summary = "toy"
+    arg_defaults = {"strength": 2.0, "from_step": 0}
+
+    def gradient_decay(self, layer) -> float:
+        args = layer.nm_method_args
+        return args["strength"] * layer.nm_decay_scale if layer.nm_step >= args["from_step"] else 0.0
+
+
+@pytest.fixture
+def step_decay():
+    register_method(_StepDecay())
+    yield
+    _REGISTRY.pop(_StepDecay.name, None)
+
+
+def _fp16_like_run(tmp_path, name, cfg, steps, scaler=None):
+    """`steps` plain SGD updates; `scaler`: a CPU GradScaler standing in for the one accelerate builds for fp16."""
+    model = gpt2()
+    args = lm_args(tmp_path / name, max_steps=steps, per_device_train_batch_size=4, optim="sgd", learning_rate=0.1,
+                   lr_scheduler_type="constant", max_grad_norm=0.0, logging_steps=1)
+    trainer = SparseTrainer(model=model, args=args, train_dataset=lm_data(4 * steps), sparsity_config=cfg)
+    if scaler is not None:
+        trainer.accelerator.scaler = scaler
+    trainer.train()
+    return model
+
+
+@pytest.mark.parametrize("from_step", [0, 1])
+def test_the_method_says_whether_a_gradient_decay_needs_the_fp16_loss_scale(tmp_path, step_decay, from_step):
+    # not SparsityConfig.decay / decay_mode: this method's decay is 0 in the config, and (from_step=1) it starts
+    # only after the first update, so the answer is asked again as training goes
+    cfg = SparsityConfig(method=_StepDecay.name, method_args={"from_step": from_step})
+    assert cfg.effective_decay == 0
+    plain = _fp16_like_run(tmp_path, "plain", cfg, steps=2)
+    ste = _fp16_like_run(tmp_path, "ste", SparsityConfig(method="ste"), steps=2)
+    scaled = _fp16_like_run(tmp_path, "scaled", cfg, steps=2, scaler=torch.amp.GradScaler("cpu", init_scale=2.0 ** 10))
+    for name, _ in iter_sparse_layers(plain):
+        w_plain = plain.get_submodule(name).weight.detach()
+        assert not torch.allclose(w_plain, ste.get_submodule(name).weight.detach())  # the decay did something
+        torch.testing.assert_close(scaled.get_submodule(name).weight.detach(), w_plain, rtol=1e-5, atol=1e-6)
+    assert all(layer.nm_decay_scale == 2.0 ** 10 for _, layer in iter_sparse_layers(scaled))
+
+
+def test_decoupled_decay_does_not_read_the_fp16_loss_scale(tmp_path):
+    # SR-STE decoupled adds nothing to the gradient: its layers keep the plain scale, 1 / accumulation steps
+    cfg = SparsityConfig(method="sr-ste", decay=0.5, decay_mode="decoupled")
+    model = _fp16_like_run(tmp_path, "decoupled", cfg, steps=1, scaler=torch.amp.GradScaler("cpu", init_scale=2.0 ** 10))
+    assert all(layer.nm_decay_scale == 1.0 for _, layer in iter_sparse_layers(model))
 
 
 def test_decoupled_decay_shrinks_pruned_weights_after_the_step(tmp_path):

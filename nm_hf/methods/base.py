@@ -130,7 +130,10 @@ class SparsityMethod:
         return False
 
     def gradient_decay(self, layer: SparseLayerMixin) -> float:
-        """Extra `decay * (1 - mask) * W` added to the weight gradient in backward (0: none)."""
+        """Extra `decay * (1 - mask) * W` added to the weight gradient in backward (0: none).
+
+        Return it times `layer.nm_decay_scale` (the trainer's correction for gradient accumulation and fp16's
+        loss scale); a non-zero value is how `SparseTrainer` knows a gradient decay is in use."""
         return 0.0
 
     def freezes_pruned(self, layer: SparseLayerMixin) -> bool:
