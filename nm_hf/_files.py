@@ -43,28 +43,54 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+@contextmanager
+def _parents_made(directory: Path) -> Iterator[None]:
+    """Create `directory` (and its missing parents) for the block; on an exception inside it (KeyboardInterrupt
+    included) remove the folders this created again, so a failed write leaves no empty folders behind.
+
+    Only empty folders are removed: one that something else has written into meanwhile stays.
+    """
+    created: list[Path] = []  # deepest first
+    folder = directory
+    while not folder.exists() and not folder.is_symlink() and folder.parent != folder:
+        created.append(folder)
+        folder = folder.parent
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        yield
+    except BaseException:
+        for folder in created:
+            try:
+                folder.rmdir()
+            except OSError:  # not empty, or never made
+                if folder.exists():
+                    break
+        raise
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any], *, fsync: bool = True) -> Path:
     """Call `write(handle)` on a temporary file beside `path`, then rename it over `path`.
 
     The file gets mode `0o666 & ~umask`. On any exception (KeyboardInterrupt included) the
-    temporary file is removed and `path` is left as it was.
+    temporary file is removed, `path` is left as it was, and so are its parent folders (those the
+    write had to create are removed again).
     """
     path = Path(path)
     if path.is_dir():  # else the rename fails naming the hidden temporary file
         raise IsADirectoryError(f"{path} is a directory; give a file name")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-            handle.flush()
-            if fsync:
-                os.fsync(handle.fileno())
-        os.chmod(tmp, 0o666 & ~current_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with _parents_made(path.parent):
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                write(handle)
+                handle.flush()
+                if fsync:
+                    os.fsync(handle.fileno())
+            os.chmod(tmp, 0o666 & ~current_umask())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
     return path
 
 
@@ -96,8 +122,9 @@ def atomic_write_json(path: str | os.PathLike, data: Any, *, indent: int | None 
 def atomic_directory(target: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield a staging directory beside `target`; on success it becomes `target` by a rename.
 
-    An exception inside the block leaves `target` as it was and removes the staging directory (a
-    kill leaves it under a hidden `.NAME.tmp-*` name that no loader looks at). A non-empty existing
+    An exception inside the block (KeyboardInterrupt included) leaves `target` as it was and removes
+    the staging directory, and the parent folders of `target` that had to be created for it (a kill
+    leaves it under a hidden `.NAME.tmp-*` name that no loader looks at). A non-empty existing
     `target` is refused unless `overwrite`; it is then replaced as a whole. `target` may not be the
     current directory or one of its parents (it could not be renamed).
     """
@@ -113,33 +140,33 @@ def atomic_directory(target: str | os.PathLike, overwrite: bool = False) -> Iter
         if any(target.iterdir()) and not overwrite:
             raise FileExistsError(f"{target} exists and is not empty; pass --overwrite (overwrite=True) to "
                                   "replace it")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        yield staging
-        os.chmod(staging, 0o777 & ~current_umask())
-        mode = 0o666 & ~current_umask()  # what open() gives; some writers (safetensors) leave 0600
-        for path in staging.rglob("*"):
-            if path.is_file() and not path.is_symlink():
-                with open(path, "rb") as handle:
-                    os.fsync(handle.fileno())
-                os.chmod(path, mode)
-        if target.exists() and any(target.iterdir()):
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-            os.rename(target, old / "replaced")
-            try:
-                os.rename(staging, target)
-            except BaseException:
-                os.rename(old / "replaced", target)  # put the original back
+    with _parents_made(target.parent):
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+        try:
+            yield staging
+            os.chmod(staging, 0o777 & ~current_umask())
+            mode = 0o666 & ~current_umask()  # what open() gives; some writers (safetensors) leave 0600
+            for path in staging.rglob("*"):
+                if path.is_file() and not path.is_symlink():
+                    with open(path, "rb") as handle:
+                        os.fsync(handle.fileno())
+                    os.chmod(path, mode)
+            if target.exists() and any(target.iterdir()):
+                old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+                os.rename(target, old / "replaced")
+                try:
+                    os.rename(staging, target)
+                except BaseException:
+                    os.rename(old / "replaced", target)  # put the original back
+                    shutil.rmtree(old, ignore_errors=True)
+                    raise
                 shutil.rmtree(old, ignore_errors=True)
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(staging, target)  # onto a missing or empty directory: atomic
-        _fsync_dir(target.parent)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+            else:
+                os.replace(staging, target)  # onto a missing or empty directory: atomic
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+    _fsync_dir(target.parent)
 
 
 @contextmanager

@@ -2,9 +2,12 @@
 
 Exit codes: 0 success (for `inspect`: the N:M pattern holds in every checked layer), 1 `inspect`
 found a layer that breaks the pattern, 2 bad input (missing directory, no sparsity record,
-corrupted file, an output that cannot be written, ...), with a one-line `nm-hf COMMAND: error: ...`
-message and no traceback. A reader that goes away early (`nm-hf inspect DIR | head -3`) ends the
-command quietly with status 141 (128 + SIGPIPE), as other shell tools do.
+corrupted file, a checkpoint whose weights are not N:M, an output that cannot be written, ...), with a
+one-line `nm-hf COMMAND: error: ...` message (the headline of the error: where several layers are at
+fault it says how many and names the first few) and no traceback. A reader that goes away early
+(`nm-hf inspect DIR | head -3`) ends the command quietly with status 141 (128 + SIGPIPE), as other shell
+tools do; Ctrl-C ends it with one `nm-hf COMMAND: interrupted, nothing written` line and status 130
+(128 + SIGINT): every output is written to a staging file or directory that is removed on the way out.
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ __all__ = ["main", "build_parser"]
 
 #: exit status after the reader of stdout went away (128 + SIGPIPE)
 EXIT_BROKEN_PIPE = 141
+#: exit status after Ctrl-C (128 + SIGINT), as shells report it
+EXIT_INTERRUPTED = 130
 #: the layer kinds `inspect --pattern` checks by default, for messages ("Linear/Conv1D")
 _KINDS = "/".join(kind.dense_class.__name__ for kind in available_layer_kinds()
                   if kind.linear and not kind.parameter_targets)
@@ -126,9 +131,19 @@ def _run(argv: Sequence[str] | None) -> int:
         return args.func(args)
     except BrokenPipeError:
         raise
+    except KeyboardInterrupt:
+        # the writers' finally/except blocks have already removed their staging files and directories
+        print(f"nm-hf {args.command}: interrupted, nothing written", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except (CheckpointError, OSError, ValueError, MatplotlibMissing) as err:
-        print(f"nm-hf {args.command}: error: {err}", file=sys.stderr)
+        print(f"nm-hf {args.command}: error: {_headline(err)}", file=sys.stderr)
         return 2
+
+
+def _headline(err: BaseException) -> str:
+    """The first line of an error: library errors that list problems (`...:\\n  - layer: why`) put how many
+    and the first few names there; the per-layer lines below are for Python callers."""
+    return next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -115,9 +115,102 @@ def test_compress_refuses_violations(tmp_path, capsys):
     with torch.no_grad():
         model.model.layers[0].mlp.gate_proj.weight[5, 4:8] = 2.0
     model.save_pretrained(tmp_path / "plain")
+    capsys.readouterr()
     assert main(["compress", str(tmp_path / "plain"), str(tmp_path / "c")]) == 2
-    assert "model.layers.0.mlp.gate_proj.weight: 1 of 512 groups" in capsys.readouterr().err
-    assert not (tmp_path / "c").exists()
+    err = capsys.readouterr().err
+    assert last_line(err) == (f"nm-hf compress: error: {tmp_path / 'plain'}: cannot compress, 1 of 14 targeted "
+                              "weights do not obey the 2:4 pattern: model.layers.0.mlp.gate_proj.weight\n")
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plain"]
+
+
+def last_line(err):
+    """What is left on the terminal of stderr: a progress bar (tqdm) redraws its line with \\r."""
+    return err.rsplit("\r", 1)[-1]
+
+
+@pytest.mark.parametrize("case", ["training", "dense"])
+def test_compress_of_weights_that_are_not_nm_is_one_line(tmp_path, capsys, case):
+    """Every targeted weight breaks the pattern: one headline saying how many and naming the first five,
+    never one line per layer; nothing is written, not even the output's missing parent folders."""
+    model = tiny_model("llama")
+    if case == "training":  # saved before finalize: the dense training weights, state 'training'
+        sparsify(model, SparsityConfig())
+        with pytest.warns(UserWarning):
+            model.save_pretrained(tmp_path / "in")
+    else:  # a dense model's save_pretrained given a record by hand (as a careless edit would)
+        model.save_pretrained(tmp_path / "in")
+        config = json.loads((tmp_path / "in" / "config.json").read_text())
+        sparse = tiny_model("llama")
+        finalize(sparsify(sparse, SparsityConfig()))
+        config["nm_sparsity"] = sparse.config.nm_sparsity
+        (tmp_path / "in" / "config.json").write_text(json.dumps(config))
+    capsys.readouterr()
+    assert main(["compress", str(tmp_path / "in"), str(tmp_path / "new" / "sub" / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    line = last_line(err)
+    assert line.startswith(f"nm-hf compress: error: {tmp_path / 'in'}: cannot compress, 14 of 14 targeted weights "
+                           "do not obey the 2:4 pattern: model.layers.0.mlp.down_proj.weight, ")
+    assert "(+9 more)" in line and "model.layers.1" not in line
+    assert ("state='training'" in line) == (case == "training")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]
+
+
+def main_interrupted(argv):
+    """`main(argv)` of a run interrupted by Ctrl-C, which main must handle (not pytest)."""
+    try:
+        return main(argv)
+    except KeyboardInterrupt:
+        pytest.fail("KeyboardInterrupt escaped nm-hf's main()")
+
+
+@pytest.mark.parametrize("command", ["compress", "decompress"])
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_ctrl_c_is_one_line_exit_130_and_writes_nothing(tmp_path, capsys, monkeypatch, command, overwrite):
+    """KeyboardInterrupt in the middle of the work (staging directory in use): no traceback, status 130,
+    the staging directory is gone and an existing output is left as it was."""
+    import nm_hf.checkpoint.compressed as compressed
+
+    saved_model(tmp_path / "plain")
+    assert main(["compress", str(tmp_path / "plain"), str(tmp_path / "c")]) == 0
+    source = tmp_path / ("plain" if command == "compress" else "c")
+    output = tmp_path / "out"
+    if overwrite:
+        output.mkdir()
+        (output / "keep.txt").write_text("mine")
+    staged = []
+
+    def interrupted(*args, **kwargs):
+        staged.extend(p.name for p in tmp_path.iterdir() if p.name.startswith(".out.tmp-"))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(compressed, "compress_tensor" if command == "compress" else "decompress_tensor", interrupted)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    capsys.readouterr()
+    assert main_interrupted([command, str(source), str(output), *(["--overwrite"] if overwrite else [])]) == 130
+    captured = capsys.readouterr()
+    assert last_line(captured.err) == f"nm-hf {command}: interrupted, nothing written\n"
+    assert captured.err.count("\n") == 1 and "Traceback" not in captured.err and captured.out == ""
+    assert staged, "the interrupt came before the staging directory existed"
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    if overwrite:
+        assert [p.name for p in output.iterdir()] == ["keep.txt"]
+
+
+@pytest.mark.parametrize("command,function", [("inspect", "inspect_checkpoint"), ("compress", "compress_checkpoint"),
+                                              ("decompress", "decompress_checkpoint"), ("plot", "plot_runs")])
+def test_ctrl_c_in_every_command(tmp_path, capsys, monkeypatch, command, function):
+    import nm_hf.cli
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(nm_hf.cli, function, interrupted)
+    args = {"inspect": [str(tmp_path)], "plot": [str(tmp_path), "-o", str(tmp_path / "p.png")]}
+    assert main_interrupted([command, *args.get(command, [str(tmp_path), str(tmp_path / "out")])]) == 130
+    assert capsys.readouterr().err == f"nm-hf {command}: interrupted, nothing written\n"
+    assert not list(tmp_path.iterdir())
 
 
 @pytest.mark.parametrize("args,message", [

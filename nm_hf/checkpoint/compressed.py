@@ -189,17 +189,17 @@ def compress_state_dict(tensors: dict[str, torch.Tensor], record: dict[str, Any]
     targeted = {key: dim for keys in layout.values() for key, dim in keys.items()}
     out: dict[str, torch.Tensor] = {}
     entries: dict[str, dict[str, Any]] = {}
-    problems: list[str] = []
+    problems: dict[str, str] = {}  # key -> why it cannot be stored N:M
     for key, tensor in _progress(tensors.items(), len(tensors), "Compressing"):
         if key in targeted:
             if targeted[key] is None:
-                problems.append(f"{key}: saved in a layout whose rows do not hold whole groups of {m} "
-                                "(the model's save conversion mixes them)")
+                problems[key] = (f"{key}: saved in a layout whose rows do not hold whole groups of {m} "
+                                 "(the model's save conversion mixes them)")
                 continue
             try:
                 values, packed, entry = compress_tensor(tensor, n, m, targeted[key], name=key)
             except ValueError as err:
-                problems.append(str(err))
+                problems[key] = str(err)
                 continue
             out[key + VALUES_SUFFIX], out[key + POSITIONS_SUFFIX] = values, packed
             entries[key] = entry
@@ -208,10 +208,13 @@ def compress_state_dict(tensors: dict[str, torch.Tensor], record: dict[str, Any]
             entries[key] = {"format": "dense", "shape": list(tensor.shape), "dtype": dtype_name(tensor.dtype),
                             "sha256": tensor_sha256(tensor)}
     if problems:
-        hint = (" (the record says state='training': save after nm_hf.finalize(model))"
+        # the first line is the whole story (what `nm-hf compress` prints): how many, the first few names
+        bad = list(problems)
+        shown = ", ".join(bad[:5]) + (f" (+{len(bad) - 5} more)" if len(bad) > 5 else "")
+        hint = ("; the record says state='training' (dense training weights): save after nm_hf.finalize(model)"
                 if record.get("state") == STATE_TRAINING else "")
-        raise CheckpointError(f"{where}: cannot compress, weights do not obey the {n}:{m} pattern{hint}:\n  - "
-                              + "\n  - ".join(problems))
+        raise CheckpointError(f"{where}: cannot compress, {len(bad)} of {len(targeted)} targeted weights do not "
+                              f"obey the {n}:{m} pattern: {shown}{hint}\n  - " + "\n  - ".join(problems.values()))
     header = {"version": FORMAT_VERSION, "n": n, "m": m, "bits": position_bits(n, m), "tensors": entries}
     return out, header
 
