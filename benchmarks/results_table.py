@@ -521,6 +521,64 @@ def seeds_table(recipe: str, runs: list[dict], *, grid: Grid | None = None) -> s
     return "\n".join(lines)
 
 
+#: the row every other row is compared with, seed by seed (`paired_by_seed`)
+DENSE_ROW = "dense"
+
+
+def _seed_key(seed) -> tuple:
+    """Seeds in numeric order (1, 2, 42), any that are not numbers after them by their text."""
+    numeric = isinstance(seed, (int, float)) and not isinstance(seed, bool)
+    return (0, seed, "") if numeric else (1, 0, str(seed))
+
+
+def paired_by_seed(recipe: str, runs: list[dict], *, grid: Grid | None = None) -> dict[str, dict[object, float]]:
+    """Per row other than dense, in table order: {seed: the row's headline test metric less dense's} for every
+    seed (not None) that both ran at their own chosen learning rates with that metric recorded; rows sharing no
+    seed with dense are left out (all of them when dense has no chosen rate). `grid`: as for
+    `chosen_learning_rates`."""
+    _, tests, _ = HEADLINES[recipe]
+    name = tests[0][1]
+    chosen = chosen_learning_rates(recipe, runs, grid=grid)
+
+    def by_seed(row: str) -> dict[object, float]:
+        return {r.get("seed"): float(r["test"][name]) for r in runs_at_chosen_rate(runs, row, chosen)
+                if r.get("seed") is not None and _numbers([(r.get("test") or {}).get(name)])}
+
+    dense = by_seed(DENSE_ROW)
+    paired = {}
+    for row in rows_in_order(runs):
+        if row == DENSE_ROW:
+            continue
+        ran = by_seed(row)
+        diffs = {seed: ran[seed] - dense[seed] for seed in sorted(ran, key=_seed_key) if seed in dense}
+        if diffs:
+            paired[row] = diffs
+    return paired
+
+
+def paired_table(recipe: str, runs: list[dict], *, grid: Grid | None = None) -> str:
+    """`paired_by_seed` as a markdown table: one column per seed, the mean difference, and in how many of
+    its paired seeds the row beat dense (lower perplexity, higher BLEU; a tie is no win); empty when no row
+    has a seed in common with dense. `grid`: as for `chosen_learning_rates`."""
+    _, tests, higher = HEADLINES[recipe]
+    title, _, fmt = tests[0]
+    paired = paired_by_seed(recipe, runs, grid=grid)
+    if not paired:
+        return ""
+    signed = fmt.replace("{:", "{:+", 1)
+    seeds = sorted({seed for diffs in paired.values() for seed in diffs}, key=_seed_key)
+    titles = [f"{title}, row − {DENSE_ROW} ({'higher' if higher else 'lower'} is better)",
+              *[f"seed {seed}" for seed in seeds], "mean", "row better in"]
+    lines = ["| " + " | ".join(titles) + " |", "|" + "---|" * len(titles)]
+    for row, diffs in paired.items():
+        better = sum(diff > 0 if higher else diff < 0 for diff in diffs.values())
+        cells = [row, *[_cell(diffs.get(seed), signed) for seed in seeds],
+                 _cell(statistics.fmean(diffs.values()), signed),
+                 f"{better} of {len(diffs)} seed{'s' if len(diffs) > 1 else ''}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 #: per recipe, for the summary and the figures: (task, data set, headline test metric in words)
 TASKS = {
     "language_modeling": ("Language model", "python_docs", "test perplexity"),
@@ -613,22 +671,31 @@ def paired_throughput_line(runs: list[dict], suspensions: list[tuple[float, floa
 
 def render_section(recipe: str, runs: list[dict], source: Path, figures: list[tuple[str, str]] = (),
                    suspensions: list[tuple[float, float]] | None = None) -> str:
-    """The generated markdown of one results file: the seeds table at the chosen rates, the lr grid, and a
-    line linking `figures` ((title, relative link) pairs); `suspensions` default to `load_suspensions()`."""
+    """The generated markdown of one results file: the seeds table at the chosen rates, the paired-by-seed
+    differences from dense (`paired_table`), the lr grid, and a line linking `figures` ((title, relative link)
+    pairs); `suspensions` default to `load_suspensions()`."""
     if not runs:
         return f"_No runs recorded yet in `{_relative(source)}`._"
     replaced = len(runs) - len(latest_runs(runs))
-    grid = validation_grid(recipe, runs)  # once for both tables (and the chosen rates each shows)
+    grid = validation_grid(recipe, runs)  # once for all the tables (and the chosen rates each shows)
     lines = [
         f"{len(runs)} runs recorded in `{_relative(source)}`"
         + (f" ({replaced} replaced by a later entry of the same row, rate and seed)" if replaced else "")
         + f". Test metrics at each row's chosen learning rate (best validation metric on seed {GRID_SEED}, the "
         "grid's; `(edge)`: the best lies at the edge of the rates run), mean ± sd over the seeds run so far:",
-        "", seeds_table(recipe, runs, grid=grid), "",
-        "Learning-rate grid (validation metric; the chosen rate in bold):", "", grid_table(recipe, runs, grid=grid)]
-    paired = paired_throughput_line(runs, load_suspensions() if suspensions is None else suspensions)
+        "", seeds_table(recipe, runs, grid=grid), ""]
+    paired = paired_table(recipe, runs, grid=grid)
     if paired:
-        lines += ["", paired]
+        _, tests, higher = HEADLINES[recipe]
+        lines += [f"Paired by seed: each row's {tests[0][0]} less dense's in every seed both ran at their chosen "
+                  f"learning rates (rows with no such seed left out), so "
+                  f"{'a positive' if higher else 'a negative'} difference is the row ahead of dense in that seed:",
+                  "", paired, ""]
+    lines += [
+        "Learning-rate grid (validation metric; the chosen rate in bold):", "", grid_table(recipe, runs, grid=grid)]
+    throughput = paired_throughput_line(runs, load_suspensions() if suspensions is None else suspensions)
+    if throughput:
+        lines += ["", throughput]
     if figures:
         lines += ["", "Figures (drawn by `--figures`): " + " · ".join(f"[{title}]({link})" for title, link in figures)]
     return "\n".join(lines)

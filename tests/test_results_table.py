@@ -612,6 +612,9 @@ def test_a_rendered_section_builds_the_validation_grid_once(monkeypatch):
     runs = [lm_run("dense", 4e-3, 42, 54.0, 53.0), lm_run("dense", 8e-3, 42, 55.0, 54.0),
             lm_run("sr-ste", 4e-3, 42, 56.0, 55.0), lm_run("sr-ste", 4e-3, 1, 57.0, 56.0)]
     expected = "\n".join(["", rt.seeds_table("language_modeling", runs), "",
+                          "Paired by seed: each row's test ppl less dense's in every seed both ran at their chosen "
+                          "learning rates (rows with no such seed left out), so a negative difference is the row "
+                          "ahead of dense in that seed:", "", rt.paired_table("language_modeling", runs), "",
                           "Learning-rate grid (validation metric; the chosen rate in bold):", "",
                           rt.grid_table("language_modeling", runs)])
     built = []
@@ -620,3 +623,60 @@ def test_a_rendered_section_builds_the_validation_grid_once(monkeypatch):
     section = rt.render_section("language_modeling", runs, Path("lm.json"), suspensions=[])
     assert len(built) == 1
     assert expected in section
+
+
+def mt_run(method: str, lr: float, seed: int, val: float, test: float) -> dict:
+    return {"method": method, "pattern": None if method == "dense" else "2:4", "learning_rate": lr, "seed": seed,
+            "validation": {"bleu": val}, "test": {"bleu": test, "chrf": 50.0}, "flags": {"learning_rate": str(lr)}}
+
+
+def test_paired_by_seed_compares_each_row_with_dense_in_the_seeds_both_ran_at_their_chosen_rates():
+    # dense is chosen at 4e-3 (seeds 42 and 1 there); its seed-2 run at 8e-3 is no partner
+    runs = [lm_run("dense", 4e-3, 42, 55.0, 54.0), lm_run("dense", 8e-3, 42, 56.0, 50.0),
+            lm_run("dense", 4e-3, 1, 55.5, 53.0), lm_run("dense", 8e-3, 2, 56.0, 49.0),
+            # sr-ste is chosen at 1.6e-2: ahead in seed 42, behind in seed 1; seed 2 dense lacks at its rate
+            lm_run("sr-ste", 1.6e-2, 42, 54.0, 53.0), lm_run("sr-ste", 1.6e-2, 1, 54.5, 53.5),
+            lm_run("sr-ste", 1.6e-2, 2, 54.5, 40.0), lm_run("sr-ste", 4e-3, 42, 60.0, 10.0),
+            lm_run("ste", 1.6e-2, 7, 54.0, 20.0),  # no seed in common with dense: left out
+            lm_run("sr-ste", 1.6e-2, 42, 54.0, 54.0, decay="1e-1"),  # a tie is no win
+            lm_run("fixed", 1.6e-2, 1, 54.0, 52.5)]  # lower perplexity: ahead
+    assert rt.paired_by_seed("language_modeling", runs) == {
+        "sr-ste 2:4": {42: pytest.approx(-1.0), 1: pytest.approx(0.5)}, "sr-ste 2:4 (decay=1e-1)": {42: 0.0},
+        "fixed 2:4": {1: pytest.approx(-0.5)}}
+    text = rt.paired_table("language_modeling", runs)
+    assert text.splitlines()[0] == ("| test ppl, row − dense (lower is better) | seed 1 | seed 42 | mean "
+                                    "| row better in |")
+    table = rows(text)
+    assert list(table) == ["sr-ste 2:4", "sr-ste 2:4 (decay=1e-1)", "fixed 2:4"]  # not dense, not ste
+    assert table["sr-ste 2:4"] == {"test ppl, row − dense (lower is better)": "sr-ste 2:4", "seed 1": "+0.50",
+                                   "seed 42": "-1.00", "mean": "-0.25", "row better in": "1 of 2 seeds"}
+    assert table["sr-ste 2:4 (decay=1e-1)"]["seed 1"] == "-"
+    assert table["sr-ste 2:4 (decay=1e-1)"]["row better in"] == "0 of 1 seed"
+    assert table["fixed 2:4"]["seed 1"] == "-0.50" and table["fixed 2:4"]["row better in"] == "1 of 1 seed"
+    section = rt.render_section("language_modeling", runs, Path("lm.json"), suspensions=[])
+    assert "so a negative difference is the row ahead of dense" in section and text in section
+    # the seeds table's rows are unchanged by it
+    assert section.index(rt.seeds_table("language_modeling", runs)) < section.index(text) < section.index(
+        "Learning-rate grid")
+
+
+def test_paired_by_seed_counts_higher_bleu_as_better_for_translation():
+    runs = [mt_run("dense", 1e-3, 42, 32.0, 31.0), mt_run("dense", 1e-3, 1, 32.0, 30.0),
+            mt_run("dense", 2e-3, 42, 30.0, 35.0),  # not dense's chosen rate
+            mt_run("sr-ste", 2e-3, 42, 33.0, 32.0), mt_run("sr-ste", 2e-3, 1, 33.0, 29.5),
+            mt_run("ste", 2e-3, 42, 33.0, 30.0)]
+    table = rows(rt.paired_table("translation", runs))
+    title = "test BLEU, row − dense (higher is better)"
+    assert table["sr-ste 2:4"] == {title: "sr-ste 2:4", "seed 1": "-0.50", "seed 42": "+1.00", "mean": "+0.25",
+                                   "row better in": "1 of 2 seeds"}
+    assert table["ste 2:4"]["seed 42"] == "-1.00" and table["ste 2:4"]["row better in"] == "0 of 1 seed"
+    assert "so a positive difference is the row ahead" in rt.render_section("translation", runs, Path("mt.json"),
+                                                                           suspensions=[])
+
+
+def test_no_paired_table_without_a_dense_partner():
+    no_dense = [mt_run("sr-ste", 2e-3, 42, 33.0, 32.0)]
+    apart = [mt_run("dense", 1e-3, 1, 32.0, 31.0), mt_run("sr-ste", 2e-3, 42, 33.0, 32.0)]
+    for runs in (no_dense, apart):
+        assert rt.paired_by_seed("translation", runs) == {} and rt.paired_table("translation", runs) == ""
+        assert "Paired by seed" not in rt.render_section("translation", runs, Path("mt.json"), suspensions=[])
