@@ -43,28 +43,42 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+class InterruptedAfterWrite(KeyboardInterrupt):
+    """Ctrl-C that came after the output was renamed into place (while the replaced copy was removed): the
+    output is complete. `args[0]`: the output's path."""
+
+
 @contextmanager
 def _parents_made(directory: Path) -> Iterator[None]:
     """Create `directory` (and its missing parents) for the block; on an exception inside it (KeyboardInterrupt
     included) remove the folders this created again, so a failed write leaves no empty folders behind.
 
-    Only empty folders are removed: one that something else has written into meanwhile stays.
+    Only folders this call made itself are removed (one made by someone else first is not), and only while
+    empty: one that something else has written into meanwhile stays.
     """
-    created: list[Path] = []  # deepest first
+    missing: list[Path] = []  # deepest first
     folder = directory
     while not folder.exists() and not folder.is_symlink() and folder.parent != folder:
-        created.append(folder)
+        missing.append(folder)
         folder = folder.parent
+    made: list[Path] = []  # deepest first
     try:
+        for folder in reversed(missing):  # one at a time, to know which ones this call made ("a/../b": not "a/..")
+            try:
+                folder.mkdir()
+            except FileExistsError:
+                if not folder.is_dir():
+                    raise
+                continue
+            made.insert(0, folder)
         directory.mkdir(parents=True, exist_ok=True)
         yield
     except BaseException:
-        for folder in created:
+        for folder in made:
             try:
                 folder.rmdir()
-            except OSError:  # not empty, or never made
-                if folder.exists():
-                    break
+            except OSError:  # not empty
+                break
         raise
 
 
@@ -126,7 +140,8 @@ def atomic_directory(target: str | os.PathLike, overwrite: bool = False) -> Iter
     the staging directory, and the parent folders of `target` that had to be created for it (a kill
     leaves it under a hidden `.NAME.tmp-*` name that no loader looks at). A non-empty existing
     `target` is refused unless `overwrite`; it is then replaced as a whole. `target` may not be the
-    current directory or one of its parents (it could not be renamed).
+    current directory or one of its parents (it could not be renamed). A KeyboardInterrupt after the rename,
+    while the replaced `target` is deleted, is raised as `InterruptedAfterWrite` (the new `target` is complete).
     """
     target = Path(target)
     resolved = target.resolve()
@@ -140,6 +155,7 @@ def atomic_directory(target: str | os.PathLike, overwrite: bool = False) -> Iter
         if any(target.iterdir()) and not overwrite:
             raise FileExistsError(f"{target} exists and is not empty; pass --overwrite (overwrite=True) to "
                                   "replace it")
+    old: Path | None = None  # where a replaced `target` waits to be removed
     with _parents_made(target.parent):
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
         try:
@@ -160,13 +176,21 @@ def atomic_directory(target: str | os.PathLike, overwrite: bool = False) -> Iter
                     os.rename(old / "replaced", target)  # put the original back
                     shutil.rmtree(old, ignore_errors=True)
                     raise
-                shutil.rmtree(old, ignore_errors=True)
             else:
                 os.replace(staging, target)  # onto a missing or empty directory: atomic
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
-    _fsync_dir(target.parent)
+    # `target` is the new directory now: an interrupt while the replaced copy is removed says so, and still
+    # removes all of it (not a half-deleted hidden `.NAME.old-*` copy left behind)
+    try:
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        _fsync_dir(target.parent)
+    except KeyboardInterrupt as err:
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        raise InterruptedAfterWrite(target) from err
 
 
 @contextmanager

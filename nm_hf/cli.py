@@ -7,7 +7,9 @@ one-line `nm-hf COMMAND: error: ...` message (the headline of the error: where s
 fault it says how many and names the first few) and no traceback. A reader that goes away early
 (`nm-hf inspect DIR | head -3`) ends the command quietly with status 141 (128 + SIGPIPE), as other shell
 tools do; Ctrl-C ends it with one `nm-hf COMMAND: interrupted, nothing written` line and status 130
-(128 + SIGINT): every output is written to a staging file or directory that is removed on the way out.
+(128 + SIGINT; `main()` returns it, the `nm-hf` program dies of SIGINT so that a calling script stops
+too): every output is written to a staging file or directory that is removed on the way out
+(`interrupted after OUTPUT was written` instead when it came after the output was renamed into place).
 """
 
 from __future__ import annotations
@@ -15,9 +17,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from collections.abc import Sequence
 
+from ._files import InterruptedAfterWrite
 from .card import nm_hf_version
 from .checkpoint.compressed import compress_checkpoint, decompress_checkpoint
 from .checkpoint.directory import CheckpointError
@@ -131,6 +135,9 @@ def _run(argv: Sequence[str] | None) -> int:
         return args.func(args)
     except BrokenPipeError:
         raise
+    except InterruptedAfterWrite as err:  # the output was already in place: it is complete
+        print(f"nm-hf {args.command}: interrupted after {err.args[0]} was written", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except KeyboardInterrupt:
         # the writers' finally/except blocks have already removed their staging files and directories
         print(f"nm-hf {args.command}: interrupted, nothing written", file=sys.stderr)
@@ -162,5 +169,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_BROKEN_PIPE
 
 
+def console_main() -> None:
+    """The `nm-hf` program: `main()`, then exit with its status; after Ctrl-C by SIGINT itself (after the one
+    line), as Python does after an unhandled KeyboardInterrupt. An exit status of 130 alone tells a shell that
+    the command handled Ctrl-C itself, so a script or loop running `nm-hf` would go on to its next command."""
+    status = main()
+    if status == EXIT_INTERRUPTED:
+        sys.stderr.flush()
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGINT)
+    sys.exit(status)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    console_main()

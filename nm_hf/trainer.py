@@ -501,8 +501,11 @@ class SparseTrainerMixin:
         self._nm_resume_dir = resume_dir
         self._nm_forget_layers()
         self._set_decay_scale(1.0 / self.args.gradient_accumulation_steps)
-        return super().train(resume_from_checkpoint=resume_dir, trial=trial,
-                             ignore_keys_for_eval=ignore_keys_for_eval, **kwargs)
+        try:
+            return super().train(resume_from_checkpoint=resume_dir, trial=trial,
+                                 ignore_keys_for_eval=ignore_keys_for_eval, **kwargs)
+        finally:  # the layers leave with the plain decay (a loop of the caller's own may train them next)
+            self._set_decay_scale(1.0)
 
     def _check_not_finished(self, checkpoint: str) -> None:
         """Refuse a checkpoint saved at the end of training (`max_steps` reached): transformers (5.23) resumed

@@ -538,3 +538,46 @@ def test_malformed_group_dims_are_one_line_errors(tmp_path, capsys, group_dim, m
     assert message in err and str(tmp_path / "m") in err
     assert main(["compress", str(tmp_path / "m"), str(tmp_path / "c")]) == 2
     assert str(tmp_path / "m") in capsys.readouterr().err and not (tmp_path / "c").exists()
+
+
+def test_ctrl_c_after_the_output_replaced_the_old_one(tmp_path, capsys, monkeypatch):
+    """compress --overwrite, Ctrl-C while the replaced output is deleted (the new one is already in place): the
+    line says the output was written, and no half-deleted hidden copy of the old output stays behind."""
+    import nm_hf._files as files
+
+    saved_model(tmp_path / "plain")
+    output = tmp_path / "out"
+    output.mkdir()
+    (output / "keep.txt").write_text("mine")
+    real, interrupted = shutil.rmtree, []
+
+    def rmtree(path, *args, **kwargs):
+        if Path(path).name.startswith(".out.old-") and not interrupted:
+            interrupted.append(path)
+            raise KeyboardInterrupt
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(files.shutil, "rmtree", rmtree)
+    capsys.readouterr()
+    assert main_interrupted(["compress", str(tmp_path / "plain"), str(output), "--overwrite"]) == 130
+    assert interrupted
+    assert last_line(capsys.readouterr().err) == f"nm-hf compress: interrupted after {output} was written\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "plain"]
+    assert (output / "config.json").exists() and not (output / "keep.txt").exists()
+
+
+def test_ctrl_c_ends_the_program_by_sigint_so_a_calling_shell_stops_too(tmp_path):
+    """The program (not `main()`, which returns 130 to Python callers) dies of SIGINT after its one line, as
+    Python does after an unhandled KeyboardInterrupt: bash stops a loop or script only for a child that died
+    of the signal, not for one that exited with status 130."""
+    import signal
+
+    code = ("import sys, nm_hf.cli as cli\n"
+            "def interrupted(*args, **kwargs):\n    raise KeyboardInterrupt\n"
+            "cli.inspect_checkpoint = interrupted\n"
+            f"sys.argv = ['nm-hf', 'inspect', {str(tmp_path)!r}]\n"
+            "cli.console_main()\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert proc.stderr == "nm-hf inspect: interrupted, nothing written\n"
+    assert proc.returncode == -signal.SIGINT

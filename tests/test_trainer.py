@@ -281,12 +281,22 @@ def test_finalized_model_reloaded_plainly_is_sparsified_from_its_record(tmp_path
 # --------------------------------------------------------------------------- decay placement
 
 
-def _one_step(tmp_path, name, cfg, batch, accumulation, optim="sgd", lr=0.1):
+class _DecayScalesSeen(TrainerCallback):
+    """Records the sparse layers' `nm_decay_scale` at the end of every update (what backward used)."""
+
+    def __init__(self):
+        self.seen = set()
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        self.seen.update(layer.nm_decay_scale for _, layer in iter_sparse_layers(model))
+
+
+def _one_step(tmp_path, name, cfg, batch, accumulation, optim="sgd", lr=0.1, callbacks=None):
     model = gpt2()
     args = lm_args(tmp_path / name, max_steps=1, per_device_train_batch_size=batch,
                    gradient_accumulation_steps=accumulation, optim=optim, learning_rate=lr,
                    lr_scheduler_type="constant", max_grad_norm=0.0, logging_steps=1)
-    trainer = SparseTrainer(model=model, args=args, train_dataset=lm_data(4), sparsity_config=cfg)
+    trainer = SparseTrainer(model=model, args=args, train_dataset=lm_data(4), sparsity_config=cfg, callbacks=callbacks)
     trainer.train()
     return model
 
@@ -296,11 +306,12 @@ def test_gradient_accumulation_applies_gradient_decay_once_per_update(tmp_path):
     cfg = SparsityConfig(method="sr-ste", decay=decay, decay_mode="gradient")
     start = gpt2()
     full = _one_step(tmp_path, "full", cfg, batch=4, accumulation=1, lr=lr)
-    accumulated = _one_step(tmp_path, "acc", cfg, batch=2, accumulation=2, lr=lr)
+    scales = _DecayScalesSeen()
+    accumulated = _one_step(tmp_path, "acc", cfg, batch=2, accumulation=2, lr=lr, callbacks=[scales])
     # STE has the same data gradient (straight-through) and no decay: with plain SGD the difference
     # is exactly one decay term, lr * decay * w0, on the pruned weights
     ste = _one_step(tmp_path, "ste", SparsityConfig(method="ste"), batch=4, accumulation=1, lr=lr)
-    assert all(layer.nm_decay_scale == 0.5 for _, layer in iter_sparse_layers(accumulated))
+    assert scales.seen == {0.5}
     for name, _ in iter_sparse_layers(full):
         w_full = full.get_submodule(name).weight.detach()
         w_acc = accumulated.get_submodule(name).weight.detach()
@@ -350,12 +361,13 @@ def step_decay():
     _REGISTRY.pop(_StepDecay.name, None)
 
 
-def _fp16_like_run(tmp_path, name, cfg, steps, scaler=None):
+def _fp16_like_run(tmp_path, name, cfg, steps, scaler=None, callbacks=None):
     """`steps` plain SGD updates; `scaler`: a CPU GradScaler standing in for the one accelerate builds for fp16."""
     model = gpt2()
     args = lm_args(tmp_path / name, max_steps=steps, per_device_train_batch_size=4, optim="sgd", learning_rate=0.1,
                    lr_scheduler_type="constant", max_grad_norm=0.0, logging_steps=1)
-    trainer = SparseTrainer(model=model, args=args, train_dataset=lm_data(4 * steps), sparsity_config=cfg)
+    trainer = SparseTrainer(model=model, args=args, train_dataset=lm_data(4 * steps), sparsity_config=cfg,
+                            callbacks=callbacks)
     if scaler is not None:
         trainer.accelerator.scaler = scaler
     trainer.train()
@@ -370,19 +382,25 @@ def test_the_method_says_whether_a_gradient_decay_needs_the_fp16_loss_scale(tmp_
     assert cfg.effective_decay == 0
     plain = _fp16_like_run(tmp_path, "plain", cfg, steps=2)
     ste = _fp16_like_run(tmp_path, "ste", SparsityConfig(method="ste"), steps=2)
-    scaled = _fp16_like_run(tmp_path, "scaled", cfg, steps=2, scaler=torch.amp.GradScaler("cpu", init_scale=2.0 ** 10))
+    scales = _DecayScalesSeen()
+    scaled = _fp16_like_run(tmp_path, "scaled", cfg, steps=2, scaler=torch.amp.GradScaler("cpu", init_scale=2.0 ** 10),
+                            callbacks=[scales])
     for name, _ in iter_sparse_layers(plain):
         w_plain = plain.get_submodule(name).weight.detach()
         assert not torch.allclose(w_plain, ste.get_submodule(name).weight.detach())  # the decay did something
         torch.testing.assert_close(scaled.get_submodule(name).weight.detach(), w_plain, rtol=1e-5, atol=1e-6)
-    assert all(layer.nm_decay_scale == 2.0 ** 10 for _, layer in iter_sparse_layers(scaled))
+    assert scales.seen == ({2.0 ** 10} if from_step == 0 else {1.0, 2.0 ** 10})  # step 0 of from_step=1: no decay
+    # after train() the layers are back at the plain scale: a loop of the caller's own gets the decay as configured
+    assert all(layer.nm_decay_scale == 1.0 for _, layer in iter_sparse_layers(scaled))
 
 
 def test_decoupled_decay_does_not_read_the_fp16_loss_scale(tmp_path):
     # SR-STE decoupled adds nothing to the gradient: its layers keep the plain scale, 1 / accumulation steps
     cfg = SparsityConfig(method="sr-ste", decay=0.5, decay_mode="decoupled")
-    model = _fp16_like_run(tmp_path, "decoupled", cfg, steps=1, scaler=torch.amp.GradScaler("cpu", init_scale=2.0 ** 10))
-    assert all(layer.nm_decay_scale == 1.0 for _, layer in iter_sparse_layers(model))
+    scales = _DecayScalesSeen()
+    _fp16_like_run(tmp_path, "decoupled", cfg, steps=1, scaler=torch.amp.GradScaler("cpu", init_scale=2.0 ** 10),
+                   callbacks=[scales])
+    assert scales.seen == {1.0}
 
 
 def test_decoupled_decay_shrinks_pruned_weights_after_the_step(tmp_path):
