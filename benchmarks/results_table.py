@@ -559,7 +559,8 @@ def paired_by_seed(recipe: str, runs: list[dict], *, grid: Grid | None = None) -
 def paired_table(recipe: str, runs: list[dict], *, grid: Grid | None = None) -> str:
     """`paired_by_seed` as a markdown table: one column per seed, the mean difference, and in how many of
     its paired seeds the row beat dense (lower perplexity, higher BLEU; a tie is no win); empty when no row
-    has a seed in common with dense. `grid`: as for `chosen_learning_rates`."""
+    has a seed in common with dense. Differences are compared as shown (a difference that rounds to zero is a
+    tie, "+0.00", not a win). `grid`: as for `chosen_learning_rates`."""
     _, tests, higher = HEADLINES[recipe]
     title, _, fmt = tests[0]
     paired = paired_by_seed(recipe, runs, grid=grid)
@@ -571,8 +572,9 @@ def paired_table(recipe: str, runs: list[dict], *, grid: Grid | None = None) -> 
               *[f"seed {seed}" for seed in seeds], "mean", "row better in"]
     lines = ["| " + " | ".join(titles) + " |", "|" + "---|" * len(titles)]
     for row, diffs in paired.items():
-        better = sum(diff > 0 if higher else diff < 0 for diff in diffs.values())
-        cells = [row, *[_cell(diffs.get(seed), signed) for seed in seeds],
+        shown = {seed: float(signed.format(diff)) + 0.0 for seed, diff in diffs.items()}  # -0.0 becomes +0.0
+        better = sum(diff > 0 if higher else diff < 0 for diff in shown.values())
+        cells = [row, *[_cell(shown.get(seed), signed) for seed in seeds],
                  _cell(statistics.fmean(diffs.values()), signed),
                  f"{better} of {len(diffs)} seed{'s' if len(diffs) > 1 else ''}"]
         lines.append("| " + " | ".join(cells) + " |")

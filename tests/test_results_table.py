@@ -680,3 +680,11 @@ def test_no_paired_table_without_a_dense_partner():
     for runs in (no_dense, apart):
         assert rt.paired_by_seed("translation", runs) == {} and rt.paired_table("translation", runs) == ""
         assert "Paired by seed" not in rt.render_section("translation", runs, Path("mt.json"), suspensions=[])
+
+
+def test_a_paired_difference_that_rounds_to_zero_is_a_tie_shown_as_plus_zero():
+    # 53.996 - 54.0 = -0.004: shown as +0.00 (not -0.00) and not counted as the row being ahead
+    runs = [lm_run("dense", 4e-3, 42, 55.0, 54.0), lm_run("sr-ste", 1.6e-2, 42, 54.0, 53.996)]
+    table = rows(rt.paired_table("language_modeling", runs))
+    assert table["sr-ste 2:4"]["seed 42"] == "+0.00"
+    assert table["sr-ste 2:4"]["row better in"] == "0 of 1 seed"
