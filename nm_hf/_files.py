@@ -206,35 +206,36 @@ def staged_files(target: str | os.PathLike, *, last: Sequence[str] = (),
     that were not staged and for which `stale(name)` is true are removed (a previous save's other
     weight files). Moved files get mode `0o666 & ~umask`, like every file nm_hf writes. The
     staging directory lives inside `target` (same file system) under a hidden
-    `.nm_hf-staging-*` name; an exception inside the block removes it and leaves `target` as it was.
+    `.nm_hf-staging-*` name; an exception inside the block removes it and leaves `target` as it was
+    (a `target` this call had to create, and its new parents, are removed again while empty).
     """
     target = Path(target)
-    target.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".nm_hf-staging-", dir=target))
-    try:
-        yield staging
-        order = {name: i + 1 for i, name in enumerate(last)}  # 0: everything else, first
+    with _parents_made(target):  # a failed first save leaves no empty output folders behind
+        staging = Path(tempfile.mkdtemp(prefix=".nm_hf-staging-", dir=target))
+        try:
+            yield staging
+            order = {name: i + 1 for i, name in enumerate(last)}  # 0: everything else, first
 
-        def rank(path: Path) -> tuple[int, str]:
-            relative = path.relative_to(staging).as_posix()
-            return order.get(relative, 0), relative
+            def rank(path: Path) -> tuple[int, str]:
+                relative = path.relative_to(staging).as_posix()
+                return order.get(relative, 0), relative
 
-        files = sorted((p for p in staging.rglob("*") if p.is_file() and not p.is_symlink()), key=rank)
-        mode = 0o666 & ~current_umask()  # what open() gives; some writers (safetensors) leave 0600
-        for path in files:
-            with open(path, "rb") as handle:
-                os.fsync(handle.fileno())
-            os.chmod(path, mode)
-        names = set()
-        for path in files:
-            relative = path.relative_to(staging)
-            names.add(relative.parts[0])
-            (target / relative).parent.mkdir(parents=True, exist_ok=True)
-            os.replace(path, target / relative)
-        _fsync_dir(target)
-        if stale is not None:
-            for old in target.iterdir():
-                if old.name not in names and old.is_file() and not old.name.startswith(".") and stale(old.name):
-                    old.unlink()
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+            files = sorted((p for p in staging.rglob("*") if p.is_file() and not p.is_symlink()), key=rank)
+            mode = 0o666 & ~current_umask()  # what open() gives; some writers (safetensors) leave 0600
+            for path in files:
+                with open(path, "rb") as handle:
+                    os.fsync(handle.fileno())
+                os.chmod(path, mode)
+            names = set()
+            for path in files:
+                relative = path.relative_to(staging)
+                names.add(relative.parts[0])
+                (target / relative).parent.mkdir(parents=True, exist_ok=True)
+                os.replace(path, target / relative)
+            _fsync_dir(target)
+            if stale is not None:
+                for old in target.iterdir():
+                    if old.name not in names and old.is_file() and not old.name.startswith(".") and stale(old.name):
+                        old.unlink()
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 import nm_hf._files as files
-from nm_hf._files import atomic_directory, atomic_write
+from nm_hf._files import atomic_directory, atomic_write, staged_files
 
 
 def fail(handle):
@@ -43,3 +43,17 @@ def test_a_failed_write_leaves_a_folder_someone_else_made_first(tmp_path, monkey
     with pytest.raises(OSError, match="disk full"):
         atomic_write(folder / "f.json", fail)
     assert folder.is_dir()
+
+
+def test_a_failed_staged_save_removes_only_the_folders_it_made(tmp_path):
+    with pytest.raises(OSError, match="disk full"), staged_files(tmp_path / "runs" / "out") as staging:
+        (staging / "model.safetensors").write_bytes(b"half")
+        raise OSError("disk full")
+    assert not list(tmp_path.iterdir())
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    (kept / "trainer_state.json").write_text("{}")
+    with pytest.raises(OSError, match="disk full"), staged_files(kept) as staging:
+        (staging / "model.safetensors").write_bytes(b"half")
+        raise OSError("disk full")
+    assert [p.name for p in kept.iterdir()] == ["trainer_state.json"]
