@@ -172,6 +172,10 @@ class SparseLayerMixin:
 
     #: dimension of `weight` that holds the layer's input features (groups of m run along it)
     group_dim: int = 1
+    #: dimension of `weight` that indexes experts (a fused expert tensor: one matrix per expert, per-expert
+    #: method state such as S-STE's scales), None for a single weight matrix; set from the layer kind
+    #: (`LayerKind.expert_dim_for`)
+    expert_dim: int | None = None
     #: True for layers that stand for a Parameter of another module (expert weights): their targeted
     #: name is the Parameter's, and its state-dict key is that name (`nm_hf.record.weight_key`)
     is_parameter_target: bool = False
@@ -197,7 +201,7 @@ class SparseLayerMixin:
                       "nm_decay_scale", "nm_transposable", "nm_mask_interval", "nm_step", "nm_method_state",
                       "_nm_mask_cache", "_nm_mask_key", "_nm_weight_is_masked", "_nm_eval_weight", "_nm_eval_key", "_nm_dense_class",
                       "_nm_steps_seen", "_nm_step_changes", "_nm_warned_uncounted", "_nm_generation", "_nm_loads",
-                      "_nm_shard_mask", "_nm_shard_key")
+                      "_nm_shard_mask", "_nm_shard_key", "_nm_method_cache")
 
     def nm_setup(self, config: SparsityConfig) -> None:
         """Attach `config`'s settings to this layer (called by `sparsify` after the class swap)."""
@@ -223,6 +227,7 @@ class SparseLayerMixin:
         self._nm_loads = 0
         self._nm_shard_mask: torch.Tensor | None = None
         self._nm_shard_key: tuple | None = None
+        self._nm_method_cache: Any = None  # a method's unsaved data derived from nm_method_state (S-STE's scales)
 
     def nm_teardown(self) -> None:
         """Remove every N:M attribute (the layer is about to become its dense class again)."""

@@ -82,10 +82,11 @@ class ExpertWeight(SparseLayerMixin):
 
     is_parameter_target = True
 
-    def __init__(self, owner: nn.Module, parameter: str, group_dim: int) -> None:
+    def __init__(self, owner: nn.Module, parameter: str, group_dim: int, expert_dim: int) -> None:
         self.owner = owner
         self.parameter = parameter
         self.group_dim = group_dim
+        self.expert_dim = expert_dim
 
     @property
     def weight(self) -> nn.Parameter:

@@ -87,6 +87,11 @@ class LayerKind:
         transposable mask's m x m blocks)."""
         return 1 - self.group_dim_for(module, parameter)
 
+    def expert_dim_for(self, module: nn.Module, parameter: str | None = None) -> int | None:
+        """Dimension of the targeted weight that indexes experts (a stack of one weight matrix per expert),
+        or None: the weight is one matrix (a linear's, a convolution's kernel)."""
+        return None
+
     def convert(self, module: nn.Module, parameter: str | None, config: Any) -> SparseLayerMixin:
         """Make the target sparse in place (same Parameters) and return its sparse layer (not yet prepared)."""
         dense_class = type(module)
@@ -129,7 +134,8 @@ class ExpertsKind(LayerKind):
     """The 3-D expert Parameters of a mixture-of-experts experts module (`nm_hf.layers.experts`).
 
     Targets are Parameters (`<experts module>.gate_up_proj`, ...), N:M per expert along the input
-    dimension: dim 2 of `[E, out, in]`, dim 1 of `[E, in, out]` (transposed layouts).
+    dimension: dim 2 of `[E, out, in]`, dim 1 of `[E, in, out]` (transposed layouts). Dim 0 indexes the
+    experts (`expert_dim_for`).
     """
 
     parameter_targets: ClassVar[bool] = True
@@ -155,6 +161,9 @@ class ExpertsKind(LayerKind):
     def output_dim_for(self, module: nn.Module, parameter: str | None = None) -> int:
         return 3 - self.group_dim_for(module, parameter)
 
+    def expert_dim_for(self, module: nn.Module, parameter: str | None = None) -> int | None:
+        return 0  # [E, out, in] and [E, in, out] alike
+
     def as_out_in(self, weight: torch.Tensor) -> torch.Tensor:
         raise TypeError("expert weights are 3-D; there is no single [out, in] matrix")
 
@@ -166,7 +175,8 @@ class ExpertsKind(LayerKind):
             module._nm_dense_class = dense_class
             module._nm_group_dims = group_dims
             module.nm_parts = {}
-        layer = ExpertWeight(module, parameter, module._nm_group_dims[parameter])
+        layer = ExpertWeight(module, parameter, module._nm_group_dims[parameter],
+                             self.expert_dim_for(module, parameter))
         layer.nm_setup(config)
         module.nm_parts[parameter] = layer
         return layer
