@@ -339,7 +339,7 @@ class SparseTrainerMixin:
         """Refuse to train when every sparse layer's weight is frozen (a PEFT model: LoRA froze the base):
         no mask would move, the mask metrics would stay 0, and `save_model` would write what PEFT saves (the
         adapter), not the masked base the adapter was trained against."""
-        layers = [layer for _, layer in iter_sparse_layers(self.model)]
+        layers = self._nm_sparse_layers()
         if layers and not any(layer.weight.requires_grad for layer in layers):
             raise ValueError(
                 f"{type(self).__name__}: every sparse layer's weight is frozen (requires_grad=False; a PEFT model?), "
@@ -486,6 +486,7 @@ class SparseTrainerMixin:
         raises `ResumeError` before anything is loaded. The sparse training state is restored after the
         Trainer has loaded the weights and the optimizer (when training begins).
         """
+        self._nm_forget_layers()  # this call's model: its layers are found once, here
         self._check_some_sparse_weight_trains()
         resume_dir: str | None = None
         if resume_from_checkpoint is True:
@@ -499,7 +500,6 @@ class SparseTrainerMixin:
         self._nm_tracker_state = self._check_resume(resume_dir) if resume_dir is not None else None
         self._nm_sparse_state = self._read_sparse_state(resume_dir) if resume_dir is not None else None
         self._nm_resume_dir = resume_dir
-        self._nm_forget_layers()
         self._set_decay_scale(1.0 / self.args.gradient_accumulation_steps)
         try:
             return super().train(resume_from_checkpoint=resume_dir, trial=trial,
