@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# One lane of the results protocol (docs/results.md): runs the queue file's entries one after another.
+#
+#   bash benchmarks/results_queue.sh QUEUE_FILE WORKTREE
+#
+# QUEUE_FILE: one results_table.py argument line per run ('#' lines and blank lines are skipped), e.g.
+#   translation recipes/configs/translation_multi30k.yaml --runs ste:2:4,learning_rate=1e-3
+# The lane appends its fixed flags (--output_root by recipe, --resume, --jobs 1 --threads 1 and the saving
+# flags after '--') unless the line has its own '--output_root'. WORKTREE: the checkout whose recipes and
+# .venv run the protocol (the grid's code stays one commit for the whole protocol; see docs/results.md).
+# An entry leaves the queue file when its run has finished, so a lane stopped midway starts that run again
+# (from its last checkpoint when the worktree still has it). Output: WORKTREE/runs/queue.log.
+set -u
+queue=$(realpath "$1")
+worktree=$(realpath "$2")
+cd "$worktree" || exit 1
+mkdir -p runs
+log=runs/queue.log
+# glibc keeps freed memory instead of returning it to the kernel (what the recipes' --keep_freed_memory does
+# on later code): the same numbers, fewer page faults
+export MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2147483647
+while true; do
+    line=$(grep -v '^[[:space:]]*\(#\|$\)' "$queue" | head -n 1)
+    [ -z "$line" ] && { echo "$(date -u +%FT%TZ) $queue: empty" >> "$log"; exit 0; }
+    read -r -a args <<< "$line"
+    case "${args[0]}" in
+        translation) root=runs/mt; save=454 ;;
+        language_modeling) root=runs/p3_lm; save=500 ;;
+        *) echo "$(date -u +%FT%TZ) bad entry (recipe?): $line" >> "$log"; exit 1 ;;
+    esac
+    fixed=(--output_root "$root" --resume --jobs 1 --threads 1)
+    [[ " $line " == *" --output_root "* ]] && fixed=(--resume --jobs 1 --threads 1)
+    echo "$(date -u +%FT%TZ) start: $line" >> "$log"
+    if .venv/bin/python benchmarks/results_table.py "${args[@]}" "${fixed[@]}" \
+            -- --save_strategy steps --save_steps "$save" --save_total_limit 1 >> "$log" 2>&1; then
+        echo "$(date -u +%FT%TZ) done: $line" >> "$log"
+    else
+        echo "$(date -u +%FT%TZ) FAILED: $line" >> "$log"
+    fi
+    # the entry leaves the queue (first exact match only; the file may have been edited meanwhile)
+    python3 - "$queue" "$line" <<'EOF'
+import sys
+path, line = sys.argv[1], sys.argv[2]
+lines = open(path).read().splitlines(keepends=True)
+for i, text in enumerate(lines):
+    if text.rstrip("\n") == line:
+        del lines[i]
+        break
+open(path, "w").write("".join(lines))
+EOF
+done
