@@ -180,3 +180,59 @@ def test_a_shard_boundary_cutting_groups_is_refused_at_the_first_step_not_at_fin
         assert model[0].nm_step == 0  # nothing counted
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.parametrize(("world", "rank", "mesh_shape", "placements", "shape"), [
+    (2, 1, (2,), ("shard0",), (5, 4, 8)),  # uneven chunks: rank 1 holds experts 3 and 4
+    (2, 0, (2,), ("shard0",), (5, 4, 8)),
+    (2, 1, (2,), ("shard1",), (5, 4, 8)),  # another dim sharded: dim 0 whole
+    (2, 1, (2,), ("replicate",), (5, 4, 8)),
+    (4, 3, (2, 2), ("shard0", "shard0"), (8, 4, 8)),  # one dim over two mesh dims, chunked in mesh order
+    (4, 2, (2, 2), ("replicate", "shard0"), (7, 4, 8)),  # HSDP
+    (4, 3, (2, 2), ("shard0", "shard0"), (3, 4, 8)),  # more ranks than rows along one mesh dim: an empty part
+])
+def test_shard_range_matches_the_layout_dtensor_gives_the_rank(world, rank, mesh_shape, placements, shape):
+    """Which experts a rank's shard holds (S-STE's per-expert betas): the very elements DTensor gives the rank."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    from nm_hf.layers.base import shard_range
+
+    kinds = {"shard0": Shard(0), "shard1": Shard(1), "replicate": Replicate()}
+    dist.init_process_group("fake", rank=rank, world_size=world, store=FakeStore())
+    try:
+        mesh = init_device_mesh("cpu", mesh_shape)
+        full = torch.arange(float(torch.Size(shape).numel())).reshape(shape)
+        sharded = distribute_tensor(full, mesh, [kinds[p] for p in placements], src_data_rank=None)
+        local = sharded.to_local()  # src_data_rank=None: each rank cuts its own part from `full` (no data moved)
+        spans = [shard_range(sharded, dim) for dim in range(full.ndim)]
+        assert torch.equal(local, full[spans[0].start:spans[0].stop, spans[1].start:spans[1].stop,
+                                        spans[2].start:spans[2].stop])
+        assert shard_range(full, 0) == range(shape[0])
+    finally:
+        dist.destroy_process_group()
+
+
+def test_shard_range_refuses_strided_sharding():
+    """FSDP2 over tensor parallelism shards strided: no contiguous range on a rank, so no slice of per-expert
+    state to take (torch 2.13's `_StridedShard` is not `is_shard()`: a check by that alone would miss it)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor.placement_types import _StridedShard
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    from nm_hf.layers.base import shard_range
+
+    dist.init_process_group("fake", rank=1, world_size=2, store=FakeStore())
+    try:
+        mesh = init_device_mesh("cpu", (2,))
+        strided = DTensor.from_local(torch.zeros(2, 4), mesh, [_StridedShard(0, split_factor=2)], run_check=False,
+                                     shape=(4, 4), stride=(4, 1))
+        with pytest.raises(ValueError, match="sharded as .* along dim 0 holds no contiguous range"):
+            shard_range(strided, 0)
+        assert shard_range(strided, 1) == range(4)
+    finally:
+        dist.destroy_process_group()

@@ -43,7 +43,7 @@ from ..masks import nm_mask, nm_mask_and_apply, nm_mask_transposable, pruned_non
 from ..methods import SparsityMethod, get_method
 
 __all__ = ["SparseLayerMixin", "mark_weights_updated", "optimizer_steps", "is_sharded", "local_tensor",
-           "add_mask_listener", "settle_mask_listeners", "is_sparse_layer"]
+           "shard_range", "add_mask_listener", "settle_mask_listeners", "is_sparse_layer"]
 
 try:  # torch builds without distributed support have no DTensor
     from torch.distributed.tensor import DTensor
@@ -62,6 +62,33 @@ def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             return tensor.detach().to_local()
     return tensor.detach()
+
+def shard_range(tensor: torch.Tensor, dim: int) -> range:
+    """The indices along `dim` that this rank's part of `tensor` holds (all of them for a tensor not sharded).
+
+    Chunks follow `torch.chunk` (FSDP2, DTensor `Shard`), as in `SparseLayerMixin.sharding_problem`; a dim
+    sharded over several mesh dims is chunked in mesh order. Strided sharding (`_StridedShard`, FSDP2 over
+    tensor parallelism) gives a rank no contiguous range: ValueError.
+    """
+    dim %= tensor.ndim
+    start, size = 0, tensor.shape[dim]
+    if not is_sharded(tensor):
+        return range(start, size)
+    from torch.distributed.tensor import Shard
+
+    coordinate = tensor.device_mesh.get_coordinate()
+    for mesh_dim, placement in enumerate(tensor.placements):
+        if placement.is_replicate() or placement.is_partial() or getattr(placement, "dim", None) is None:
+            continue
+        if placement.dim % tensor.ndim != dim:
+            continue
+        if type(placement) is not Shard:  # (`_StridedShard` is no `is_shard()` in torch 2.13: asked by its dim)
+            raise ValueError(f"a weight sharded as {placement} along dim {dim} holds no contiguous range on a rank")
+        chunk = -(-size // tensor.device_mesh.size(mesh_dim))
+        offset = 0 if coordinate is None else min(coordinate[mesh_dim] * chunk, size)
+        start, size = start + offset, min(chunk, size - offset)
+    return range(start, start + size)
+
 
 _STEPS = [0]
 
@@ -320,6 +347,11 @@ class SparseLayerMixin:
         problem = self.sharding_problem(tuple(weight.shape), parts)
         if problem:
             raise ValueError(f"{type(self).__name__}: {problem}")
+
+    def weight_shard_range(self, dim: int) -> range:
+        """The indices along `dim` of this rank's part of the weight (`shard_range`): which slices of a
+        method's per-slice state (S-STE's per-expert betas) this rank's shard uses."""
+        return shard_range(self.weight, dim)
 
     def _sharded_mask(self, weight: torch.Tensor) -> torch.Tensor:
         """The mask of this rank's shard as a DTensor placed like `weight` (no collective)."""

@@ -75,23 +75,6 @@ def _experts_of(layer) -> int | None:
     return None if dim is None else int(layer.weight.shape[dim])
 
 
-def _expert_offset(layer, dim: int, count: int, total: int) -> int:
-    """Index of the first expert in a part of `layer.weight` holding `count` of its `total` experts: this
-    rank's shard of a weight sharded along the expert dimension (FSDP2 shards dim 0)."""
-    weight = layer.weight
-    try:
-        from torch.distributed.tensor import DTensor
-        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-    except ImportError:  # pragma: no cover - torch without distributed support
-        DTensor = None
-    if DTensor is not None and isinstance(weight, DTensor):
-        shape, offset = compute_local_shape_and_global_offset(weight.shape, weight.device_mesh, weight.placements)
-        if shape[dim] == count:
-            return int(offset[dim])
-    raise ValueError(f"method 's-ste': a weight with {count} experts along dim {dim} is neither the layer's "
-                     f"({total} experts) nor its shard")
-
-
 def _scale_for(layer, weight: torch.Tensor) -> float | torch.Tensor:
     """The layer's beta for `weight` (the layer's weight, a shard of it or one in its layout): a float, or
     for expert weights a tensor of the per-expert betas shaped to broadcast along the expert dimension.
@@ -104,7 +87,13 @@ def _scale_for(layer, weight: torch.Tensor) -> float | torch.Tensor:
         return scale
     dim = layer.expert_dim % weight.ndim
     count = weight.shape[dim]
-    offset = 0 if count == len(scale) else _expert_offset(layer, dim, count, len(scale))
+    offset = 0
+    if count != len(scale):  # this rank's shard of the experts
+        span = layer.weight_shard_range(dim)
+        if len(span) != count or span.stop > len(scale):
+            raise ValueError(f"method 's-ste': a weight with {count} experts along dim {dim} is neither the "
+                             f"layer's ({len(scale)} experts) nor its shard")
+        offset = span.start
     dtype = torch.promote_types(weight.dtype, torch.float32)
     key = (offset, count, dim, weight.ndim, dtype, weight.device)
     cached = layer.__dict__.get("_nm_method_cache")
