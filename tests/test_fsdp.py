@@ -236,3 +236,30 @@ def test_shard_range_refuses_strided_sharding():
         assert shard_range(strided, 1) == range(4)
     finally:
         dist.destroy_process_group()
+
+
+def test_strided_sharding_along_the_groups_is_refused():
+    """FSDP2 over tensor parallelism (`_StridedShard`, not `is_shard()` in torch 2.13): refused along the dim
+    that holds the groups (interleaved pieces could cut them), accepted along another."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor.placement_types import _StridedShard
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    linear = SparseLinear(8, 8, config=SparsityConfig(method="ste"))  # [out, in]: dim 1 holds the groups
+    dist.init_process_group("fake", rank=0, world_size=2, store=FakeStore())
+    try:
+        mesh = init_device_mesh("cpu", (2,))
+        for dim, refused in ((1, True), (0, False)):
+            local = linear.weight.detach().chunk(2, dim)[0].clone()
+            strided = DTensor.from_local(local, mesh, [_StridedShard(dim, split_factor=2)], run_check=False,
+                                         shape=(8, 8), stride=(8, 1))
+            if refused:
+                with pytest.raises(ValueError, match="SparseLinear: a weight sharded as .* along the dim that holds "
+                                                     "its groups cannot be masked shard by shard"):
+                    linear.check_sharding(strided)
+            else:
+                linear.check_sharding(strided)
+    finally:
+        dist.destroy_process_group()

@@ -320,9 +320,7 @@ class SparseLayerMixin:
             return (f"mask_update_interval={self.nm_mask_interval} is not supported with sharded weights (the "
                     "mask in use is chosen from the whole weight at its last refresh); use 1")
         ndim = len(shape)
-        grouped = {self.group_dim % ndim}
-        if self.nm_transposable:
-            grouped |= {ndim - 2, ndim - 1}
+        grouped = self._grouped_dims(ndim)
         for dim, count in parts.items():
             if count <= 1 or dim % ndim not in grouped:
                 continue
@@ -332,6 +330,13 @@ class SparseLayerMixin:
                         f"of m={self.nm_m}, gives chunks of {chunk} rows, not a multiple of {self.nm_m}: groups would "
                         "straddle shard boundaries")
         return None
+
+    def _grouped_dims(self, ndim: int) -> set[int]:
+        """The dims of an `ndim`-D weight that hold its groups of m (both matrix dims for m x m blocks)."""
+        grouped = {self.group_dim % ndim}
+        if self.nm_transposable:
+            grouped |= {ndim - 2, ndim - 1}
+        return grouped
 
     def check_sharding(self, weight: torch.Tensor | None = None) -> None:
         """Raise ValueError when the (sharded) weight cannot be masked shard by shard (`sharding_problem`)."""
@@ -344,6 +349,11 @@ class SparseLayerMixin:
                 raise ValueError(f"{type(self).__name__}: a weight with a Partial placement cannot be masked")
             if placement.is_shard():
                 parts[placement.dim] = parts.get(placement.dim, 1) * weight.device_mesh.size(mesh_dim)
+            elif not placement.is_replicate():  # strided sharding (torch 2.13's `_StridedShard` is no `is_shard()`)
+                dim = getattr(placement, "dim", None)
+                if dim is None or dim % weight.ndim in self._grouped_dims(weight.ndim):
+                    raise ValueError(f"{type(self).__name__}: a weight sharded as {placement} along the dim that "
+                                     "holds its groups cannot be masked shard by shard")
         problem = self.sharding_problem(tuple(weight.shape), parts)
         if problem:
             raise ValueError(f"{type(self).__name__}: {problem}")
