@@ -296,7 +296,8 @@ def _resolve_targets(model: nn.Module, config: SparsityConfig) -> tuple[list[str
     for name in targets:
         target = units[name]
         mod = target.module
-        hint = f"add {name.rsplit('.', 1)[-1]!r} or {name!r} to exclude_modules"
+        short = name.rsplit('.', 1)[-1]
+        hint = f"add {short!r} or {name!r} to exclude_modules" if short != name else f"add {name!r} to exclude_modules"
         if target.module_name in adapters:
             problems.append(f"{name!r} is {adapters[target.module_name]}, a PEFT adapter layer: sparsify the base "
                             "model before adding adapters, and keep merged LoRA deltas N:M with "

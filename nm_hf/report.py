@@ -114,6 +114,7 @@ def sparsity_report(
                                                 layer.group_dim))
         return report
     record = getattr(getattr(model, "config", None), CONFIG_KEY, None)
+    source = "names=" if names is not None else "the sparsity record"
     if names is None:
         if not isinstance(record, dict):
             raise ValueError(f"{type(model).__name__} has no sparse layers and no '{CONFIG_KEY}' record in "
@@ -134,8 +135,9 @@ def sparsity_report(
             target = targets[name]
             report.layers.append(layer_sparsity(name, target.weight, n, m, target.group_dim))
         elif name in modules:
-            raise ValueError(f"layer {name!r} from the sparsity record is a {type(modules[name]).__name__} in "
+            raise ValueError(f"layer {name!r} from {source} is a {type(modules[name]).__name__} in "
                              f"{type(model).__name__}, not a layer kind nm_hf knows")
         else:
-            raise ValueError(f"layer {name!r} from the sparsity record is not in {type(model).__name__}")
+            raise ValueError(f"layer {name!r} from {source} is not in {type(model).__name__} (use full module names, "
+                             f"e.g. {next(iter(targets), '?')!r})")
     return report

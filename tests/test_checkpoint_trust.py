@@ -212,6 +212,17 @@ def test_load_sparse_of_a_missing_local_directory(tmp_path, monkeypatch):
         nm_hf.load_sparse("file")
 
 
+def test_load_sparse_of_a_missing_name_that_could_be_a_hub_id(tmp_path, monkeypatch):
+    """'runs/x' (one slash) and 'x' are valid Hub ids; when neither a local directory nor the Hub has them, the
+    error is a CheckpointError that says no local directory has that name either."""
+    monkeypatch.chdir(tmp_path)
+    for missing in ("runs/x", "x"):
+        with pytest.raises(nm_hf.CheckpointError, match=f"^{missing}: no such local directory, and loading it as a "
+                                                        "Hub repo id failed: ") as info:
+            nm_hf.load_sparse(missing, local_files_only=True)  # no request leaves the machine
+        assert isinstance(info.value.__cause__, OSError)
+
+
 # ----------------------------------------------------------------------------- load_compressed classes
 
 

@@ -267,7 +267,9 @@ def test_already_sparsified():
 
 
 def test_weight_tied_to_embedding_targeted_explicitly():
-    refuse(tiny_model("gpt2"), SparsityConfig(target_modules=["lm_head"]), "'lm_head'", "tied", "exclude_modules")
+    message = refuse(tiny_model("gpt2"), SparsityConfig(target_modules=["lm_head"]), "'lm_head'", "tied",
+                     "exclude_modules")
+    assert "add 'lm_head' to exclude_modules" in message  # a top-level name is not offered twice ("'x' or 'x'")
     model = Toy()
     model.classifier = nn.Linear(8, 10, bias=False)
     model.classifier.weight = model.embed.weight  # [10, 8]: a tied output projection

@@ -38,3 +38,12 @@ def test_report_of_chosen_layers_of_a_sparse_model_counts_the_weights_the_forwar
     assert [row.name for row in chosen.layers] == names
     assert chosen.layers == [full[name] for name in names]
     assert chosen.nm_ok and chosen.sparsity == pytest.approx(0.5)
+
+
+def test_report_of_named_layers_without_record_names_the_argument():
+    """names= on a model without a record: a wrong name is blamed on names=, not on a record it does not have."""
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match=r"'q_proj' from names= is not in LlamaForCausalLM.*full module names"):
+        nm_hf.sparsity_report(model, names=["q_proj"], n=2, m=4)
+    report = nm_hf.sparsity_report(model, names=["model.layers.0.self_attn.q_proj"], n=2, m=4)
+    assert [row.name for row in report.layers] == ["model.layers.0.self_attn.q_proj"] and not report.nm_ok

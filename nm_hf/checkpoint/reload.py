@@ -175,7 +175,16 @@ def load_sparse(path_or_model_id: str | os.PathLike, model_class: Any = None, **
         checkpoint_dir(path_or_model_id)  # "no such directory" rather than a Hub repo-id error
     source = os.fspath(path_or_model_id)
     hub_kwargs = {k: v for k, v in from_pretrained_kwargs.items() if k in HUB_KWARGS}
-    config = AutoConfig.from_pretrained(source, **hub_kwargs)
+    try:
+        config = AutoConfig.from_pretrained(source, **hub_kwargs)
+    except OSError as err:
+        if os.path.exists(source):
+            raise
+        # "runs/x" (one slash, missing) is a valid Hub id too: say that no local directory has the name either,
+        # instead of transformers' bare "couldn't connect" / "not a valid model identifier"
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{source}: no such local directory, and loading it as a Hub repo id failed: "
+                              f"{first}") from err
     record = require_record(config, where=source, error=CheckpointError)
     if is_compressed(record):
         local = _local_snapshot(source, hub_kwargs)
