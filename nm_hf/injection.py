@@ -35,6 +35,7 @@ from .record import (
     STATE_TRAINING,
     build_record,
     config_from_record,
+    own_config,
     read_record,
     remove_record,
     weight_key,
@@ -422,6 +423,7 @@ def sparsify(model: nn.Module, config: SparsityConfig | dict[str, Any] | None = 
     units = _targets_by_name(inner)
     previous_record = read_record(inner)
     snapshots: dict[str, torch.Tensor] = {}
+    restore_config = own_config(inner)  # the record must not reach other models built from the same config
     try:
         # the record first: a config that refuses attributes must fail before any layer is converted
         if getattr(inner, "config", None) is not None:
@@ -443,6 +445,7 @@ def sparsify(model: nn.Module, config: SparsityConfig | dict[str, Any] | None = 
             layer.method.prepare(layer)
     except BaseException:
         _undo_conversion(inner, units, targets, previous_record, snapshots)
+        restore_config()
         raise
     for name, reason in ignored_reasons(inner, config, targets).items():
         logger.warning("nm_hf.sparsify: %s left dense: %s", name, reason)

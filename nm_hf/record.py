@@ -25,8 +25,9 @@ model knows:
 
 from __future__ import annotations
 
+import copy
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from .config import SparsityConfig
@@ -41,6 +42,7 @@ __all__ = [
     "read_record",
     "require_record",
     "write_record",
+    "own_config",
     "remove_record",
     "build_record",
     "config_from_record",
@@ -116,6 +118,30 @@ def require_record(source: Any, where: str | os.PathLike | None = None,
 def write_record(model: Any, record: dict[str, Any]) -> None:
     """Store `record` on `model.config` (raises AttributeError/TypeError if the config refuses it)."""
     setattr(model.config, CONFIG_KEY, record)
+
+
+def own_config(model: Any) -> Callable[[], None]:
+    """Give `model` its own copy of its config before a record is written to it; returns the undo.
+
+    transformers 5's `from_config` keeps the config object it is given (4.x copied it), so two models built
+    from one config share it: a record written to one would reach the other (a dense baseline saved with a
+    sparse model's record). Every submodule holding the same object (base models, attention layers) gets the
+    copy too; sub-configs stay shared (the record lives on the top-level config only).
+    """
+    shared = getattr(model, "config", None)
+    if shared is None or not hasattr(model, "modules"):
+        return lambda: None
+    mine = copy.copy(shared)
+    holders = [module for module in model.modules() if module.__dict__.get("config") is shared]
+    for module in holders:
+        module.__dict__["config"] = mine
+
+    def undo() -> None:
+        for module in holders:
+            if module.__dict__.get("config") is mine:
+                module.__dict__["config"] = shared
+
+    return undo
 
 
 def remove_record(model: Any) -> None:

@@ -52,6 +52,7 @@ def snapshot(model: nn.Module) -> dict:
         "repr": repr(model),
         "classes": {name: type(mod) for name, mod in model.named_modules()},
         "dicts": {name: sorted(mod.__dict__) for name, mod in model.named_modules()},
+        "configs": {name: id(mod.__dict__["config"]) for name, mod in model.named_modules() if "config" in mod.__dict__},
         "state": state,
         "record": json.dumps(getattr(config, CONFIG_KEY, None)),
     }
@@ -62,6 +63,7 @@ def assert_unchanged(model: nn.Module, before: dict) -> None:
     assert after["repr"] == before["repr"]
     assert after["classes"] == before["classes"]
     assert after["dicts"] == before["dicts"]
+    assert after["configs"] == before["configs"]  # no module was given another config object
     assert after["record"] == before["record"]
     assert after["state"].keys() == before["state"].keys()
     for key, old in before["state"].items():
@@ -302,6 +304,28 @@ def test_unrecordable_config_leaves_model_unchanged():
     with pytest.raises(SparsifyError, match="model.config does not accept"):
         sparsify(model, SparsityConfig())
     assert_unchanged(model, before)
+
+
+def test_models_built_from_one_config_keep_their_own_records(tmp_path):
+    """transformers 5's from_config keeps the config object it is given: a dense baseline built from the same
+    config must not get the sparse model's record (it would be saved with it and re-sparsified by the
+    Trainer)."""
+    from tiny_models import tiny_config
+
+    config = tiny_config("llama")
+    dense = AutoModelForCausalLM.from_config(config)
+    sparse = AutoModelForCausalLM.from_config(config)
+    assert dense.config is sparse.config  # what makes the copy necessary
+    sparsify(sparse, SparsityConfig())
+    finalize(sparse)
+    assert not hasattr(config, CONFIG_KEY) and not hasattr(dense.config, CONFIG_KEY)
+    assert sparse.config.nm_sparsity["state"] == "finalized"
+    holders = [name for name, mod in sparse.named_modules() if "config" in mod.__dict__]
+    assert len(holders) > 2 and all(sparse.get_submodule(name).config is sparse.config for name in holders)
+    dense.save_pretrained(tmp_path)
+    assert CONFIG_KEY not in json.loads((tmp_path / "config.json").read_text())
+    with pytest.raises(ValueError, match="no sparse layers and no 'nm_sparsity' record"):
+        sparsity_report(dense)
 
 
 def test_bad_argument_types():
