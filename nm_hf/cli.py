@@ -28,7 +28,7 @@ from .checkpoint.directory import CheckpointError
 from .checkpoint.inspect import inspect_checkpoint, parse_pattern
 from .layers import available_layer_kinds
 from .plot import PLOT_FILE, MatplotlibMissing, plot_runs
-from .record import is_compressed
+from .record import is_compressed, training_state_hint
 
 __all__ = ["main", "build_parser"]
 
@@ -42,9 +42,11 @@ _KINDS = "/".join(kind.dense_class.__name__ for kind in available_layer_kinds()
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    report, record = inspect_checkpoint(args.directory, pattern=args.pattern, layers=args.layers)
-    n, m = parse_pattern(args.pattern) if args.pattern else (int(record["n"]), int(record["m"]))
-    bad = [row.name for row in report.layers if not row.nm_ok]
+    pattern = parse_pattern(args.pattern, label="--pattern") if args.pattern else None
+    report, record = inspect_checkpoint(args.directory, pattern=pattern, layers=args.layers)
+    n, m = pattern or (int(record["n"]), int(record["m"]))
+    bad = [row.name for row in report.layers if not row.nm_ok and not row.reason]
+    indivisible = [row.name for row in report.layers if row.reason]
     if args.layers:
         chosen = "the layers named by --layers"
     elif record is None:
@@ -54,7 +56,7 @@ def _inspect(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"record": record, "pattern": f"{n}:{m}", "checked": chosen, **report.to_dict()},
                          indent=2, sort_keys=True, default=str))
-        return 1 if bad or not report.layers else 0
+        return 1 if bad or indivisible or not report.layers else 0
     if record is None:
         print(f"{args.directory}: no nm_sparsity record; checking {n}:{m} on {len(report.layers)} layers "
               f"({chosen})")
@@ -68,12 +70,23 @@ def _inspect(args: argparse.Namespace) -> int:
         print("no layers to check")
         return 1
     if bad:
-        shown = ", ".join(bad[:5]) + (f" (+{len(bad) - 5} more)" if len(bad) > 5 else "")
-        print(f"N:M pattern VIOLATED in {len(bad)} of {len(report.layers)} layers: {shown}")
+        print(f"N:M pattern VIOLATED in {len(bad)} of {len(report.layers)} layers: {_first_few(bad)}")
+    if indivisible:
+        print(f"N:M pattern cannot hold in {len(indivisible)} of {len(report.layers)} layers, whose input size "
+              f"is not divisible by m={m}: {_first_few(indivisible)}")
+    if bad or indivisible:
+        hint = training_state_hint(record) if bad and record is not None else ""
+        if hint:
+            print(hint)
         return 1
     what = "targeted layers" if record is not None and not args.layers else "checked layers"
     print(f"N:M pattern holds in all {len(report.layers)} {what}")
     return 0
+
+
+def _first_few(names: Sequence[str]) -> str:
+    """The first five names and how many more, for one summary line."""
+    return ", ".join(names[:5]) + (f" (+{len(names) - 5} more)" if len(names) > 5 else "")
 
 
 def _compress(args: argparse.Namespace) -> int:

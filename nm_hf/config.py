@@ -35,7 +35,8 @@ class SparsityConfig:
         decay: SR-STE's lambda_w, the strength pulling pruned weights towards zero. The default is
             the paper's (tuned with SGD). Under Adam a small gradient-mode decay leaves the masks
             flipping more, yet in the docs' AdamW sweep 2e-4 trained as well as 1 (docs/concepts.md,
-            "Decay placement"). Only methods that use a decay read it.
+            "Decay placement"). Only methods that use a decay read it; `sparsify` warns about
+            another value (not 0 or the default) given to a method that does not.
         decay_mode: "gradient" (the paper's: `decay * (1 - mask) * W` added to the gradient in
             backward) or "decoupled" (`W -= lr * decay * (1 - mask) * W` after each optimizer step).
         target_modules: "all-linear" (every linear map: nn.Linear, GPT-2 Conv1D, mixture-of-experts

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -30,6 +31,7 @@ from .layers import (
     sparse_layers_of,
 )
 from .layers.base import is_sharded, settle_mask_listeners
+from .methods import available_methods, get_method
 from .record import (
     STATE_FINALIZED,
     STATE_TRAINING,
@@ -294,6 +296,8 @@ def _resolve_targets(model: nn.Module, config: SparsityConfig) -> tuple[list[str
     embedding_weights = _embedding_weights(model)
     adapters = _adapter_layers(model)
     originals = _saved_originals(model)
+    indivisible: dict[str, str] = {}  # name -> its problem line, for layers whose input size m does not divide
+    sizes: set[int] = set()
     for name in targets:
         target = units[name]
         mod = target.module
@@ -335,7 +339,9 @@ def _resolve_targets(model: nn.Module, config: SparsityConfig) -> tuple[list[str
             continue
         in_features = target.input_features
         if in_features % config.m:
-            problems.append(f"{name!r} has {in_features} input features, not divisible by m={config.m}; {hint}")
+            indivisible[name] = f"{name!r} has {in_features} input features, not divisible by m={config.m}; {hint}"
+            sizes.add(in_features)
+            problems.append(indivisible[name])
         elif config.transposable and target.output_features % config.m:
             problems.append(f"{name!r} has {target.output_features} output features, not divisible by m={config.m} "
                             f"(transposable masks tile the weight in {config.m}x{config.m} blocks); {hint}")
@@ -344,7 +350,28 @@ def _resolve_targets(model: nn.Module, config: SparsityConfig) -> tuple[list[str
         if "forward" in mod.__dict__:
             problems.append(f"{name!r} has an instance-level forward (accelerate hooks / device_map "
                             "offloading?); sparsify the model before dispatching it")
+    if targets and len(indivisible) == len(targets):
+        # excluding every layer leaves nothing: the pattern is what does not fit, say it once
+        first = problems.index(indivisible[targets[0]])
+        problems = [p for p in problems if p not in indivisible.values()]
+        problems.insert(first, f"no targeted layer's input size is divisible by m={config.m} (sizes: "
+                               f"{', '.join(map(str, sorted(sizes)))}): choose an m that divides them")
     return targets, problems
+
+
+#: the start of the warning `sparsify` gives for a decay its method ignores (to filter it where it repeats one)
+IGNORED_DECAY_WARNING = "SparsityConfig.decay="
+
+
+def _warn_ignored_decay(config: SparsityConfig) -> None:
+    """A decay set for a method that reads none (the method registry says: `uses_decay`) would silently do
+    nothing: say so. 0 and the default are no choice of the user's, so they stay quiet."""
+    default = SparsityConfig.__dataclass_fields__["decay"].default
+    if get_method(config.method).uses_decay or config.decay in (0.0, default):
+        return
+    users = ", ".join(name for name in available_methods() if get_method(name).uses_decay)
+    warnings.warn(f"{IGNORED_DECAY_WARNING}{config.decay:g} has no effect: method {config.method!r} uses no decay "
+                  f"(methods that do: {users})", UserWarning, stacklevel=3)
 
 
 def _format_problems(model: nn.Module, problems: list[str]) -> str:
@@ -419,6 +446,7 @@ def sparsify(model: nn.Module, config: SparsityConfig | dict[str, Any] | None = 
     targets, problems = _resolve_targets(inner, config)
     if problems:
         raise SparsifyError(_format_problems(inner, problems))
+    _warn_ignored_decay(config)
 
     units = _targets_by_name(inner)
     previous_record = read_record(inner)

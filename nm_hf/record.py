@@ -51,6 +51,7 @@ __all__ = [
     "record_parameters",
     "record_weight_keys",
     "is_compressed",
+    "training_state_hint",
     "with_compressed_marker",
     "without_compressed_marker",
 ]
@@ -233,6 +234,14 @@ def record_weight_keys(record: Mapping[str, Any]) -> dict[str, str]:
 
 def is_compressed(record: Mapping[str, Any]) -> bool:
     return isinstance(record.get(COMPRESSED_KEY), dict)
+
+
+def training_state_hint(record: Mapping[str, Any]) -> str:
+    """Why saved weights break the record's pattern when it says state 'training' (a checkpoint saved before
+    finalize holds the dense training weights); "" for any other state. Shared by `nm-hf compress` and `inspect`."""
+    if record.get("state") != STATE_TRAINING:
+        return ""
+    return "the record says state='training' (dense training weights): save after nm_hf.finalize(model)"
 
 
 def with_compressed_marker(record: Mapping[str, Any], marker: Mapping[str, Any]) -> dict[str, Any]:

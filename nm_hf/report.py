@@ -25,6 +25,13 @@ class LayerSparsity:
     nm_ok: bool  # every group of m along the input dimension has at most n non-zeros
     numel: int
     zeros: int
+    #: why the pattern cannot hold whatever the values (the input size is not a multiple of m); "" if it can
+    reason: str = ""
+
+    @property
+    def verdict(self) -> str:
+        """The "N:M holds" cell: yes, NO, or NO with the reason no value could make it hold."""
+        return "yes" if self.nm_ok else f"NO ({self.reason})" if self.reason else "NO"
 
 
 @dataclass
@@ -58,8 +65,7 @@ class SparsityReport:
         lines = ["| layer | shape | n:m | sparsity | N:M holds |", "|---|---|---|---|---|"]
         for row in self.layers:
             shape = "x".join(map(str, row.shape))
-            lines.append(f"| {row.name} | {shape} | {row.pattern} | {row.sparsity:.2%} | "
-                         f"{'yes' if row.nm_ok else 'NO'} |")
+            lines.append(f"| {row.name} | {shape} | {row.pattern} | {row.sparsity:.2%} | {row.verdict} |")
         lines.append(f"| **total** ({len(self.layers)} layers) | {self.total_numel:,} weights | | "
                      f"{self.sparsity:.2%} | {'yes' if self.nm_ok else 'NO'} |")
         return "\n".join(lines)
@@ -70,8 +76,7 @@ class SparsityReport:
         rows = [head, "-" * len(head)]
         for r in self.layers:
             shape = "x".join(map(str, r.shape))
-            rows.append(f"{r.name:<{width}}  {shape:>12}  {r.pattern:>5}  {r.sparsity:>8.2%}  "
-                        f"{'yes' if r.nm_ok else 'NO'}")
+            rows.append(f"{r.name:<{width}}  {shape:>12}  {r.pattern:>5}  {r.sparsity:>8.2%}  {r.verdict}")
         rows.append("-" * len(head))
         rows.append(f"{'total':<{width}}  {self.total_numel:>12,}  {'':>5}  {self.sparsity:>8.2%}  "
                     f"{'yes' if self.nm_ok else 'NO'}")
@@ -86,13 +91,12 @@ def layer_sparsity(name: str, weight: torch.Tensor, n: int, m: int, group_dim: i
                          "so its zeros cannot be counted; load the model without device_map offloading, or run "
                          "`nm-hf inspect` on the saved checkpoint directory")
     zeros = int((weight == 0).sum())
-    if weight.shape[group_dim] % m:
-        ok = False
-    else:
-        ok = bool((nm_group_counts(weight, m, dim=group_dim) <= n).all())
+    size = weight.shape[group_dim]
+    reason = f"input size {size} is not divisible by m={m}" if size % m else ""
+    ok = not reason and bool((nm_group_counts(weight, m, dim=group_dim) <= n).all())
     return LayerSparsity(name=name, shape=tuple(weight.shape), pattern=f"{n}:{m}",
                          sparsity=zeros / weight.numel() if weight.numel() else 0.0,
-                         nm_ok=ok, numel=weight.numel(), zeros=zeros)
+                         nm_ok=ok, numel=weight.numel(), zeros=zeros, reason=reason)
 
 
 

@@ -62,7 +62,55 @@ def test_inspect_training_checkpoint_exits_1(tmp_path, capsys):
     sparsify(model, SparsityConfig())
     model.save_pretrained(tmp_path)  # dense training weights
     assert main(["inspect", str(tmp_path)]) == 1
-    assert "state training" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "state training" in out
+    # the same hint as `nm-hf compress` gives for this directory, as the last line
+    assert out.splitlines()[-1] == ("the record says state='training' (dense training weights): "
+                                    "save after nm_hf.finalize(model)")
+
+
+def test_inspect_pattern_whose_m_divides_no_input_size_exits_2(tmp_path, capsys):
+    """2:3 on input sizes 32 and 64 cannot hold whatever the weights: one line saying so, not 'VIOLATED'."""
+    saved_model(tmp_path)
+    capsys.readouterr()
+    assert main(["inspect", str(tmp_path), "--pattern", "2:3"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and "VIOLATED" not in captured.err
+    assert captured.err == (f"nm-hf inspect: error: {tmp_path}: pattern 2:3 cannot hold in any checked layer: no "
+                            "input size is divisible by m=3 (sizes: 32, 64); choose an m that divides them\n")
+
+
+def test_inspect_counts_layers_whose_input_size_m_does_not_divide_apart(tmp_path, capsys):
+    """32:64 fits the down_proj layers (input 64), not the others (input 32): each says why, apart from
+    real violations."""
+    model = tiny_model("llama")
+    finalize(sparsify(model, SparsityConfig()))
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight[0] = 1.0  # 64 non-zeros in a group of 64
+    model.save_pretrained(tmp_path)
+    assert main(["inspect", str(tmp_path), "--pattern", "32:64"]) == 1
+    out = capsys.readouterr().out
+    assert re.search(r"\nmodel\.layers\.0\.mlp\.down_proj +32x64 +32:64 +50\.\d\d% +yes\n", out)
+    assert re.search(r"\nmodel\.layers\.0\.self_attn\.q_proj +32x32 +32:64 +50\.00% +"
+                     r"NO \(input size 32 is not divisible by m=64\)\n", out)
+    assert "N:M pattern VIOLATED in 1 of 14 layers: model.layers.1.mlp.down_proj\n" in out
+    assert ("N:M pattern cannot hold in 12 of 14 layers, whose input size is not divisible by m=64: "
+            "model.layers.0.self_attn.q_proj, ") in out
+    assert main(["inspect", str(tmp_path), "--pattern", "32:64", "--json"]) == 1
+    rows = {row["name"]: row for row in json.loads(capsys.readouterr().out)["layers"]}
+    assert rows["model.layers.0.self_attn.q_proj"]["reason"] == "input size 32 is not divisible by m=64"
+    assert rows["model.layers.1.mlp.down_proj"]["reason"] == ""
+
+
+@pytest.mark.parametrize(("pattern", "message"), [
+    ("4:2", "--pattern 4:2: need 1 <= N <= M"),
+    ("2x4", "--pattern '2x4' is not of the form N:M (e.g. 2:4)"),
+])
+def test_inspect_bad_pattern_names_the_flag(tmp_path, capsys, pattern, message):
+    saved_model(tmp_path)
+    capsys.readouterr()
+    assert main(["inspect", str(tmp_path), "--pattern", pattern]) == 2
+    assert capsys.readouterr().err == f"nm-hf inspect: error: {message}\n"
 
 
 @pytest.mark.parametrize("record_form", ["group_dims", "conv1d_modules", "model_type"])
@@ -93,14 +141,18 @@ def test_inspect_json(tmp_path, capsys):
 
 def test_compress_decompress_and_inspect_compressed(tmp_path, capsys):
     model = saved_model(tmp_path / "plain", "bart", torch.float16)
+    capsys.readouterr()
     assert main(["compress", str(tmp_path / "plain"), str(tmp_path / "c")]) == 0
+    assert capsys.readouterr().err == ""  # no progress bar when stderr is not a terminal (a log)
     assert (tmp_path / "c" / WEIGHTS_NAME).exists()
     assert main(["inspect", str(tmp_path / "c")]) == 0
     assert "nm_hf compressed" in capsys.readouterr().out
     assert main(["compress", str(tmp_path / "plain"), str(tmp_path / "c")]) == 2  # exists
     assert "exists and is not empty" in capsys.readouterr().err
     assert main(["compress", "--overwrite", str(tmp_path / "plain"), str(tmp_path / "c")]) == 0
+    capsys.readouterr()
     assert main(["decompress", str(tmp_path / "c"), str(tmp_path / "d")]) == 0
+    assert capsys.readouterr().err == ""
     plain = AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "d")
     for key, value in model.state_dict().items():
         assert torch.equal(plain.state_dict()[key], value), key
@@ -118,8 +170,8 @@ def test_compress_refuses_violations(tmp_path, capsys):
     capsys.readouterr()
     assert main(["compress", str(tmp_path / "plain"), str(tmp_path / "c")]) == 2
     err = capsys.readouterr().err
-    assert last_line(err) == (f"nm-hf compress: error: {tmp_path / 'plain'}: cannot compress, 1 of 14 targeted "
-                              "weights do not obey the 2:4 pattern: model.layers.0.mlp.gate_proj.weight\n")
+    assert err == (f"nm-hf compress: error: {tmp_path / 'plain'}: cannot compress, 1 of 14 targeted "
+                   "weights do not obey the 2:4 pattern: model.layers.0.mlp.gate_proj.weight\n")
     assert err.count("\n") == 1 and "Traceback" not in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["plain"]
 

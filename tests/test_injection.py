@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 
 import pytest
 import torch
@@ -239,8 +240,21 @@ def test_input_size_not_divisible_by_m():
     sparsify(model, SparsityConfig(exclude_modules=["tail"]))
     assert targeted(model) == ["block.up", "block.down"]
 
-    refuse(tiny_model("llama"), SparsityConfig(n=2, m=6), "'model.layers.0.self_attn.q_proj'",
-           "32 input features", "m=6")
+
+
+def test_no_targeted_input_size_divisible_by_m_is_one_line():
+    """Every targeted layer fails for its input size: one line blaming m, not one per layer advising to
+    exclude it (which would leave nothing to sparsify)."""
+    message = refuse(tiny_model("llama"), SparsityConfig(n=1, m=3))  # input sizes 32 and 64
+    assert message == ("cannot sparsify LlamaForCausalLM (the model was not modified):\n  - no targeted layer's "
+                       "input size is divisible by m=3 (sizes: 32, 64): choose an m that divides them")
+    message = refuse(tiny_model("llama"), SparsityConfig(n=2, m=6, target_modules=["q_proj"]))
+    assert message.endswith("\n  - no targeted layer's input size is divisible by m=6 (sizes: 32): "
+                            "choose an m that divides them")
+    # one layer that fits keeps the per-layer lines: excluding the others is a fix
+    message = refuse(tiny_model("llama"), SparsityConfig(n=1, m=64), "'model.layers.0.self_attn.q_proj'",
+                     "32 input features", "exclude_modules")
+    assert "'model.layers.0.mlp.down_proj'" not in message and "no targeted layer" not in message
 
 
 def test_non_floating_weight():
@@ -348,7 +362,8 @@ def test_config_recorded_and_saved(tmp_path):
     model = tiny_model("llama")
     config = SparsityConfig(n=1, m=4, method="ste", decay=0.5, target_modules=["q_proj", "up_proj"],
                             exclude_modules=["layers.1.mlp.up_proj"])
-    sparsify(model, config)
+    with pytest.warns(UserWarning, match="decay=0.5 has no effect: method 'ste'"):  # recorded all the same
+        sparsify(model, config)
     record = getattr(model.config, CONFIG_KEY)
     names = ["model.layers.0.self_attn.q_proj", "model.layers.0.mlp.up_proj", "model.layers.1.self_attn.q_proj"]
     assert sorted(record.pop("targeted_modules")) == sorted(names)
@@ -551,8 +566,9 @@ def test_config_round_trip():
 
 def test_layer_state_follows_config():
     model = tiny_model("llama")
-    sparsify(model, SparsityConfig(n=1, m=8, method="ste", decay=0.3, decay_mode="decoupled",
-                                   target_modules=["q_proj"]))
+    with pytest.warns(UserWarning, match="decay=0.3 has no effect: method 'ste'"):
+        sparsify(model, SparsityConfig(n=1, m=8, method="ste", decay=0.3, decay_mode="decoupled",
+                                       target_modules=["q_proj"]))
     layer = model.model.layers[0].self_attn.q_proj
     assert isinstance(layer, SparseLinear)
     assert (layer.nm_n, layer.nm_m, layer.nm_method, layer.nm_decay_mode) == (1, 8, "ste", "decoupled")
@@ -694,3 +710,34 @@ def test_all_linear_leaves_every_layer_outside_the_backbone_dense(model_type, au
     assert names and all(name.startswith(prefix) for name in names), names
     assert type(model.get_submodule(head)) is nn.Linear
     assert head in model.config.nm_sparsity["ignored_modules"]
+
+
+@pytest.mark.parametrize("method", ["ste", "fixed", "dense"])
+def test_decay_that_the_method_ignores_warns_once(method):
+    """Only methods whose registry entry says `uses_decay` read `decay`: any other value is worth a word."""
+    with pytest.warns(UserWarning, match=rf"^SparsityConfig.decay=0.1 has no effect: method '{method}' uses no "
+                                         r"decay \(methods that do: sr-ste\)$") as caught:
+        sparsify(tiny_model("llama"), SparsityConfig(method=method, decay=0.1))
+    assert len([w for w in caught if "SparsityConfig.decay" in str(w.message)]) == 1
+    assert caught[0].filename == __file__  # points at the caller's line
+
+
+@pytest.mark.parametrize("config", [SparsityConfig(method="ste"), SparsityConfig(method="ste", decay=0),
+                                    SparsityConfig(decay=0.1), SparsityConfig(decay=1.0, decay_mode="decoupled")])
+def test_no_decay_warning_when_the_method_reads_it_or_it_is_not_set(config):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sparsify(tiny_model("llama"), config)
+
+
+def test_reloading_a_record_with_an_ignored_decay_does_not_warn_again(tmp_path):
+    from nm_hf.checkpoint import load_sparse
+
+    model = tiny_model("llama")
+    with pytest.warns(UserWarning, match="decay=0.5 has no effect"):
+        finalize(sparsify(model, SparsityConfig(method="ste", decay=0.5)))
+    model.save_pretrained(tmp_path)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="SparsityConfig.decay=")
+        reloaded = load_sparse(tmp_path)
+    assert is_sparsified(reloaded) and reloaded.config.nm_sparsity["decay"] == 0.5

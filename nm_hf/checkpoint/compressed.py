@@ -56,10 +56,10 @@ from ..injection import ignored_layers, is_sparsified, iter_sparse_layers, model
 from ..methods import UnknownMethodError, get_method
 from ..record import (
     CONFIG_KEY,
-    STATE_TRAINING,
     is_compressed,
     record_weight_keys,
     require_record,
+    training_state_hint,
     with_compressed_marker,
     without_compressed_marker,
     write_record,
@@ -132,7 +132,8 @@ _POSITIONS_DTYPE = "U8"
 
 
 def _progress(iterable: Any, total: int, desc: str) -> Any:
-    return tqdm(iterable, total=total, desc=desc, unit=" tensors", leave=False)
+    """A progress bar on a terminal only (`disable=None`): in a log file its `\\r` redraws garble the lines."""
+    return tqdm(iterable, total=total, desc=desc, unit=" tensors", leave=False, disable=None)
 
 
 def record_masks_forward(record: dict[str, Any]) -> bool:
@@ -211,8 +212,8 @@ def compress_state_dict(tensors: dict[str, torch.Tensor], record: dict[str, Any]
         # the first line is the whole story (what `nm-hf compress` prints): how many, the first few names
         bad = list(problems)
         shown = ", ".join(bad[:5]) + (f" (+{len(bad) - 5} more)" if len(bad) > 5 else "")
-        hint = ("; the record says state='training' (dense training weights): save after nm_hf.finalize(model)"
-                if record.get("state") == STATE_TRAINING else "")
+        hint = training_state_hint(record)
+        hint = f"; {hint}" if hint else ""
         raise CheckpointError(f"{where}: cannot compress, {len(bad)} of {len(targeted)} targeted weights do not "
                               f"obey the {n}:{m} pattern: {shown}{hint}\n  - " + "\n  - ".join(problems.values()))
     header = {"version": FORMAT_VERSION, "n": n, "m": m, "bits": position_bits(n, m), "tensors": entries}

@@ -49,18 +49,26 @@ from .layout import record_layout, skeleton
 __all__ = ["inspect_checkpoint", "parse_pattern"]
 
 
-def parse_pattern(pattern: str | tuple[int, int]) -> tuple[int, int]:
-    """(n, m) from "N:M" (or a pair), checked 1 <= n <= m."""
+def parse_pattern(pattern: str | tuple[int, int], label: str = "pattern") -> tuple[int, int]:
+    """(n, m) from "N:M" (or a pair), checked 1 <= n <= m; errors start with `label` (the CLI: "--pattern")."""
     if isinstance(pattern, str):
         match = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", pattern)
         if not match:
-            raise CheckpointError(f"pattern {pattern!r} is not of the form N:M (e.g. 2:4)")
+            raise CheckpointError(f"{label} {pattern!r} is not of the form N:M (e.g. 2:4)")
         n, m = int(match[1]), int(match[2])
     else:
         n, m = (int(x) for x in pattern)
     if not 1 <= n <= m:
-        raise CheckpointError(f"pattern {n}:{m}: need 1 <= N <= M")
+        raise CheckpointError(f"{label} {n}:{m}: need 1 <= N <= M")
     return n, m
+
+
+def _refuse_if_no_layer_fits(sizes: Sequence[int], n: int, m: int, directory: Path) -> None:
+    """A pattern whose m divides no checked layer's input size cannot hold anywhere: say that, not "violated"."""
+    if sizes and all(size % m for size in sizes):
+        shown = ", ".join(map(str, sorted(set(sizes))))
+        raise CheckpointError(f"{directory}: pattern {n}:{m} cannot hold in any checked layer: no input size is "
+                              f"divisible by m={m} (sizes: {shown}); choose an m that divides them")
 
 
 def _skeleton(directory: Path) -> nn.Module | None:
@@ -174,6 +182,8 @@ def inspect_checkpoint(path: str | os.PathLike, *, pattern: str | tuple[int, int
     `pattern` ("N:M") overrides the record's pattern and is required without a record; `layers`
     (names, exact or dotted suffix) overrides the record's targeted layers, and without a record
     defaults to every linear layer but the output head. Compressed checkpoints are verified whole.
+    A pattern whose m divides no checked layer's input size is refused (CheckpointError): it says
+    nothing about the weights.
     """
     directory = checkpoint_dir(path)
     config = read_json(file_inside(directory, CONFIG_NAME, "the model config"), "the model config")
@@ -188,6 +198,7 @@ def inspect_checkpoint(path: str | os.PathLike, *, pattern: str | tuple[int, int
         record = require_record(config, where=directory / CONFIG_NAME, error=CheckpointError)
     n, m = parse_pattern(pattern) if pattern is not None else (int(record["n"]), int(record["m"]))
     report = SparsityReport()
+    sizes: list[int] = []  # input sizes (along the group dim) of the checked weights
 
     if record is not None and is_compressed(record):
         # the targets as stored: their state-dict keys, or the keys save_pretrained wrote them under
@@ -200,9 +211,11 @@ def inspect_checkpoint(path: str | os.PathLike, *, pattern: str | tuple[int, int
                 if entry.group_dim is None:
                     raise CheckpointError(f"{directory}: {key!r} is not stored N:M in the compressed file")
                 rows[key] = layer_sparsity(key.removesuffix(".weight"), tensor, n, m, entry.group_dim)
+                sizes.append(tensor.shape[entry.group_dim])
         missing = [k for k in wanted if k not in rows]
         if missing:
             raise CheckpointError(f"{directory}: targeted weights missing from the compressed file: {missing[:5]}")
+        _refuse_if_no_layer_fits(sizes, n, m, directory)
         report.layers.extend(rows[k] for k in wanted)
         return report, record
 
@@ -245,6 +258,8 @@ def inspect_checkpoint(path: str | os.PathLike, *, pattern: str | tuple[int, int
                 raise CheckpointError(f"{directory}: group dim {dim} of {name!r} does not fit its weight "
                                       f"{key!r} of shape {list(tensor.shape)}")
             report.layers.append(layer_sparsity(row, tensor, n, m, dim))
+            sizes.append(tensor.shape[dim])
+    _refuse_if_no_layer_fits(sizes, n, m, directory)
     return report, record
 
 

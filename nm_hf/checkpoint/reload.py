@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..injection import is_sparsified, iter_sparse_layers, sparsify
+from ..injection import IGNORED_DECAY_WARNING, is_sparsified, iter_sparse_layers, sparsify
 from ..layers import iter_targets
 from ..masks import nm_group_counts
 from ..record import (
@@ -106,7 +108,9 @@ def restore_sparsity(model: nn.Module, *, where: str | None = None) -> nn.Module
                     if record.get("state") == STATE_TRAINING else "")
             raise CheckpointError(f"{where}: the stored weights do not obey the stored {n}:{m} pattern "
                                   f"(nothing was patched):\n  - " + "\n  - ".join(problems) + hint)
-    sparsify(model, dataclasses.replace(config, target_modules=tuple(names), exclude_modules=None))
+    with warnings.catch_warnings():  # the run that saved this record was told about an ignored decay already
+        warnings.filterwarnings("ignore", message=re.escape(IGNORED_DECAY_WARNING), category=UserWarning)
+        sparsify(model, dataclasses.replace(config, target_modules=tuple(names), exclude_modules=None))
     # keep the selectors the user trained with; targeted_modules holds the resolved names
     new_record = dict(read_record(model) or {})
     new_record["target_modules"] = record.get("target_modules", new_record.get("target_modules"))

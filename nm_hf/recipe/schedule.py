@@ -52,7 +52,9 @@ def dense_warmup_config(fraction: float, config: SparsityConfig) -> SparsityConf
     with the dense method."""
     if not fraction:
         return config
-    return dataclasses.replace(config, method=DENSE, method_args={}, transposable=False, mask_update_interval=1)
+    # decay=0: the dense phase applies none (its method reads none), and sparsify would warn about the sparse one's
+    return dataclasses.replace(config, method=DENSE, method_args={}, decay=0.0, transposable=False,
+                               mask_update_interval=1)
 
 
 def switch_step(fraction: float, max_steps: int) -> int:
