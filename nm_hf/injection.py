@@ -350,12 +350,13 @@ def _resolve_targets(model: nn.Module, config: SparsityConfig) -> tuple[list[str
         if "forward" in mod.__dict__:
             problems.append(f"{name!r} has an instance-level forward (accelerate hooks / device_map "
                             "offloading?); sparsify the model before dispatching it")
-    if targets and len(indivisible) == len(targets):
-        # excluding every layer leaves nothing: the pattern is what does not fit, say it once
+    if len(targets) > 1 and len(indivisible) == len(targets):
+        # excluding every layer leaves nothing: the pattern is what does not fit, say it once (a single target
+        # keeps its own line, which names it)
         first = problems.index(indivisible[targets[0]])
         problems = [p for p in problems if p not in indivisible.values()]
-        problems.insert(first, f"no targeted layer's input size is divisible by m={config.m} (sizes: "
-                               f"{', '.join(map(str, sorted(sizes)))}): choose an m that divides them")
+        problems.insert(first, f"the input size of every targeted layer ({', '.join(map(str, sorted(sizes)))}) is "
+                               f"not divisible by m={config.m}: choose an m that divides them")
     return targets, problems
 
 

@@ -246,15 +246,19 @@ def test_no_targeted_input_size_divisible_by_m_is_one_line():
     """Every targeted layer fails for its input size: one line blaming m, not one per layer advising to
     exclude it (which would leave nothing to sparsify)."""
     message = refuse(tiny_model("llama"), SparsityConfig(n=1, m=3))  # input sizes 32 and 64
-    assert message == ("cannot sparsify LlamaForCausalLM (the model was not modified):\n  - no targeted layer's "
-                       "input size is divisible by m=3 (sizes: 32, 64): choose an m that divides them")
-    message = refuse(tiny_model("llama"), SparsityConfig(n=2, m=6, target_modules=["q_proj"]))
-    assert message.endswith("\n  - no targeted layer's input size is divisible by m=6 (sizes: 32): "
+    assert message == ("cannot sparsify LlamaForCausalLM (the model was not modified):\n  - the input size of "
+                       "every targeted layer (32, 64) is not divisible by m=3: choose an m that divides them")
+    message = refuse(tiny_model("llama"), SparsityConfig(n=2, m=6, target_modules=["q_proj"]))  # two layers
+    assert message.endswith("\n  - the input size of every targeted layer (32) is not divisible by m=6: "
                             "choose an m that divides them")
+    # a single target keeps its own line, which names it
+    message = refuse(tiny_model("llama"), SparsityConfig(n=2, m=6, target_modules=["model.layers.0.self_attn.q_proj"]),
+                     "'model.layers.0.self_attn.q_proj' has 32 input features, not divisible by m=6")
+    assert "every targeted layer" not in message
     # one layer that fits keeps the per-layer lines: excluding the others is a fix
     message = refuse(tiny_model("llama"), SparsityConfig(n=1, m=64), "'model.layers.0.self_attn.q_proj'",
                      "32 input features", "exclude_modules")
-    assert "'model.layers.0.mlp.down_proj'" not in message and "no targeted layer" not in message
+    assert "'model.layers.0.mlp.down_proj'" not in message and "every targeted layer" not in message
 
 
 def test_non_floating_weight():
