@@ -8,12 +8,7 @@
 # The lane appends its fixed flags (--output_root by recipe, --resume, --jobs 1 --threads 1 and the saving
 # flags after '--') unless the line has its own '--output_root'. WORKTREE: the checkout whose recipes and
 # .venv run the protocol (the grid's code stays one commit for the whole protocol; see docs/results.md).
-# On a fresh machine: git worktree add --detach ../results-wt 565a289 && git -C ../results-wt apply \
-#   "$PWD/benchmarks/results/queue/worktree-565a289.patch" && make -C ../results-wt install, then one lane per
-# queue file: nohup setsid bash benchmarks/results_queue.sh benchmarks/results/queue/laneA.txt ../results-wt &
-# (copy benchmarks/results/*.json into the worktree first: its runs are appended to its copies).
-# An entry leaves the queue file when its run has finished, so a lane stopped midway starts that run again
-# (from its last checkpoint when the worktree still has it). Output: WORKTREE/runs/queue.log.
+# On a fresh machine: bash benchmarks/results/queue/start_lanes.sh (worktree, .venv and both lanes).
 set -u
 queue=$(realpath "$1")
 worktree=$(realpath "$2")
