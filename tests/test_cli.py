@@ -161,6 +161,23 @@ def test_compress_decompress_and_inspect_compressed(tmp_path, capsys):
     assert load_compressed(tmp_path / "c").config.nm_sparsity["n"] == 2
 
 
+def test_inspect_lists_layers_in_model_order_compressed_or_not(tmp_path, capsys):
+    """A compressed file's header lists keys as strings (layers.10 before layers.2); inspect shows the
+    model's order, as for the plain checkpoint, and --layers picks layers in that order too."""
+    model = tiny_model("llama", num_hidden_layers=11)
+    finalize(sparsify(model, SparsityConfig(target_modules=["q_proj", "o_proj"])))
+    model.save_pretrained(tmp_path / "plain")
+    order = [f"model.layers.{i}.self_attn.{p}" for i in range(11) for p in ("q_proj", "o_proj")]
+    assert model.config.nm_sparsity["targeted_modules"] == order
+    assert main(["compress", str(tmp_path / "plain"), str(tmp_path / "c")]) == 0
+    for directory, layers in (("plain", []), ("c", []), ("plain", ["--layers", "q_proj"]),
+                              ("c", ["--layers", "q_proj"])):
+        capsys.readouterr()
+        assert main(["inspect", "--json", str(tmp_path / directory), *layers]) == 0
+        rows = [row["name"] for row in json.loads(capsys.readouterr().out)["layers"]]
+        assert rows == ([name for name in order if name.endswith("q_proj")] if layers else order), directory
+
+
 def test_compress_refuses_violations(tmp_path, capsys):
     model = tiny_model("llama")
     finalize(sparsify(model, SparsityConfig()))

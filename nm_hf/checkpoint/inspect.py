@@ -90,9 +90,21 @@ def _is_expert_key(key: str) -> bool:
     return key.rsplit(".", 1)[-1] in EXPERT_PARAMETERS
 
 
+def _natural_key(name: str) -> tuple[tuple[int, int | str], ...]:
+    """Sort key putting `layers.2` before `layers.10` (file headers list keys as strings)."""
+    return tuple((0, int(part)) if part.isdigit() else (1, part) for part in re.split(r"(\d+)", name))
+
+
 def _layer_names(keys: set[str]) -> list[str]:
-    return sorted(k.removesuffix(".weight") if k.endswith(".weight") else k
-                  for k in keys if k.endswith(".weight") or _is_expert_key(k))
+    return sorted((k.removesuffix(".weight") if k.endswith(".weight") else k
+                   for k in keys if k.endswith(".weight") or _is_expert_key(k)), key=_natural_key)
+
+
+def _in_model_order(keys: list[str], record: dict[str, Any]) -> list[str]:
+    """`keys` in the record's (model) order; keys it does not list (per-expert matrices saved in another
+    layout) after them, numbers compared as numbers."""
+    position = {key: i for i, key in enumerate(record_weight_keys(record).values())}
+    return sorted(keys, key=lambda key: (position.get(key, len(position)), _natural_key(key)))
 
 
 def _expert_targets(skeleton: nn.Module | None) -> dict[str, int]:
@@ -203,7 +215,7 @@ def inspect_checkpoint(path: str | os.PathLike, *, pattern: str | tuple[int, int
     if record is not None and is_compressed(record):
         # the targets as stored: their state-dict keys, or the keys save_pretrained wrote them under
         # (per-expert matrices of fused experts), which the header marks as N:M with their group dim
-        targeted = _compressed_nm_keys(directory)
+        targeted = _in_model_order(_compressed_nm_keys(directory), record)
         wanted = _compressed_selection(layers, record, config, targeted, directory) if layers else targeted
         rows: dict[str, Any] = {}
         for key, tensor, entry in iter_compressed_tensors(directory):  # every tensor is verified
