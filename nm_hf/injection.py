@@ -420,6 +420,9 @@ def _as_config(config: SparsityConfig | dict[str, Any] | None) -> SparsityConfig
         return SparsityConfig()
     if isinstance(config, dict):
         return SparsityConfig.from_dict(config)
+    if isinstance(config, str):
+        raise TypeError(f"config must be a SparsityConfig or a dict, got the string {config!r}: for a pattern "
+                        f"use SparsityConfig.from_pattern({config!r})")
     if not isinstance(config, SparsityConfig):
         raise TypeError(f"config must be a SparsityConfig or a dict, got {type(config).__name__}")
     return config

@@ -349,7 +349,8 @@ def test_models_built_from_one_config_keep_their_own_records(tmp_path):
 def test_bad_argument_types():
     model = tiny_model("llama")
     before = snapshot(model)
-    with pytest.raises(TypeError, match="SparsityConfig or a dict"):
+    with pytest.raises(TypeError, match=r"SparsityConfig or a dict, got the string '2:4': for a pattern use "
+                                        r"SparsityConfig.from_pattern\('2:4'\)"):
         sparsify(model, "2:4")
     with pytest.raises(TypeError, match="torch.nn.Module"):
         sparsify(object(), SparsityConfig())
