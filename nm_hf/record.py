@@ -26,6 +26,7 @@ model knows:
 from __future__ import annotations
 
 import copy
+import gc
 import os
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -127,13 +128,25 @@ def own_config(model: Any) -> Callable[[], None]:
     transformers 5's `from_config` keeps the config object it is given (4.x copied it), so two models built
     from one config share it: a record written to one would reach the other (a dense baseline saved with a
     sparse model's record). Every submodule holding the same object (base models, attention layers) gets the
-    copy too; sub-configs stay shared (the record lives on the top-level config only).
+    copy too, and so does every model holding `model` (`sparsify(model.model)`: the parent found through
+    `gc.get_referrers`, as nothing points from a module to its parent); sub-configs stay shared (the record
+    lives on the top-level config only).
     """
     shared = getattr(model, "config", None)
     if shared is None or not hasattr(model, "modules"):
         return lambda: None
     mine = copy.copy(shared)
-    holders = [module for module in model.modules() if module.__dict__.get("config") is shared]
+    # the models holding `model` (sparsify(model.model), model.base_model) keep sharing its config: else
+    # their config would lose the record and settings made on it (use_cache) would no longer reach `model`
+    roots = [model]
+    for namespace in gc.get_referrers(shared):
+        if isinstance(namespace, dict) and namespace.get("config") is shared:
+            for owner in gc.get_referrers(namespace):
+                if (owner is not model and getattr(owner, "__dict__", None) is namespace
+                        and hasattr(owner, "modules") and any(sub is model for sub in owner.modules())):
+                    roots.append(owner)
+    holders = list({id(module): module for root in roots for module in root.modules()
+                    if module.__dict__.get("config") is shared}.values())
     for module in holders:
         module.__dict__["config"] = mine
 

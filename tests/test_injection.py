@@ -346,6 +346,14 @@ def test_models_built_from_one_config_keep_their_own_records(tmp_path):
         sparsity_report(dense)
 
 
+def test_sparsifying_a_submodule_keeps_the_parent_on_the_same_config():
+    """sparsify(model.model): the parent shares the submodule's config, so the record (and use_cache) reach both."""
+    model = tiny_model("llama")
+    sparsify(model.model, SparsityConfig())
+    assert model.config is model.model.config and CONFIG_KEY in vars(model.config)
+    assert all(mod.config is model.config for mod in model.modules() if "config" in mod.__dict__)
+
+
 def test_bad_argument_types():
     model = tiny_model("llama")
     before = snapshot(model)
