@@ -20,18 +20,28 @@ log=runs/queue.log
 export MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2147483647
 while true; do
     line=$(grep -v '^[[:space:]]*\(#\|$\)' "$queue" | head -n 1)
+    line=${line%$'\r'}  # a queue file saved with CRLF endings
     [ -z "$line" ] && { echo "$(date -u +%FT%TZ) $queue: empty" >> "$log"; exit 0; }
-    read -r -a args <<< "$line"
-    case "${args[0]}" in
+    read -r -a words <<< "$line"
+    case "${words[0]}" in
         translation) root=runs/mt; save=454 ;;
         language_modeling) root=runs/p3_lm; save=500 ;;
         *) echo "$(date -u +%FT%TZ) bad entry (recipe?): $line" >> "$log"; exit 1 ;;
     esac
+    # the entry's own recipe flags (after its '--', if any) follow the lane's saving flags
+    args=() extra=() after_dashes=0
+    for word in "${words[@]}"; do
+        if [ "$after_dashes" = 0 ] && [ "$word" = "--" ]; then after_dashes=1
+        elif [ "$after_dashes" = 0 ]; then args+=("$word")
+        else extra+=("$word"); fi
+    done
     fixed=(--output_root "$root" --resume --jobs 1 --threads 1)
-    [[ " $line " == *" --output_root "* ]] && fixed=(--resume --jobs 1 --threads 1)
+    if [[ " ${args[*]} " == *" --output_root "* || " ${args[*]} " == *" --output_root="* ]]; then
+        fixed=(--resume --jobs 1 --threads 1)
+    fi
     echo "$(date -u +%FT%TZ) start: $line" >> "$log"
     if .venv/bin/python benchmarks/results_table.py "${args[@]}" "${fixed[@]}" \
-            -- --save_strategy steps --save_steps "$save" --save_total_limit 1 >> "$log" 2>&1; then
+            -- --save_strategy steps --save_steps "$save" --save_total_limit 1 "${extra[@]}" >> "$log" 2>&1; then
         echo "$(date -u +%FT%TZ) done: $line" >> "$log"
     else
         echo "$(date -u +%FT%TZ) FAILED: $line" >> "$log"
@@ -40,11 +50,13 @@ while true; do
     python3 - "$queue" "$line" <<'EOF'
 import sys
 path, line = sys.argv[1], sys.argv[2]
-lines = open(path).read().splitlines(keepends=True)
+with open(path, newline="") as f:
+    lines = f.read().splitlines(keepends=True)
 for i, text in enumerate(lines):
-    if text.rstrip("\n") == line:
+    if text.rstrip("\r\n") == line:
         del lines[i]
         break
-open(path, "w").write("".join(lines))
+with open(path, "w", newline="") as f:
+    f.write("".join(lines))
 EOF
 done
