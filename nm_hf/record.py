@@ -28,6 +28,7 @@ from __future__ import annotations
 import copy
 import gc
 import os
+import sys
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -135,16 +136,26 @@ def own_config(model: Any) -> Callable[[], None]:
     shared = getattr(model, "config", None)
     if shared is None or not hasattr(model, "modules"):
         return lambda: None
+    inside = [module for module in model.modules() if module.__dict__.get("config") is shared]
+    # one reference per holder's __dict__, plus what a local variable alone gives (`probe`: the count differs
+    # between Python versions): nothing else holds the config (the usual `from_config(AutoConfig...)` inline),
+    # so no other model or variable can see the record and the (costly) search below is not needed
+    probe = object()
+    if sys.getrefcount(shared) <= len(inside) + sys.getrefcount(probe):
+        return lambda: None
     mine = copy.copy(shared)
     # the models holding `model` (sparsify(model.model), model.base_model) keep sharing its config: else
-    # their config would lose the record and settings made on it (use_cache) would no longer reach `model`
+    # their config would lose the record and settings made on it (use_cache) would no longer reach `model`.
+    # Two scans of the heap at most: the dicts holding the config, then the owners of those outside `model`.
+    own_dicts = {id(module.__dict__) for module in inside}
+    outside = [namespace for namespace in gc.get_referrers(shared)
+               if isinstance(namespace, dict) and namespace.get("config") is shared and id(namespace) not in own_dicts]
     roots = [model]
-    for namespace in gc.get_referrers(shared):
-        if isinstance(namespace, dict) and namespace.get("config") is shared:
-            for owner in gc.get_referrers(namespace):
-                if (owner is not model and getattr(owner, "__dict__", None) is namespace
-                        and hasattr(owner, "modules") and any(sub is model for sub in owner.modules())):
-                    roots.append(owner)
+    if outside:
+        outside_ids = {id(namespace) for namespace in outside}
+        roots += [owner for owner in gc.get_referrers(*outside)
+                  if id(getattr(owner, "__dict__", None)) in outside_ids and hasattr(owner, "modules")
+                  and any(sub is model for sub in owner.modules())]
     holders = list({id(module): module for root in roots for module in root.modules()
                     if module.__dict__.get("config") is shared}.values())
     for module in holders:

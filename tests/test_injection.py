@@ -344,6 +344,15 @@ def test_models_built_from_one_config_keep_their_own_records(tmp_path):
     assert CONFIG_KEY not in json.loads((tmp_path / "config.json").read_text())
     with pytest.raises(ValueError, match="no sparse layers and no 'nm_sparsity' record"):
         sparsity_report(dense)
+    # one model, its config also held by a variable (the README's quick start): the variable stays clean
+    alone = AutoModelForCausalLM.from_config(config)
+    sparsify(alone, SparsityConfig())
+    assert alone.config is not config and not hasattr(config, CONFIG_KEY) and CONFIG_KEY in vars(alone.config)
+    # held by nothing else: nothing to protect, the model keeps its object
+    inline = AutoModelForCausalLM.from_config(tiny_config("llama"))
+    before = id(inline.config)  # (an id: a reference held here would be one more holder)
+    sparsify(inline, SparsityConfig())
+    assert id(inline.config) == before and CONFIG_KEY in vars(inline.config)
 
 
 def test_sparsifying_a_submodule_keeps_the_parent_on_the_same_config():
