@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from ._files import InterruptedAfterWrite
 from .card import nm_hf_version
 from .checkpoint.compressed import compress_checkpoint, decompress_checkpoint
-from .checkpoint.directory import CheckpointError
+from .checkpoint.directory import CheckpointError, first_few
 from .checkpoint.inspect import inspect_checkpoint, parse_pattern
 from .layers import available_layer_kinds
 from .plot import PLOT_FILE, MatplotlibMissing, plot_runs
@@ -70,10 +70,10 @@ def _inspect(args: argparse.Namespace) -> int:
         print("no layers to check")
         return 1
     if bad:
-        print(f"N:M pattern VIOLATED in {len(bad)} of {len(report.layers)} layers: {_first_few(bad)}")
+        print(f"N:M pattern VIOLATED in {len(bad)} of {len(report.layers)} layers: {first_few(bad)}")
     if indivisible:
         print(f"N:M pattern cannot hold in {len(indivisible)} of {len(report.layers)} layers, whose input size "
-              f"is not divisible by m={m}: {_first_few(indivisible)}")
+              f"is not divisible by m={m}: {first_few(indivisible)}")
     if bad or indivisible:
         hint = training_state_hint(record) if bad and record is not None else ""
         if hint:
@@ -82,11 +82,6 @@ def _inspect(args: argparse.Namespace) -> int:
     what = "targeted layers" if record is not None and not args.layers else "checked layers"
     print(f"N:M pattern holds in all {len(report.layers)} {what}")
     return 0
-
-
-def _first_few(names: Sequence[str]) -> str:
-    """The first five names and how many more, for one summary line."""
-    return ", ".join(names[:5]) + (f" (+{len(names) - 5} more)" if len(names) > 5 else "")
 
 
 def _compress(args: argparse.Namespace) -> int:

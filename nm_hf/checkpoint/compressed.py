@@ -83,6 +83,7 @@ from .directory import (
     checkpoint_group_dims,
     copy_extra_files,
     file_inside,
+    first_few,
     open_safetensors,
     read_config,
     read_dense_tensors,
@@ -185,8 +186,7 @@ def compress_state_dict(tensors: dict[str, torch.Tensor], record: dict[str, Any]
     layout = layout if layout is not None else record_layout(record, group_dims, set(tensors))
     missing = [key for name, key in record_weight_keys(record).items() if not layout.get(name)]
     if missing:
-        raise CheckpointError(f"{where}: targeted weights missing from the checkpoint: {', '.join(missing[:5])}"
-                              + (f" (+{len(missing) - 5} more)" if len(missing) > 5 else ""))
+        raise CheckpointError(f"{where}: targeted weights missing from the checkpoint: {first_few(missing)}")
     targeted = {key: dim for keys in layout.values() for key, dim in keys.items()}
     out: dict[str, torch.Tensor] = {}
     entries: dict[str, dict[str, Any]] = {}
@@ -211,7 +211,7 @@ def compress_state_dict(tensors: dict[str, torch.Tensor], record: dict[str, Any]
     if problems:
         # the first line is the whole story (what `nm-hf compress` prints): how many, the first few names
         bad = list(problems)
-        shown = ", ".join(bad[:5]) + (f" (+{len(bad) - 5} more)" if len(bad) > 5 else "")
+        shown = first_few(bad)
         hint = training_state_hint(record)
         hint = f"; {hint}" if hint else ""
         raise CheckpointError(f"{where}: cannot compress, {len(bad)} of {len(targeted)} targeted weights do not "

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -27,6 +27,7 @@ from ..record import RecordError, record_group_dims, require_record
 
 __all__ = [
     "CheckpointError",
+    "first_few",
     "CONFIG_NAME",
     "DENSE_NAME",
     "DENSE_INDEX",
@@ -71,6 +72,11 @@ _WEIGHT_PREFIXES = ("pytorch_model", "model.safetensors", "model-", "tf_model", 
 
 class CheckpointError(ValueError):
     """A checkpoint that is missing, corrupted or inconsistent with its config; nothing was loaded or written."""
+
+
+def first_few(names: Sequence[str], limit: int = 5) -> str:
+    """The first `limit` names and how many more, for a one-line error or summary."""
+    return ", ".join(names[:limit]) + (f" (+{len(names) - limit} more)" if len(names) > limit else "")
 
 
 def checkpoint_dir(path: str | os.PathLike) -> Path:
