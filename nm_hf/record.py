@@ -9,7 +9,7 @@ model knows:
 - `ignored_modules`: linear-like layers left dense (heads, exclusions, sizes not divisible by m);
 - `ignored_reasons` (only when some have one): `{name: why}` for ignored layers that could not be
   sparse as they are (an input size not divisible by m under `target_modules="all"`, a grouped
-  convolution);
+  convolution, a weight the model reads without calling the layer);
 - `parameter_targets` (only when there are some): the targeted names that are Parameters rather than
   modules (mixture-of-experts expert weights such as `model.layers.0.mlp.experts.gate_up_proj`): their
   state-dict key is the name itself, a module's is `<name>.weight` (`weight_key`). Records without it
