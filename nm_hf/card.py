@@ -29,6 +29,7 @@ from .checkpoint.directory import CONFIG_NAME, CheckpointError, read_config, rea
 from .checkpoint.inspect import inspect_checkpoint
 from .checkpoint.layout import skeleton
 from .layers import iter_targets
+from .layers.experts import unsupported_experts
 from .methods import UnknownMethodError, get_method
 from .record import STATE_TRAINING, is_compressed, read_record, require_record
 from .redact import redact_secrets
@@ -314,6 +315,8 @@ def _expert_weights(record: Mapping[str, Any], model: nn.Module | None, director
     targeted = [str(name) for name in record.get("parameter_targets") or []]
     source = model if model is not None else skeleton(directory)
     every = [t.name for t in iter_targets(source) if t.kind.parameter_targets] if source is not None else []
+    if source is not None:  # expert weights in a layout nm_hf has none for (DBRX, JetMoE) are dense experts too
+        every += [f"{module}.{param}" for module, params in unsupported_experts(source).items() for param in params]
     return targeted, [name for name in every if name not in set(targeted)]
 
 

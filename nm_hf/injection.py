@@ -32,6 +32,7 @@ from .layers import (
     sparse_layers_of,
 )
 from .layers.base import is_sharded, settle_mask_listeners
+from .layers.experts import EXPERT_PARAMETERS, unsupported_experts
 from .methods import available_methods, get_method
 from .record import (
     STATE_FINALIZED,
@@ -113,11 +114,34 @@ def _name_matches(name: str, entry: str) -> bool:
     return name == entry or name.endswith("." + entry)
 
 
+def _tieable_output_layers(model: nn.Module) -> set[int]:
+    """Layers whose weight a (nested) transformers model declares tie-able to an input embedding (the targets of
+    its class's `_tied_weights_keys` whose source is an `nn.Embedding` weight), whether or not this config ties
+    them: output heads such as FSMT's untied `decoder.output_projection`, which `get_output_embeddings` misses."""
+    found: set[int] = set()
+    for sub in model.modules():
+        declared = getattr(type(sub), "_tied_weights_keys", None)
+        if not isinstance(declared, dict) or not declared:
+            continue
+        params = dict(sub.named_parameters(remove_duplicate=False))
+        owners = {f"{name}.{p}" if name else p: module for name, module in sub.named_modules(remove_duplicate=False)
+                  for p in module._parameters}
+        for target, source in declared.items():
+            if not (isinstance(target, str) and isinstance(source, str)):
+                continue
+            sources = [owners.get(n) for n in params if re.search("^" + source, n)]
+            if not any(isinstance(m, nn.Embedding) for m in sources):
+                continue
+            found.update(id(owners[n]) for n in params if re.search("^" + target, n) and n in owners)
+    return found
+
+
 def _head_module_ids(model: nn.Module) -> set[int]:
-    """The output embedding and every module outside the model's backbone (`model.base_model`, when it is
-    a part of the model: the task heads of a `...For<Task>` class, whatever their names, e.g. GPT-2's
-    `multiple_choice_head` or Electra's `discriminator_predictions`): "all-linear" never targets them."""
-    heads: set[int] = set()
+    """The output embedding, layers declared tie-able to an input embedding (`_tieable_output_layers`) and every
+    module outside the model's backbone (`model.base_model`, when it is a part of the model: the task heads of a
+    `...For<Task>` class, whatever their names, e.g. GPT-2's `multiple_choice_head` or Electra's
+    `discriminator_predictions`): "all-linear" never targets them."""
+    heads = _tieable_output_layers(model)
     get_out = getattr(model, "get_output_embeddings", None)
     if callable(get_out):
         try:
@@ -183,6 +207,14 @@ def _direct_weight_reads(model: nn.Module) -> dict[str, str]:
                                "force_accelerate_hooks), not through the layer's forward, so a mask would not apply "
                                "there")
     return found
+
+
+def _unsupported_expert_weights(model: nn.Module) -> dict[str, str]:
+    """`{<experts module>.<parameter>: experts class name}` for the expert weights nm_hf has no layout for
+    (`nm_hf.layers.experts.unsupported_experts`): never targeted, they stay dense."""
+    modules = dict(model.named_modules())
+    return {f"{name}.{param}" if name else param: type(modules[name]).__name__
+            for name, params in unsupported_experts(model).items() for param in params}
 
 
 def _embedding_weights(model: nn.Module) -> set[int]:
@@ -305,8 +337,9 @@ def _preset_targets(model: nn.Module, config: SparsityConfig, units: dict[str, T
 
 def ignored_reasons(model: nn.Module, config: SparsityConfig, targets: list[str]) -> dict[str, str]:
     """Why layers that are not targeted were left dense, for those with a reason beyond being a head or
-    excluded: under `"all-linear"` and `"all"`, a weight the model reads without calling the layer; under `"all"`
-    also a grouped convolution, an input size not divisible by m."""
+    excluded: under `"all-linear"` and `"all"`, a weight the model reads without calling the layer, an expert
+    weight in a layout nm_hf has none for; under `"all"` also a grouped convolution, an input size not divisible
+    by m."""
     if config.target_modules not in ("all", "all-linear"):
         return {}
     chosen = set(targets)
@@ -318,6 +351,8 @@ def ignored_reasons(model: nn.Module, config: SparsityConfig, targets: list[str]
         for name in _preset_targets(model, config, units, direct={}):
             if name not in chosen and units[name].module_name in direct:
                 reasons[name] = direct[units[name].module_name]
+    for name, cls in _unsupported_expert_weights(model).items():
+        reasons[name] = _unsupported_expert_reason(cls)
     for name, target in units.items():
         if name in chosen or name in reasons or config.target_modules != "all":
             continue
@@ -329,6 +364,34 @@ def ignored_reasons(model: nn.Module, config: SparsityConfig, targets: list[str]
         elif target.input_features % config.m:
             reasons[name] = f"{target.input_features} input features are not divisible by m={config.m}"
     return reasons
+
+
+#: the expert layouts nm_hf knows, for the reason an unknown one stays dense
+_KNOWN_EXPERTS = ("it supports fused [num_experts, out, in] / [num_experts, in, out] Parameters "
+                  + ", ".join(EXPERT_PARAMETERS))
+
+
+def _unsupported_expert_reason(cls: str) -> str:
+    return f"an expert weight of {cls}, a layout nm_hf has none for ({_KNOWN_EXPERTS})"
+
+
+def _log_ignored(model: nn.Module, reasons: dict[str, str]) -> None:
+    """Log why layers were left dense: one line per layer, one per experts class for unsupported expert weights
+    (a line per weight would repeat the same reason for every layer of the model)."""
+    unsupported = _unsupported_expert_weights(model)
+    for name, reason in reasons.items():
+        if name not in unsupported:
+            logger.warning("nm_hf.sparsify: %s left dense: %s", name, reason)
+    by_class: dict[str, dict[str, list[str]]] = {}
+    for name in reasons:
+        if name in unsupported:
+            module, _, param = name.rpartition(".")
+            by_class.setdefault(unsupported[name], {}).setdefault(module, []).append(param)
+    for cls, modules in by_class.items():
+        first, params = next(iter(modules.items()))
+        more = f" (+{len(modules) - 1} more)" if len(modules) > 1 else ""
+        logger.warning("nm_hf.sparsify: %s experts %r%s left dense: Parameters %s hold its expert weights in a layout "
+                       "nm_hf has none for (%s)", cls, first, more, ", ".join(params), _KNOWN_EXPERTS)
 
 
 _COMPUTED_WEIGHT = ("its weight is not a Parameter but recomputed in every forward by a hook (the hook-based "
@@ -464,9 +527,18 @@ def parameter_targets(model: nn.Module, names: list[str]) -> list[str]:
 
 
 def ignored_layers(model: nn.Module, targets: list[str]) -> list[str]:
-    """Layers of a registered kind that are not targeted (heads, exclusions): left dense."""
+    """Layers of a registered kind that are not targeted (heads, exclusions), and expert weights nm_hf has no layout
+    for (`<experts module>.<parameter>`), in model order: left dense."""
+    model = unwrap_model(model)
     target_set = set(targets)
-    return [n for n in _targets_by_name(unwrap_model(model)) if n not in target_set]
+    units = _targets_by_name(model)
+    names = [n for n in units if n not in target_set]
+    unsupported = _unsupported_expert_weights(model)
+    if not unsupported:
+        return names
+    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    owner = {**{n: units[n].module_name for n in names}, **{n: n.rpartition(".")[0] for n in unsupported}}
+    return sorted([*names, *unsupported], key=lambda n: order[owner[n]])
 
 
 def current_record(model: nn.Module, config: SparsityConfig, targets: list[str], state: str,
@@ -542,8 +614,7 @@ def sparsify(model: nn.Module, config: SparsityConfig | dict[str, Any] | None = 
         _undo_conversion(inner, units, targets, previous_record, snapshots)
         restore_config()
         raise
-    for name, reason in ignored_reasons(inner, config, targets).items():
-        logger.warning("nm_hf.sparsify: %s left dense: %s", name, reason)
+    _log_ignored(inner, ignored_reasons(inner, config, targets))
     return model
 
 

@@ -9,7 +9,7 @@ import warnings
 import pytest
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification
 from transformers.pytorch_utils import Conv1D
 
 from nm_hf.config import SparsityConfig
@@ -730,6 +730,20 @@ def test_all_linear_leaves_every_layer_outside_the_backbone_dense(model_type, au
     names = targeted(model)
     prefix = model.base_model_prefix + "."
     assert names and all(name.startswith(prefix) for name in names), names
+    assert type(model.get_submodule(head)) is nn.Linear
+    assert head in model.config.nm_sparsity["ignored_modules"]
+
+
+def test_all_linear_leaves_an_untied_head_declared_tieable_dense():
+    """FSMT's vocabulary projection `decoder.output_projection` sits inside the backbone and is not what
+    `get_output_embeddings` returns; its class declares it tie-able to the decoder embedding
+    (`_tied_weights_keys`), which makes it a head even when this config unties it."""
+    model = tiny_model("fsmt", AutoModelForSeq2SeqLM, src_vocab_size=96, tgt_vocab_size=96, tie_word_embeddings=False)
+    head = "model.decoder.output_projection"
+    assert model.get_submodule(head).weight is not model.get_input_embeddings().weight
+    sparsify(model, SparsityConfig())
+    names = targeted(model)
+    assert names and head not in names and "model.decoder.layers.0.fc1" in names
     assert type(model.get_submodule(head)) is nn.Linear
     assert head in model.config.nm_sparsity["ignored_modules"]
 

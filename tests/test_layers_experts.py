@@ -313,6 +313,67 @@ def test_semi_structured_leaves_experts_and_convs_dense_and_lists_them():
     assert sorted(describe(model)["left_dense"]) == sorted(expert_names(model))
 
 
+#: experts layouts nm_hf has none for: model type -> (config, experts class, an experts module, its expert weights)
+UNSUPPORTED = {
+    "dbrx": ({"vocab_size": 96, "d_model": 32, "n_heads": 4, "n_layers": 2, "max_seq_len": 64,
+              "attn_config": {"kv_n_heads": 2, "rope_theta": 1e4}, "ffn_config": {"ffn_hidden_size": 16, "moe_num_experts": 4,
+                                                              "moe_top_k": 2}},
+             "DbrxExpertGLU", "transformer.blocks.0.ffn.experts.mlp", ["w1", "v1", "w2"]),
+    "jetmoe": ({**COMMON, "num_key_value_heads": 2, "kv_channels": 8, "intermediate_size": 16,
+                "num_local_experts": 4, "num_experts_per_tok": 2},
+               "JetMoeParallelExperts", "model.layers.0.mlp.input_linear", ["weight"]),
+}
+
+
+def expert_notices(caplog) -> list[str]:
+    return [message for message in caplog.messages if "layout nm_hf" in message]
+
+
+@pytest.mark.parametrize("model_type", list(UNSUPPORTED))
+def test_experts_in_an_unsupported_layout_stay_dense_with_one_notice(model_type, caplog, tmp_path):
+    """DBRX's `[E * ffn, hidden]` matrices and JetMoE's 3-D `weight` are expert weights nm_hf cannot sparsify:
+    "all-linear" says so once per experts class (not once per tensor), records them as left dense, and the model
+    card does not call the experts sparse."""
+    import logging
+
+    from nm_hf.card import write_model_card
+
+    config, cls, module, params = UNSUPPORTED[model_type]
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **config))
+    with caplog.at_level(logging.WARNING, logger="nm_hf.injection"):
+        nm_hf.sparsify(model, SparsityConfig(n=2, m=4))
+    notices = expert_notices(caplog)
+    assert len(notices) == 1, caplog.messages
+    more = sum(1 for _, m in model.named_modules() if type(m).__name__ == cls) - 1
+    assert f"{cls} experts {module!r} (+{more} more) left dense: Parameters {', '.join(params)} " in notices[0]
+    record = model.config.nm_sparsity
+    names = [f"{module}.{param}" for param in params]
+    assert not set(names) & set(record["targeted_modules"]) and record["targeted_modules"]
+    assert set(names) <= set(record["ignored_modules"])
+    assert all(cls in record["ignored_reasons"][name] for name in names)
+    nm_hf.finalize(model).save_pretrained(tmp_path)
+    assert "(not its mixture-of-experts expert weights, which stay dense)" in str(write_model_card(tmp_path))
+
+
+@pytest.mark.parametrize("model_type", ["mixtral", "qwen2_moe"])
+def test_supported_experts_give_no_layout_notice(model_type, caplog):
+    import logging
+
+    if model_type == "qwen2_moe":
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(
+            "qwen2_moe", **COMMON, num_key_value_heads=2, intermediate_size=64, moe_intermediate_size=16,
+            shared_expert_intermediate_size=16, num_experts=4, num_experts_per_tok=2, decoder_sparse_step=1,
+            mlp_only_layers=[]))
+    else:
+        model = tiny_moe(model_type)
+    with caplog.at_level(logging.WARNING, logger="nm_hf.injection"):
+        nm_hf.sparsify(model, SparsityConfig(n=2, m=4))
+    assert not expert_notices(caplog) and "ignored_reasons" not in model.config.nm_sparsity
+    assert experts(model)
+
+
 @pytest.mark.parametrize("exclude", [None, ["experts"]])
 def test_model_card_says_whether_the_expert_weights_are_sparse(tmp_path, exclude):
     from nm_hf.card import write_model_card

@@ -51,6 +51,14 @@ ARCHITECTURES = {
     "phi3": AutoModelForCausalLM,
     "modernbert": AutoModelForMaskedLM,
     "gpt_bigcode": AutoModelForCausalLM,
+    # sliding and full attention layers, a scaled embedding; one layer group shared by every layer (each sparse
+    # layer runs twice a forward); a fused query_key_value with ALiBi; an MLM head outside the backbone; DeBERTa's
+    # disentangled attention
+    "gemma3_text": AutoModelForCausalLM,
+    "albert": AutoModelForMaskedLM,
+    "bloom": AutoModelForCausalLM,
+    "electra": AutoModelForMaskedLM,
+    "deberta-v2": AutoModelForMaskedLM,
 }
 
 

@@ -42,7 +42,7 @@ from ..masks import apply_mask
 from .base import SparseLayerMixin, note_weights_loaded, settle_mask_listeners
 
 __all__ = ["EXPERT_PARAMETERS", "ExpertWeight", "SparseExpertsMixin", "expert_parameters", "experts_transposed",
-           "sparse_experts_class"]
+           "sparse_experts_class", "unsupported_experts"]
 
 #: names of the fused expert matrices transformers uses
 EXPERT_PARAMETERS = ("gate_up_proj", "gate_proj", "up_proj", "down_proj")
@@ -58,6 +58,60 @@ def expert_parameters(module: nn.Module) -> list[str]:
     params = module._parameters
     return [name for name, value in params.items()
             if name in EXPERT_PARAMETERS and value is not None and value.ndim == 3 and value.shape[0] == num_experts]
+
+
+#: attributes holding a mixture-of-experts expert count, on an experts module or in a model's (sub-)config
+_EXPERT_COUNTS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
+
+
+def _expert_counts(config: Any, depth: int = 0) -> set[int]:
+    """Expert counts (> 1) a config declares, sub-configs included (DBRX: `ffn_config.moe_num_experts`)."""
+    fields = config if isinstance(config, dict) else getattr(config, "__dict__", None)
+    if not isinstance(fields, dict) or depth > 3:
+        return set()
+    counts = {value for key, value in fields.items() if key in _EXPERT_COUNTS and _is_count(value)}
+    for value in fields.values():
+        if isinstance(value, dict) or hasattr(value, "to_dict"):
+            counts |= _expert_counts(value, depth + 1)
+    return counts
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 1
+
+
+def _unsupported_expert_parameters(module: nn.Module, counts: set[int] | frozenset[int] = frozenset()) -> list[str]:
+    """Expert weights of `module` that `expert_parameters` has no layout for, so they stay dense.
+
+    An experts module is one whose class name says "Expert"; its expert weights are the Parameters it owns
+    holding a matrix per expert: 3-D with a leading dimension a multiple of an expert count E (the module's
+    own `num_experts`-like attribute, or one of `counts`, the model config's), or 2-D `[k * E, .]` with k > 1
+    (DBRX's `w1`/`v1`/`w2`, `[E * ffn, hidden]`; a 2-D `[E, .]` is a vector per expert, e.g. a bias).
+    """
+    if "expert" not in type(module).__name__.lower():
+        return []
+    numbers = set(counts) | {value for key in _EXPERT_COUNTS if _is_count(value := getattr(module, key, None))}
+    known = set(expert_parameters(module))
+    found = []
+    for name, value in module._parameters.items():
+        if value is None or name in known or value.ndim < 2:
+            continue
+        rows = value.shape[0]
+        if any(rows and rows % count == 0 and (value.ndim > 2 or rows > count) for count in numbers):
+            found.append(name)
+    return found
+
+
+def unsupported_experts(model: nn.Module) -> dict[str, list[str]]:
+    """`{module name: Parameter names}` for the experts modules of `model` whose expert weights nm_hf has no layout
+    for (`_unsupported_expert_parameters`, with the expert counts of `model.config`): they stay dense."""
+    counts = _expert_counts(getattr(model, "config", None))
+    found = {}
+    for name, module in model.named_modules():
+        params = _unsupported_expert_parameters(module, counts)
+        if params:
+            found[name] = params
+    return found
 
 
 def experts_transposed(module: nn.Module) -> bool | None:
