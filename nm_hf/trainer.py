@@ -317,7 +317,6 @@ class SparseTrainerMixin:
         self._nm_resume_dir: str | None = None
         self._nm_tracker_state: dict[str, Any] | None = None
         self._nm_sparse_state: dict[str, Any] | None = None
-        self._nm_decay_scale: float | None = None
         self._nm_layers: list[SparseLayerMixin] | None = None  # the model's sparse layers (`_nm_sparse_layers`)
         self._nm_decay_in_use: tuple[int, bool] | None = None  # (global step, answer) of `_nm_gradient_decay_in_use`
         self._nm_bake = False
@@ -419,12 +418,11 @@ class SparseTrainerMixin:
     def call_model_init(self, trial=None):
         model = super().call_model_init(trial)
         self.sparsity_config = prepare_sparse_model(model, self._nm_config_arg)
-        self._nm_forget_layers()  # a new model: its layers still have the default scale
+        self._nm_forget_layers()  # a new model: its layers are found again
         return model
 
     def _nm_forget_layers(self) -> None:
         """Drop what was cached about the model's layers (a new model, a new `train()` call)."""
-        self._nm_decay_scale = None
         self._nm_layers = None
         self._nm_decay_in_use = None
 
@@ -435,11 +433,14 @@ class SparseTrainerMixin:
         return self._nm_layers
 
     def _set_decay_scale(self, scale: float) -> None:
-        """Gradient-mode decay is added in every micro-batch's backward: scale it so one update gets it once."""
-        if scale != self._nm_decay_scale:
-            for layer in self._nm_sparse_layers():
+        """Gradient-mode decay is added in every micro-batch's backward: scale it so one update gets it once.
+
+        Checked on the layers themselves, not remembered: a layer re-sparsified mid-run (the dense warm-up's
+        switch: `finalize` then `sparsify`) starts again at scale 1.
+        """
+        for layer in self._nm_sparse_layers():
+            if layer.nm_decay_scale != scale:
                 layer.nm_decay_scale = scale
-            self._nm_decay_scale = scale
 
     def training_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch=None) -> torch.Tensor:
         # the Trainer averages the data gradient over the micro-batches of one update (fewer in the last
@@ -506,6 +507,9 @@ class SparseTrainerMixin:
                                  ignore_keys_for_eval=ignore_keys_for_eval, **kwargs)
         finally:  # the layers leave with the plain decay (a loop of the caller's own may train them next)
             self._set_decay_scale(1.0)
+            # kept until here, not dropped when training begins: auto_find_batch_size reruns the loop (and its
+            # on_train_begin) after an out-of-memory error, from the same checkpoint
+            self._nm_tracker_state = self._nm_sparse_state = None
 
     def _check_not_finished(self, checkpoint: str) -> None:
         """Refuse a checkpoint saved at the end of training (`max_steps` reached): transformers (5.23) resumed
@@ -643,7 +647,6 @@ class SparseTrainerMixin:
     def _restore_sparse_state(self) -> None:
         """On resume: the layers' step counter, method state and periodic masks, after the weights loaded."""
         resume_dir, state = self._nm_resume_dir, self._nm_sparse_state
-        self._nm_sparse_state = None
         if resume_dir is None or not is_sparsified(self.model):
             return
         if state is not None:
@@ -669,7 +672,6 @@ class SparseTrainerMixin:
         elif resume_dir is not None:
             logger.warning("%s has no %s: the sparsity history restarts at step %d with the current masks "
                            "as the initial ones", resume_dir, TRACKER_STATE_FILE, self.state.global_step)
-        self._nm_tracker_state = None
         self.sparsity_tracker = tracker
 
     def _share_method_state(self) -> None:

@@ -503,6 +503,38 @@ def test_a_skipped_optimizer_step_is_not_counted(tmp_path, monkeypatch):
     assert all(layer.nm_step == 4 for _, layer in iter_sparse_layers(model))
 
 
+class OutOfMemoryOnce(TrainerCallback):
+    """The first optimizer step runs out of memory, as a too large batch on a GPU would."""
+
+    def __init__(self):
+        self.fired = False
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if not self.fired:
+            self.fired = True
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
+
+
+def test_auto_find_batch_size_retry_of_a_resumed_run_keeps_the_checkpoints_history(tmp_path, caplog):
+    """The Trainer reruns its loop with a smaller batch after an out-of-memory error: the retry resumes from
+    the same checkpoint, its sparsity history and training state included, without a warning."""
+    overrides = dict(logging_steps=1, auto_find_batch_size=True)
+    full = SparseTrainer(model=gpt2(), args=lm_args(tmp_path / "full", max_steps=2, save_strategy="steps", save_steps=2,
+                                                     **overrides),
+                         train_dataset=lm_data(), sparsity_config=SparsityConfig(method="s-ste"))
+    full.train()
+    out_of_memory = OutOfMemoryOnce()
+    retried = SparseTrainer(model=gpt2(), args=lm_args(tmp_path / "retried", max_steps=3, **overrides),
+                            train_dataset=lm_data(),
+                            sparsity_config=SparsityConfig(method="s-ste"), callbacks=[out_of_memory])
+    with caplog.at_level("WARNING", logger="nm_hf"):
+        retried.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-2"))
+    assert out_of_memory.fired and retried.state.global_step == 3  # the retry (a smaller batch) trained to the end
+    assert [r["step"] for r in retried.sparsity_tracker.history] == [1, 2, 3]
+    assert retried.sparsity_tracker.history[:2] == full.sparsity_tracker.history
+    assert not [r for r in caplog.records if r.name.startswith("nm_hf")], caplog.text
+
+
 def test_resume_from_a_checkpoint_without_sparse_state_sets_the_step_with_a_warning(tmp_path, caplog):
     cfg = SparsityConfig(method="decaying-mask", method_args={"decay_steps": 8})
     args = lm_args(tmp_path, max_steps=4, logging_steps=2, save_strategy="steps", save_steps=4)

@@ -105,6 +105,25 @@ def test_dense_warmup_then_magnitude_prune_with_a_frozen_mask(tmp_path):
         assert check_nm(modules[name].weight, 2, 4, dim=0), name  # GPT-2 Conv1D: groups along dim 0
 
 
+def test_dense_warmup_then_gradient_decay_under_accumulation_matches_one_big_batch(tmp_path):
+    """After the switch the re-sparsified layers get SR-STE's gradient decay once per update, as without the
+    warm-up: 2 micro-batches of 4 train the weights a batch of 8 does."""
+    config = SparsityConfig(method="sr-ste", n=2, m=4, decay=0.1)
+    models = []
+    for batch, accumulation in ((8, 1), (4, 2)):
+        model = tiny_model("gpt2", seed=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+        args = TrainingArguments(output_dir=str(tmp_path / str(batch)), max_steps=4, per_device_train_batch_size=batch,
+                                 gradient_accumulation_steps=accumulation, save_strategy="no", learning_rate=1e-2,
+                                 report_to="none", use_cpu=True, disable_tqdm=True, seed=0, optim="adamw_torch")
+        trainer = SparseTrainer(model=model, args=args, train_dataset=_lm_rows(),
+                                sparsity_config=dense_warmup_config(0.5, config))
+        attach_dense_warmup(trainer, 0.5, config, max_steps=4)
+        trainer.train()
+        models.append(model)
+    for (name, big), (_, small) in zip(iter_sparse_layers(models[0]), iter_sparse_layers(models[1]), strict=True):
+        assert torch.allclose(big.weight, small.weight, atol=1e-5), name
+
+
 @pytest.mark.parametrize("fraction, method, max_steps, resume, message", [
     (0.5, "dense", 10, None, "--dense_warmup_fraction 0.5 needs a sparse --method to switch to, not 'dense'"),
     (0.5, "step", 10, None, "cannot switch to --method step: it trains with its own optimizer"),
