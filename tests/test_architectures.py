@@ -13,11 +13,7 @@ from nm_hf.layers import SparseLayerMixin
 from nm_hf.masks import check_nm, nm_group_counts
 from nm_hf.record import CONFIG_KEY
 from nm_hf.report import sparsity_report
-from tiny_models import ARCHITECTURES, output_tensor, tiny_inputs, tiny_model
-
-# name components of the task heads "all-linear" must leave dense
-HEAD_PARTS = {"lm_head", "cls", "classifier", "classification_head", "score", "qa_outputs", "pre_classifier",
-              "head"}
+from tiny_models import ARCHITECTURES, HEAD_PARTS, output_tensor, tiny_inputs, tiny_model
 
 
 def input_dim(module: nn.Module) -> int:

@@ -33,6 +33,10 @@ _TINY = {
     "global_attn_every_n_layers": 1, "local_attention": 8,
 }
 
+# name components of the task heads "all-linear" must leave dense
+HEAD_PARTS = frozenset({"lm_head", "cls", "classifier", "classification_head", "score", "qa_outputs",
+                        "pre_classifier", "head"})
+
 # model_type -> the head class the tests use
 ARCHITECTURES = {
     "bert": AutoModelForMaskedLM,
@@ -93,7 +97,11 @@ def tiny_inputs(model, batch: int = 2, length: int = 8, seed: int = 0) -> dict:
 
 
 def output_tensor(output) -> torch.Tensor:
-    return output.logits if getattr(output, "logits", None) is not None else output.last_hidden_state
+    """The logits (text-image models: `logits_per_image`), else the last hidden state."""
+    for key in ("logits", "logits_per_image"):
+        if getattr(output, key, None) is not None:
+            return getattr(output, key)
+    return output.last_hidden_state
 
 
 def train_steps(model, steps: int, lr: float = 0.05, tracker=None, call_hook: bool = True, *,
