@@ -23,6 +23,8 @@ Everything a `Trainer` user relies on keeps working (report_to, gradient accumul
   `mask_update_interval > 1`), so resuming is exact. A resume is refused when the checkpoint was
   trained with another sparsity config; `resume_from_checkpoint=True` skips half-written checkpoints
   (a run killed while saving);
+- a first-step check: a sparse layer whose weight got a gradient in the first optimizer step without being
+  called (its model reads the weight directly, so the mask never applies there) is named in a warning;
 - a method that needs its own optimizer (`method="step"`: `nm_hf.optim.StepAdamW`) gets it built from
   the TrainingArguments (lr, Adam betas and epsilon, weight decay groups, max_steps).
 
@@ -256,6 +258,44 @@ def _is_weight_file(name: str) -> bool:
 # --------------------------------------------------------------------------- Trainer wiring
 
 
+class _DirectReadCheck:
+    """Which sparse layers' weights got a gradient although the layer never ran: their model reads `layer.weight`
+    without calling the layer (a linear used as a lookup table, `layer.weight.t()[ids]`, undeclared to
+    transformers), so the mask applied in the layer's forward never reaches that computation. A read under
+    `torch.no_grad()` (LayoutLMv3's relative-position tables) leaves no gradient and is not seen.
+
+    A forward pre-hook on each sparse module layer (expert weights are not modules: their experts module always
+    passes the masked weight) marks the layer as run and removes itself on its first call with gradients on.
+    A layer that neither ran nor got a gradient (an expert linear no token reached) is not reported.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.layers = {name: layer for name, layer in iter_sparse_layers(model) if isinstance(layer, nn.Module)}
+        self.called: set[str] = set()
+        self._handles = {name: layer.register_forward_pre_hook(functools.partial(self._mark, name))
+                         for name, layer in self.layers.items()}
+
+    def _mark(self, name: str, module: nn.Module, args: Any) -> None:
+        if torch.is_grad_enabled():  # an evaluation forward (eval_on_start) cannot explain a gradient
+            self.called.add(name)
+            handle = self._handles.pop(name, None)
+            if handle is not None:
+                handle.remove()
+
+    def remove(self) -> None:
+        for handle in self._handles.values():
+            handle.remove()
+        self._handles.clear()
+
+    def uncalled_with_gradient(self, called: set[str]) -> list[str]:
+        """Names of the layers not in `called` whose weight holds a non-zero gradient (a weight shared with a
+        layer that ran is not theirs to explain)."""
+        ran = {id(self.layers[name].weight) for name in called if name in self.layers}
+        return [name for name, layer in self.layers.items()
+                if name not in called and id(layer.weight) not in ran
+                and layer.weight.grad is not None and bool(layer.weight.grad.any())]
+
+
 class _SparsityCallback(TrainerCallback):
     """Runs on every rank: method after-step hooks and mask-flip counting after each optimizer step."""
 
@@ -264,6 +304,12 @@ class _SparsityCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.trainer._start_tracker()
+        self.trainer._start_direct_read_check()
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        # after every micro-batch's backward of the first update, before optimizer.step() and zero_grad
+        if self.trainer._nm_read_check is not None:
+            self.trainer._finish_direct_read_check()
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         # per update: clipping, on_pre_optimizer_step, optimizer.step(), HERE, scheduler.step(), ...
@@ -277,6 +323,7 @@ class _SparsityCallback(TrainerCallback):
             trainer.sparsity_tracker.step(mark_updated=False, defer=True)
 
     def on_train_end(self, args, state, control, **kwargs):
+        self.trainer._stop_direct_read_check()
         self.trainer._end_tracker()
 
 
@@ -320,6 +367,7 @@ class SparseTrainerMixin:
         self._nm_layers: list[SparseLayerMixin] | None = None  # the model's sparse layers (`_nm_sparse_layers`)
         self._nm_decay_in_use: tuple[int, bool] | None = None  # (global step, answer) of `_nm_gradient_decay_in_use`
         self._nm_bake = False
+        self._nm_read_check: _DirectReadCheck | None = None  # until the first optimizer step of a train() call
         model = kwargs.get("model", args[0] if args else None)
         optimizer = (kwargs.get("optimizers") or (None, None))[0]
         optimizer_cls = (kwargs.get("optimizer_cls_and_kwargs") or (None, None))[0]
@@ -506,6 +554,7 @@ class SparseTrainerMixin:
             return super().train(resume_from_checkpoint=resume_dir, trial=trial,
                                  ignore_keys_for_eval=ignore_keys_for_eval, **kwargs)
         finally:  # the layers leave with the plain decay (a loop of the caller's own may train them next)
+            self._stop_direct_read_check()  # a run stopped before its first optimizer step leaves no hooks
             self._set_decay_scale(1.0)
             # kept until here, not dropped when training begins: auto_find_batch_size reruns the loop (and its
             # on_train_begin) after an out-of-memory error, from the same checkpoint
@@ -673,6 +722,46 @@ class SparseTrainerMixin:
             logger.warning("%s has no %s: the sparsity history restarts at step %d with the current masks "
                            "as the initial ones", resume_dir, TRACKER_STATE_FILE, self.state.global_step)
         self.sparsity_tracker = tracker
+
+    def _start_direct_read_check(self) -> None:
+        """Watch the first optimizer step for weights read without calling their layer (`_DirectReadCheck`).
+
+        Not for a compiled model: adding and removing hooks would recompile it.
+        """
+        self._stop_direct_read_check()  # auto_find_batch_size's retry begins training again
+        if not self.args.torch_compile and not hasattr(self.model, "_orig_mod"):
+            self._nm_read_check = _DirectReadCheck(self.model)
+
+    def _stop_direct_read_check(self) -> None:
+        if self._nm_read_check is not None:
+            self._nm_read_check.remove()
+            self._nm_read_check = None
+
+    def _finish_direct_read_check(self) -> None:
+        """Warn about each sparse layer whose weight got a gradient in the first optimizer step without being
+        called; then the hooks are gone. A warning, not an error: the run itself is sound (it trains that
+        weight densely), and the user may mean to finalize otherwise or exclude the layer in the next run."""
+        check, self._nm_read_check = self._nm_read_check, None
+        check.remove()
+        names = check.uncalled_with_gradient(self._called_on_any_rank(check))
+        if not self.is_world_process_zero():
+            return  # every rank found the same layers (reduced gradients, called on any rank)
+        for name in names:
+            logger.warning("%s: its weight got a gradient although the layer was never called: the model reads the "
+                           "weight without calling the layer, so the N:M mask does not apply there (training uses "
+                           "the dense weight, and finalize / save_model will change the model's outputs); leave it "
+                           "dense with SparsityConfig(exclude_modules=[%r, ...])", name, name)
+
+    def _called_on_any_rank(self, check: _DirectReadCheck) -> set[str]:
+        """The layers that ran on any rank: DDP averages a gradient into ranks where the layer got no input."""
+        import torch.distributed as dist
+
+        if self.args.world_size <= 1 or not dist.is_available() or not dist.is_initialized():
+            return check.called
+        names = list(check.layers)
+        flags = torch.tensor([name in check.called for name in names], dtype=torch.int32, device=self.args.device)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        return {name for name, flag in zip(names, flags.tolist(), strict=True) if flag}
 
     def _share_method_state(self) -> None:
         """Multi-process: every rank takes the main process's method state (S-STE's scale).
