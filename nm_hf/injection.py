@@ -246,6 +246,10 @@ def _select(model: nn.Module, selector: str | tuple[str, ...], field: str) -> tu
                 problems.append(f"{field} entry {entry!r} matched {n!r}, a PEFT {type(named[n]).__name__} adapter "
                                 f"layer: name the layer under it ({n + '.base_layer'!r}), or sparsify the base "
                                 "model before get_peft_model")
+            elif not found and n in named and (params := unsupported_experts(model).get(n)):
+                problems.append(f"{field} entry {entry!r} matched {n!r}, {type(named[n]).__name__} experts whose "
+                                f"Parameters {', '.join(params)} are in a layout nm_hf has none for "
+                                f"({_KNOWN_EXPERTS}): they stay dense")
             elif not found and n in named:
                 problems.append(f"{field} entry {entry!r} matched {n!r}, a {type(named[n]).__name__}, "
                                 "not a linear layer")

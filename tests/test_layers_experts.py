@@ -464,3 +464,13 @@ def test_loading_expert_weights_gives_a_periodic_mask_of_their_own():
     for name, layer in layers.items():
         assert torch.equal(layer.current_mask(), nm_mask(layer.weight.detach(), 2, 4, dim=layer.group_dim)), name
         assert not torch.equal(layer.current_mask(), stale[name]), name
+
+
+def test_naming_experts_in_an_unsupported_layout_says_why():
+    """Naming DBRX's experts module explicitly: the error names the layout problem, not just 'not a linear'."""
+
+    config, cls, module, params = UNSUPPORTED["dbrx"]
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model("dbrx", **config))
+    refuse(model, SparsityConfig(target_modules=[module]), repr(module), f"{cls} experts", "w1, v1, w2",
+           "layout nm_hf has none for")
