@@ -468,7 +468,6 @@ def test_loading_expert_weights_gives_a_periodic_mask_of_their_own():
 
 def test_naming_experts_in_an_unsupported_layout_says_why():
     """Naming DBRX's experts module explicitly: the error names the layout problem, not just 'not a linear'."""
-
     config, cls, module, params = UNSUPPORTED["dbrx"]
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model("dbrx", **config))
