@@ -32,7 +32,7 @@ from .layers import (
     sparse_layers_of,
 )
 from .layers.base import is_sharded, settle_mask_listeners
-from .layers.experts import EXPERT_PARAMETERS, unsupported_experts
+from .layers.experts import EXPERT_PARAMETERS, STACKED_EXPERTS, unsupported_experts
 from .methods import available_methods, get_method
 from .record import (
     STATE_FINALIZED,
@@ -107,7 +107,8 @@ def _entry_hits(units: dict[str, Target], name: str) -> list[str]:
     """Targeted names a selected module name stands for: itself, or the Parameters it owns (experts)."""
     if name in units:
         return [name]
-    return [u for u, target in units.items() if target.parameter is not None and target.module_name == name]
+    return [u for u, target in units.items()
+            if target.parameter is not None and (target.module_name == name or u.startswith(name + "."))]
 
 
 def _name_matches(name: str, entry: str) -> bool:
@@ -372,7 +373,8 @@ def ignored_reasons(model: nn.Module, config: SparsityConfig, targets: list[str]
 
 #: the expert layouts nm_hf knows, for the reason an unknown one stays dense
 _KNOWN_EXPERTS = ("it supports fused [num_experts, out, in] / [num_experts, in, out] Parameters "
-                  + ", ".join(EXPERT_PARAMETERS))
+                  + ", ".join(EXPERT_PARAMETERS) + " and the stacked [num_experts * rows, cols] ones of "
+                  + ", ".join(STACKED_EXPERTS))
 
 
 def _unsupported_expert_reason(cls: str) -> str:

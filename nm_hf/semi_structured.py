@@ -109,19 +109,26 @@ def _is_2d(layer: Any) -> bool:
 
 def left_dense(model: nn.Module) -> dict[str, str]:
     """`{name: why}` for the sparse targets `to_semi_structured` leaves as they are: PyTorch's semi-structured
-    tensors are 2-D, so convolutions and 3-D mixture-of-experts expert weights keep their (N:M) dense weights."""
+    tensors are 2-D linear weights, so convolutions and mixture-of-experts expert weights (3-D, or DBRX's 2-D
+    stacked ones, sliced by the experts forward) keep their (N:M) dense weights."""
     model = unwrap_model(model)
+    experts: set[str] = set()
     if is_sparsified(model):
         layers = dict(iter_sparse_layers(model))
+        experts = {name for name, layer in layers.items() if layer.is_parameter_target}
     else:
         record = read_record(model) or {}
         targets = {target.name: target for target in iter_targets(model)}
         layers = {name: targets[name].weight for name in record.get("targeted_modules", []) if name in targets}
+        experts = {name for name in layers if targets[name].parameter is not None}
     out = {}
     for name, layer in layers.items():
         weight = layer.weight if hasattr(layer, "weight") else layer
         if weight.ndim != 2:
             out[name] = f"{weight.ndim}-D weight; semi-structured sparse tensors are 2-D (left dense, still N:M)"
+        elif name in experts:
+            out[name] = ("expert weight sliced per expert by its experts module's forward; semi-structured sparse "
+                         "tensors replace linear weights only (left dense, still N:M)")
     return out
 
 

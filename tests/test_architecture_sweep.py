@@ -117,10 +117,11 @@ CASES: dict[str, Case] = {
     "ernie4_5_moe": Case(overrides={**MOE, "moe_layer_start_index": 0}, experts="sparse"),
     "deepseek_v2": Case(overrides=MLA, experts="sparse"),
     "deepseek_v3": Case(overrides=MLA, experts="sparse"),
-    # mixture of experts in layouts nm_hf has none for: DBRX's [E * ffn, hidden] w1/v1/w2, JetMoE's 3-D `weight`
+    # DBRX: stacked [E * ffn, hidden] w1/v1/w2 (`STACKED_EXPERTS`)
     "dbrx": Case(overrides={"attn_config": {"kv_n_heads": 2, "rope_theta": 1e4, "clip_qkv": 8.0},
                             "ffn_config": {"ffn_hidden_size": 16, "moe_num_experts": 4, "moe_top_k": 2}},
-                 experts="dense"),
+                 experts="sparse"),
+    # mixture of experts in a layout nm_hf has none for: JetMoE's 3-D `weight`
     "jetmoe": Case(overrides={**MOE, "kv_channels": 8}, experts="dense"),
     # state-space models: Mamba's dt_proj weight is read by its parent's forward, so it stays dense
     "mamba": Case(overrides=MAMBA),

@@ -315,10 +315,6 @@ def test_semi_structured_leaves_experts_and_convs_dense_and_lists_them():
 
 #: experts layouts nm_hf has none for: model type -> (config, experts class, an experts module, its expert weights)
 UNSUPPORTED = {
-    "dbrx": ({"vocab_size": 96, "d_model": 32, "n_heads": 4, "n_layers": 2, "max_seq_len": 64,
-              "attn_config": {"kv_n_heads": 2, "rope_theta": 1e4}, "ffn_config": {"ffn_hidden_size": 16, "moe_num_experts": 4,
-                                                              "moe_top_k": 2}},
-             "DbrxExpertGLU", "transformer.blocks.0.ffn.experts.mlp", ["w1", "v1", "w2"]),
     "jetmoe": ({**COMMON, "num_key_value_heads": 2, "kv_channels": 8, "intermediate_size": 16,
                 "num_local_experts": 4, "num_experts_per_tok": 2},
                "JetMoeParallelExperts", "model.layers.0.mlp.input_linear", ["weight"]),
@@ -331,7 +327,7 @@ def expert_notices(caplog) -> list[str]:
 
 @pytest.mark.parametrize("model_type", list(UNSUPPORTED))
 def test_experts_in_an_unsupported_layout_stay_dense_with_one_notice(model_type, caplog, tmp_path):
-    """DBRX's `[E * ffn, hidden]` matrices and JetMoE's 3-D `weight` are expert weights nm_hf cannot sparsify:
+    """JetMoE's 3-D `weight` (`[E, out, in]` named `weight`, read by its own forward) is expert weights nm_hf cannot sparsify:
     "all-linear" says so once per experts class (not once per tensor), records them as left dense, and the model
     card does not call the experts sparse."""
     import logging
@@ -467,9 +463,133 @@ def test_loading_expert_weights_gives_a_periodic_mask_of_their_own():
 
 
 def test_naming_experts_in_an_unsupported_layout_says_why():
-    """Naming DBRX's experts module explicitly: the error names the layout problem, not just 'not a linear'."""
-    config, cls, module, params = UNSUPPORTED["dbrx"]
+    """Naming JetMoE's experts module explicitly: the error names the layout problem, not just 'not a linear'."""
+    config, cls, module, params = UNSUPPORTED["jetmoe"]
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(AutoConfig.for_model("dbrx", **config))
-    refuse(model, SparsityConfig(target_modules=[module]), repr(module), f"{cls} experts", "w1, v1, w2",
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model("jetmoe", **config))
+    refuse(model, SparsityConfig(target_modules=[module]), repr(module), f"{cls} experts", ", ".join(params),
            "layout nm_hf has none for")
+
+
+#: DBRX: `DbrxExperts.forward` reads its child `mlp`'s w1, v1, w2 `[E * ffn, hidden]` as `.view(E, ffn, hidden)[e]`
+DBRX = {"vocab_size": 96, "d_model": 32, "n_heads": 4, "n_layers": 2, "max_seq_len": 64,
+        "attn_config": {"kv_n_heads": 2, "rope_theta": 1e4, "clip_qkv": 8.0},  # clip_qkv=None fails in transformers
+        "ffn_config": {"ffn_hidden_size": 16, "moe_num_experts": 4, "moe_top_k": 2}}
+#: input dim of each DBRX expert weight: `x @ w1_e.T`, `x @ v1_e.T`, `h @ w2_e`
+DBRX_DIMS = {"w1": 1, "v1": 1, "w2": 0}
+
+
+def tiny_dbrx(seed: int = 0, **ffn):
+    torch.manual_seed(seed)
+    config = AutoConfig.for_model("dbrx", **{**DBRX, "ffn_config": {**DBRX["ffn_config"], **ffn}})
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+def dbrx_expert_calls(model) -> list[dict[str, torch.Tensor]]:
+    """Records the per-expert matrices every `DbrxExpertGLU` call computes with (its w1, v1, w2 arguments)."""
+    calls: list[dict[str, torch.Tensor]] = []
+    for module in model.modules():
+        if type(module).__name__ == "DbrxExpertGLU":
+            module.register_forward_pre_hook(
+                lambda _, args: calls.append({"w1": args[1].detach(), "v1": args[2].detach(), "w2": args[3].detach()}))
+    return calls
+
+
+def test_dbrx_stacked_experts_train_n_m_per_expert_finalize_and_reload_plain(tmp_path):
+    """DBRX's expert weights are N:M per expert along their input dims (w1/v1 dim 1, w2 dim 0 inside each expert's
+    ffn rows), under the same Parameter names: what `DbrxExperts.forward` computes with in training, baked by
+    finalize, loaded back by plain transformers."""
+    from nm_hf.layers.experts import unsupported_experts
+
+    model = tiny_dbrx()
+    keys = list(model.state_dict())
+    assert not unsupported_experts(model)
+    nm_hf.sparsify(model, SparsityConfig(n=2, m=4))
+    layers = experts(model)
+    names = [f"transformer.blocks.{b}.ffn.experts.mlp.{w}" for b in range(2) for w in DBRX_DIMS]
+    record = model.config.nm_sparsity
+    assert sorted(layers) == sorted(names) and set(record["parameter_targets"]) == set(names)
+    assert list(model.state_dict()) == keys and "ignored_reasons" not in record
+    for name, layer in layers.items():
+        assert layer.group_dim == record["group_dims"][name] == DBRX_DIMS[name.rsplit(".", 1)[1]], name
+        assert layer.weight is model.get_parameter(name)
+
+    model.train()
+    calls = dbrx_expert_calls(model)
+    before = {name: layer.weight.detach().clone() for name, layer in layers.items()}
+    train_steps(model, 2, lr=0.05, loss=lambda m: m(input_ids=token_ids()).logits.float().pow(2).mean())
+    assert calls  # every expert matrix the forward used: 2:4 along its input, N:M groups inside one expert
+    for call in calls:
+        for w, tensor in call.items():
+            assert check_nm(tensor, 2, 4, dim=DBRX_DIMS[w]), w
+    for name, layer in layers.items():
+        weight = layer.weight.detach()
+        assert not torch.equal(weight, before[name]), name
+        assert torch.equal(layer.current_mask(), nm_mask(weight, 2, 4, dim=layer.group_dim)), name
+        per_expert = layer.effective_weight().view(4, 16, 32)
+        assert all(check_nm(matrix, 2, 4, dim=layer.group_dim) for matrix in per_expert), name
+
+    model.eval()
+    calls.clear()
+    ids = token_ids(1)
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+    effective = {name: layer.effective_weight().view(4, 16, 32) for name, layer in layers.items()}
+    first = "transformer.blocks.0.ffn.experts.mlp."
+    assert any(torch.equal(calls[0]["w1"], effective[first + "w1"][e]) for e in range(4))  # the masked weights
+    nm_hf.finalize(model)
+    assert not nm_hf.is_sparsified(model) and type(model.get_submodule(first[:-5])).__name__ == "DbrxExperts"
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, logits)
+    model.save_pretrained(tmp_path / "plain")
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "plain").eval()
+    with torch.no_grad():
+        assert torch.equal(plain(input_ids=ids).logits, logits)
+    for name in names:
+        weight = plain.get_parameter(name).detach()
+        assert torch.equal(weight, effective[name].reshape(64, 32)), name
+        assert all(check_nm(matrix, 2, 4, dim=DBRX_DIMS[name.rsplit(".", 1)[1]]) for matrix in weight.view(4, 16, 32))
+    report = nm_hf.sparsity_report(plain)
+    assert report.nm_ok and {row.name for row in report.layers} >= set(names)
+    inspected, _ = inspect_checkpoint(tmp_path / "plain")
+    assert inspected.nm_ok and {row.name for row in inspected.layers} >= set(names)
+    reloaded = nm_hf.load_sparse(tmp_path / "plain").eval()
+    assert sorted(experts(reloaded)) == sorted(names)
+    with torch.no_grad():
+        assert torch.equal(reloaded(input_ids=ids).logits, logits)
+
+
+def test_dbrx_groups_never_straddle_two_experts():
+    """ffn 6 rows per expert: w2's 24 rows hold groups of 4, but some would span two experts, so it is refused."""
+    model = tiny_dbrx(ffn_hidden_size=6)
+    refuse(model, SparsityConfig(n=2, m=4, target_modules=["experts.mlp.w2"]),
+           "the input size of every targeted layer (6) is not divisible by m=4")
+    refuse(model, SparsityConfig(n=2, m=4, target_modules=["experts.mlp"]),  # the Parameters' owner selects them
+           "'transformer.blocks.0.ffn.experts.mlp.w2' has 6 input features, not divisible by m=4")
+    nm_hf.sparsify(model, SparsityConfig(n=2, m=4, target_modules=r".*experts\.mlp\.[wv]1"))
+    assert sorted(n.rsplit(".", 1)[1] for n in experts(model)) == ["v1", "v1", "w1", "w1"]
+
+
+def test_loading_dbrx_expert_weights_gives_a_periodic_mask_of_their_own():
+    """The state dict reaches the weights through their owner `mlp`, a child of the sparse experts module."""
+    config = SparsityConfig(method="sr-ste", mask_update_interval=5, target_modules=["experts"])
+    model = nm_hf.sparsify(tiny_dbrx().train(), config)
+    layers = experts(model)
+    stale = {name: layer.current_mask().clone() for name, layer in layers.items()}
+    other = nm_hf.sparsify(tiny_dbrx(seed=1), config)
+    model.load_state_dict(other.state_dict())
+    for name, layer in layers.items():
+        assert torch.equal(layer.current_mask(), nm_mask(layer.weight.detach(), 2, 4, dim=layer.group_dim)), name
+        assert not torch.equal(layer.current_mask(), stale[name]), name
+
+
+def test_semi_structured_leaves_the_dbrx_experts_dense():
+    """DBRX's expert weights are 2-D but sliced by `DbrxExperts.forward`, not linear weights: listed as left dense."""
+    from nm_hf.semi_structured import describe
+
+    model = nm_hf.sparsify(tiny_dbrx().half(), SparsityConfig(n=2, m=4))
+    listed = describe(model)["left_dense"]
+    assert sorted(listed) == sorted(experts(model)) and "sliced per expert" in next(iter(listed.values()))
+    names = sorted(listed)
+    nm_hf.finalize(model)
+    assert sorted(describe(model)["left_dense"]) == names

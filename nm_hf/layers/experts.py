@@ -6,6 +6,14 @@ of shape `[num_experts, out, in]`, or `[num_experts, in, out]` when the class is
 `Llama4TextExperts`. The forward runs through `config._experts_implementation` ("eager",
 "batched_mm", "grouped_mm", ...), which reads the Parameters directly, never an `nn.Linear`.
 
+Experts classes that keep each expert weight as a 2-D Parameter stacking the experts' matrices along dim 0
+(`[E * rows, cols]`) are listed in `STACKED_EXPERTS` with, per Parameter, its input dimension: DBRX's
+`DbrxExperts.forward` reads `self.mlp.w1` / `v1` / `w2` (`[E * ffn, hidden]`, owned by its child
+`DbrxExpertGLU`) as `.view(E, ffn, hidden)[e]` and computes `x @ w1_e.T`, `x @ v1_e.T` (input: dim 1) and
+`h @ w2_e` (input: dim 0, groups of M rows inside each expert's ffn rows). Their targets are named by the
+Parameter's path from the experts module (`experts.mlp.w1`, its state-dict key), and the masked tensors are
+exposed on the child that owns them while the experts module's forward runs.
+
 Each targeted Parameter becomes an `ExpertWeight`: the N:M state of one 3-D tensor (mask cache,
 method, step counter; a `SparseLayerMixin` that is not a module), N:M per expert along the input
 dimension (dim 2, or dim 1 when transposed). The experts module itself switches (in place, same
@@ -41,20 +49,65 @@ from torch import nn
 from ..masks import apply_mask
 from .base import SparseLayerMixin, note_weights_loaded, settle_mask_listeners
 
-__all__ = ["EXPERT_PARAMETERS", "ExpertWeight", "SparseExpertsMixin", "expert_parameters", "experts_transposed",
-           "sparse_experts_class", "unsupported_experts"]
+__all__ = ["EXPERT_PARAMETERS", "STACKED_EXPERTS", "ExpertWeight", "SparseExpertsMixin", "expert_parameters",
+           "experts_transposed", "sparse_experts_class", "stacked_layout", "unsupported_experts"]
 
 #: names of the fused expert matrices transformers uses
 EXPERT_PARAMETERS = ("gate_up_proj", "gate_proj", "up_proj", "down_proj")
 #: experts classes without `use_experts_implementation` whose layout is known: name -> transposed
 _UNDECORATED = {"Llama4TextExperts": True}
+#: experts classes whose forward reads 2-D Parameters stacking one matrix per expert along dim 0 (`[E * rows, cols]`,
+#: expert e's rows `e * rows:(e + 1) * rows`): class name -> {Parameter path from the experts module: input dim}
+STACKED_EXPERTS: dict[str, dict[str, int]] = {"DbrxExperts": {"mlp.w1": 1, "mlp.v1": 1, "mlp.w2": 0}}
+
+
+def stacked_layout(module: nn.Module) -> dict[str, int] | None:
+    """`{Parameter path: input dim}` when `module` is an experts class of `STACKED_EXPERTS`, else None."""
+    for cls in type(module).__mro__:
+        if cls.__name__ in STACKED_EXPERTS:
+            return STACKED_EXPERTS[cls.__name__]
+    return None
+
+
+def parameter_holder(module: nn.Module, path: str) -> tuple[nn.Module, str]:
+    """(the module owning Parameter `path` of `module`, the Parameter's own name): `module` itself for a plain
+    name, a submodule for a dotted path (DBRX's `mlp.w1`)."""
+    prefix, _, name = path.rpartition(".")
+    return (module.get_submodule(prefix) if prefix else module), name
+
+
+def _num_experts(module: nn.Module) -> int | None:
+    num_experts = getattr(module, "num_experts", None)
+    return None if isinstance(num_experts, bool) or not isinstance(num_experts, int) else num_experts
+
+
+def expert_rows(module: nn.Module) -> int | None:
+    """Rows per expert of a stacked layout's `[E * rows, cols]` Parameters (`STACKED_EXPERTS`), else None."""
+    layout, count = stacked_layout(module), _num_experts(module)
+    if layout is None or not count:
+        return None
+    sizes = {_stacked_weight(module, path).shape[0] // count for path in expert_parameters(module)}
+    return sizes.pop() if len(sizes) == 1 else None
+
+
+def _stacked_weight(module: nn.Module, path: str) -> nn.Parameter | None:
+    try:
+        holder, name = parameter_holder(module, path)
+    except AttributeError:
+        return None
+    return holder._parameters.get(name)
 
 
 def expert_parameters(module: nn.Module) -> list[str]:
-    """Names of `module`'s 3-D expert Parameters (`[num_experts, ., .]`), in registration order."""
-    num_experts = getattr(module, "num_experts", None)
-    if isinstance(num_experts, bool) or not isinstance(num_experts, int):
+    """Names of `module`'s expert Parameters, in registration order: its 3-D ones (`[num_experts, ., .]`), or for a
+    stacked layout (`STACKED_EXPERTS`) the paths of its 2-D `[num_experts * rows, cols]` ones."""
+    num_experts = _num_experts(module)
+    if num_experts is None:
         return []
+    layout = stacked_layout(module)
+    if layout is not None:
+        return [path for path in layout if (value := _stacked_weight(module, path)) is not None and value.ndim == 2
+                and value.shape[0] > num_experts and value.shape[0] % num_experts == 0]
     params = module._parameters
     return [name for name, value in params.items()
             if name in EXPERT_PARAMETERS and value is not None and value.ndim == 3 and value.shape[0] == num_experts]
@@ -106,9 +159,11 @@ def unsupported_experts(model: nn.Module) -> dict[str, list[str]]:
     """`{module name: Parameter names}` for the experts modules of `model` whose expert weights nm_hf has no layout
     for (`_unsupported_expert_parameters`, with the expert counts of `model.config`): they stay dense."""
     counts = _expert_counts(getattr(model, "config", None))
+    known = {id(module.get_parameter(path)) for module in model.modules() if stacked_layout(module) is not None
+             for path in expert_parameters(module)}
     found = {}
     for name, module in model.named_modules():
-        params = _unsupported_expert_parameters(module, counts)
+        params = [p for p in _unsupported_expert_parameters(module, counts) if id(module._parameters[p]) not in known]
         if params:
             found[name] = params
     return found
@@ -136,15 +191,16 @@ class ExpertWeight(SparseLayerMixin):
 
     is_parameter_target = True
 
-    def __init__(self, owner: nn.Module, parameter: str, group_dim: int, expert_dim: int) -> None:
-        self.owner = owner
-        self.parameter = parameter
+    def __init__(self, owner: nn.Module, parameter: str, group_dim: int, expert_dim: int | None) -> None:
+        self.owner = owner  # the experts module, whose forward reads the Parameter
+        self.parameter = parameter  # its path from `owner` (`gate_up_proj`; DBRX: `mlp.w1`)
+        self.holder, self.attribute = parameter_holder(owner, parameter)  # the module owning it, its own name
         self.group_dim = group_dim
         self.expert_dim = expert_dim
 
     @property
     def weight(self) -> nn.Parameter:
-        return self.owner._parameters[self.parameter]
+        return self.holder._parameters[self.attribute]
 
     @property
     def training(self) -> bool:
@@ -187,25 +243,24 @@ class SparseExpertsMixin:
     nm_parts: dict[str, ExpertWeight]
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        if self._modules.get("parametrizations") is not None:
+        if any(part.holder._modules.get("parametrizations") is not None for part in self.nm_parts.values()):
             _refuse_parametrized(self)
-        exposed: dict[str, torch.Tensor] = {}
+        exposed: list[ExpertWeight] = []
         recomputable: dict[int, _Recomputable] = {}
-        for name, part in self.nm_parts.items():
-            tensor, mask = part.forward_tensor_and_mask()
-            exposed[name] = tensor
-            if mask is not None:
-                recomputable[tensor.untyped_storage().data_ptr()] = _Recomputable(part, tensor, mask)
-        state = self.__dict__
-        state.update(exposed)
         try:
+            for part in self.nm_parts.values():
+                tensor, mask = part.forward_tensor_and_mask()
+                part.holder.__dict__[part.attribute] = tensor  # on the Parameter's owner: a child for DBRX
+                exposed.append(part)
+                if mask is not None:
+                    recomputable[tensor.untyped_storage().data_ptr()] = _Recomputable(part, tensor, mask)
             if recomputable and _may_push_saved_tensors_hooks():
                 with torch.autograd.graph.saved_tensors_hooks(*_recompute_hooks(recomputable)):
                     return super().forward(*args, **kwargs)
             return super().forward(*args, **kwargs)
         finally:
-            for name in exposed:
-                state.pop(name, None)
+            for part in exposed:
+                part.holder.__dict__.pop(part.attribute, None)
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:
         loaded = [part for name, part in self.nm_parts.items() if f"{prefix}{name}" in state_dict]
@@ -235,7 +290,8 @@ def _refuse_parametrized(module: nn.Module) -> None:
     parametrized dense tensor, never the N:M one. PEFT's LoRA on expert Parameters
     (`LoraConfig(target_parameters=...)`) registers such a parametrization around every forward.
     """
-    wrapped = [name for name in module.nm_parts if name in module.parametrizations]
+    wrapped = [name for name, part in module.nm_parts.items()
+               if part.attribute in (part.holder._modules.get("parametrizations") or {})]
     if wrapped:
         raise TypeError(
             f"{type(module).__name__}: the N:M expert weight(s) {', '.join(repr(n) for n in wrapped)} are "

@@ -24,8 +24,10 @@ from .experts import (
     ExpertWeight,
     SparseExpertsMixin,
     expert_parameters,
+    expert_rows,
     experts_transposed,
     sparse_experts_class,
+    stacked_layout,
 )
 from .linear import SparseConv1D, SparseLinear
 
@@ -82,6 +84,9 @@ class LayerKind:
     def input_features(self, module: nn.Module, parameter: str | None = None) -> int:
         return int(self.weight_of(module, parameter).shape[self.group_dim_for(module, parameter)])
 
+    def output_features(self, module: nn.Module, parameter: str | None = None) -> int:
+        return int(self.weight_of(module, parameter).shape[self.output_dim_for(module, parameter)])
+
     def output_dim_for(self, module: nn.Module, parameter: str | None = None) -> int:
         """Dimension of the targeted weight that holds the output features (the other side of a
         transposable mask's m x m blocks)."""
@@ -131,11 +136,13 @@ class ConvKind(LayerKind):
 
 @dataclass(frozen=True)
 class ExpertsKind(LayerKind):
-    """The 3-D expert Parameters of a mixture-of-experts experts module (`nm_hf.layers.experts`).
+    """The expert Parameters of a mixture-of-experts experts module (`nm_hf.layers.experts`).
 
     Targets are Parameters (`<experts module>.gate_up_proj`, ...), N:M per expert along the input
-    dimension: dim 2 of `[E, out, in]`, dim 1 of `[E, in, out]` (transposed layouts). Dim 0 indexes the
-    experts (`expert_dim_for`).
+    dimension: dim 2 of `[E, out, in]`, dim 1 of `[E, in, out]` (transposed layouts); dim 0 indexes the
+    experts (`expert_dim_for`). Stacked layouts (`experts.STACKED_EXPERTS`, DBRX's `experts.mlp.w1` `[E * ffn, hidden]`)
+    give each Parameter's input dim; there no dim indexes the experts (each owns a run of rows of dim 0), and
+    sizes along dim 0 are per expert (`input_features`, `output_features`), so groups of m stay inside one expert.
     """
 
     parameter_targets: ClassVar[bool] = True
@@ -147,6 +154,9 @@ class ExpertsKind(LayerKind):
         return self.is_family(module) and self.refusal(module) is None
 
     def refusal(self, module: nn.Module) -> str | None:
+        if stacked_layout(module) is not None:
+            return None if expert_rows(module) else (f"an experts module ({type(module).__name__}) whose expert "
+                                                     "weights do not have the same rows per expert")
         if experts_transposed(module) is None:
             return (f"an experts module ({type(module).__name__}) whose layout nm_hf cannot tell ([E, out, in] or "
                     "[E, in, out]: not decorated with transformers' use_experts_implementation)")
@@ -155,20 +165,42 @@ class ExpertsKind(LayerKind):
     def target_parameters(self, module: nn.Module) -> list[str]:
         return expert_parameters(module)
 
+    def weight_of(self, module: nn.Module, parameter: str | None = None) -> torch.Tensor:
+        return module.get_parameter(parameter)  # a dotted path for stacked layouts (DBRX's `mlp.w1`)
+
     def group_dim_for(self, module: nn.Module, parameter: str | None = None) -> int:
+        layout = stacked_layout(module)
+        if layout is not None:
+            if parameter not in layout:
+                dims = ", ".join(f"{path}: {dim}" for path, dim in layout.items())
+                raise TypeError(f"{type(module).__name__}: its expert weights have input dims of their own ({dims}); "
+                                "ask for one Parameter")
+            return layout[parameter]
         return 1 if experts_transposed(module) else 2
 
     def output_dim_for(self, module: nn.Module, parameter: str | None = None) -> int:
-        return 3 - self.group_dim_for(module, parameter)
+        matrix_dims = 1 if stacked_layout(module) is not None else 3  # [E * rows, cols] / [E, ., .]
+        return matrix_dims - self.group_dim_for(module, parameter)
 
     def expert_dim_for(self, module: nn.Module, parameter: str | None = None) -> int | None:
-        return 0  # [E, out, in] and [E, in, out] alike
+        return None if stacked_layout(module) is not None else 0  # [E, out, in] and [E, in, out] alike
+
+    def _per_expert(self, module: nn.Module, parameter: str | None, dim: int) -> int:
+        """Size along `dim` of one expert's matrix (a stacked layout's dim 0 holds every expert's rows)."""
+        size = int(self.weight_of(module, parameter).shape[dim])
+        return size // module.num_experts if dim == 0 and stacked_layout(module) is not None else size
+
+    def input_features(self, module: nn.Module, parameter: str | None = None) -> int:
+        return self._per_expert(module, parameter, self.group_dim_for(module, parameter))
+
+    def output_features(self, module: nn.Module, parameter: str | None = None) -> int:
+        return self._per_expert(module, parameter, self.output_dim_for(module, parameter))
 
     def as_out_in(self, weight: torch.Tensor) -> torch.Tensor:
         raise TypeError("expert weights are 3-D; there is no single [out, in] matrix")
 
     def convert(self, module: nn.Module, parameter: str | None, config: Any) -> SparseLayerMixin:
-        if not isinstance(module, SparseExpertsMixin):
+        if not isinstance(module, SparseExpertsMixin):  # the module whose forward reads the expert weights
             group_dims = {name: self.group_dim_for(module, name) for name in expert_parameters(module)}
             dense_class = type(module)
             module.__class__ = sparse_experts_class(dense_class)
@@ -262,7 +294,7 @@ class Target:
 
     @property
     def output_features(self) -> int:
-        return int(self.weight.shape[self.kind.output_dim_for(self.module, self.parameter)])
+        return self.kind.output_features(self.module, self.parameter)
 
     @property
     def refusal(self) -> str | None:
@@ -304,7 +336,8 @@ def sparse_layers_of(name: str, module: nn.Module) -> Iterator[tuple[str, Sparse
 
 def group_dim_of(module: nn.Module | SparseLayerMixin) -> int:
     """Input dimension of `module`'s weight (an experts module's 3-D expert weights, an `ExpertWeight`'s
-    tensor: 2 for `[E, out, in]`, 1 for `[E, in, out]`); TypeError for modules of no registered kind."""
+    tensor: 2 for `[E, out, in]`, 1 for `[E, in, out]`, its own for a stacked layout's); TypeError for modules
+    of no registered kind."""
     if isinstance(module, SparseLayerMixin) and module.is_parameter_target:
         return module.group_dim  # an ExpertWeight: not a module, its owner's layout fixed it at sparsify time
     kind = family_kind(module)
