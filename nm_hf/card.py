@@ -315,7 +315,7 @@ def _expert_weights(record: Mapping[str, Any], model: nn.Module | None, director
     targeted = [str(name) for name in record.get("parameter_targets") or []]
     source = model if model is not None else skeleton(directory)
     every = [t.name for t in iter_targets(source) if t.kind.parameter_targets] if source is not None else []
-    if source is not None:  # expert weights in a layout nm_hf has none for (JetMoE) are dense experts too
+    if source is not None:  # expert weights in a layout nm_hf has none for are dense experts too
         every += [f"{module}.{param}" for module, params in unsupported_experts(source).items() for param in params]
     return targeted, [name for name in every if name not in set(targeted)]
 

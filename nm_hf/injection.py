@@ -32,7 +32,7 @@ from .layers import (
     sparse_layers_of,
 )
 from .layers.base import is_sharded, settle_mask_listeners
-from .layers.experts import EXPERT_PARAMETERS, STACKED_EXPERTS, unsupported_experts
+from .layers.experts import EXPERT_PARAMETERS, NAMED_EXPERTS, STACKED_EXPERTS, unsupported_experts
 from .methods import available_methods, get_method
 from .record import (
     STATE_FINALIZED,
@@ -373,7 +373,9 @@ def ignored_reasons(model: nn.Module, config: SparsityConfig, targets: list[str]
 
 #: the expert layouts nm_hf knows, for the reason an unknown one stays dense
 _KNOWN_EXPERTS = ("it supports fused [num_experts, out, in] / [num_experts, in, out] Parameters "
-                  + ", ".join(EXPERT_PARAMETERS) + " and the stacked [num_experts * rows, cols] ones of "
+                  + ", ".join(EXPERT_PARAMETERS)
+                  + "".join(f", {cls}.{name}" for cls, names in NAMED_EXPERTS.items() for name in names)
+                  + " and the stacked [num_experts * rows, cols] ones of "
                   + ", ".join(STACKED_EXPERTS))
 
 

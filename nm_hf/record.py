@@ -7,7 +7,7 @@ model knows:
 - `targeted_modules`: names of the targeted layers (module names; a parameter name for kinds that
   are not a module swap), in model order;
 - `ignored_modules`: linear-like layers left dense (heads, exclusions, sizes not divisible by m), and
-  expert weights in a layout nm_hf has none for (`<experts module>.<parameter>`, e.g. JetMoE's `weight`);
+  expert weights in a layout nm_hf has none for (`<experts module>.<parameter>`);
 - `ignored_reasons` (only when some have one): `{name: why}` for ignored layers that could not be
   sparse as they are (an input size not divisible by m under `target_modules="all"`, a grouped
   convolution, a weight the model reads without calling the layer, an unsupported expert layout);

@@ -71,7 +71,8 @@ class Case:
     auto_class: type = CLM
     overrides: dict = field(default_factory=dict)
     inputs: Callable[[nn.Module], dict] = tiny_inputs
-    #: "sparse": fused expert Parameters are targeted; "dense": experts in a layout nm_hf has none for, left dense
+    #: "sparse": expert Parameters are targeted; "dense": experts in a layout nm_hf has none for, left dense (no model
+    #: type has one now: `tests/test_layers_experts.py` builds a synthetic one)
     experts: str | None = None
     #: a known limitation: the reason (the test must fail: strict xfail)
     xfail: str | None = None
@@ -121,8 +122,8 @@ CASES: dict[str, Case] = {
     "dbrx": Case(overrides={"attn_config": {"kv_n_heads": 2, "rope_theta": 1e4, "clip_qkv": 8.0},
                             "ffn_config": {"ffn_hidden_size": 16, "moe_num_experts": 4, "moe_top_k": 2}},
                  experts="sparse"),
-    # mixture of experts in a layout nm_hf has none for: JetMoE's 3-D `weight`
-    "jetmoe": Case(overrides={**MOE, "kv_channels": 8}, experts="dense"),
+    # JetMoE: `JetMoeParallelExperts.weight` [E, out, in] (`NAMED_EXPERTS`), in its MLP and mixture-of-attention
+    "jetmoe": Case(overrides={**MOE, "kv_channels": 8}, experts="sparse"),
     # state-space models: Mamba's dt_proj weight is read by its parent's forward, so it stays dense
     "mamba": Case(overrides=MAMBA),
     "falcon_mamba": Case(overrides={**MAMBA, "use_mambapy": False}),

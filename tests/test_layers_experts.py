@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import weakref
 
 import pytest
 import torch
 from test_injection import assert_unchanged, refuse, snapshot
+from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import nm_hf
@@ -14,7 +16,7 @@ from nm_hf.checkpoint import inspect_checkpoint
 from nm_hf.config import SparsityConfig
 from nm_hf.injection import SparsifyError, baked_weights
 from nm_hf.layers import ExpertWeight
-from nm_hf.masks import check_nm, nm_mask
+from nm_hf.masks import check_nm, nm_group_counts, nm_mask
 from nm_hf.record import record_weight_keys
 from tiny_models import train_steps
 
@@ -313,43 +315,88 @@ def test_semi_structured_leaves_experts_and_convs_dense_and_lists_them():
     assert sorted(describe(model)["left_dense"]) == sorted(expert_names(model))
 
 
-#: experts layouts nm_hf has none for: model type -> (config, experts class, an experts module, its expert weights)
-UNSUPPORTED = {
-    "jetmoe": ({**COMMON, "num_key_value_heads": 2, "kv_channels": 8, "intermediate_size": 16,
-                "num_local_experts": 4, "num_experts_per_tok": 2},
-               "JetMoeParallelExperts", "model.layers.0.mlp.input_linear", ["weight"]),
-}
+class ToyExperts(nn.Module):
+    """Experts in a layout nm_hf has none for: 3-D Parameters `w_in` `[E, ffn, hidden]` and `w_out`
+    `[E, hidden, ffn]`, names no table lists, read by this forward (Mixtral's experts call signature)."""
+
+    def __init__(self, num_experts: int = 4, hidden: int = 32, ffn: int = 16) -> None:
+        super().__init__()
+        self.num_experts = num_experts
+        self.w_in = nn.Parameter(torch.randn(num_experts, ffn, hidden) * 0.1)
+        self.w_out = nn.Parameter(torch.randn(num_experts, hidden, ffn) * 0.1)
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                top_k_weights: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros_like(hidden_states)
+        for e in range(self.num_experts):
+            token, slot = torch.where(top_k_index == e)
+            h = torch.nn.functional.silu(torch.nn.functional.linear(hidden_states[token], self.w_in[e]))
+            out.index_add_(0, token, torch.nn.functional.linear(h, self.w_out[e]) * top_k_weights[token, slot, None])
+        return out
+
+
+#: the synthetic unsupported layout: (experts class, an experts module, its expert weights)
+UNSUPPORTED = ("ToyExperts", "model.layers.0.mlp.experts", ["w_in", "w_out"])
+
+
+def toy_experts_model(seed: int = 0):
+    """A tiny Mixtral whose experts modules are `ToyExperts`, built before sparsify (nothing real triggers it)."""
+    model = tiny_moe("mixtral", seed)
+    for layer in model.model.layers:
+        layer.mlp.experts = ToyExperts()
+    return model
 
 
 def expert_notices(caplog) -> list[str]:
     return [message for message in caplog.messages if "layout nm_hf" in message]
 
 
-@pytest.mark.parametrize("model_type", list(UNSUPPORTED))
-def test_experts_in_an_unsupported_layout_stay_dense_with_one_notice(model_type, caplog, tmp_path):
-    """JetMoE's 3-D `weight` (`[E, out, in]` named `weight`, read by its own forward) is expert weights nm_hf cannot sparsify:
-    "all-linear" says so once per experts class (not once per tensor), records them as left dense, and the model
-    card does not call the experts sparse."""
+def test_toy_experts_compute_what_their_parameters_say():
+    """The synthetic experts are a real part of the model: their weights change its output."""
+    model, ids = toy_experts_model(), token_ids()
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+        model.model.layers[0].mlp.experts.w_in.mul_(2)
+        assert not torch.equal(model(input_ids=ids).logits, before)
+
+
+def test_experts_in_an_unsupported_layout_stay_dense_with_one_notice(caplog, tmp_path):
+    """3-D expert weights under names nm_hf has no layout for (`ToyExperts.w_in`): "all-linear" says so once per
+    experts class (not once per tensor), records them as left dense, and the model card does not call the
+    experts sparse."""
     import logging
 
     from nm_hf.card import write_model_card
+    from nm_hf.layers.experts import unsupported_experts
 
-    config, cls, module, params = UNSUPPORTED[model_type]
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **config))
+    cls, module, params = UNSUPPORTED
+    model = toy_experts_model()
+    assert unsupported_experts(model) == {f"model.layers.{i}.mlp.experts": params for i in range(2)}
     with caplog.at_level(logging.WARNING, logger="nm_hf.injection"):
         nm_hf.sparsify(model, SparsityConfig(n=2, m=4))
     notices = expert_notices(caplog)
     assert len(notices) == 1, caplog.messages
     more = sum(1 for _, m in model.named_modules() if type(m).__name__ == cls) - 1
+    assert more == 1
     assert f"{cls} experts {module!r} (+{more} more) left dense: Parameters {', '.join(params)} " in notices[0]
     record = model.config.nm_sparsity
     names = [f"{module}.{param}" for param in params]
     assert not set(names) & set(record["targeted_modules"]) and record["targeted_modules"]
+    assert not experts(model) and "parameter_targets" not in record
     assert set(names) <= set(record["ignored_modules"])
     assert all(cls in record["ignored_reasons"][name] for name in names)
-    nm_hf.finalize(model).save_pretrained(tmp_path)
-    assert "(not its mixture-of-experts expert weights, which stay dense)" in str(write_model_card(tmp_path))
+    nm_hf.finalize(model)
+    assert type(model.get_submodule(module)) is ToyExperts
+    model.save_pretrained(tmp_path)
+    text = str(write_model_card(tmp_path, model=model))
+    assert "(not its mixture-of-experts expert weights, which stay dense)" in text
+
+
+def test_naming_experts_in_an_unsupported_layout_says_why():
+    """Naming such an experts module explicitly: the error names the layout problem, not just 'not a linear'."""
+    cls, module, params = UNSUPPORTED
+    refuse(toy_experts_model(), SparsityConfig(target_modules=[module]), repr(module), f"{cls} experts",
+           ", ".join(params), "layout nm_hf has none for")
 
 
 @pytest.mark.parametrize("model_type", ["mixtral", "qwen2_moe"])
@@ -460,15 +507,6 @@ def test_loading_expert_weights_gives_a_periodic_mask_of_their_own():
     for name, layer in layers.items():
         assert torch.equal(layer.current_mask(), nm_mask(layer.weight.detach(), 2, 4, dim=layer.group_dim)), name
         assert not torch.equal(layer.current_mask(), stale[name]), name
-
-
-def test_naming_experts_in_an_unsupported_layout_says_why():
-    """Naming JetMoE's experts module explicitly: the error names the layout problem, not just 'not a linear'."""
-    config, cls, module, params = UNSUPPORTED["jetmoe"]
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(AutoConfig.for_model("jetmoe", **config))
-    refuse(model, SparsityConfig(target_modules=[module]), repr(module), f"{cls} experts", ", ".join(params),
-           "layout nm_hf has none for")
 
 
 #: DBRX: `DbrxExperts.forward` reads its child `mlp`'s w1, v1, w2 `[E * ffn, hidden]` as `.view(E, ffn, hidden)[e]`
@@ -593,3 +631,116 @@ def test_semi_structured_leaves_the_dbrx_experts_dense():
     names = sorted(listed)
     nm_hf.finalize(model)
     assert sorted(describe(model)["left_dense"]) == names
+
+
+#: JetMoE: `JetMoeParallelExperts.weight` `[E, out, in]`, read by its own forward as `F.linear(x, self.weight[e])`,
+#: in the MoE MLP (`mlp.input_linear` / `output_linear`) and the mixture-of-attention (`self_attention.experts`)
+JETMOE = {**COMMON, "num_key_value_heads": 2, "kv_channels": 8, "intermediate_size": 16, "num_local_experts": 4,
+          "num_experts_per_tok": 2}
+JETMOE_EXPERTS = [f"model.layers.{i}.{block}.{linear}.weight" for i in range(2)
+                  for block in ("mlp", "self_attention.experts") for linear in ("input_linear", "output_linear")]
+
+
+def tiny_jetmoe(seed: int = 0):
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(AutoConfig.for_model("jetmoe", **JETMOE)).eval()
+
+
+class _RecordingLinear:
+    """Stands in for `torch.nn.functional` in modeling_jetmoe: records the weight of every `F.linear` call."""
+
+    def __init__(self) -> None:
+        self.weights: list[torch.Tensor] = []
+
+    def linear(self, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        self.weights.append(weight.detach())
+        return torch.nn.functional.linear(input, weight, bias)
+
+    def __getattr__(self, name: str):
+        return getattr(torch.nn.functional, name)
+
+
+def test_jetmoe_expert_weights_are_targeted_under_their_own_names():
+    """Both `JetMoeParallelExperts` of the MoE MLP and of the mixture-of-attention: parameter targets named by their
+    state-dict keys, N:M along dim 2 (the input); the other layers (the routers' gating linear, kv_proj) as before."""
+    from nm_hf.layers.experts import unsupported_experts
+
+    model = tiny_jetmoe()
+    keys = list(model.state_dict())
+    linears = [name for name, module in model.named_modules()
+               if isinstance(module, nn.Linear) and module is not model.lm_head]
+    assert not unsupported_experts(model)
+    nm_hf.sparsify(model, SparsityConfig(n=2, m=4))
+    layers = experts(model)
+    record = model.config.nm_sparsity
+    assert sorted(layers) == sorted(JETMOE_EXPERTS) and set(record["parameter_targets"]) == set(JETMOE_EXPERTS)
+    assert sorted(set(record["targeted_modules"]) - set(layers)) == sorted(linears)  # as without the experts
+    assert list(model.state_dict()) == keys and "ignored_reasons" not in record
+    assert record["ignored_modules"] == ["lm_head"]
+    assert record_weight_keys(record)[JETMOE_EXPERTS[0]] == JETMOE_EXPERTS[0]
+    for name, layer in layers.items():
+        assert layer.group_dim == record["group_dims"][name] == 2 and layer.weight is model.get_parameter(name)
+        assert check_nm(layer.effective_weight(), 2, 4, dim=2), name
+    assert all(type(m).__name__ == "JetMoeTopKGating" for n, m in model.named_modules() if n.endswith(".router"))
+
+
+def test_jetmoe_experts_train_n_m_per_expert_finalize_and_reload_plain(tmp_path, monkeypatch):
+    """What `JetMoeParallelExperts.forward` computes with is N:M per expert along its input, in training and eval;
+    finalize bakes it (same outputs), and plain transformers loads it back."""
+    from transformers.models.jetmoe import modeling_jetmoe
+
+    model = tiny_jetmoe()
+    nm_hf.sparsify(model, SparsityConfig(n=2, m=4))
+    layers = experts(model)
+    recording = _RecordingLinear()
+    monkeypatch.setattr(modeling_jetmoe, "F", recording)
+    model.train()
+    before = {name: layer.weight.detach().clone() for name, layer in layers.items()}
+    train_steps(model, 2, lr=0.05, loss=lambda m: m(input_ids=token_ids()).logits.float().pow(2).mean())
+    per_expert = {tuple(w.shape) for name in layers for w in model.get_parameter(name)}
+    used = [w for w in recording.weights if tuple(w.shape) in per_expert]
+    assert len(used) == 2 * len(layers) * 4  # two forwards, every expert of every experts module
+    assert all(check_nm(w, 2, 4, dim=1) for w in used)  # one expert's [out, in]: 2:4 along its input
+    for name, layer in layers.items():
+        weight = layer.weight.detach()
+        assert not torch.equal(weight, before[name]), name
+        assert torch.equal(layer.current_mask(), nm_mask(weight, 2, 4, dim=2)), name
+        assert check_nm(layer.effective_weight(), 2, 4, dim=2), name
+
+    model.eval()
+    recording.weights.clear()
+    ids = token_ids(1)
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+    effective = {name: layer.effective_weight() for name, layer in layers.items()}
+    first = effective["model.layers.0.mlp.input_linear.weight"]
+    assert any(torch.equal(w, first[0]) for w in recording.weights)  # eval computes with the masked weights
+    monkeypatch.undo()
+    nm_hf.finalize(model)
+    assert not nm_hf.is_sparsified(model)
+    assert all(type(model.get_parameter(n)) is nn.Parameter for n in layers)
+    assert {type(model.get_submodule(n.rsplit(".", 1)[0])).__name__ for n in layers} == {"JetMoeParallelExperts"}
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, logits)
+    model.save_pretrained(tmp_path / "plain")
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "plain").eval()
+    with torch.no_grad():
+        assert torch.equal(plain(input_ids=ids).logits, logits)
+    for name in layers:
+        weight = plain.get_parameter(name).detach()
+        assert torch.equal(weight, effective[name]) and (nm_group_counts(weight, 4, dim=2) == 2).all(), name
+    assert nm_hf.sparsity_report(plain).nm_ok
+    inspected, _ = inspect_checkpoint(tmp_path / "plain")
+    assert inspected.nm_ok and {row.name for row in inspected.layers} >= set(layers)
+    reloaded = nm_hf.load_sparse(tmp_path / "plain").eval()
+    assert sorted(experts(reloaded)) == sorted(layers)
+    with torch.no_grad():
+        assert torch.equal(reloaded(input_ids=ids).logits, logits)
+
+    config = json.loads((tmp_path / "plain" / "config.json").read_text())  # a checkpoint without a record
+    del config["nm_sparsity"]
+    (tmp_path / "plain" / "config.json").write_text(json.dumps(config))
+    unrecorded, _ = inspect_checkpoint(tmp_path / "plain", pattern="2:4")  # the expert keys, found on a skeleton
+    assert unrecorded.nm_ok and {row.name for row in unrecorded.layers} >= set(layers)
+    unrecorded, _ = inspect_checkpoint(tmp_path / "plain", pattern="2:4", layers=["input_linear.weight"])
+    assert unrecorded.nm_ok and len(unrecorded.layers) == 4

@@ -5,6 +5,9 @@ of shape `[num_experts, out, in]`, or `[num_experts, in, out]` when the class is
 `use_experts_implementation(is_transposed=True)` (gpt_oss) or is Llama4's undecorated
 `Llama4TextExperts`. The forward runs through `config._experts_implementation` ("eager",
 "batched_mm", "grouped_mm", ...), which reads the Parameters directly, never an `nn.Linear`.
+Experts classes whose fused Parameters have other names are listed in `NAMED_EXPERTS` (JetMoE's
+`JetMoeParallelExperts.weight`, `[E, out, in]`, read by its own forward as `F.linear(x, self.weight[e])`),
+with their layout in `_UNDECORATED`.
 
 Experts classes that keep each expert weight as a 2-D Parameter stacking the experts' matrices along dim 0
 (`[E * rows, cols]`) are listed in `STACKED_EXPERTS` with, per Parameter, its input dimension: DBRX's
@@ -49,13 +52,16 @@ from torch import nn
 from ..masks import apply_mask
 from .base import SparseLayerMixin, note_weights_loaded, settle_mask_listeners
 
-__all__ = ["EXPERT_PARAMETERS", "STACKED_EXPERTS", "ExpertWeight", "SparseExpertsMixin", "expert_parameters",
-           "experts_transposed", "sparse_experts_class", "stacked_layout", "unsupported_experts"]
+__all__ = ["EXPERT_PARAMETERS", "NAMED_EXPERTS", "STACKED_EXPERTS", "ExpertWeight", "SparseExpertsMixin",
+           "expert_parameters", "experts_transposed", "sparse_experts_class", "stacked_layout", "unsupported_experts"]
 
 #: names of the fused expert matrices transformers uses
 EXPERT_PARAMETERS = ("gate_up_proj", "gate_proj", "up_proj", "down_proj")
+#: experts classes whose fused `[num_experts, ., .]` Parameters have names of their own (besides
+#: `EXPERT_PARAMETERS`): class name -> names
+NAMED_EXPERTS: dict[str, tuple[str, ...]] = {"JetMoeParallelExperts": ("weight",)}
 #: experts classes without `use_experts_implementation` whose layout is known: name -> transposed
-_UNDECORATED = {"Llama4TextExperts": True}
+_UNDECORATED = {"Llama4TextExperts": True, "JetMoeParallelExperts": False}
 #: experts classes whose forward reads 2-D Parameters stacking one matrix per expert along dim 0 (`[E * rows, cols]`,
 #: expert e's rows `e * rows:(e + 1) * rows`): class name -> {Parameter path from the experts module: input dim}
 STACKED_EXPERTS: dict[str, dict[str, int]] = {"DbrxExperts": {"mlp.w1": 1, "mlp.v1": 1, "mlp.w2": 0}}
@@ -63,9 +69,14 @@ STACKED_EXPERTS: dict[str, dict[str, int]] = {"DbrxExperts": {"mlp.w1": 1, "mlp.
 
 def stacked_layout(module: nn.Module) -> dict[str, int] | None:
     """`{Parameter path: input dim}` when `module` is an experts class of `STACKED_EXPERTS`, else None."""
+    return _class_entry(module, STACKED_EXPERTS)
+
+
+def _class_entry(module: nn.Module, table: dict[str, Any]) -> Any:
+    """`table`'s entry for `module`'s class or its nearest base class listed there, else None."""
     for cls in type(module).__mro__:
-        if cls.__name__ in STACKED_EXPERTS:
-            return STACKED_EXPERTS[cls.__name__]
+        if cls.__name__ in table:
+            return table[cls.__name__]
     return None
 
 
@@ -99,8 +110,9 @@ def _stacked_weight(module: nn.Module, path: str) -> nn.Parameter | None:
 
 
 def expert_parameters(module: nn.Module) -> list[str]:
-    """Names of `module`'s expert Parameters, in registration order: its 3-D ones (`[num_experts, ., .]`), or for a
-    stacked layout (`STACKED_EXPERTS`) the paths of its 2-D `[num_experts * rows, cols]` ones."""
+    """Names of `module`'s expert Parameters, in registration order: its 3-D ones (`[num_experts, ., .]`) named as
+    transformers names them (`EXPERT_PARAMETERS`) or as its class's entry of `NAMED_EXPERTS` says, or for a stacked
+    layout (`STACKED_EXPERTS`) the paths of its 2-D `[num_experts * rows, cols]` ones."""
     num_experts = _num_experts(module)
     if num_experts is None:
         return []
@@ -108,9 +120,9 @@ def expert_parameters(module: nn.Module) -> list[str]:
     if layout is not None:
         return [path for path in layout if (value := _stacked_weight(module, path)) is not None and value.ndim == 2
                 and value.shape[0] > num_experts and value.shape[0] % num_experts == 0]
-    params = module._parameters
-    return [name for name, value in params.items()
-            if name in EXPERT_PARAMETERS and value is not None and value.ndim == 3 and value.shape[0] == num_experts]
+    names = (*EXPERT_PARAMETERS, *(_class_entry(module, NAMED_EXPERTS) or ()))
+    return [name for name, value in module._parameters.items()
+            if name in names and value is not None and value.ndim == 3 and value.shape[0] == num_experts]
 
 
 #: attributes holding a mixture-of-experts expert count, on an experts module or in a model's (sub-)config
@@ -174,9 +186,9 @@ def experts_transposed(module: nn.Module) -> bool | None:
     flag = getattr(module, "is_transposed", None)
     if isinstance(flag, bool):
         return flag
-    for cls in type(module).__mro__:
-        if cls.__name__ in _UNDECORATED:
-            return _UNDECORATED[cls.__name__]
+    flag = _class_entry(module, _UNDECORATED)
+    if flag is not None:
+        return flag
     params = module._parameters
     gate_up, down = params.get("gate_up_proj"), params.get("down_proj")
     if gate_up is None or down is None or gate_up.ndim != 3 or down.ndim != 3:
