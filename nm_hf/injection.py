@@ -32,7 +32,13 @@ from .layers import (
     sparse_layers_of,
 )
 from .layers.base import is_sharded, settle_mask_listeners
-from .layers.experts import EXPERT_PARAMETERS, NAMED_EXPERTS, STACKED_EXPERTS, unsupported_experts
+from .layers.experts import (
+    EXPERT_PARAMETERS,
+    NAMED_EXPERTS,
+    STACKED_EXPERTS,
+    router_layers,
+    unsupported_experts,
+)
 from .methods import available_methods, get_method
 from .record import (
     STATE_FINALIZED,
@@ -141,8 +147,10 @@ def _head_module_ids(model: nn.Module) -> set[int]:
     """The output embedding, layers declared tie-able to an input embedding (`_tieable_output_layers`) and every
     module outside the model's backbone (`model.base_model`, when it is a part of the model: the task heads of a
     `...For<Task>` class, whatever their names, e.g. GPT-2's `multiple_choice_head` or Electra's
-    `discriminator_predictions`): "all-linear" never targets them."""
+    `discriminator_predictions`), and mixture-of-experts routers kept as plain linears (`router_layers`):
+    "all-linear" never targets them."""
     heads = _tieable_output_layers(model)
+    heads.update(id(model.get_submodule(name)) for name in router_layers(model))
     get_out = getattr(model, "get_output_embeddings", None)
     if callable(get_out):
         try:

@@ -22,7 +22,7 @@ from typing import Any
 from torch import nn
 
 from ..layers import family_kind
-from ..layers.experts import EXPERT_PARAMETERS
+from ..layers.experts import EXPERT_PARAMETERS, router_layers
 from ..record import (
     RecordError,
     is_compressed,
@@ -134,17 +134,20 @@ def _select(entries: Sequence[str], keys: set[str], directory: Path, extra: Sequ
 
 
 def _default_layers(skeleton: nn.Module | None, keys: set[str], directory: Path) -> tuple[list[str], dict[str, int]]:
-    """Every linear layer (module kinds selected by "all-linear") but the output head, with its group dim."""
+    """Every linear layer (module kinds selected by "all-linear") but the output head and mixture-of-experts
+    routers, with its group dim."""
     if skeleton is None:
         raise CheckpointError(f"{directory}: transformers cannot build the model of {CONFIG_NAME} to find its "
                               "linear layers; name them with layers=[...] (nm-hf inspect --layers ...)")
     head = skeleton.get_output_embeddings() if hasattr(skeleton, "get_output_embeddings") else None
     prefix = getattr(skeleton, "base_model_prefix", "") or ""
     experts = _expert_targets(skeleton)
+    routers = set(router_layers(skeleton))  # left dense by "all-linear" too
     names, dims = [], {}
     for name, module in skeleton.named_modules():
         kind = family_kind(module)
-        if not name or kind is None or module is head or not kind.linear or not kind.matches(module):
+        if not name or kind is None or module is head or name in routers or not kind.linear \
+                or not kind.matches(module):
             continue  # what "all-linear" converts (not a subclass with its own forward: Llama4's router)
         if kind.parameter_targets:  # expert weights: fused on disk under their own key, or found per expert later
             for parameter in kind.target_parameters(module):

@@ -53,7 +53,8 @@ from ..masks import apply_mask
 from .base import SparseLayerMixin, note_weights_loaded, settle_mask_listeners
 
 __all__ = ["EXPERT_PARAMETERS", "NAMED_EXPERTS", "STACKED_EXPERTS", "ExpertWeight", "SparseExpertsMixin",
-           "expert_parameters", "experts_transposed", "sparse_experts_class", "stacked_layout", "unsupported_experts"]
+           "expert_parameters", "experts_transposed", "router_layers", "sparse_experts_class", "stacked_layout",
+           "unsupported_experts"]
 
 #: names of the fused expert matrices transformers uses
 EXPERT_PARAMETERS = ("gate_up_proj", "gate_proj", "up_proj", "down_proj")
@@ -165,6 +166,17 @@ def _unsupported_expert_parameters(module: nn.Module, counts: set[int] | frozens
         if any(rows and rows % count == 0 and (value.ndim > 2 or rows > count) for count in numbers):
             found.append(name)
     return found
+
+
+def router_layers(model: nn.Module) -> list[str]:
+    """Names of the `nn.Linear` layers of a mixture-of-experts model that give one output per expert (an expert
+    count of `model.config`): routers kept as plain linears (DBRX's and JetMoE's `router.layer`), which
+    `"all-linear"` leaves dense like the router classes of other models."""
+    counts = _expert_counts(getattr(model, "config", None))
+    if not counts:
+        return []
+    return [name for name, module in model.named_modules()
+            if isinstance(module, nn.Linear) and module.out_features in counts]
 
 
 def unsupported_experts(model: nn.Module) -> dict[str, list[str]]:
