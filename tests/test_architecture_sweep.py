@@ -255,7 +255,8 @@ def test_sparsify_train_finalize_reload(model_type, tmp_path):
     model.save_pretrained(tmp_path)
     reloaded, info = case.auto_class.from_pretrained(tmp_path, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
-    assert torch.equal(eval_output(reloaded, inputs), final_out)
+    # the same weights, maybe another summation order (other memory): equal to float noise, not always bit-equal
+    torch.testing.assert_close(eval_output(reloaded, inputs), final_out, rtol=1e-5, atol=1e-6)
     state, state2 = model.state_dict(), reloaded.state_dict()
     assert state.keys() == state2.keys()
     assert [key for key in state if not torch.equal(state[key], state2[key])] == []
