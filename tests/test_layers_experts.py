@@ -750,3 +750,18 @@ def test_jetmoe_experts_train_n_m_per_expert_finalize_and_reload_plain(tmp_path,
     assert not any(row.name.endswith(".router.layer") for row in unrecorded.layers)  # dense, as "all-linear" left them
     unrecorded, _ = inspect_checkpoint(tmp_path / "plain", pattern="2:4", layers=["input_linear.weight"])
     assert unrecorded.nm_ok and len(unrecorded.layers) == 4
+
+
+def test_qwen2_moe_shared_expert_gate_stays_dense():
+    """Qwen2-MoE's `shared_expert_gate` is a plain `nn.Linear(hidden, 1)`, a scalar gate: routing, left dense like
+    the router; the shared expert's projections are targeted."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(
+        "qwen2_moe", **COMMON, num_key_value_heads=2, intermediate_size=64, moe_intermediate_size=16,
+        shared_expert_intermediate_size=16, num_experts=4, num_experts_per_tok=2, decoder_sparse_step=1,
+        mlp_only_layers=[]))
+    nm_hf.sparsify(model, SparsityConfig(n=2, m=4))
+    record = model.config.nm_sparsity
+    gates = [f"model.layers.{i}.mlp.shared_expert_gate" for i in range(2)]
+    assert set(gates) <= set(record["ignored_modules"]) and not set(gates) & set(record["targeted_modules"])
+    assert "model.layers.0.mlp.shared_expert.up_proj" in record["targeted_modules"]

@@ -170,13 +170,14 @@ def _unsupported_expert_parameters(module: nn.Module, counts: set[int] | frozens
 
 def router_layers(model: nn.Module) -> list[str]:
     """Names of the `nn.Linear` layers of a mixture-of-experts model that give one output per expert (an expert
-    count of `model.config`): routers kept as plain linears (DBRX's and JetMoE's `router.layer`), which
-    `"all-linear"` leaves dense like the router classes of other models."""
+    count of `model.config`) or a single one: routers kept as plain linears (DBRX's and JetMoE's `router.layer`)
+    and scalar gates (Qwen2-MoE's `shared_expert_gate`), which `"all-linear"` leaves dense like the router classes
+    of other models."""
     counts = _expert_counts(getattr(model, "config", None))
     if not counts:
         return []
     return [name for name, module in model.named_modules()
-            if isinstance(module, nn.Linear) and module.out_features in counts]
+            if isinstance(module, nn.Linear) and (module.out_features in counts or module.out_features == 1)]
 
 
 def unsupported_experts(model: nn.Module) -> dict[str, list[str]]:
