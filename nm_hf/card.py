@@ -419,7 +419,7 @@ def write_model_card(
         ("pattern", f"{pattern} (at most {n} non-zero weights in every {m} consecutive input weights)"),
         ("method", method_label),
         ("targeted layers", f"{targets - len(experts)} layers and {len(experts)} MoE expert weight tensors "
-                            f"(`[experts, ., .]`, N:M per expert along each expert matrix's input dimension; "
+                            f"(one matrix per expert, N:M per expert along each expert matrix's input dimension; "
                             f"routers stay dense) {selector}" if experts else f"{targets} {selector}"),
         ("layers left dense", ", ".join(left_dense) if left_dense else
          ("none" if ignored is not None else "not recorded")),
