@@ -55,6 +55,33 @@ def experts(model) -> dict[str, ExpertWeight]:
     return {name: layer for name, layer in nm_hf.iter_sparse_layers(model) if isinstance(layer, ExpertWeight)}
 
 
+def finalized_then_reloaded_plain(model: nn.Module, ids: torch.Tensor, logits: torch.Tensor, directory) -> nn.Module:
+    """`model` (sparse, eval) finalized computes `logits` exactly; saved to `directory`, plain transformers loads it
+    back (no nm_hf) computing them too. Returns the plain model."""
+    nm_hf.finalize(model)
+    assert not nm_hf.is_sparsified(model)
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, logits)
+    model.save_pretrained(directory)
+    plain = AutoModelForCausalLM.from_pretrained(directory).eval()
+    with torch.no_grad():
+        # not bit-equal: the same weights in other memory (the loaded file) can take another summation order
+        torch.testing.assert_close(plain(input_ids=ids).logits, logits, rtol=1e-5, atol=1e-6)
+    return plain
+
+
+def assert_reloads_sparse(directory, names: list[str], ids: torch.Tensor, logits: torch.Tensor) -> None:
+    """The saved checkpoint inspects as N:M with every expert weight in `names`, and `load_sparse` gives back a
+    sparse model with those expert weights computing `logits`."""
+    inspected, _ = inspect_checkpoint(directory)
+    assert inspected.nm_ok and {row.name for row in inspected.layers} >= set(names)
+    reloaded = nm_hf.load_sparse(directory).eval()
+    assert sorted(experts(reloaded)) == sorted(names)
+    with torch.no_grad():
+        assert torch.equal(reloaded(input_ids=ids).logits, logits)
+
+
+
 def expert_names(model) -> list[str]:
     return [name for name, p in model.named_parameters() if p.ndim == 3 and ".experts." in name]
 
@@ -576,27 +603,15 @@ def test_dbrx_stacked_experts_train_n_m_per_expert_finalize_and_reload_plain(tmp
     effective = {name: layer.effective_weight().view(4, 16, 32) for name, layer in layers.items()}
     first = "transformer.blocks.0.ffn.experts.mlp."
     assert any(torch.equal(calls[0]["w1"], effective[first + "w1"][e]) for e in range(4))  # the masked weights
-    nm_hf.finalize(model)
-    assert not nm_hf.is_sparsified(model) and type(model.get_submodule(first[:-5])).__name__ == "DbrxExperts"
-    with torch.no_grad():
-        assert torch.equal(model(input_ids=ids).logits, logits)
-    model.save_pretrained(tmp_path / "plain")
-    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "plain").eval()
-    with torch.no_grad():
-        # not bit-equal: the same weights in other memory (the loaded file) can take another summation order
-        torch.testing.assert_close(plain(input_ids=ids).logits, logits, rtol=1e-5, atol=1e-6)
+    plain = finalized_then_reloaded_plain(model, ids, logits, tmp_path / "plain")
+    assert type(model.get_submodule(first[:-5])).__name__ == "DbrxExperts"
     for name in names:
         weight = plain.get_parameter(name).detach()
         assert torch.equal(weight, effective[name].reshape(64, 32)), name
         assert all(check_nm(matrix, 2, 4, dim=DBRX_DIMS[name.rsplit(".", 1)[1]]) for matrix in weight.view(4, 16, 32))
     report = nm_hf.sparsity_report(plain)
     assert report.nm_ok and {row.name for row in report.layers} >= set(names)
-    inspected, _ = inspect_checkpoint(tmp_path / "plain")
-    assert inspected.nm_ok and {row.name for row in inspected.layers} >= set(names)
-    reloaded = nm_hf.load_sparse(tmp_path / "plain").eval()
-    assert sorted(experts(reloaded)) == sorted(names)
-    with torch.no_grad():
-        assert torch.equal(reloaded(input_ids=ids).logits, logits)
+    assert_reloads_sparse(tmp_path / "plain", names, ids, logits)
 
 
 def test_dbrx_groups_never_straddle_two_experts():
@@ -720,27 +735,14 @@ def test_jetmoe_experts_train_n_m_per_expert_finalize_and_reload_plain(tmp_path,
     first = effective["model.layers.0.mlp.input_linear.weight"]
     assert any(torch.equal(w, first[0]) for w in recording.weights)  # eval computes with the masked weights
     monkeypatch.undo()
-    nm_hf.finalize(model)
-    assert not nm_hf.is_sparsified(model)
+    plain = finalized_then_reloaded_plain(model, ids, logits, tmp_path / "plain")
     assert all(type(model.get_parameter(n)) is nn.Parameter for n in layers)
     assert {type(model.get_submodule(n.rsplit(".", 1)[0])).__name__ for n in layers} == {"JetMoeParallelExperts"}
-    with torch.no_grad():
-        assert torch.equal(model(input_ids=ids).logits, logits)
-    model.save_pretrained(tmp_path / "plain")
-    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "plain").eval()
-    with torch.no_grad():
-        # not bit-equal: the same weights in other memory (the loaded file) can take another summation order
-        torch.testing.assert_close(plain(input_ids=ids).logits, logits, rtol=1e-5, atol=1e-6)
     for name in layers:
         weight = plain.get_parameter(name).detach()
         assert torch.equal(weight, effective[name]) and (nm_group_counts(weight, 4, dim=2) == 2).all(), name
     assert nm_hf.sparsity_report(plain).nm_ok
-    inspected, _ = inspect_checkpoint(tmp_path / "plain")
-    assert inspected.nm_ok and {row.name for row in inspected.layers} >= set(layers)
-    reloaded = nm_hf.load_sparse(tmp_path / "plain").eval()
-    assert sorted(experts(reloaded)) == sorted(layers)
-    with torch.no_grad():
-        assert torch.equal(reloaded(input_ids=ids).logits, logits)
+    assert_reloads_sparse(tmp_path / "plain", list(layers), ids, logits)
 
     config = json.loads((tmp_path / "plain" / "config.json").read_text())  # a checkpoint without a record
     del config["nm_sparsity"]
