@@ -4,14 +4,15 @@ Injection is checked completely before anything is touched: every problem found 
 error that names the layers and the fix, and the model is left exactly as it was (an interrupt
 midway, Ctrl-C included, rolls back too). Layers are converted in place by switching their class
 (same object, same Parameters, same hooks), so parameter names, layouts and weight tying are
-untouched. Which modules can convert, and along which dimension, is the layer-kind registry's
-business (`nm_hf.layers.kinds`); what the method does is the method registry's (`nm_hf.methods`).
+untouched. A module whose own code reads a sparse layer's `weight` instead of calling the layer gets hooks
+that show it the masked weight while it runs (`nm_hf.layers.reads`); `finalize` removes them. Which modules
+can convert, and along which dimension, is the layer-kind registry's business (`nm_hf.layers.kinds`); what
+the method does is the method registry's (`nm_hf.methods`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import re
 import warnings
@@ -39,6 +40,8 @@ from .layers.experts import (
     router_layers,
     unsupported_experts,
 )
+from .layers.read_scan import direct_weight_reads
+from .layers.reads import expose_weight_reads, remove_weight_reads
 from .methods import available_methods, get_method
 from .record import (
     STATE_FINALIZED,
@@ -173,49 +176,20 @@ def _computed_weight(weight: torch.Tensor) -> bool:
     return not isinstance(weight, nn.Parameter)
 
 
-def _hook_forced_children(function: Any) -> list[str]:
-    """The child names a forward wrapped by transformers' `force_accelerate_hooks(names)` declares: children whose
-    weights that forward reads directly instead of calling them (Mamba's `dt_proj`, whose weight feeds a matmul
-    or a fused kernel). Looked for through the `__wrapped__` chain; [] when there is no such decorator."""
-    names: list[str] = []
-    seen = 0
-    while callable(function) and seen < 16:
-        code = getattr(function, "__code__", None)
-        if code is not None and code.co_name == "wrapped" and "child_module_names" in code.co_freevars \
-                and code.co_filename.replace("\\", "/").endswith("transformers/integrations/accelerate.py"):
-            value = function.__closure__[code.co_freevars.index("child_module_names")].cell_contents
-            names += [value] if isinstance(value, str) else [n for n in value if isinstance(n, str)]
-        function = getattr(function, "__wrapped__", None)
-        seen += 1
-    return names
-
-
-@functools.cache
-def _children_weights_read(cls: type) -> dict[str, str]:
-    """`{child attribute: "Class.forward"}` for the children whose weight the forward of `cls` reads directly,
-    bypassing the child's own forward, as declared by transformers' `force_accelerate_hooks` decorator."""
-    forward = getattr(cls, "forward", None)
-    where = f"{cls.__name__}.forward"
-    return {child: where for child in _hook_forced_children(forward)}
-
-
-def _direct_weight_reads(model: nn.Module) -> dict[str, str]:
-    """`{module name: why}` for layers whose weight their parent's code reads directly instead of calling the
-    layer: a mask applied in the layer's forward would not reach that computation (training would use the
-    dense weight, and `finalize` would then change what the model computes)."""
-    found = {}
-    for parent_name, parent in model.named_modules():
-        reads = _children_weights_read(type(parent))
-        if not reads:
-            continue
-        for child, where in reads.items():
-            module = parent._modules.get(child)
-            if module is not None and _is_layer(module):
-                name = f"{parent_name}.{child}" if parent_name else child
-                found[name] = (f"its weight is read directly by {where} (declared with transformers' "
-                               "force_accelerate_hooks), not through the layer's forward, so a mask would not apply "
-                               "there")
-    return found
+def _expose_direct_reads(model: nn.Module, layers: list[SparseLayerMixin]) -> None:
+    """Hook the modules that read the weight of one of `layers` directly, so that the read sees the masked weight
+    while they run (`nm_hf.layers.reads.expose_weight_reads`)."""
+    ids = {id(layer) for layer in layers if isinstance(layer, nn.Module)}
+    if not ids:
+        return
+    for reader_name, reads in direct_weight_reads(model).items():
+        reader = model.get_submodule(reader_name)
+        paths = [path for path in reads if id(reader.get_submodule(".".join(path))) in ids]
+        if paths:
+            expose_weight_reads(reader, paths)
+            for path in paths:
+                logger.info("nm_hf.sparsify: %s's weight is read directly by %s: it sees the masked weight while "
+                            "that module runs", ".".join(filter(None, (reader_name, *path))), reads[path])
 
 
 def _unsupported_expert_weights(model: nn.Module) -> dict[str, str]:
@@ -325,14 +299,11 @@ def _saved_originals(model: nn.Module) -> dict[str, str]:
     return found
 
 
-def _preset_targets(model: nn.Module, config: SparsityConfig, units: dict[str, Target],
-                    direct: dict[str, str] | None = None) -> list[str]:
-    """Targets of "all-linear" (linear kinds) / "all" (every kind, input sizes divisible by m only), without
-    the layers in `direct` (default: those whose weight the model reads directly, `_direct_weight_reads`)."""
+def _preset_targets(model: nn.Module, config: SparsityConfig, units: dict[str, Target]) -> list[str]:
+    """Targets of "all-linear" (linear kinds) / "all" (every kind, input sizes divisible by m only)."""
     heads = _head_module_ids(model)
     adapters = {**_adapter_layers(model), **_saved_originals(model)}
     tied = _embedding_weights(model)
-    direct = _direct_weight_reads(model) if direct is None else direct
     every = config.target_modules == "all"
     return [
         n for n, target in units.items()
@@ -344,26 +315,19 @@ def _preset_targets(model: nn.Module, config: SparsityConfig, units: dict[str, T
         and not _computed_weight(target.weight)
         and not HEAD_NAMES.intersection(target.module_name.split("."))
         and target.module_name not in adapters
-        and target.module_name not in direct
     ]
 
 
 def ignored_reasons(model: nn.Module, config: SparsityConfig, targets: list[str]) -> dict[str, str]:
     """Why layers that are not targeted were left dense, for those with a reason beyond being a head or
-    excluded: under `"all-linear"` and `"all"`, a weight the model reads without calling the layer, an expert
-    weight in a layout nm_hf has none for; under `"all"` also a grouped convolution, an input size not divisible
+    excluded: under `"all-linear"` and `"all"`, an expert weight in a layout nm_hf has none for; under `"all"` also a grouped convolution, an input size not divisible
     by m."""
     if config.target_modules not in ("all", "all-linear"):
         return {}
     chosen = set(targets)
     model = unwrap_model(model)
     units = _targets_by_name(model)
-    direct = _direct_weight_reads(model)
     reasons = {}
-    if direct:  # the layers the preset would have taken but for the direct read (heads etc. stay unexplained)
-        for name in _preset_targets(model, config, units, direct={}):
-            if name not in chosen and units[name].module_name in direct:
-                reasons[name] = direct[units[name].module_name]
     for name, cls in _unsupported_expert_weights(model).items():
         reasons[name] = _unsupported_expert_reason(cls)
     for name, target in units.items():
@@ -433,7 +397,6 @@ def _resolve_targets(model: nn.Module, config: SparsityConfig) -> tuple[list[str
     embedding_weights = _embedding_weights(model)
     adapters = _adapter_layers(model)
     originals = _saved_originals(model)
-    direct = _direct_weight_reads(model)
     indivisible: dict[str, str] = {}  # name -> its problem line, for layers whose input size m does not divide
     sizes: set[int] = set()
     for name in targets:
@@ -456,10 +419,6 @@ def _resolve_targets(model: nn.Module, config: SparsityConfig) -> tuple[list[str
             continue
         if target.refusal is not None:
             problems.append(f"{name!r} is {target.refusal}; {hint}")
-            continue
-        if target.module_name in direct:
-            problems.append(f"{name!r}: {direct[target.module_name]} (training would use the dense weight and "
-                            f"finalize would change the model's output); {hint}")
             continue
         kind = layer_kind_for(mod) if target.parameter is None else target.kind
         if kind is None or not kind.matches(mod):
@@ -626,6 +585,7 @@ def sparsify(model: nn.Module, config: SparsityConfig | dict[str, Any] | None = 
             if layer.method.has_prepare:
                 snapshots[name] = layer.weight.detach().clone()
             layer.method.prepare(layer)
+        _expose_direct_reads(inner, list(layers.values()))
     except BaseException:
         _undo_conversion(inner, units, targets, previous_record, snapshots)
         restore_config()
@@ -637,6 +597,7 @@ def sparsify(model: nn.Module, config: SparsityConfig | dict[str, Any] | None = 
 @torch.no_grad()
 def _undo_conversion(model: nn.Module, units: dict[str, Target], targets: list[str], previous_record: Any,
                      snapshots: dict[str, torch.Tensor]) -> None:
+    remove_weight_reads(model)
     # newest first: a Parameter shared by two targets gets back the copy taken before either changed it
     for name in reversed(targets):
         if name in snapshots:
@@ -732,6 +693,7 @@ def finalize(model: nn.Module) -> nn.Module:
                             sparsity=measured_sparsity(list(baked.values())))
     for name, layer in layers:
         layer.weight.copy_(baked[weight_key(name, layer.is_parameter_target)])
+    remove_weight_reads(inner)
     for _, layer in layers:
         _restore_dense_class(layer)
     if getattr(inner, "config", None) is not None:

@@ -77,6 +77,7 @@ from .injection import (
     unwrap_model,
 )
 from .layers import SparseLayerMixin
+from .layers.reads import weight_readers
 from .methods import get_method
 from .plot import PLOT_FILE
 from .record import CONFIG_KEY, STATE_FINALIZED, config_from_record, read_record, write_record
@@ -261,8 +262,9 @@ def _is_weight_file(name: str) -> bool:
 class _DirectReadCheck:
     """Which sparse layers' weights got a gradient although the layer never ran: their model reads `layer.weight`
     without calling the layer (a linear used as a lookup table, `layer.weight.t()[ids]`, undeclared to
-    transformers), so the mask applied in the layer's forward never reaches that computation. A read under
-    `torch.no_grad()` (LayoutLMv3's relative-position tables) leaves no gradient and is not seen.
+    transformers and outside what `sparsify` finds in the modules' source), so the mask applied in the layer's
+    forward never reaches that computation. A read under `torch.no_grad()` leaves no gradient and is not seen.
+    Layers whose reads `sparsify` found are left out: their readers see the masked weight (`nm_hf.layers.reads`).
 
     A forward pre-hook on each sparse module layer (expert weights are not modules: their experts module always
     passes the masked weight) marks the layer as run and removes itself on its first call with gradients on.
@@ -270,7 +272,9 @@ class _DirectReadCheck:
     """
 
     def __init__(self, model: nn.Module) -> None:
-        self.layers = {name: layer for name, layer in iter_sparse_layers(model) if isinstance(layer, nn.Module)}
+        exposed = {id(layer) for _, _, layers in weight_readers(unwrap_model(model)) for layer in layers}
+        self.layers = {name: layer for name, layer in iter_sparse_layers(model)
+                       if isinstance(layer, nn.Module) and id(layer) not in exposed}
         self.called: set[str] = set()
         self._handles = {name: layer.register_forward_pre_hook(functools.partial(self._mark, name))
                          for name, layer in self.layers.items()}

@@ -83,3 +83,30 @@ def test_a_layer_neither_called_nor_given_a_gradient_is_not_reported(tmp_path, c
     with caplog.at_level("WARNING", logger="nm_hf.trainer"):
         trainer.train()
     assert not direct_read_warnings(caplog), caplog.text
+
+
+class ReadsATableSparsifyFinds(nn.Module):
+    """`table` is read as a lookup table with gradients in every forward: `sparsify` finds the read in the source
+    and exposes the masked weight to it, so the weight's gradient is explained."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(VOCAB, 16)
+        self.proj = nn.Linear(16, 16)
+        self.table = nn.Linear(16, 8, bias=False)
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        hidden = self.proj(self.embed(input_ids)) + self.table.weight.t()[input_ids % 16].sum(-1, keepdim=True)
+        return {"loss": hidden.sum(-1).pow(2).mean()}
+
+
+def test_a_read_sparsify_found_is_not_reported(tmp_path, caplog):
+    model = ReadsATableSparsifyFinds()
+    args = lm_args(tmp_path, max_steps=2, per_device_train_batch_size=4, logging_steps=10)
+    trainer = SparseTrainer(model=model, args=args, train_dataset=lm_data(8), sparsity_config=CONFIG)
+    assert {"proj", "table"} <= {name for name, _ in iter_sparse_layers(model)}
+    with caplog.at_level("WARNING", logger="nm_hf.trainer"):
+        trainer.train()
+    assert not direct_read_warnings(caplog), caplog.text
+    assert "weight" not in vars(model.table)

@@ -524,7 +524,30 @@ class SparseLayerMixin:
     def train(self, mode: bool = True):
         if mode:  # the eval cache would only go stale and hold memory
             self._nm_eval_weight, self._nm_eval_key = None, None
+        self.__dict__.pop("weight", None)  # a forward tensor an interrupted reader left exposed (`layers.reads`)
         return super().train(mode)
+
+    def forward_tensor(self) -> torch.Tensor:
+        """The weight this layer computes with now, in the stored layout of `weight`: the method's forward weight
+        (`W * mask` with its gradient rule, S-STE's weight, ...) in training, autograd-aware; the cached N:M weight
+        in eval without gradients; the dense weight for unmasked methods and dense training phases. What a module
+        reading the weight directly sees while it runs (`nm_hf.layers.reads`), and what expert weights expose."""
+        return self.forward_tensor_and_mask()[0]
+
+    def forward_tensor_and_mask(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`forward_tensor()` and the mask it was computed with in training (None when no mask was applied)."""
+        weight = self.weight
+        if not self.is_masked:
+            return weight, None
+        if not self.training and not torch.is_grad_enabled():
+            return self.cached_eval_weight(), None
+        method = self.method
+        if method.dense_training_forward(self):
+            return weight, None
+        if method.uses_step or self.nm_mask_interval > 1:
+            self.warn_if_steps_uncounted()
+        mask = self.current_mask()
+        return method.forward_weight(self, weight, mask), mask
 
     def nm_extra_repr(self) -> str:
         options = ", transposable" if self.nm_transposable else ""

@@ -231,25 +231,14 @@ class ExpertWeight(SparseLayerMixin):
     def training(self) -> bool:
         return self.owner.training
 
-    def forward_tensor(self) -> torch.Tensor:
-        """The tensor the experts implementation computes with (autograd-aware in training)."""
-        return self.forward_tensor_and_mask()[0]
-
     def forward_tensor_and_mask(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """`forward_tensor()` and, when that tensor is `apply_mask(weight, mask)` in autograd (the default
         `W * mask` path, contiguous plain tensors), the mask: backward can recompute it instead of saving it."""
         weight = self.weight
-        if not self.is_masked:
-            return weight, None
-        if not self.training and not torch.is_grad_enabled():
-            return self.cached_eval_weight(), None
+        tensor, mask = super().forward_tensor_and_mask()
+        if mask is None:
+            return tensor, None
         method = self.method
-        if method.dense_training_forward(self):
-            return weight, None
-        if method.uses_step or self.nm_mask_interval > 1:
-            self.warn_if_steps_uncounted()
-        mask = self.current_mask()
-        tensor = method.forward_weight(self, weight, mask)
         recomputable = (method.fused_forward and tensor.requires_grad and not torch.compiler.is_compiling()
                         and type(tensor) is torch.Tensor
                         and type(weight) in _PLAIN_TYPES and type(mask) is torch.Tensor

@@ -28,6 +28,8 @@ class Sparse2DLayer(SparseLayerMixin):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight, bias = self.weight, self.bias
+        if "weight" in self.__dict__:  # the forward tensor, exposed while a module reading it runs: as is
+            return F.linear(x, self._linear_layout(weight), bias)
         method = self.method  # `is_masked` is `method.masks_forward`: the method is looked up once per call
         if not method.masks_forward:
             return F.linear(x, self._linear_layout(weight), bias)
