@@ -85,16 +85,10 @@ def test_a_layer_neither_called_nor_given_a_gradient_is_not_reported(tmp_path, c
     assert not direct_read_warnings(caplog), caplog.text
 
 
-class ReadsATableSparsifyFinds(nn.Module):
-    """`table` is read as a lookup table with gradients in every forward: `sparsify` finds the read in the source
-    and exposes the masked weight to it, so the weight's gradient is explained."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.embed = nn.Embedding(VOCAB, 16)
-        self.proj = nn.Linear(16, 16)
-        self.table = nn.Linear(16, 8, bias=False)
+class ReadsATableSparsifyFinds(ReadsAChildsWeight):
+    """`table` is read as a lookup table with gradients in every forward, unguarded: `sparsify` finds the read in
+    the source and exposes the masked weight to it, so the weight's gradient is explained (`late` and `unused`
+    are neither called nor given a gradient)."""
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         hidden = self.proj(self.embed(input_ids)) + self.table.weight.t()[input_ids % 16].sum(-1, keepdim=True)
