@@ -4,7 +4,7 @@ A model may use a layer's weight without running the layer's forward: LayoutLMv3
 Linears as lookup tables (`self.rel_pos_bias.weight.t()[index]`), Mamba passes `dt_proj` / `x_proj` / `out_proj`'s
 weights to fused kernels, torch's `nn.TransformerEncoderLayer` hands its linears' weights to a fused eval path. The
 mask a sparse layer applies in its forward would not reach those computations. `sparsify` finds such reads
-(`nm_hf.injection`: transformers' `force_accelerate_hooks` declarations and the source of the modules' forwards) and
+(`nm_hf.layers.read_scan`: transformers' `force_accelerate_hooks` declarations and the source of the modules' forwards) and
 calls `expose_weight_reads(reader, paths)`: while the reading module runs, each directly-read sparse layer under it
 has its forward tensor (`SparseLayerMixin.forward_tensor`: `W * mask` with the method's gradient rule in training,
 the cached N:M weight in eval without gradients, S-STE's weight, ...) in its instance `__dict__` under `weight`.
