@@ -54,7 +54,8 @@ def _parents_made(directory: Path) -> Iterator[None]:
     included) remove the folders this created again, so a failed write leaves no empty folders behind.
 
     Only folders this call made itself are removed (one made by someone else first is not), and only while
-    empty: one that something else has written into meanwhile stays.
+    empty: one that something else has written into meanwhile stays. After success the folders made only to
+    pass through them (`new` of "new/../out") are removed the same way.
     """
     missing: list[Path] = []  # deepest first
     folder = directory
@@ -80,6 +81,14 @@ def _parents_made(directory: Path) -> Iterator[None]:
             except OSError:  # not empty
                 break
         raise
+    # done: a folder made only to pass through it ("new/../out" makes new) is not where anything went
+    needed = directory.resolve()
+    for folder in made:
+        if folder.resolve() != needed and folder.resolve() not in needed.parents:
+            try:
+                folder.rmdir()
+            except OSError:  # something else wrote into it meanwhile
+                pass
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any], *, fsync: bool = True) -> Path:

@@ -405,7 +405,7 @@ def write_model_card(
         eval_results=eval_results or None,
     )
 
-    sparsity = record.get("sparsity", report.sparsity)
+    sparsity = report.sparsity  # measured in the weights (the record's figure is from finalize time)
     ignored = record.get("ignored_modules")
     method_label, method_sentence = _method_facts(record)
     experts, dense_experts = _expert_weights(record, model, directory)

@@ -33,6 +33,7 @@ from .checkpoint.directory import (
     CARD_NAME,
     CONFIG_NAME,
     DENSE_INDEX,
+    DENSE_NAME,
     CheckpointError,
     checkpoint_dir,
     copy_extra_files,
@@ -75,7 +76,7 @@ def _copy_checkpoint(src: Path, stage: Path, compressed: bool, skip: Iterable[st
         target = stage / path.relative_to(src)
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(path, target)
-    if (src / DENSE_INDEX).exists():
+    if not compressed and (src / DENSE_INDEX).exists() and not (src / DENSE_NAME).exists():  # not a stale index
         shutil.copyfile(file_inside(src, DENSE_INDEX, "index"), stage / DENSE_INDEX)
     shutil.copyfile(file_inside(src, CONFIG_NAME, "the model config"), stage / CONFIG_NAME)
     copy_extra_files(src, stage, skip)

@@ -116,6 +116,9 @@ def require_record(source: Any, where: str | os.PathLike | None = None,
     if not 1 <= n <= m or not isinstance(record["targeted_modules"], list):
         raise error(f"{where}: the '{CONFIG_KEY}' record is malformed (n={n}, m={m}, targeted_modules "
                     f"{type(record['targeted_modules']).__name__})")
+    odd = [name for name in record["targeted_modules"] if not isinstance(name, str) or not name]
+    if odd:  # a name is looked up as a module and a state-dict key: 1, None or [..] would fail far away
+        raise error(f"{where}: the '{CONFIG_KEY}' record's targeted_modules holds {odd[0]!r}, not a layer name")
     return record
 
 

@@ -12,6 +12,7 @@ from transformers.pipelines import SUPPORTED_TASKS
 
 import nm_hf
 from nm_hf.card import is_dataset_id, pipeline_tag_for, redact_secrets, write_model_card
+from nm_hf.checkpoint import inspect_checkpoint
 from nm_hf.config import SparsityConfig
 from nm_hf.hub import prepare_upload
 from nm_hf.injection import finalize, sparsify
@@ -152,3 +153,17 @@ def test_card_redacts_with_the_recipes_rules_and_marker(argv):
     assert redact_secrets(" ".join(argv)) == " ".join(redact_command(argv))
     assert REDACTED == "REDACTED"
 
+
+
+def test_measured_sparsity_is_the_weights_not_the_record(tmp_path):
+    # a finalized model trained on as a plain model: the record still says 50%, the weights are dense
+    model = sparse_model("llama")
+    with torch.no_grad():
+        model.model.layers[0].self_attn.q_proj.weight.fill_(1.0)
+    model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["nm_sparsity"]["sparsity"] == pytest.approx(0.5)
+    text = str(write_model_card(tmp_path))
+    report, _ = inspect_checkpoint(tmp_path)
+    assert report.sparsity < 0.5
+    assert f"| measured sparsity of the targeted layers | {report.sparsity:.2%} |" in text
+    assert "| N:M pattern holds | NO |" in text

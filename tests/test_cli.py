@@ -340,6 +340,24 @@ def test_inspect_sharded_checkpoint(tmp_path, capsys):
         assert torch.equal(loaded.state_dict()[key], value), key
 
 
+def test_unsharded_save_over_a_sharded_one_reads_model_safetensors(tmp_path, capsys):
+    # save_pretrained unsharded into a folder that held a sharded save deletes the shards but leaves the index;
+    # transformers loads model.safetensors, and so must inspect and compress (not the stale index)
+    old = tiny_model("llama")
+    finalize(sparsify(old, SparsityConfig()))
+    old.save_pretrained(tmp_path, max_shard_size="20KB")
+    model = tiny_model("llama", seed=1)
+    finalize(sparsify(model, SparsityConfig()))
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors.index.json").exists() and (tmp_path / "model.safetensors").exists()
+    assert main(["inspect", str(tmp_path)]) == 0
+    assert main(["compress", str(tmp_path), str(tmp_path.parent / "c")]) == 0
+    loaded = load_compressed(tmp_path.parent / "c")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    for key, value in reloaded.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+
+
 def test_group_dim_heuristics_for_older_records():
     record = {"targeted_modules": ["transformer.h.0.attn.c_attn", "multiple_choice_head.summary"]}
     assert record_group_dims(record, {"model_type": "gpt2"}) == {

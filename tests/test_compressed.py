@@ -452,6 +452,23 @@ def test_config_pattern_must_match_the_file(saved):
     (out / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match="weights are 2:4 but config.json says 1:4"):
         load_compressed(out)
+    # decompressing it would write a dense checkpoint whose record lies about its pattern
+    with pytest.raises(CheckpointError, match="weights are 2:4 but config.json says 1:4"):
+        decompress_checkpoint(out, out.parent / "dense")
+    assert not (out.parent / "dense").exists()
+
+
+def test_record_targeting_a_weight_stored_dense_is_not_called_nm(saved):
+    # a hand-edited record adds a layer the file stores dense: inspect said "holds in all targeted layers"
+    _, out = saved
+    config = json.loads((out / "config.json").read_text())
+    record = config["nm_sparsity"]
+    record["targeted_modules"].append("lm_head")
+    record["group_dims"]["lm_head"] = 1
+    (out / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="the record targets 'lm_head.weight' but the compressed file stores "
+                                              "it dense"):
+        inspect_checkpoint(out)
 
 
 def test_missing_files(tmp_path, saved):
@@ -461,6 +478,21 @@ def test_missing_files(tmp_path, saved):
     (out / WEIGHTS_NAME).unlink()
     with pytest.raises(CheckpointError, match="no such file"):
         load_compressed(out)
+
+
+def test_shard_that_lost_a_tensor_is_not_compressed(tmp_path):
+    # a sharded checkpoint whose index lists a tensor no shard holds: compressing it would write a checkpoint
+    # without that tensor (which load_compressed then refuses); refused up front, nothing written
+    sparse_model("llama").save_pretrained(tmp_path / "plain", max_shard_size="20KB")
+    index = json.loads((tmp_path / "plain" / "model.safetensors.index.json").read_text())
+    shard = tmp_path / "plain" / index["weight_map"]["model.norm.weight"]
+    with safe_open(str(shard), "pt") as handle:
+        kept = {k: handle.get_tensor(k) for k in handle.keys() if k != "model.norm.weight"}
+    save_file(kept, str(shard), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"index.json: tensor 'model.norm.weight' is listed in "
+                                              r"model-\d+-of-\d+.safetensors but no weight file holds it"):
+        compress_checkpoint(tmp_path / "plain", tmp_path / "c")
+    assert not (tmp_path / "c").exists()
 
 
 # ----------------------------------------------------------------------------- atomic writes

@@ -29,6 +29,15 @@ def test_a_failed_write_through_dot_dot_removes_the_folders_it_made(tmp_path, mo
     assert not list(tmp_path.iterdir())
 
 
+def test_a_write_through_dot_dot_leaves_no_folder_it_only_passed_through(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    atomic_write("new/../x/f.json", lambda handle: handle.write(b"{}"))  # makes new, to pass through it
+    with atomic_directory("other/../out") as stage:
+        (stage / "config.json").write_text("{}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "x"]
+    assert (tmp_path / "x" / "f.json").read_bytes() == b"{}" and (tmp_path / "out" / "config.json").is_file()
+
+
 def test_a_failed_write_leaves_a_folder_someone_else_made_first(tmp_path, monkeypatch):
     """Another process makes the missing folder between this write's look and its mkdir: it is not ours."""
     folder = tmp_path / "shared"

@@ -463,3 +463,17 @@ def test_a_card_for_the_other_weights_format_is_not_carried_over(tmp_path):
     (tmp_path / "run" / "README.md").write_text("# written by hand\n")  # not nm_hf's: travels as before
     assert (prepare_upload(tmp_path / "run", tmp_path / "up3", compressed=True, model_card=False)
             / "README.md").read_text() == "# written by hand\n"
+
+
+def test_upload_of_an_unsharded_save_over_a_sharded_one_leaves_the_stale_index(tmp_path):
+    """save_pretrained without shards into a folder that held shards deletes them but keeps the index:
+    prepare_upload failed on the index's missing shards (transformers loads model.safetensors)."""
+    sparse_model("llama").save_pretrained(tmp_path / "run", max_shard_size="20KB")
+    model = sparse_model("llama")
+    model.save_pretrained(tmp_path / "run")
+    assert (tmp_path / "run" / "model.safetensors.index.json").exists()
+    folder = prepare_upload(tmp_path / "run", tmp_path / "up")
+    assert (folder / "model.safetensors").exists() and not (folder / "model.safetensors.index.json").exists()
+    reloaded = type(model).from_pretrained(folder)
+    for key, value in model.state_dict().items():
+        assert torch.equal(reloaded.state_dict()[key], value), key

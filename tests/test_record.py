@@ -48,6 +48,9 @@ def test_require_record_names_the_source():
     for n in (2.5, "2", True, None):  # a hand-edited record: refused, not truncated to 2 or read as 1
         with pytest.raises(RecordError, match=r"x: .*non-integer n or m"):
             require_record({"nm_sparsity": {"n": n, "m": 4, "targeted_modules": []}}, "x")
+    for name in (1, None, ["a"], ""):  # a hand-edited name: refused here, not a TypeError/AttributeError later
+        with pytest.raises(RecordError, match=r"x: .*targeted_modules holds .*not a layer name"):
+            require_record({"nm_sparsity": {"n": 2, "m": 4, "targeted_modules": ["a.b", name]}}, "x")
 
 
 def test_compressed_marker_round_trip():

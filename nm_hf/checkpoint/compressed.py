@@ -245,6 +245,7 @@ def write_compressed(src: Path, stage: Path, config: dict[str, Any], record: dic
 def write_decompressed(src: Path, stage: Path, config: dict[str, Any], record: dict[str, Any],
                        skip: Iterable[str] = ()) -> None:
     """Write a normal transformers checkpoint of the compressed checkpoint `src` into `stage`."""
+    _check_compressed_pattern(src, record)  # else the dense copy would carry a record that lies about its pattern
     state_dict = load_compressed_state_dict(src)
     save_file(state_dict, str(stage / DENSE_NAME), metadata={"format": "pt"})
     copy_extra_files(src, stage, skip)
@@ -433,6 +434,13 @@ def compressed_pattern(path: str | os.PathLike) -> tuple[int, int]:
     return n, m
 
 
+def _check_compressed_pattern(directory: Path, record: dict[str, Any]) -> None:
+    """Refuse a compressed directory whose file holds another N:M pattern than its config.json's record."""
+    n, m = compressed_pattern(directory)
+    if (n, m) != (int(record["n"]), int(record["m"])):
+        raise CheckpointError(f"{directory}: weights are {n}:{m} but config.json says {record['n']}:{record['m']}")
+
+
 def load_compressed_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Dense state dict (the tensors a normal checkpoint would hold) of a compressed file or directory.
 
@@ -499,9 +507,7 @@ def load_compressed(path: str | os.PathLike, model_class: Any = None, **from_pre
     if not is_compressed(record):
         raise CheckpointError(f"{directory} is not compressed (no 'compressed' marker in its '{CONFIG_KEY}' "
                               "record); load it with from_pretrained or nm_hf.load_sparse")
-    n, m = compressed_pattern(directory)
-    if (n, m) != (int(record["n"]), int(record["m"])):
-        raise CheckpointError(f"{directory}: weights are {n}:{m} but config.json says {record['n']}:{record['m']}")
+    _check_compressed_pattern(directory, record)
     config = AutoConfig.from_pretrained(directory)
     state_dict = load_compressed_state_dict(directory)
     model = build_model(resolve_model_class(config, model_class), config, state_dict, directory,

@@ -149,16 +149,19 @@ def file_inside(directory: Path, name: str | os.PathLike, what: str = "file") ->
 
 
 def dense_weight_files(directory: Path) -> list[Path]:
-    """The safetensors files of a normal checkpoint (the shards its index lists, or model.safetensors)."""
+    """The safetensors files of a normal checkpoint (model.safetensors, else the shards its index lists).
+
+    model.safetensors comes first, as in transformers' `from_pretrained`: an unsharded save into a folder
+    that held a sharded one leaves the old index behind (its shards are deleted)."""
     index = directory / DENSE_INDEX
-    if index.exists():
+    if (directory / DENSE_NAME).exists():
+        files = [file_inside(directory, DENSE_NAME, "weights file")]
+    elif index.exists():
         weight_map = read_json(file_inside(directory, DENSE_INDEX, "index"), "the safetensors index").get("weight_map")
         if not isinstance(weight_map, dict):
             raise CheckpointError(f"{index}: no 'weight_map' object")
         names = sorted(set(map(str, weight_map.values())))
         files = [file_inside(directory, name, f"{DENSE_INDEX} entry") for name in names]
-    elif (directory / DENSE_NAME).exists():
-        files = [file_inside(directory, DENSE_NAME, "weights file")]
     else:
         found = sorted(p.name for p in directory.iterdir() if p.is_file() and p.suffix in (".bin", ".safetensors"))
         hint = f" (found {', '.join(found)})" if found else ""
@@ -186,6 +189,13 @@ def read_dense_tensors(directory: Path) -> dict[str, torch.Tensor]:
         with open_safetensors(path) as handle:
             for key in handle.keys():
                 tensors[key] = handle.get_tensor(key)
+    if not (directory / DENSE_NAME).exists() and (directory / DENSE_INDEX).exists():  # a shard that lost a tensor would give a checkpoint without it
+        weight_map = read_json(directory / DENSE_INDEX, "the safetensors index")["weight_map"]
+        missing = [key for key in weight_map if key not in tensors]
+        if missing:
+            raise CheckpointError(f"{directory / DENSE_INDEX}: tensor {missing[0]!r} is listed in "
+                                  f"{weight_map[missing[0]]} but no weight file holds it"
+                                  + (f" ({len(missing)} such tensors)" if len(missing) > 1 else ""))
     return tensors
 
 

@@ -221,7 +221,11 @@ def inspect_checkpoint(path: str | os.PathLike, *, pattern: str | tuple[int, int
         targeted = _in_model_order(_compressed_nm_keys(directory), record)
         wanted = _compressed_selection(layers, record, config, targeted, directory) if layers else targeted
         rows: dict[str, Any] = {}
+        record_keys = set(record_weight_keys(record).values())
         for key, tensor, entry in iter_compressed_tensors(directory):  # every tensor is verified
+            if key in record_keys and entry.group_dim is None:  # nm_hf stores every target N:M
+                raise CheckpointError(f"{directory}: the record targets {key!r} but the compressed file stores it "
+                                      "dense: config.json does not match the weights")
             if key in wanted:
                 if entry.group_dim is None:
                     raise CheckpointError(f"{directory}: {key!r} is not stored N:M in the compressed file")
