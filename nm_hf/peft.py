@@ -153,6 +153,11 @@ def _record_hint(peft_model: nn.Module, lora_layer: type) -> str:
                     "preserve_sparsity on the PEFT model")
         return (f"it has N:M layers, but the LoRA layers ({_names(adapted)}) sit on none of them: target the "
                 "N:M layers in LoraConfig(target_modules=...)")
+    unmasked = sorted({m.nm_method for m in peft_model.modules() if isinstance(m, SparseLayerMixin)})
+    if unmasked:
+        return (f"its sparse layers use method {', '.join(map(repr, unmasked))}, whose forward is dense (no N:M mask "
+                "to keep): build the base model with a masking method instead (e.g. nm_hf.prune(dense_model, "
+                "SparsityConfig(method='fixed')))")
     config = getattr(peft_model, "config", None)
     if config is not None and getattr(config, "nm_sparsity", None) is not None:
         return ("its config has an nm_sparsity record but its layers are plain: load the base model with "

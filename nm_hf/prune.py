@@ -106,14 +106,18 @@ def _check(model: nn.Module, config: SparsityConfig, criterion: str, calibration
     if criterion in CALIBRATED and calibration is None:
         raise PruneError(f"criterion {criterion!r} needs calibration=<an iterable of model input batches> (e.g. a "
                          "few hundred tokenized training sequences)")
+    if criterion in CALIBRATED and isinstance(calibration, Mapping):
+        raise PruneError("calibration must be an iterable of batches (e.g. a list of tokenizer outputs), got one "
+                         f"{type(calibration).__name__}: pass [batch]")
     if criterion not in CALIBRATED and calibration is not None:
         raise PruneError(f"criterion {criterion!r} uses no calibration data: pass calibration=None, or choose "
                          f"{' or '.join(sorted(CALIBRATED))}")
     if criterion == "sparsegpt":
         if not isinstance(block_size, int) or block_size < config.m or block_size % config.m:
             raise PruneError(f"block_size must be a positive multiple of m={config.m}, got {block_size!r}")
-        if not damping > 0:
-            raise PruneError(f"damping must be > 0 (a fraction of the mean Hessian diagonal), got {damping!r}")
+        if not (isinstance(damping, (int, float)) and 0 < damping < float("inf")):
+            raise PruneError(f"damping must be a finite number > 0 (a fraction of the mean Hessian diagonal), got "
+                             f"{damping!r}")
     try:
         names = find_target_modules(model, config)
     except SparsifyError as err:
@@ -154,6 +158,11 @@ def _batch_inputs(batch: Any, device: torch.device, no_cache: bool) -> dict[str,
     if not isinstance(batch, Mapping):
         raise PruneError(f"each calibration batch must be a dict of model inputs (a tokenizer/collator output) or "
                          f"an input_ids tensor, got {type(batch).__name__}")
+    ids = batch.get("input_ids")
+    if ids is not None and not (isinstance(ids, torch.Tensor) and ids.ndim >= 2):
+        got = f"shape {tuple(ids.shape)}" if isinstance(ids, torch.Tensor) else type(ids).__name__
+        raise PruneError(f"each calibration batch's input_ids must be a tensor [batch, length] (a tokenizer's "
+                         f"return_tensors='pt'; calibration is an iterable of batches), got {got}")
     inputs = {key: value.to(device) if isinstance(value, torch.Tensor) else value
               for key, value in batch.items() if key != "labels"}
     if no_cache:
@@ -217,6 +226,9 @@ def _capture_block_inputs(model: nn.Module, block_list: nn.ModuleList, last: int
             handle.remove()
     if not captured:
         raise PruneError("calibration is empty: pass at least one batch of model inputs")
+    if all(mask is not None and not mask.any() for _, mask in captured):
+        raise PruneError("calibration has no token to measure: every position of every batch is padding "
+                         "(attention_mask == 0)")
     return captured
 
 
@@ -399,6 +411,11 @@ def _prune_blocks(block_list: nn.ModuleList, by_block: dict[int, list[Target]], 
         finally:
             for handle in handles:
                 handle.remove()
+        unreached = [t.name for t in layers if not stats[t.name].count]
+        if unreached:  # no statistics: SparseGPT would zero the whole layer, Wanda keep arbitrary weights
+            raise PruneError(f"criterion {criterion!r}: {_few(unreached)} received no calibration token when their "
+                             "block ran (the forward does not call them); exclude them or use criterion='magnitude' "
+                             "(the model was restored)")
         for target in layers:
             _snapshot(snapshots, target)
             if criterion == "wanda":

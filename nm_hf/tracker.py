@@ -22,6 +22,8 @@ Definitions (sums over all tracked layers; per-layer values go into the history 
 - `sparsity`: fraction of exact zeros in `weight * mask`, the weights the layers compute with outside
   training (the dense weight for method "dense", whose would-be mask is still tracked so SAD compares
   across methods); a training forward may use more (STEP's dense phase, decaying-mask while alpha > 0).
+After `nm_hf.finalize` a tracked layer's mask is read from its baked weight (its non-zeros, ties as
+`current_mask` breaks them): SAD and sparsity are the finalized model's, the pruned-weight norm 0 (unchanged for "dense").
 
 Cost: `step()` asks every layer for `current_mask()`, which is cached until the weights change, so the
 next forward reuses it (for method "dense" it is an extra `nm_mask` per layer per step). `step(defer=True)`
@@ -66,7 +68,7 @@ from ._files import atomic_write, atomic_write_text
 from .injection import iter_sparse_layers
 from .layers import mark_weights_updated
 from .layers.base import add_mask_listener, is_sharded, is_sparse_layer, local_tensor
-from .masks import count_changed_native
+from .masks import count_changed_native, nm_mask, nm_mask_transposable
 from .record import read_record
 
 __all__ = ["SparsityTracker", "HISTORY_FILE", "TRACKER_STATE_FILE", "METRIC_PREFIX", "pack_bits",
@@ -140,6 +142,9 @@ class SparsityTracker:
         self._group, self._shard = self._shard_group()
         self._sharded = [is_sharded(layer.weight) for _, layer in self._layers]
         self._local_shapes = [tuple(local_tensor(layer.weight).shape) for _, layer in self._layers]
+        # what `_local_mask` needs once `finalize` has put a plain layer back (its baked weight)
+        self._specs = [(layer.nm_n, layer.nm_m, layer.group_dim, layer.nm_transposable, layer.is_masked)
+                       for _, layer in self._layers]
         # sharded: the flip total summed over the shards at the last `_measure` (None: not summed since a load)
         self._reduced_total_flips: int | None = 0
 
@@ -190,7 +195,14 @@ class SparsityTracker:
         return group, (dist.get_rank(group), dist.get_world_size(group))
 
     def _local_mask(self, layer: Any) -> torch.Tensor:
+        if not is_sparse_layer(layer):  # finalized: the baked weight's own mask (nm_hf's tie rule, as current_mask)
+            n, m, dim, transposable, _ = self._specs[self._index(layer)]
+            scores = local_tensor(layer.weight).detach().abs()
+            return (nm_mask_transposable if transposable else nm_mask)(scores, n, m, dim=dim)
         return local_tensor(layer.current_mask())
+
+    def _index(self, layer: Any) -> int:
+        return next(i for i, (_, tracked) in enumerate(self._layers) if tracked is layer)
 
     # ------------------------------------------------------------------ per step
 
@@ -325,7 +337,7 @@ class SparsityTracker:
             packed = pack_bits(mask)
             packed_now.append(packed)
             weight = local_tensor(layer.weight)
-            used = weight.masked_fill(~mask, 0) if layer.is_masked else weight
+            used = weight.masked_fill(~mask, 0) if self._specs[i][4] else weight
             counts = torch.stack([popcount(packed ^ self._last_log[i]), popcount(packed ^ self._init[i]),
                                   self._window_flips[i], torch.count_nonzero(used)]).cpu().double()
             pruned_sq = weight.masked_fill(mask, 0).float().norm().cpu().double().square()
@@ -505,7 +517,8 @@ class SparsityTracker:
 
     def masks(self) -> dict[str, torch.Tensor]:
         """Current boolean mask of every tracked layer (the layers' cached masks, not copies)."""
-        return {name: layer.current_mask() for name, layer in self._layers}
+        return {name: layer.current_mask() if is_sparse_layer(layer) else self._local_mask(layer)
+                for name, layer in self._layers}
 
     def initial_masks(self) -> dict[str, torch.Tensor]:
         """Masks at tracker creation, unpacked to boolean tensors (this rank's shards of sharded weights)."""

@@ -196,6 +196,13 @@ def test_lora_beside_the_nm_layers_is_named_as_such(finalized_llama):
         preserve_sparsity(lora(base, targets=["lm_head"]))
 
 
+def test_lora_on_dense_method_layers_names_the_method_not_a_plain_load():
+    model = lora(sparsify(tiny_model("llama"), SparsityConfig(method="dense")))
+    with pytest.raises(ValueError, match=r"its sparse layers use method 'dense', whose forward is dense"):
+        preserve_sparsity(model)
+    assert not _variants(model)
+
+
 @pytest.mark.parametrize("selector", [("q_proj.lora_A.default",), r".*\.lora_B\.default"])
 def test_sparsify_refuses_adapter_layers_named_explicitly_and_leaves_the_model_alone(selector):
     model = lora(tiny_model("llama"))

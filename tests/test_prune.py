@@ -299,6 +299,17 @@ REFUSALS = [
     (dict(criterion="sparsegpt", calibration="CAL", block_size=6), nm_hf.PruneError,
      r"block_size must be a positive multiple of m=4"),
     (dict(criterion="sparsegpt", calibration="BAD"), IndexError, None),
+    (dict(criterion="sparsegpt", calibration="CAL", damping=float("inf")), nm_hf.PruneError,
+     r"damping must be a finite number > 0 .*got inf"),
+    (dict(criterion="wanda", calibration="ONE"), nm_hf.PruneError,
+     r"calibration must be an iterable of batches .*got one dict: pass \[batch\]"),
+    (dict(criterion="sparsegpt", calibration="IDS"), nm_hf.PruneError,
+     r"input_ids must be a tensor \[batch, length\] .*got shape \(16,\)"),
+    (dict(criterion="wanda", calibration="LISTS"), nm_hf.PruneError,
+     r"input_ids must be a tensor \[batch, length\] \(a tokenizer's return_tensors='pt'.*got list"),
+    # SparseGPT would zero every targeted weight (no input reaches them), Wanda keep arbitrary ones
+    (dict(criterion="sparsegpt", calibration="PADDED"), nm_hf.PruneError, r"every position of every batch is padding"),
+    (dict(criterion="wanda", calibration="PADDED"), nm_hf.PruneError, r"every position of every batch is padding"),
 ]
 
 
@@ -311,6 +322,15 @@ def test_every_refusal_leaves_the_model_untouched(kwargs, error, match):
         kwargs["calibration"] = calibration(1)
     elif kwargs.get("calibration") == "BAD":
         kwargs["calibration"] = _bad_batch_ids()
+    elif kwargs.get("calibration") == "ONE":
+        kwargs["calibration"] = calibration(1)[0]  # one batch, not an iterable of batches
+    elif kwargs.get("calibration") == "IDS":
+        kwargs["calibration"] = calibration(1)[0]["input_ids"]  # its rows are 1-D
+    elif kwargs.get("calibration") == "LISTS":  # a tokenizer's output without return_tensors="pt"
+        kwargs["calibration"] = [{key: value.tolist() for key, value in calibration(1)[0].items()}]
+    elif kwargs.get("calibration") == "PADDED":
+        kwargs["calibration"] = [{**batch, "attention_mask": torch.zeros_like(batch["attention_mask"])}
+                                 for batch in calibration(2)]
     config = kwargs.pop("config", SparsityConfig())
     before = state(model)
     with pytest.raises(error, match=match):
@@ -341,4 +361,19 @@ def test_an_interrupt_while_pruning_restores_every_weight(criterion):
     with pytest.raises(KeyboardInterrupt):
         nm_hf.prune(model, SparsityConfig(), criterion=criterion, calibration=calibration(2), progress=False)
     handle.remove()
+    assert_untouched(model, before)
+
+
+@pytest.mark.parametrize("criterion", ["wanda", "sparsegpt"])
+def test_layers_the_forward_never_calls_are_refused_and_every_weight_restored(criterion):
+    """No calibration token reaches block 1's MLP: SparseGPT would zero those layers whole, Wanda keep arbitrary
+    weights. The refusal comes after block 0 was pruned: every weight is restored."""
+    model = tiny_model("llama")
+    model.train()
+    before = state(model)
+    model.model.layers[1].mlp.forward = lambda x: torch.zeros_like(x)  # its layers never run
+    with pytest.raises(nm_hf.PruneError, match=r"'model\.layers\.1\.mlp\.gate_proj', .* received no calibration "
+                                               r"token when their block ran"):
+        nm_hf.prune(model, SparsityConfig(), criterion=criterion, calibration=calibration(2), progress=False)
+    del model.model.layers[1].mlp.forward
     assert_untouched(model, before)

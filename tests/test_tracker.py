@@ -23,7 +23,7 @@ from nm_hf.tracker import (
     popcount,
     unpack_bits,
 )
-from tiny_models import tiny_model
+from tiny_models import tiny_model, train_steps
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -544,3 +544,21 @@ def test_history_and_state_files_get_umask_permissions(tmp_path):
     assert state.stat().st_mode & 0o777 == 0o644
     assert sorted(p.name for p in history.parent.iterdir()) == sorted([HISTORY_FILE, "sparsity_tracker.pt"])
     assert SparsityTracker.read_state(state)["names"] == ["0"]
+
+
+@pytest.mark.parametrize("method", ["sr-ste", "dense"])
+def test_log_metrics_summary_and_masks_after_finalize_read_the_baked_weights(method):
+    """`finalize` puts plain layers back: the tracker's numbers are read from the baked weights (a results
+    table written after finalizing), the same masks, SAD and sparsity as just before it."""
+    model = sparsify(tiny_model("gpt2"), SparsityConfig(method=method))
+    tracker = SparsityTracker(model)
+    train_steps(model, 2, tracker=tracker)
+    before, masks = tracker.summary(), {name: mask.clone() for name, mask in tracker.masks().items()}
+    finalize(model)
+    tracker.step()  # nothing changes a finalized layer's mask
+    after = tracker.summary()
+    assert all(torch.equal(mask, masks[name]) for name, mask in tracker.masks().items())
+    for key in ("sad", "sad_from_init", "sparsity"):
+        assert after[key] == before[key], key
+    assert after["pruned_weight_norm"] == (0.0 if method == "sr-ste" else before["pruned_weight_norm"])
+    assert tracker.log_metrics(3)["sparsity/sad_from_init"] == before["sad_from_init"]
