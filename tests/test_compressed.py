@@ -471,6 +471,22 @@ def test_record_targeting_a_weight_stored_dense_is_not_called_nm(saved):
         inspect_checkpoint(out)
 
 
+def test_record_targeting_a_weight_absent_from_the_file_is_refused(saved):
+    # a hand-edited record names a layer the model does not have: inspect and decompress passed it
+    _, out = saved
+    config = json.loads((out / "config.json").read_text())
+    config["nm_sparsity"]["targeted_modules"].append("model.layers.9.mlp.up_proj")
+    (out / "config.json").write_text(json.dumps(config))
+    message = "the record targets 'model.layers.9.mlp.up_proj.weight' but the compressed file has no such weight"
+    with pytest.raises(CheckpointError, match=message):
+        inspect_checkpoint(out)
+    with pytest.raises(CheckpointError, match=message):
+        decompress_checkpoint(out, out.parent / "dense")
+    assert not (out.parent / "dense").exists()
+    with pytest.raises(CheckpointError, match=message):
+        load_compressed(out)
+
+
 def test_missing_files(tmp_path, saved):
     _, out = saved
     with pytest.raises(CheckpointError, match="no such directory"):

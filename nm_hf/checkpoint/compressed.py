@@ -57,6 +57,7 @@ from ..methods import UnknownMethodError, get_method
 from ..record import (
     CONFIG_KEY,
     is_compressed,
+    record_parameters,
     record_weight_keys,
     require_record,
     training_state_hint,
@@ -113,6 +114,7 @@ __all__ = [
     "compressed_file",
     "stored_nm_bytes",
     "compressed_pattern",
+    "check_compressed_record",
     "iter_compressed_tensors",
     "load_compressed_state_dict",
     "load_compressed",
@@ -245,7 +247,7 @@ def write_compressed(src: Path, stage: Path, config: dict[str, Any], record: dic
 def write_decompressed(src: Path, stage: Path, config: dict[str, Any], record: dict[str, Any],
                        skip: Iterable[str] = ()) -> None:
     """Write a normal transformers checkpoint of the compressed checkpoint `src` into `stage`."""
-    _check_compressed_pattern(src, record)  # else the dense copy would carry a record that lies about its pattern
+    check_compressed_record(src, record)  # else the dense copy would carry a record that lies about its weights
     state_dict = load_compressed_state_dict(src)
     save_file(state_dict, str(stage / DENSE_NAME), metadata={"format": "pt"})
     copy_extra_files(src, stage, skip)
@@ -434,11 +436,22 @@ def compressed_pattern(path: str | os.PathLike) -> tuple[int, int]:
     return n, m
 
 
-def _check_compressed_pattern(directory: Path, record: dict[str, Any]) -> None:
-    """Refuse a compressed directory whose file holds another N:M pattern than its config.json's record."""
-    n, m = compressed_pattern(directory)
+def check_compressed_record(directory: Path, record: dict[str, Any]) -> None:
+    """Refuse a compressed directory whose config.json record does not describe its file: another N:M pattern,
+    or a targeted layer whose `<name>.weight` the file does not store N:M. (Expert Parameters are not checked
+    here: save_pretrained may write them as per-expert matrices under other names.)"""
+    path = compressed_file(directory)
+    with open_safetensors(path) as handle:
+        n, m, _, entries = read_header(path, handle)
     if (n, m) != (int(record["n"]), int(record["m"])):
         raise CheckpointError(f"{directory}: weights are {n}:{m} but config.json says {record['n']}:{record['m']}")
+    stored = {key for key, entry in entries.items() if entry.group_dim is not None}
+    parameters = record_parameters(record)
+    for name, key in record_weight_keys(record).items():
+        if key not in stored and name not in parameters:
+            how = "stores it dense" if key in entries else "has no such weight"
+            raise CheckpointError(f"{directory}: the record targets {key!r} but the compressed file {how}: "
+                                  "config.json does not match the weights")
 
 
 def load_compressed_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -507,7 +520,7 @@ def load_compressed(path: str | os.PathLike, model_class: Any = None, **from_pre
     if not is_compressed(record):
         raise CheckpointError(f"{directory} is not compressed (no 'compressed' marker in its '{CONFIG_KEY}' "
                               "record); load it with from_pretrained or nm_hf.load_sparse")
-    _check_compressed_pattern(directory, record)
+    check_compressed_record(directory, record)
     config = AutoConfig.from_pretrained(directory)
     state_dict = load_compressed_state_dict(directory)
     model = build_model(resolve_model_class(config, model_class), config, state_dict, directory,

@@ -33,7 +33,7 @@ from ..record import (
     weight_key,
 )
 from ..report import SparsityReport, layer_sparsity
-from .compressed import compressed_file, iter_compressed_tensors, read_header
+from .compressed import check_compressed_record, compressed_file, iter_compressed_tensors, read_header
 from .directory import (
     CONFIG_NAME,
     CheckpointError,
@@ -216,16 +216,13 @@ def inspect_checkpoint(path: str | os.PathLike, *, pattern: str | tuple[int, int
     sizes: list[int] = []  # input sizes (along the group dim) of the checked weights
 
     if record is not None and is_compressed(record):
+        check_compressed_record(directory, record)
         # the targets as stored: their state-dict keys, or the keys save_pretrained wrote them under
         # (per-expert matrices of fused experts), which the header marks as N:M with their group dim
         targeted = _in_model_order(_compressed_nm_keys(directory), record)
         wanted = _compressed_selection(layers, record, config, targeted, directory) if layers else targeted
         rows: dict[str, Any] = {}
-        record_keys = set(record_weight_keys(record).values())
         for key, tensor, entry in iter_compressed_tensors(directory):  # every tensor is verified
-            if key in record_keys and entry.group_dim is None:  # nm_hf stores every target N:M
-                raise CheckpointError(f"{directory}: the record targets {key!r} but the compressed file stores it "
-                                      "dense: config.json does not match the weights")
             if key in wanted:
                 if entry.group_dim is None:
                     raise CheckpointError(f"{directory}: {key!r} is not stored N:M in the compressed file")
