@@ -33,11 +33,10 @@ from .checkpoint.directory import (
     CARD_NAME,
     CONFIG_NAME,
     DENSE_INDEX,
-    DENSE_NAME,
     CheckpointError,
     checkpoint_dir,
     copy_extra_files,
-    dense_weight_files,
+    dense_weight_files_and_index,
     file_inside,
     read_config,
     read_json,
@@ -71,12 +70,12 @@ def check_repo_id(repo_id: str) -> str:
 
 def _copy_checkpoint(src: Path, stage: Path, compressed: bool, skip: Iterable[str] = ()) -> None:
     """Copy a checkpoint as it is: weight files, index, config.json and the files that travel with it."""
-    weights = [compressed_file(src)] if compressed else dense_weight_files(src)
+    weights, weight_map = ([compressed_file(src)], None) if compressed else dense_weight_files_and_index(src)
     for path in weights:
         target = stage / path.relative_to(src)
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(path, target)
-    if not compressed and (src / DENSE_INDEX).exists() and not (src / DENSE_NAME).exists():  # not a stale index
+    if weight_map is not None:  # the shards were copied: their index goes with them (not a stale one)
         shutil.copyfile(file_inside(src, DENSE_INDEX, "index"), stage / DENSE_INDEX)
     shutil.copyfile(file_inside(src, CONFIG_NAME, "the model config"), stage / CONFIG_NAME)
     copy_extra_files(src, stage, skip)

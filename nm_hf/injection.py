@@ -320,8 +320,8 @@ def _preset_targets(model: nn.Module, config: SparsityConfig, units: dict[str, T
 
 def ignored_reasons(model: nn.Module, config: SparsityConfig, targets: list[str]) -> dict[str, str]:
     """Why layers that are not targeted were left dense, for those with a reason beyond being a head or
-    excluded: under `"all-linear"` and `"all"`, an expert weight in a layout nm_hf has none for; under `"all"` also a grouped convolution, an input size not divisible
-    by m."""
+    excluded: under `"all-linear"` and `"all"`, an expert weight in a layout nm_hf has none for; under `"all"`
+    also a grouped convolution, an input size not divisible by m."""
     if config.target_modules not in ("all", "all-linear"):
         return {}
     chosen = set(targets)

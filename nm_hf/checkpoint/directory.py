@@ -34,6 +34,7 @@ __all__ = [
     "COMPRESSED_NAME",
     "TENSORBOARD_DIR",
     "checkpoint_dir",
+    "dense_weight_files_and_index",
     "read_json",
     "read_config",
     "file_inside",
@@ -148,12 +149,14 @@ def file_inside(directory: Path, name: str | os.PathLike, what: str = "file") ->
     return path
 
 
-def dense_weight_files(directory: Path) -> list[Path]:
-    """The safetensors files of a normal checkpoint (model.safetensors, else the shards its index lists).
+def dense_weight_files_and_index(directory: Path) -> tuple[list[Path], dict[str, Any] | None]:
+    """The safetensors files of a normal checkpoint (model.safetensors, else the shards its index lists), and the
+    index's weight_map when the shards are what is read (None for model.safetensors).
 
     model.safetensors comes first, as in transformers' `from_pretrained`: an unsharded save into a folder
     that held a sharded one leaves the old index behind (its shards are deleted)."""
     index = directory / DENSE_INDEX
+    weight_map = None
     if (directory / DENSE_NAME).exists():
         files = [file_inside(directory, DENSE_NAME, "weights file")]
     elif index.exists():
@@ -169,7 +172,12 @@ def dense_weight_files(directory: Path) -> list[Path]:
     for path in files:
         if not path.is_file():
             raise CheckpointError(f"{directory}: {path.name} is listed in {DENSE_INDEX} but missing")
-    return files
+    return files, weight_map
+
+
+def dense_weight_files(directory: Path) -> list[Path]:
+    """The safetensors files of a normal checkpoint (model.safetensors, else the shards its index lists)."""
+    return dense_weight_files_and_index(directory)[0]
 
 
 @contextmanager
@@ -185,12 +193,12 @@ def open_safetensors(path: Path) -> Iterator[Any]:
 def read_dense_tensors(directory: Path) -> dict[str, torch.Tensor]:
     """Every tensor of a normal checkpoint, by state-dict key."""
     tensors: dict[str, torch.Tensor] = {}
-    for path in dense_weight_files(directory):
+    files, weight_map = dense_weight_files_and_index(directory)
+    for path in files:
         with open_safetensors(path) as handle:
             for key in handle.keys():
                 tensors[key] = handle.get_tensor(key)
-    if not (directory / DENSE_NAME).exists() and (directory / DENSE_INDEX).exists():  # a shard that lost a tensor would give a checkpoint without it
-        weight_map = read_json(directory / DENSE_INDEX, "the safetensors index")["weight_map"]
+    if weight_map is not None:  # a shard that lost a tensor would give a checkpoint without it
         missing = [key for key in weight_map if key not in tensors]
         if missing:
             raise CheckpointError(f"{directory / DENSE_INDEX}: tensor {missing[0]!r} is listed in "
