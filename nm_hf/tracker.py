@@ -143,8 +143,8 @@ class SparsityTracker:
         self._sharded = [is_sharded(layer.weight) for _, layer in self._layers]
         self._local_shapes = [tuple(local_tensor(layer.weight).shape) for _, layer in self._layers]
         # what `_local_mask` needs once `finalize` has put a plain layer back (its baked weight)
-        self._specs = [(layer.nm_n, layer.nm_m, layer.group_dim, layer.nm_transposable, layer.is_masked)
-                       for _, layer in self._layers]
+        self._specs = {id(layer): (layer.nm_n, layer.nm_m, layer.group_dim, layer.nm_transposable, layer.is_masked)
+                       for _, layer in self._layers}
         # sharded: the flip total summed over the shards at the last `_measure` (None: not summed since a load)
         self._reduced_total_flips: int | None = 0
 
@@ -196,13 +196,10 @@ class SparsityTracker:
 
     def _local_mask(self, layer: Any) -> torch.Tensor:
         if not is_sparse_layer(layer):  # finalized: the baked weight's own mask (nm_hf's tie rule, as current_mask)
-            n, m, dim, transposable, _ = self._specs[self._index(layer)]
+            n, m, dim, transposable, _ = self._specs[id(layer)]
             scores = local_tensor(layer.weight).detach().abs()
             return (nm_mask_transposable if transposable else nm_mask)(scores, n, m, dim=dim)
         return local_tensor(layer.current_mask())
-
-    def _index(self, layer: Any) -> int:
-        return next(i for i, (_, tracked) in enumerate(self._layers) if tracked is layer)
 
     # ------------------------------------------------------------------ per step
 
@@ -337,7 +334,7 @@ class SparsityTracker:
             packed = pack_bits(mask)
             packed_now.append(packed)
             weight = local_tensor(layer.weight)
-            used = weight.masked_fill(~mask, 0) if self._specs[i][4] else weight
+            used = weight.masked_fill(~mask, 0) if self._specs[id(layer)][4] else weight
             counts = torch.stack([popcount(packed ^ self._last_log[i]), popcount(packed ^ self._init[i]),
                                   self._window_flips[i], torch.count_nonzero(used)]).cpu().double()
             pruned_sq = weight.masked_fill(mask, 0).float().norm().cpu().double().square()
