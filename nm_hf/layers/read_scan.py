@@ -313,7 +313,8 @@ def _reachable(read: _WeightRead, module: nn.Module) -> bool:
     return True
 
 
-def _descendant(module: nn.Module, path: tuple[str, ...]) -> nn.Module | None:
+def module_at(module: nn.Module, path: tuple[str, ...]) -> nn.Module | None:
+    """The submodule at `path` (names in `_modules`, no attribute lookups that could run code), else None."""
     for name in path:
         module = module._modules.get(name)
         if module is None:
@@ -338,7 +339,7 @@ def direct_weight_reads(model: nn.Module) -> dict[str, dict[tuple[str, ...], str
         for read in _source_weight_reads(type(parent)):
             if read.path in reads:
                 continue
-            module = _descendant(parent, read.path)
+            module = module_at(parent, read.path)
             if module is not None and family_kind(module) is not None and _reachable(read, parent):
                 reads[read.path] = f"{read.where} (`{read.snippet}`)"
         if reads:

@@ -32,6 +32,7 @@ from typing import Any
 from torch import nn
 
 from .base import SparseLayerMixin, is_sparse_layer
+from .read_scan import module_at
 
 __all__ = ["expose_weight_reads", "remove_weight_reads", "weight_readers"]
 
@@ -51,11 +52,7 @@ def _open_calls() -> list[tuple[nn.Module, list[SparseLayerMixin]]]:
 
 def _sparse_layer_at(reader: nn.Module, path: tuple[str, ...]) -> SparseLayerMixin | None:
     """The sparse layer at `path` under `reader` (through a PEFT wrapper's `base_layer`), else None."""
-    module: Any = reader
-    for name in path:
-        module = module._modules.get(name)
-        if module is None:
-            return None
+    module: Any = module_at(reader, path)
     for _ in range(4):
         if is_sparse_layer(module) and isinstance(module, nn.Module):
             return module
