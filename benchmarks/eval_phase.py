@@ -47,6 +47,11 @@ def phase_table(runs: list[dict[str, Any]], batch_size: int, min_bleu: float) ->
     if not kept:
         raise SystemExit(f"no run with a validation BLEU of at least {min_bleu} and three evaluations")
     epoch_steps = steps_per_epoch(evaluations(kept[0]))
+    for run in kept:
+        if steps_per_epoch(evaluations(run)) != epoch_steps:
+            raise SystemExit(f"runs with different epoch lengths ({epoch_steps} and "
+                             f"{steps_per_epoch(evaluations(run))} steps, run {run.get('command', '?')}): "
+                             "one dataset and batch size per call")
     per_megabatch = megabatch_batches(epoch_steps, batch_size)
     by_step: dict[int, dict[str, list[float]]] = {}
     last_gains: list[float] = []

@@ -59,3 +59,11 @@ def test_cli_writes_the_table_and_refuses_a_bad_file(tmp_path, capsys):
     assert "not a results file" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="no run with a validation BLEU"):
         eval_phase.main([str(results), "--min_bleu", "90"])
+
+
+def test_runs_of_different_epoch_lengths_are_refused():
+    other = _run([10.0, 20.0, 18.0, 26.0], [12.0, 11.0, 14.0, 12.0])
+    for point in other["curve"]:
+        point["epoch"] = point["step"] / 300
+    with pytest.raises(SystemExit, match="different epoch lengths"):
+        eval_phase.phase_table([_run([10.0, 20.0, 18.0, 26.0], [12.0, 11.0, 14.0, 12.0]), other], 64, 25.0)
