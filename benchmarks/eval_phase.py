@@ -1,10 +1,11 @@
 """Where in a length-sorted megabatch each validation evaluation fell, and what that did to BLEU.
 
-    python benchmarks/eval_phase.py benchmarks/results/translation.json --batch_size 64 \
+    python benchmarks/eval_phase.py benchmarks/results/translation.json \
         --output benchmarks/results/translation_eval_phase.json
 
 With `train_sampling_strategy: group_by_length` (the translation configs) transformers' length-grouped
-sampler cuts each epoch into megabatches of `min(examples // (4 * batch), 50)` batches and sorts each
+sampler cuts each epoch into megabatches of `min(examples // (4 * batch), 50)` batches (a quarter of the
+epoch's steps, at most 50) and sorts each
 megabatch longest first. A model evaluated right after the short end of a megabatch generates shorter
 translations than one evaluated after its long start, and BLEU follows. This script reads every run's
 curve (the Trainer's evaluations), places each evaluation step in its epoch and megabatch, and prints per
@@ -37,22 +38,21 @@ def steps_per_epoch(points: list[dict[str, Any]]) -> int:
     return round(last["step"] / last["epoch"])
 
 
-def megabatch_batches(epoch_steps: int, batch_size: int) -> int:
-    """Batches per megabatch: the sampler's min(examples // (4 * batch), 50), examples ~ steps * batch."""
-    return max(1, min(epoch_steps * batch_size // (batch_size * 4), MAX_MEGABATCH_BATCHES))
+def megabatch_batches(epoch_steps: int) -> int:
+    """Batches per megabatch: the sampler's min(examples // (4 * batch), 50), i.e. a quarter of the epoch."""
+    return max(1, min(epoch_steps // 4, MAX_MEGABATCH_BATCHES))
 
 
-def phase_table(runs: list[dict[str, Any]], batch_size: int, min_bleu: float) -> dict[str, Any]:
+def phase_table(runs: list[dict[str, Any]], min_bleu: float) -> dict[str, Any]:
     kept = [run for run in runs if run["validation"]["bleu"] >= min_bleu and len(evaluations(run)) >= 3]
     if not kept:
         raise SystemExit(f"no run with a validation BLEU of at least {min_bleu} and three evaluations")
     epoch_steps = steps_per_epoch(evaluations(kept[0]))
     for run in kept:
-        if steps_per_epoch(evaluations(run)) != epoch_steps:
-            raise SystemExit(f"runs with different epoch lengths ({epoch_steps} and "
-                             f"{steps_per_epoch(evaluations(run))} steps, run {run.get('command', '?')}): "
-                             "one dataset and batch size per call")
-    per_megabatch = megabatch_batches(epoch_steps, batch_size)
+        if (other := steps_per_epoch(evaluations(run))) != epoch_steps:
+            raise SystemExit(f"runs with different epoch lengths ({epoch_steps} and {other} steps, run "
+                             f"{run.get('command', '?')}): one dataset and batch size per call")
+    per_megabatch = megabatch_batches(epoch_steps)
     by_step: dict[int, dict[str, list[float]]] = {}
     last_gains: list[float] = []
     for run in kept:
@@ -111,18 +111,15 @@ def markdown(table: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("results_file", type=Path, help="a results file of translation runs (results_table.py)")
-    parser.add_argument("--batch_size", type=int, default=64, help="per-device train batch size of the runs")
     parser.add_argument("--min_bleu", type=float, default=25.0,
                         help="leave out runs whose final validation BLEU is lower (broken-down runs)")
     parser.add_argument("--output", type=Path, help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
-    if args.batch_size < 1:
-        parser.error(f"--batch_size must be >= 1, got {args.batch_size}")
     try:
         runs = json.loads(args.results_file.read_text())["runs"]
     except (OSError, ValueError, KeyError, TypeError) as err:
         parser.error(f"{args.results_file}: not a results file ({err})")
-    table = phase_table(runs, args.batch_size, args.min_bleu)
+    table = phase_table(runs, args.min_bleu)
     print(markdown(table))
     if args.output:
         table["command"] = "python benchmarks/eval_phase.py " + " ".join(sys.argv[1:] if argv is None else argv)

@@ -24,7 +24,7 @@ def test_phase_table_places_evaluations_and_averages_over_runs():
     runs = [_run([10.0, 20.0, 18.0, 26.0], [12.0, 11.0, 14.0, 12.0]),
             _run([12.0, 22.0, 20.0, 30.0], [13.0, 10.0, 13.0, 11.0]),
             _run([1.0, 2.0, 3.0, 4.0], [50.0, 50.0, 50.0, 50.0])]  # broken down: below min_bleu, left out
-    table = eval_phase.phase_table(runs, batch_size=64, min_bleu=25.0)
+    table = eval_phase.phase_table(runs, min_bleu=25.0)
     assert table["runs"] == 2
     assert table["steps_per_epoch"] == EPOCH_STEPS and table["batches_per_megabatch"] == 50
     rows = {row["step"]: row for row in table["evaluations"]}
@@ -40,9 +40,10 @@ def test_phase_table_places_evaluations_and_averages_over_runs():
 
 
 def test_small_training_sets_get_smaller_megabatches():
-    # the sampler's min(examples // (4 * batch), 50): 40 steps of 8 -> 10 batches per megabatch
-    assert eval_phase.megabatch_batches(40, 8) == 10
-    assert eval_phase.megabatch_batches(3, 8) == 1
+    # the sampler's min(examples // (4 * batch), 50): 40 steps -> 10 batches per megabatch
+    assert eval_phase.megabatch_batches(40) == 10
+    assert eval_phase.megabatch_batches(3) == 1
+    assert eval_phase.megabatch_batches(454) == 50
 
 
 def test_cli_writes_the_table_and_refuses_a_bad_file(tmp_path, capsys):
@@ -66,4 +67,4 @@ def test_runs_of_different_epoch_lengths_are_refused():
     for point in other["curve"]:
         point["epoch"] = point["step"] / 300
     with pytest.raises(SystemExit, match="different epoch lengths"):
-        eval_phase.phase_table([_run([10.0, 20.0, 18.0, 26.0], [12.0, 11.0, 14.0, 12.0]), other], 64, 25.0)
+        eval_phase.phase_table([_run([10.0, 20.0, 18.0, 26.0], [12.0, 11.0, 14.0, 12.0]), other], 25.0)
