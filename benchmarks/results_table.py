@@ -966,11 +966,7 @@ def launch(recipe: str, config: str, spec: RunSpec, out_dir: Path, seed: int | N
     """Start one run in the background, its output in ``<out_dir>.log``; with `resume`, from the run's last
     complete checkpoint when it has one (the log appended to)."""
     seed_args = [] if seed is None else ["--seed", str(seed)]
-    # the recipe refuses --resume_from_checkpoint with a dense warm-up (asp): such a run starts again
-    flags = [*spec.argv(), *extra]
-    warmup = [value for flag, value in zip(flags, flags[1:], strict=False) if flag == "--dense_warmup_fraction"]
-    resumable = resume and not (warmup and float(warmup[-1]) > 0)
-    if resumable:  # (nm_hf.trainer imports transformers' Trainer: only when resuming)
+    if resume:  # (nm_hf.trainer imports transformers' Trainer: only when resuming)
         from nm_hf.trainer import last_complete_checkpoint, saved_steps
 
         checkpoint = last_complete_checkpoint(out_dir)

@@ -133,18 +133,15 @@ class SparsityTracker:
         self.shapes = [tuple(layer.weight.shape) for _, layer in self._layers]
         self.numels = [layer.weight.numel() for _, layer in self._layers]
         self.num_masked_weights = sum(self.numels)
-        methods = sorted({layer.nm_method for _, layer in self._layers})
-        patterns = sorted({layer.pattern for _, layer in self._layers})
-        self.method = methods[0] if len(methods) == 1 else "mixed"
-        self.pattern = patterns[0] if len(patterns) == 1 else "mixed"
-        record = read_record(model) if getattr(model, "config", None) is not None else None
-        self.config: dict[str, Any] | None = dict(record) if record is not None else None
+        self._model = weakref.ref(model)
+        self.method = self.pattern = ""
+        self.config: dict[str, Any] | None = None
+        # what `_local_mask` needs once `finalize` has put a plain layer back (its baked weight)
+        self._specs: dict[int, tuple[int, int, int, bool, bool]] = {}
+        self._refresh_layers()
         self._group, self._shard = self._shard_group()
         self._sharded = [is_sharded(layer.weight) for _, layer in self._layers]
         self._local_shapes = [tuple(local_tensor(layer.weight).shape) for _, layer in self._layers]
-        # what `_local_mask` needs once `finalize` has put a plain layer back (its baked weight)
-        self._specs = {id(layer): (layer.nm_n, layer.nm_m, layer.group_dim, layer.nm_transposable, layer.is_masked)
-                       for _, layer in self._layers}
         # sharded: the flip total summed over the shards at the last `_measure` (None: not summed since a load)
         self._reduced_total_flips: int | None = 0
 
@@ -171,6 +168,25 @@ class SparsityTracker:
                    for i, (_, layer) in enumerate(self._layers) if not self._sharded[i]]
         handles.append(register_optimizer_step_pre_hook(functools.partial(_before_optimizer_step, ref)))
         weakref.finalize(self, _remove_all, handles)
+
+    def _refresh_layers(self) -> None:
+        """Read the method, pattern and masking of the layers that are still sparse, and the model's record when
+        the method changed: a dense warm-up's switch (`--dense_warmup_fraction`) re-sparsifies the same layers
+        in place with another method. A finalized layer keeps what was read last."""
+        live = [layer for _, layer in self._layers if is_sparse_layer(layer)]
+        for layer in live:
+            self._specs[id(layer)] = (layer.nm_n, layer.nm_m, layer.group_dim, layer.nm_transposable, layer.is_masked)
+        if not live:
+            return
+        methods = sorted({layer.nm_method for layer in live})
+        patterns = sorted({layer.pattern for layer in live})
+        method = methods[0] if len(methods) == 1 else "mixed"
+        self.pattern = patterns[0] if len(patterns) == 1 else "mixed"
+        if method != self.method:
+            self.method = method
+            model = self._model()
+            record = read_record(model) if getattr(model, "config", None) is not None else None
+            self.config = dict(record) if record is not None else None
 
     def _shard_group(self) -> tuple[Any, tuple[int, int]]:
         """The process group the layers' weights are sharded over (None: not sharded), and (rank, size) in it."""
@@ -285,6 +301,7 @@ class SparsityTracker:
         """Current metrics (totals and per layer) and the packed current masks; changes nothing (but
         counts deferred steps, as would happen anyway)."""
         self._settle()
+        self._refresh_layers()
         layers: dict[str, dict[str, Any]] = {}
         packed_now: list[torch.Tensor] = []
         sad = sad_init = zeros = 0
@@ -373,6 +390,7 @@ class SparsityTracker:
         If steps were taken since the last `log_metrics`, that unlogged window is measured (without
         changing the tracker). `mean_flip_rate` averages over every `step()` since the start.
         """
+        self._refresh_layers()
         if self.history and not self.window_steps:
             record = self.history[-1]
             if self._group is not None and self._reduced_total_flips is None:
@@ -396,6 +414,7 @@ class SparsityTracker:
 
     def history_document(self) -> dict[str, Any]:
         """What `save` writes: run metadata plus the list of records."""
+        self._refresh_layers()
         return {
             "format": _FORMAT,
             "method": self.method,

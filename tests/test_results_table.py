@@ -525,7 +525,7 @@ def test_resume_continues_from_the_last_complete_checkpoint_and_appends_the_log(
     rt.run_all("translation", "c.yaml", [(spec, None, out_dir)], ["--save_steps", "454"], 1, 1, resume=True)
     rt.run_all("translation", "c.yaml", [(spec, None, out_dir)], ["--save_steps", "454"], 1, 1)
     rt.run_all("translation", "c.yaml", [(spec, None, tmp_path / "fresh")], [], 1, 1, resume=True)
-    asp_dir = tmp_path / "asp-2x4"  # the recipe refuses to resume a dense warm-up: it starts again
+    asp_dir = tmp_path / "asp-2x4"  # a dense warm-up resumes too (either side of the switch)
     (asp_dir / "checkpoint-454").mkdir(parents=True)
     for name in ("model.safetensors", "trainer_state.json"):
         (asp_dir / "checkpoint-454" / name).write_text("{}")
@@ -538,7 +538,7 @@ def test_resume_continues_from_the_last_complete_checkpoint_and_appends_the_log(
     (resumed, resumed_mode), (again, again_mode), (fresh, fresh_mode), (asp, asp_mode), (done, done_mode) = started
     assert "--resume_from_checkpoint" not in done and done_mode == "w"
     assert resumed[-2:] == ["--resume_from_checkpoint", str(out_dir / "checkpoint-1362")] and resumed_mode == "a"
-    assert "--resume_from_checkpoint" not in asp and asp_mode == "w"
+    assert asp[-2:] == ["--resume_from_checkpoint", str(asp_dir / "checkpoint-454")] and asp_mode == "a"
     assert "--resume_from_checkpoint" not in again and again_mode == "w"  # without --resume: from scratch
     assert "--resume_from_checkpoint" not in fresh and fresh_mode == "w"  # nothing to resume from
 

@@ -7,6 +7,11 @@ a one-shot magnitude prune, frozen for the remaining steps). The layers keep the
 (`finalize` and `sparsify` swap classes in place), so the optimizer carries on; the Adam state of the
 weights the new mask prunes is zeroed, so their old momentum cannot move them off zero. Same total
 steps as any other run.
+
+A run resumes from either side of the switch: a checkpoint saved before it is dense (the trainer starts
+dense and switches at the same step), one saved at or after it holds the sparse layers' state (the
+trainer starts with the run's own config, `starting_config`), and a resume is as exact as without a
+warm-up.
 """
 
 from __future__ import annotations
@@ -21,8 +26,10 @@ from transformers import TrainerCallback
 from nm_hf.config import SparsityConfig
 from nm_hf.injection import finalize, iter_sparse_layers, set_training_step, sparsify, unwrap_model
 from nm_hf.methods import get_method
+from nm_hf.trainer import saved_steps
 
-__all__ = ["DenseWarmupSwitch", "attach_dense_warmup", "check_dense_warmup", "dense_warmup_config", "switch_step"]
+__all__ = ["DenseWarmupSwitch", "attach_dense_warmup", "check_dense_warmup", "dense_warmup_config",
+           "resumed_step", "starting_config", "switch_step"]
 
 logger = logging.getLogger(__name__)
 
@@ -42,9 +49,16 @@ def check_dense_warmup(fraction: float, config: SparsityConfig, max_steps: int, 
     if method.optimizer_class is not None:
         raise ValueError(f"--dense_warmup_fraction cannot switch to --method {config.method}: it trains with its "
                          f"own optimizer ({method.optimizer_class.__name__}) from the first step")
-    if resume:
-        raise ValueError("--dense_warmup_fraction with --resume_from_checkpoint is not supported (the switch "
-                         "is not part of the checkpoint)")
+    if resume and resumed_step(resume) is None:
+        raise ValueError(f"--resume_from_checkpoint {resume}: no readable trainer_state.json, so whether the dense "
+                         "warm-up had ended is unknown")
+
+
+def resumed_step(resume: Any) -> int | None:
+    """The optimizer step a `--resume_from_checkpoint` directory was saved at (None: no readable trainer state,
+    or no resume)."""
+    steps = saved_steps(resume) if resume else None
+    return None if steps is None else steps[0]
 
 
 def dense_warmup_config(fraction: float, config: SparsityConfig) -> SparsityConfig:
@@ -55,6 +69,16 @@ def dense_warmup_config(fraction: float, config: SparsityConfig) -> SparsityConf
     # decay=0: the dense phase applies none (its method reads none), and sparsify would warn about the sparse one's
     return dataclasses.replace(config, method=DENSE, method_args={}, decay=0.0, transposable=False,
                                mask_update_interval=1)
+
+
+def starting_config(fraction: float, config: SparsityConfig, max_steps: int,
+                    resumed_at: int | None = None) -> SparsityConfig:
+    """The config the trainer is built with: the dense warm-up's (`dense_warmup_config`), or `config` itself
+    without a warm-up or when the run resumes from a checkpoint saved at or after the switch (`resumed_at`,
+    its step: the switch happens at the end of a step, before that step's save)."""
+    if fraction and resumed_at is not None and resumed_at >= switch_step(fraction, max_steps):
+        return config
+    return dense_warmup_config(fraction, config)
 
 
 def switch_step(fraction: float, max_steps: int) -> int:
@@ -95,12 +119,15 @@ class DenseWarmupSwitch(TrainerCallback):
         return {"dense_until_step": self.step, "switched_at_step": self.switched_at}
 
 
-def attach_dense_warmup(trainer: Any, fraction: float, config: SparsityConfig,
-                        max_steps: int) -> DenseWarmupSwitch | None:
-    """Give `trainer` (built with `dense_warmup_config(fraction, config)`) the switch to `config`; None
-    without a warm-up."""
+def attach_dense_warmup(trainer: Any, fraction: float, config: SparsityConfig, max_steps: int,
+                        resumed_at: int | None = None) -> DenseWarmupSwitch | None:
+    """Give `trainer` (built with `starting_config(fraction, config, max_steps, resumed_at)`) the switch to
+    `config`; None without a warm-up. Resumed from a checkpoint saved at or after the switch, the switch is
+    recorded as made at its step and does nothing more."""
     if not fraction:
         return None
     switch = DenseWarmupSwitch(trainer, config, switch_step(fraction, max_steps))
+    if resumed_at is not None and resumed_at >= switch.step:
+        switch.switched_at = switch.step
     trainer.add_callback(switch)
     return switch

@@ -19,7 +19,7 @@ from nm_hf.cpu_memory import keep_freed_memory
 from .launch import user_errors
 from .model_setup import check_prune_method, prune_pretrained
 from .results import train_and_save
-from .schedule import attach_dense_warmup, check_dense_warmup, dense_warmup_config
+from .schedule import attach_dense_warmup, check_dense_warmup, resumed_step, starting_config
 from .trainer_mixins import with_token_throughput
 
 __all__ = ["check_first_mask", "train_recipe_model"]
@@ -57,10 +57,11 @@ def train_recipe_model(
     first training examples), which is then fine-tuned; a refusal exits with `prog: error: ...` before
     anything is written. On CPU, --keep_freed_memory (`nm_hf.keep_freed_memory`) is applied first and
     recorded in the "train" block. The trainer is `with_token_throughput(trainer_class, count_label_tokens)`;
-    with --dense_warmup_fraction it starts dense (`dense_warmup_config`) and switches to --method
-    (`attach_dense_warmup`).
+    with --dense_warmup_fraction it starts dense and switches to --method (`attach_dense_warmup`); resumed
+    from a checkpoint saved after the switch, it starts with --method (`starting_config`).
     """
     fraction = model_args.dense_warmup_fraction
+    resumed_at = resumed_step(training_args.resume_from_checkpoint)  # which side of the warm-up's switch
     kept = model_args.keep_freed_memory and training_args.device.type == "cpu" and keep_freed_memory()
     if kept:
         logger.info("keeping freed memory in the process (glibc: no mmap for large blocks, no trimming); "
@@ -71,10 +72,11 @@ def train_recipe_model(
             collator=data_collator, calibration_samples=model_args.calibration_samples,
             training_args=training_args)
     trainer = with_token_throughput(trainer_class, count_label_tokens=count_label_tokens)(
-        model=model, args=training_args, sparsity_config=dense_warmup_config(fraction, sparsity_config),
+        model=model, args=training_args,
+        sparsity_config=starting_config(fraction, sparsity_config, training_args.max_steps, resumed_at),
         train_dataset=train_dataset, eval_dataset=eval_dataset, data_collator=data_collator,
         processing_class=processing_class, compute_metrics=compute_metrics)
-    warmup = attach_dense_warmup(trainer, fraction, sparsity_config, training_args.max_steps)
+    warmup = attach_dense_warmup(trainer, fraction, sparsity_config, training_args.max_steps, resumed_at)
     blocks = train_and_save(trainer, training_args, sparsity_config)
     if warmup is not None:  # --dense_warmup_fraction: dense until the switch, then --method
         blocks["sparsity_config"]["dense_warmup"] = {"fraction": fraction, **warmup.summary()}

@@ -18,7 +18,13 @@ from nm_hf.injection import iter_sparse_layers
 from nm_hf.masks import check_nm, nm_mask
 from nm_hf.recipe import CausalLMModelArguments
 from nm_hf.recipe.results import training_curve
-from nm_hf.recipe.schedule import attach_dense_warmup, check_dense_warmup, dense_warmup_config
+from nm_hf.recipe.schedule import (
+    attach_dense_warmup,
+    check_dense_warmup,
+    dense_warmup_config,
+    resumed_step,
+    starting_config,
+)
 from nm_hf.trainer import SparseTrainer
 from tiny_models import lm_rows, tiny_model
 
@@ -124,11 +130,54 @@ def test_dense_warmup_then_gradient_decay_under_accumulation_matches_one_big_bat
         assert torch.allclose(big.weight, small.weight, atol=1e-5), name
 
 
+def _warmup_trainer(out_dir, config, seed=0, resume=None, max_steps=8, save_steps=2):
+    """A SparseTrainer with a dense warm-up of half the steps, built as the recipes build it."""
+    model = tiny_model("gpt2", seed=seed, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    args = TrainingArguments(output_dir=str(out_dir), max_steps=max_steps, per_device_train_batch_size=8,
+                             logging_steps=2, save_strategy="steps", save_steps=save_steps, learning_rate=1e-2,
+                             report_to="none", use_cpu=True, disable_tqdm=True, seed=0, optim="adamw_torch")
+    resumed_at = resumed_step(resume)
+    trainer = SparseTrainer(model=model, args=args, train_dataset=_lm_rows(),
+                            sparsity_config=starting_config(0.5, config, max_steps, resumed_at))
+    return trainer, attach_dense_warmup(trainer, 0.5, config, max_steps, resumed_at)
+
+
+@pytest.mark.parametrize("checkpoint", [2, 4, 6])  # before the switch (after step 4), at it, after it
+@pytest.mark.parametrize("method", ["fixed", "sr-ste"])
+def test_a_dense_warmup_run_resumes_exactly_from_either_side_of_the_switch(tmp_path, checkpoint, method):
+    """Resumed from a dense checkpoint it switches at the same step; from a sparse one it carries on with the
+    checkpoint's masks: either way the model, masks and sparsity history equal the uninterrupted run's."""
+    config = SparsityConfig(method=method, n=2, m=4, decay=0.05)
+    full, full_switch = _warmup_trainer(tmp_path / "full", config)
+    full.train()
+    resume = str(tmp_path / "full" / f"checkpoint-{checkpoint}")
+    check_dense_warmup(0.5, config, 8, resume)
+    expected_method = "dense" if checkpoint < 4 else method
+    assert json.loads((Path(resume) / "config.json").read_text())["nm_sparsity"]["method"] == expected_method
+    assert starting_config(0.5, config, 8, resumed_step(resume)).method == expected_method
+
+    resumed, switch = _warmup_trainer(tmp_path / "resumed", config, seed=1, resume=resume)  # another init
+    resumed.train(resume_from_checkpoint=resume)
+    assert switch.summary() == full_switch.summary() == {"dense_until_step": 4, "switched_at_step": 4}
+    for key, value in full.model.state_dict().items():
+        assert torch.equal(resumed.model.state_dict()[key], value), key
+    for (name, a), (_, b) in zip(iter_sparse_layers(full.model), iter_sparse_layers(resumed.model), strict=True):
+        assert a.nm_method == b.nm_method == method, name
+        assert torch.equal(a.current_mask(), b.current_mask()) and a.nm_step == b.nm_step == 8, name
+    assert resumed.sparsity_tracker.history == full.sparsity_tracker.history
+    # the tracker follows the switch: the masked weights' sparsity, the run's method and record
+    assert [record["sparsity"] for record in full.sparsity_tracker.history] == [0.0, 0.5, 0.5, 0.5]
+    for trainer in (full, resumed):
+        document = trainer.sparsity_tracker.history_document()
+        assert document["method"] == document["config"]["method"] == method
+
+
 @pytest.mark.parametrize("fraction, method, max_steps, resume, message", [
     (0.5, "dense", 10, None, "--dense_warmup_fraction 0.5 needs a sparse --method to switch to, not 'dense'"),
     (0.5, "step", 10, None, "cannot switch to --method step: it trains with its own optimizer"),
     (0.5, "fixed", -1, None, "--dense_warmup_fraction needs --max_steps (at least 2), got -1"),
-    (0.5, "fixed", 10, "runs/x/checkpoint-5", "with --resume_from_checkpoint is not supported"),
+    (0.5, "fixed", 10, "runs/x/checkpoint-5", "--resume_from_checkpoint runs/x/checkpoint-5: no readable "
+                                              "trainer_state.json, so whether the dense warm-up had ended is unknown"),
 ])
 def test_dense_warmup_refusals(fraction, method, max_steps, resume, message):
     with pytest.raises(ValueError, match=re.escape(message)):
@@ -143,13 +192,19 @@ def test_dense_warmup_fraction_is_checked_by_the_recipe_flags():
 
 def test_language_modeling_recipe_with_asp_and_a_curve(tmp_path):
     """A tiny recipe run: --method fixed --dense_warmup_fraction 0.5 (asp) records the switch, keeps N:M,
-    and results.json carries the curve with the validation loss at every eval_steps."""
+    and results.json carries the curve with the validation loss at every eval_steps; resumed from its
+    checkpoint after the switch it ends where the uninterrupted run ended."""
     spec = importlib.util.spec_from_file_location("lm_recipe_asp", ROOT / "recipes" / "language_modeling.py")
     recipe = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(recipe)
     out = tmp_path / "out"
-    results = recipe.main([*TINY_LM, "--method", "fixed", "--dense_warmup_fraction", "0.5", "--eval_strategy",
-                           "steps", "--eval_steps", "2", "--logging_steps", "2", "--output_dir", str(out)])
+    asp = [*TINY_LM, "--method", "fixed", "--dense_warmup_fraction", "0.5", "--eval_strategy", "steps",
+           "--eval_steps", "2", "--logging_steps", "2", "--save_strategy", "steps", "--save_steps", "4"]
+    results = recipe.main([*asp, "--output_dir", str(out)])
+    resumed = recipe.main([*asp, "--output_dir", str(tmp_path / "resumed"),
+                           "--resume_from_checkpoint", str(out / "checkpoint-4")])  # switched after step 3
+    assert resumed["sparsity_config"]["dense_warmup"] == results["sparsity_config"]["dense_warmup"]
+    assert resumed["eval_loss"] == results["eval_loss"] and resumed["sparsity"] == results["sparsity"] == 0.5
     assert results["sparsity_config"]["method"] == "fixed" and results["nm_ok"] is True
     assert results["sparsity_config"]["dense_warmup"] == {"fraction": 0.5, "dense_until_step": 3,
                                                           "switched_at_step": 3}
