@@ -38,6 +38,8 @@ from the seed and the epoch number every epoch, so there a mid-epoch resume is i
 `--render docs/results.md README.md --figures benchmarks/results` regenerates, from the results files, the
 tables between `<!-- results_table.py begin RECIPE -->` and its end marker, the summary lines between
 `<!-- results_table.py begin summary -->` and its end marker, and the figures of each recipe.
+`RECIPE --results_file FILE --figures DIR` (no `--render`) draws only the figures of that one file, named
+after it (`DIR/<file stem>_curves.png`, ...): a diagnostic file such as `benchmarks/results/budget/`'s.
 """
 
 from __future__ import annotations
@@ -956,9 +958,20 @@ def sad_quality_figure(recipe: str, runs: list[dict], path: Path) -> int:
 FIGURES = {"curves": curve_figure, "sad": sad_figure, "sad_vs_quality": sad_quality_figure}
 
 
-def draw_figures(recipe: str, runs: list[dict], directory: Path) -> dict[Path, int]:
-    """Every figure of a recipe that its runs have the data for; {path: runs drawn} (0: not written)."""
-    return {(path := figure_path(directory, recipe, kind)): draw(recipe, runs, path) for kind, draw in FIGURES.items()}
+def without_shared_flags(runs: list[dict]) -> list[dict]:
+    """The runs without the flags that all of them set to the same value: those name the file (a diagnostic
+    file's `max_steps`), not a row, so its dense and sr-ste 2:4 runs are the curves figure's rows."""
+    flag_sets = [set((run.get("flags") or {}).items()) for run in runs]
+    shared = dict(set.intersection(*flag_sets)) if len(runs) > 1 else {}
+    return [{**run, "flags": {key: value for key, value in (run.get("flags") or {}).items() if key not in shared}}
+            for run in runs]
+
+
+def draw_figures(recipe: str, runs: list[dict], directory: Path, name: str | None = None) -> dict[Path, int]:
+    """Every figure of a recipe that its runs have the data for, as `directory/<name>_<kind>.png` (`name`: the
+    recipe's); {path: runs drawn} (0: not written)."""
+    return {(path := figure_path(directory, name or recipe, kind)): draw(recipe, runs, path)
+            for kind, draw in FIGURES.items()}
 
 
 def launch(recipe: str, config: str, spec: RunSpec, out_dir: Path, seed: int | None, extra: list[str],
@@ -1040,7 +1053,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="with --render: first draw DIR/<recipe>_curves.png (dense vs sr-ste 2:4 curves), "
                              "<recipe>_sad.png (SAD rate between logs per method) and <recipe>_sad_vs_quality.png "
                              "(final SAD from init vs the test metric); the tables link the figures found in DIR "
-                             f"(default {_relative(FIGURES_DIR)})")
+                             f"(default {_relative(FIGURES_DIR)}). Without --render: only draw the figures of the "
+                             "recipe's --results_file, named after the file (DIR/<file stem>_curves.png, ...)")
     args = parser.parse_args(argv)
     if args.render:
         files = dict(RESULTS_FILES)
@@ -1058,6 +1072,22 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"{figure}: {drawn} runs drawn" if drawn else f"{figure}: not drawn (no runs with its data)")
         for markdown in args.render:
             print(f"{markdown}: {', '.join(render(Path(markdown), files, figures))}")
+        return
+    if args.figures:  # without --render: one results file's figures, named after the file
+        if args.recipe is None or args.config is not None:
+            parser.error("--figures without --render draws one results file's figures: give the recipe and "
+                         "--results_file (no config; nothing runs)")
+        results_file = Path(args.results_file) if args.results_file else RESULTS_FILES[args.recipe]
+        try:
+            runs = load_results_file(results_file)["runs"]
+        except (OSError, ValueError) as err:
+            parser.error(str(err))
+        if not runs:
+            parser.error(f"{results_file}: no runs to draw")
+        drawn_figures = draw_figures(args.recipe, without_shared_flags(runs), Path(args.figures),
+                                     name=results_file.stem)
+        for figure, drawn in drawn_figures.items():
+            print(f"{figure}: {drawn} runs drawn" if drawn else f"{figure}: not drawn (no runs with its data)")
         return
     if args.recipe is None or args.config is None:
         parser.error("the recipe and the config are required (except with --render)")

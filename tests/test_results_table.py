@@ -390,6 +390,29 @@ def test_sad_figures_are_drawn_from_the_curves(tmp_path, capsys):
     assert "(../figures/language_modeling_sad_vs_quality.png)" in doc.read_text()
 
 
+def test_figures_of_one_diagnostic_file_are_named_after_it(tmp_path, capsys):
+    """--figures without --render: a budget file's dense and sr-ste 2:4 runs (max_steps shared by all of them)
+    are the curves figure's rows; the figures are named after the file; no markdown is needed."""
+    path = tmp_path / "budget" / "language_modeling_6000.json"
+    for i, run in enumerate(sad_runs()[:2]):
+        rt.append_run(path, {**run, "flags": {**run["flags"], "max_steps": "6000"}, "output_dir": f"r{i}",
+                             "command": "c"})
+    figures = tmp_path / "figures"
+    rt.main(["language_modeling", "--results_file", str(path), "--figures", str(figures)])
+    out = capsys.readouterr().out
+    for kind in ("curves", "sad", "sad_vs_quality"):
+        assert f"language_modeling_6000_{kind}.png: 2 runs drawn" in out
+        assert (figures / f"language_modeling_6000_{kind}.png").read_bytes().startswith(b"\x89PNG")
+    assert sorted(p.name for p in figures.iterdir()) == [f"language_modeling_6000_{k}.png"
+                                                        for k in ("curves", "sad", "sad_vs_quality")]
+    for argv, message in ((["language_modeling", "c.yaml"], "no config; nothing runs"),
+                          (["language_modeling", "--results_file", str(tmp_path / "none.json")], "no runs to draw")):
+        with pytest.raises(SystemExit):
+            rt.main([*argv, "--figures", str(tmp_path / "other")])
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "other").exists()
+
+
 def test_sad_figures_are_not_written_without_their_data(tmp_path, capsys):
     no_sad = [{**run, "curve": [{"loss": 5.0, "step": 50}], "sad": {}} for run in sad_runs()]
     for draw in (rt.sad_figure, rt.sad_quality_figure):
