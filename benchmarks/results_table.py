@@ -969,9 +969,12 @@ def without_shared_flags(runs: list[dict]) -> list[dict]:
 
 def draw_figures(recipe: str, runs: list[dict], directory: Path, name: str | None = None) -> dict[Path, int]:
     """Every figure of a recipe that its runs have the data for, as `directory/<name>_<kind>.png` (`name`: the
-    recipe's); {path: runs drawn} (0: not written)."""
-    return {(path := figure_path(directory, name or recipe, kind)): draw(recipe, runs, path)
-            for kind, draw in FIGURES.items()}
+    recipe's); prints and returns {path: runs drawn} (0: not written)."""
+    drawn = {(path := figure_path(directory, name or recipe, kind)): draw(recipe, runs, path)
+             for kind, draw in FIGURES.items()}
+    for figure, count in drawn.items():
+        print(f"{figure}: {count} runs drawn" if count else f"{figure}: not drawn (no runs with its data)")
+    return drawn
 
 
 def launch(recipe: str, config: str, spec: RunSpec, out_dir: Path, seed: int | None, extra: list[str],
@@ -1068,8 +1071,8 @@ def main(argv: list[str] | None = None) -> None:
         except (OSError, ValueError) as err:
             parser.error(str(err))
         for recipe in files if args.figures else ():
-            for figure, drawn in (draw_figures(recipe, runs[recipe], figures) if runs[recipe] else {}).items():
-                print(f"{figure}: {drawn} runs drawn" if drawn else f"{figure}: not drawn (no runs with its data)")
+            if runs[recipe]:
+                draw_figures(recipe, runs[recipe], figures)
         for markdown in args.render:
             print(f"{markdown}: {', '.join(render(Path(markdown), files, figures))}")
         return
@@ -1084,10 +1087,7 @@ def main(argv: list[str] | None = None) -> None:
             parser.error(str(err))
         if not runs:
             parser.error(f"{results_file}: no runs to draw")
-        drawn_figures = draw_figures(args.recipe, without_shared_flags(runs), Path(args.figures),
-                                     name=results_file.stem)
-        for figure, drawn in drawn_figures.items():
-            print(f"{figure}: {drawn} runs drawn" if drawn else f"{figure}: not drawn (no runs with its data)")
+        draw_figures(args.recipe, without_shared_flags(runs), Path(args.figures), name=results_file.stem)
         return
     if args.recipe is None or args.config is None:
         parser.error("the recipe and the config are required (except with --render)")

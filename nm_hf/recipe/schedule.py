@@ -74,11 +74,17 @@ def dense_warmup_config(fraction: float, config: SparsityConfig) -> SparsityConf
 def starting_config(fraction: float, config: SparsityConfig, max_steps: int,
                     resumed_at: int | None = None) -> SparsityConfig:
     """The config the trainer is built with: the dense warm-up's (`dense_warmup_config`), or `config` itself
-    without a warm-up or when the run resumes from a checkpoint saved at or after the switch (`resumed_at`,
-    its step: the switch happens at the end of a step, before that step's save)."""
-    if fraction and resumed_at is not None and resumed_at >= switch_step(fraction, max_steps):
+    without a warm-up or when the run resumes from a checkpoint saved at or after the switch (`resumed_at`:
+    its step)."""
+    if fraction and _resumed_past_switch(resumed_at, switch_step(fraction, max_steps)):
         return config
     return dense_warmup_config(fraction, config)
+
+
+def _resumed_past_switch(resumed_at: int | None, step: int) -> bool:
+    """Whether a checkpoint saved at `resumed_at` was saved after the switch at the end of `step` (the switch
+    comes before that step's save)."""
+    return resumed_at is not None and resumed_at >= step
 
 
 def switch_step(fraction: float, max_steps: int) -> int:
@@ -127,7 +133,7 @@ def attach_dense_warmup(trainer: Any, fraction: float, config: SparsityConfig, m
     if not fraction:
         return None
     switch = DenseWarmupSwitch(trainer, config, switch_step(fraction, max_steps))
-    if resumed_at is not None and resumed_at >= switch.step:
+    if _resumed_past_switch(resumed_at, switch.step):
         switch.switched_at = switch.step
     trainer.add_callback(switch)
     return switch
