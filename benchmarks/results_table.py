@@ -271,8 +271,8 @@ def _relative(path: Path) -> str:
 
 def run_record(spec: RunSpec, out_dir: Path, results: dict, extra: list[str] | None = None) -> dict:
     """One results-file entry from a finished run's results.json: what ran (method, pattern, learning rate,
-    seed, the flags and the redacted command) and what it measured (validation and test metrics, curve,
-    throughput, SAD, flip rate)."""
+    seed, the flags and the redacted command), where (versions, CPU: `run/environment`) and what it
+    measured (validation and test metrics, curve, throughput, SAD, flip rate)."""
     train = results.get("train") if isinstance(results.get("train"), dict) else {}
     flags = dict(spec.schedule_flags()) | dict(spec.flags)
     return {
@@ -296,6 +296,7 @@ def run_record(spec: RunSpec, out_dir: Path, results: dict, extra: list[str] | N
                 "sad_from_init_rate": _pick(results, ("mask_stats/sad_from_init_rate",))},
         "flip_rate": _pick(results, ("mask_stats/mean_flip_rate",)),
         "steps": train.get("steps"),
+        "environment": _pick(results, ("run/environment",)),
         "finished_at": datetime.datetime.fromtimestamp((out_dir / "results.json").stat().st_mtime,
                                                        datetime.UTC).isoformat(timespec="seconds")
         if (out_dir / "results.json").exists() else None,

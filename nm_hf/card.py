@@ -36,7 +36,8 @@ from .redact import redact_secrets
 from .report import SparsityReport, sparsity_report
 
 __all__ = ["write_model_card", "CardOptions", "check_card_options", "card_metrics", "redact_secrets",
-           "is_dataset_id", "pipeline_tag_for", "training_hyperparameters", "nm_hf_version"]
+           "is_dataset_id", "pipeline_tag_for", "training_hyperparameters", "nm_hf_version",
+           "framework_versions"]
 
 
 class CardOptions(TypedDict, total=False):
@@ -221,7 +222,9 @@ def nm_hf_version() -> str:
         return "unknown"
 
 
-def _framework_versions() -> list[tuple[str, str]]:
+def framework_versions() -> list[tuple[str, str]]:
+    """(package, version) of nm_hf, transformers, torch and Python: the model card's "Framework versions"
+    and the environment a recipe records in results.json."""
     import torch
     import transformers
 
@@ -475,7 +478,7 @@ def write_model_card(
     body += [_usage(repo, config, compressed, repo if has_tokenizer else base_model), ""]
     if command:
         body += ["## Training command", "", "```bash", redact_secrets(command), "```", ""]
-    body += ["## Framework versions", "", *[f"- {k} {v}" for k, v in _framework_versions()], ""]
+    body += ["## Framework versions", "", *[f"- {k} {v}" for k, v in framework_versions()], ""]
 
     card = ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n" + "\n".join(body))
     atomic_write_text(directory / "README.md", str(card))

@@ -352,6 +352,10 @@ def check_common_outputs(out: Path) -> dict:
     assert {"train_loss", "eval_loss", "test_loss"} <= set(everything)
     assert json.loads((out / "test_results.json").read_text())["test_loss"] == pytest.approx(results["test_loss"])
     assert results["run"]["total_time_s"] >= results["train_runtime_s"]
+    environment = results["run"]["environment"]  # what the last digits of a run depend on
+    assert environment["versions"]["torch"] == torch.__version__ and environment["torch_threads"] >= 1
+    assert environment["cpu_capability"] == torch.backends.cpu.get_cpu_capability() and environment["cpu"]
+    assert environment["device"] == ("cpu" if on_cpu else torch.cuda.get_device_name())
     card = (out / "README.md").read_text()
     assert "2:4" in card and "nm-sparsity" in card
     state = json.loads((out / "trainer_state.json").read_text())["log_history"]
@@ -361,6 +365,7 @@ def check_common_outputs(out: Path) -> dict:
 
 def check_translation_run(out: Path, processes: int, n_test: int) -> dict:
     results = check_common_outputs(out)
+    assert results["run"]["environment"]["world_size"] == processes
     for key in ("test_bleu", "test_chrf", "eval_bleu", "eval_chrf", "test_loss", "test_bleu_control"):
         assert isinstance(results[key], float) and math.isfinite(results[key]), (key, results[key])
     assert 0.0 <= results["test_bleu"] <= 100.0
@@ -487,6 +492,7 @@ def test_translation_recipe_two_processes(tmp_path):
 
 def check_lm_run(out: Path, processes: int, model_type: str) -> dict:
     results = check_common_outputs(out)
+    assert results["run"]["environment"]["world_size"] == processes
     for key in ("test_loss", "eval_loss", "test_perplexity", "eval_perplexity"):
         assert math.isfinite(results[key]) and results[key] > 0, (key, results[key])
     assert results["test_perplexity"] == pytest.approx(math.exp(results["test_loss"]), rel=1e-3)

@@ -190,8 +190,12 @@ def test_run_record_from_results_json(tmp_path):
     assert "hf_SECRET" not in json.dumps(record)
     assert record["throughput"]["tokens_per_second"] == 900.0 and record["flip_rate"] == 0.001
     assert record["sad"]["sad_from_init"] == 10 and record["finished_at"]
+    assert record["environment"] is None  # results.json of a recipe older than run/environment
     dense = rt.run_record(rt.parse_run_spec("dense:2:4"), out, fake_results(95.0))
     assert dense["pattern"] is None  # dense runs are patched but unmasked
+    environment = {"versions": {"torch": "2.13.0+cpu"}, "cpu": "Some CPU", "cpu_capability": "AVX2"}
+    results = fake_results(95.0) | {"run": {"command": "c", "environment": environment}}
+    assert rt.run_record(spec, out, results)["environment"] == environment
 
 
 def test_append_run_adds_replaces_and_does_not_duplicate(tmp_path):

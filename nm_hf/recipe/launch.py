@@ -6,7 +6,9 @@
 - `user_errors`: the same one-line exit for errors of the user's data and settings found later;
 - `launch_command`: the command line as recorded in results.json, the model card and the printed
   table, its secrets replaced by `REDACTED` (`redact_command`, from `nm_hf.redact`, re-exported here);
-- `process_elapsed_seconds`: time since the process started (imports included), for `run/total_time_s`.
+- `process_elapsed_seconds`: time since the process started (imports included), for `run/total_time_s`;
+- `run_environment`: the versions, CPU and threads a run ran with, for `run/environment` (floating-point
+  results can change with the CPU's instruction set even where code, seed and data are the same).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import platform
 import shlex
 import sys
 import time
@@ -42,6 +45,7 @@ __all__ = [
     "parse_recipe_args_or_exit",
     "process_elapsed_seconds",
     "redact_command",
+    "run_environment",
     "run_length_defaults",
     "setup_logging",
     "take_over_hub_push",
@@ -357,3 +361,40 @@ def process_elapsed_seconds() -> float:
     except (OSError, ValueError, IndexError, AttributeError):
         pass
     return time.monotonic() - _IMPORTED_AT
+
+
+def _cpu_model() -> str:
+    """The CPU's model name: Linux's /proc/cpuinfo, else what `platform` knows ("" when nothing)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as handle:
+            for line in handle:
+                key, _, value = line.partition(":")
+                if key.strip() in ("model name", "Processor", "cpu model"):
+                    return value.strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def run_environment() -> dict[str, Any]:
+    """What a run's numbers depend on beyond its command: package versions, the device, the CPU and the
+    instruction set torch's CPU kernels dispatch to, torch's thread count and the number of processes.
+
+    Recorded so that two runs of one command that differ in the last digits can be told apart by machine.
+    No host name, user or path.
+    """
+    import accelerate
+
+    from nm_hf.card import framework_versions
+
+    versions = dict(framework_versions())
+    versions["accelerate"] = accelerate.__version__
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    return {
+        "versions": versions,
+        "device": device,
+        "cpu": _cpu_model(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "torch_threads": torch.get_num_threads(),
+        "world_size": int(os.environ.get("WORLD_SIZE", "1")),
+    }

@@ -22,7 +22,7 @@ import torch
 
 from nm_hf._files import atomic_write_json, atomic_write_text
 
-from .launch import HubTarget, launch_command, process_elapsed_seconds
+from .launch import HubTarget, launch_command, process_elapsed_seconds, run_environment
 
 __all__ = [
     "PREDICTIONS_FILE",
@@ -276,7 +276,8 @@ def results_record(
     """A recipe's results.json, in the order the printed table shows it: the task's `headline` (task,
     dataset, test and validation metrics), the headline numbers of `blocks` (`train_and_save`: sparsity,
     SAD, throughput, curve), `notes`, the `evaluation` details, the detail blocks of `blocks`, the model
-    (`model_summary`), `data`, the test `samples` (when given) and the run (total time, command)."""
+    (`model_summary`), `data`, the test `samples` (when given) and the run (total time, command,
+    `run_environment`)."""
     return {
         **headline,
         **{key: value for key, value in blocks.items() if not isinstance(value, dict)},
@@ -286,7 +287,8 @@ def results_record(
         "model": model_summary(model, model_name_or_path),
         "data": dict(data),
         **({} if samples is None else {"samples": samples}),
-        "run": {"total_time_s": round(process_elapsed_seconds(), 1), "command": launch_command()},
+        "run": {"total_time_s": round(process_elapsed_seconds(), 1), "command": launch_command(),
+                "environment": run_environment()},
     }
 
 
