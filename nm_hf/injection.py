@@ -186,7 +186,7 @@ def _expose_direct_reads(model: nn.Module, layers: list[SparseLayerMixin]) -> No
         reader = model.get_submodule(reader_name)
         paths = [path for path in reads if id(reader.get_submodule(".".join(path))) in ids]
         if paths:
-            expose_weight_reads(reader, paths)
+            expose_weight_reads(reader, paths, name=reader_name)
             for path in paths:
                 logger.info("nm_hf.sparsify: %s's weight is read directly by %s: it sees the masked weight while "
                             "that module runs", ".".join(filter(None, (reader_name, *path))), reads[path])

@@ -83,6 +83,71 @@ def test_load_state_dict_between_fsdp_forwards_is_seen(results):
     assert results["reload_between_forwards"] < 1e-5
 
 
+def test_a_module_reading_its_childs_weight_trains_like_one_process_when_sharded_with_the_child(results):
+    """`fully_shard` on the reading module (the read layer in its unit) and the root: inside the reader's forward the
+    weight is all-gathered, so the read sees the whole masked weight, as in one process."""
+    run = results["reader_in_the_layers_unit"]
+    assert run["readers"] == ["block"] and run["sparse"] == ["block.proj"]
+    assert run["weight_diff"] < 1e-4
+    assert run["mask_diff"] == 0
+    assert run["output_diff"] < 1e-5
+    assert run["dense_read_gap"] > 0.1  # a dense read would have given another output
+
+
+class ReadsProj(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = torch.nn.Linear(16, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(x, self.proj.weight, self.proj.bias)
+
+
+class WithReader(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.reader = ReadsProj()
+        self.head = torch.nn.Linear(16, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.reader(x))
+
+
+@pytest.mark.parametrize("units", [("reader.proj",), ("reader.proj", "reader")])
+def test_a_layer_sharded_below_the_module_reading_its_weight_is_refused_by_name(units):
+    """The read layer a `fully_shard` unit of its own below the reader: its weight is this rank's shard while the
+    reader runs. Plain FSDP2 fails on that read with a DTensor error; nm_hf refuses it first, naming both."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    import nm_hf
+
+    dist.init_process_group("fake", rank=0, world_size=2, store=FakeStore())
+    try:
+        mesh = init_device_mesh("cpu", (2,))
+        for sparse in (False, True):
+            model = WithReader()
+            if sparse:
+                nm_hf.sparsify(model, SparsityConfig(method="sr-ste", target_modules=["proj"]))
+            for name in units:
+                fully_shard(model.get_submodule(name), mesh=mesh)
+            fully_shard(model, mesh=mesh)
+            if not sparse:
+                with pytest.raises(RuntimeError, match="mixed torch.Tensor and DTensor"):
+                    model(torch.randn(2, 16))
+                continue
+            message = (r"^nm_hf: 'reader' \(ReadsProj\) reads the weight of 'reader.proj' in its forward, but "
+                       r"fully_shard made 'reader.proj' an FSDP2 unit below that module, .* apply fully_shard to "
+                       r"the reading module \(or a module above it\) and not to 'reader.proj'")
+            with pytest.raises(ValueError, match=message):
+                model(torch.randn(2, 16))
+            assert "weight" not in vars(model.reader.proj)  # nothing left exposed
+    finally:
+        dist.destroy_process_group()
+
+
 @pytest.mark.parametrize("spec", RESUME_SPECS)
 def test_resume_from_a_sharded_checkpoint_equals_an_uninterrupted_run(resumed, spec):
     """DCP for weights and optimizer, a per-rank file for nm_hf's state and the tracker (this rank's shards)."""

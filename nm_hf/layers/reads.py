@@ -21,6 +21,12 @@ with `always_call=True` removes them, also when the forward raises. A layer alre
 one (a grandparent reading it too) is left to that reader. An interrupt that is no `Exception` (KeyboardInterrupt)
 skips torch's always-called hooks: the next call of the same reader, and `model.train()` / `model.eval()`, drop
 what it left exposed.
+
+FSDP2: the reader must run inside the forward of the `fully_shard` unit that holds the layer (the same unit, or the
+layer in a unit around the reader), where the weight is the all-gathered tensor. A layer that is a unit of its own
+below the reader (or inside one) is this rank's shard while the reader runs: plain FSDP2 fails on such a read
+("got mixed torch.Tensor and DTensor"), and the pre-hook refuses it first with the names of the reader, the layer and
+the unit (one `isinstance` per read layer and call when the weight is no `DTensor`).
 """
 
 from __future__ import annotations
@@ -31,13 +37,16 @@ from typing import Any
 
 from torch import nn
 
-from .base import SparseLayerMixin, is_sparse_layer
+from .base import SparseLayerMixin, is_sharded, is_sparse_layer
 from .read_scan import module_at
 
 __all__ = ["expose_weight_reads", "remove_weight_reads", "weight_readers"]
 
 #: on a reading module: the paths (tuples of child names) of the layers under it whose weight its code reads
 READS_ATTRIBUTE = "_nm_weight_reads"
+
+#: on a reading module: its name in the model `sparsify` was given, for messages ("" for that model itself)
+NAME_ATTRIBUTE = "_nm_weight_reads_name"
 
 #: per thread: the reader calls running now, innermost last, each with the layers it exposed
 _OPEN = threading.local()
@@ -68,6 +77,30 @@ def _hide(layers: list[SparseLayerMixin]) -> None:
     layers.clear()
 
 
+def _refuse_a_shard_read(reader: nn.Module, path: tuple[str, ...], layer: SparseLayerMixin) -> None:
+    """Raise when FSDP2 holds the layer's weight sharded in a `fully_shard` unit below the reader (the reader runs
+    outside that unit's forward, so it would read this rank's shard)."""
+    if not is_sharded(layer.weight):
+        return
+    from torch.distributed.fsdp import FSDPModule
+
+    modules = [module_at(reader, path[:depth]) for depth in range(1, len(path) + 1)]
+    units = [path[:depth] for depth, module in enumerate(modules, 1) if isinstance(module, FSDPModule)]
+    if isinstance(layer, FSDPModule) and layer is not modules[-1]:  # a PEFT wrapper's `base_layer` sharded
+        units.append((*path, "base_layer"))
+    if not units:  # held by the reader's unit or one around it (then read outside that unit's forward): not refused
+        return
+    name = reader.__dict__.get(NAME_ATTRIBUTE)  # None: not known, the paths are given relative to the reader
+    kind = next(cls for cls in type(reader).__mro__ if not issubclass(cls, FSDPModule)).__name__  # not FSDP<kind>
+    reader_text = kind if name is None else f"'{name}' ({kind})" if name else f"the model ({kind})"
+    named = ", ".join(repr(".".join(filter(None, (name, *unit)))) for unit in units)
+    raise ValueError(
+        f"nm_hf: {reader_text} reads the weight of '{'.'.join(filter(None, (name, *path)))}' in its forward, but "
+        f"fully_shard made {named} {'an FSDP2 unit' if len(units) == 1 else 'FSDP2 units'} below that module, so "
+        f"the read gets this rank's shard: apply fully_shard to the reading module (or a module above it) and not "
+        f"to {named}, so that the layer is all-gathered while the reader runs")
+
+
 def _expose_read_weights(reader: nn.Module, args: Any) -> None:
     """Forward pre-hook of a reading module: expose the forward tensor of each directly-read sparse layer."""
     calls = _open_calls()
@@ -86,6 +119,7 @@ def _expose_read_weights(reader: nn.Module, args: Any) -> None:
             if layer is None or id(layer) in live:  # exposed by a reader around this one: its tensor holds
                 continue
             layer.__dict__.pop("weight", None)  # left by an interrupted call
+            _refuse_a_shard_read(reader, path, layer)
             layer.__dict__["weight"] = layer.forward_tensor()
             exposed.append(layer)
             live.add(id(layer))
@@ -105,9 +139,12 @@ def _hide_read_weights(reader: nn.Module, args: Any, output: Any) -> None:
             return
 
 
-def expose_weight_reads(reader: nn.Module, paths: list[tuple[str, ...]]) -> None:
+def expose_weight_reads(reader: nn.Module, paths: list[tuple[str, ...]], name: str | None = None) -> None:
     """While `reader` runs, let reads of the `weight` of the sparse layers at `paths` under it (tuples of child
-    names) see their forward tensors (see the module docstring). Adds to the paths of an earlier call."""
+    names) see their forward tensors (see the module docstring). Adds to the paths of an earlier call. `name`: the
+    reader's name in the model ("" for the model itself), for error messages."""
+    if name is not None:
+        reader.__dict__[NAME_ATTRIBUTE] = name
     known = reader.__dict__.get(READS_ATTRIBUTE)
     if known is None:
         reader.register_forward_pre_hook(_expose_read_weights)
@@ -119,6 +156,7 @@ def expose_weight_reads(reader: nn.Module, paths: list[tuple[str, ...]]) -> None
 def remove_weight_reads(model: nn.Module) -> None:
     """Remove the hooks and the state `expose_weight_reads` put on `model`'s modules (`finalize`)."""
     for module in model.modules():
+        module.__dict__.pop(NAME_ATTRIBUTE, None)
         if module.__dict__.pop(READS_ATTRIBUTE, None) is None:
             continue
         for hooks, function in ((module._forward_pre_hooks, _expose_read_weights),

@@ -8,8 +8,9 @@ mesh, each rank on its half of the same batches (6 AdamW steps, tracker logs eve
 writes OUT_DIR/results.json: per method the largest weight difference, the mask entries that differ,
 both trackers' histories, the largest difference between the baked models (reference `finalize` vs
 `finalize` of the sharded model, saved by rank 0 from the full state dict and reloaded with plain
-transformers), and whether a forward after `load_state_dict` between two forwards (no optimizer step)
-used the new weights' masks.
+transformers), whether a forward after `load_state_dict` between two forwards (no optimizer step)
+used the new weights' masks, and how a module reading its child's weight directly (`ReadsItsProj`) trains
+with `fully_shard` on that module, the child in its unit.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
@@ -30,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ for tiny_
 import nm_hf  # noqa: E402
 from nm_hf.config import SparsityConfig  # noqa: E402
 from nm_hf.injection import after_optimizer_step, iter_sparse_layers  # noqa: E402
+from nm_hf.layers.reads import weight_readers  # noqa: E402
 from nm_hf.methods import get_method  # noqa: E402
 from nm_hf.tracker import SparsityTracker  # noqa: E402
 from nm_hf.trainer import create_sparse_optimizer  # noqa: E402
@@ -121,6 +124,7 @@ def main() -> None:
                          "reference_sparsity": float(sum(int((v == 0).sum()) for k, v in ref_baked.items()
                                                          if k in {f"{n}.weight" for n in ref_masks}))}
     results["reload_between_forwards"] = reload_check(mesh, rank)
+    results["reader_in_the_layers_unit"] = reader_check(mesh, rank, batches)
     if rank == 0:
         (out / "results.json").write_text(json.dumps(results))
     dist.destroy_process_group()
@@ -149,6 +153,66 @@ def reload_check(mesh, rank: int) -> float:
         sharded[key].to_local().copy_(local)
     model.load_state_dict(sharded)
     return float((model(input_ids=ids).logits - other(input_ids=ids).logits).abs().max())
+
+
+class ReadsItsProj(torch.nn.Module):
+    """Reads `proj`'s weight in a matmul and as a lookup table (as LayoutLMv3's relative-position bias), and calls
+    `proj`: `sparsify` hooks this module to expose the masked weight while it runs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = torch.nn.Linear(16, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        index = (x.abs() * 4).long() % 16
+        return self.proj(x) + F.linear(x, self.proj.weight) + self.proj.weight.t()[index].mean(-2)
+
+
+class ReaderModel(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = torch.nn.Embedding(VOCAB, 16)
+        self.block = ReadsItsProj()
+        self.head = torch.nn.Linear(16, 8)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.block(self.embed(ids)))
+
+
+def reader_check(mesh, rank: int, batches: list[torch.Tensor]) -> dict:
+    """`fully_shard` on the reading module (its `proj` in its unit) and the root vs one process: SR-STE 2:4, AdamW
+    on each rank's half of the batches; the weights, the masks and the eval output after training."""
+    config = SparsityConfig(method="sr-ste")
+
+    def run(shard: bool) -> torch.nn.Module:
+        model = nm_hf.sparsify(ReaderModel(), config)
+        if shard:
+            fully_shard(model.block, mesh=mesh)
+            fully_shard(model, mesh=mesh)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0)
+        part = slice(rank * 2, rank * 2 + 2) if shard else slice(None)
+        for ids in batches[:4]:
+            model(ids[part]).pow(2).mean().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            after_optimizer_step(model, LR)
+        return model.eval()
+
+    reference, model = run(shard=False), run(shard=True)
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+    ref_state = reference.state_dict()
+    ref_masks, masks = masks_of(reference, ref_state), masks_of(reference, full)
+    with torch.no_grad():
+        ids = batches[0]
+        expected = reference(ids)
+        dense_read = reference.head(ReadsItsProj.forward(reference.block, reference.embed(ids)))  # no hooks
+        output_diff = float((model(ids) - expected).abs().max())
+    return {"readers": [name for name, _, _ in weight_readers(reference)],
+            "sparse": sorted(ref_masks),
+            "weight_diff": max(float((full[key] - ref_state[key]).abs().max()) for key in ref_state),
+            "mask_diff": sum(int((masks[name] != ref_masks[name]).sum()) for name in ref_masks),
+            "output_diff": output_diff, "dense_read_gap": float((dense_read - expected).abs().max())}
 
 
 if __name__ == "__main__":
